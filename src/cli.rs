@@ -1,0 +1,261 @@
+//! The `convflow` command. [`main`] takes a registry so a user's binary can
+//! add its own stages and get the very same CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::cache::FeatureCache;
+use crate::config::{self, ConfigErrors};
+use crate::graph::Graph;
+use crate::runtime::{self, RunError, RunOptions};
+use crate::stage::RunSignals;
+use crate::stages::Registry;
+
+/// Exit codes a script can rely on.
+pub mod exit {
+    pub const FAILED: u8 = 1;
+    pub const INVALID: u8 = 2;
+    /// 128 + SIGINT, the shell convention for "stopped by Ctrl-C".
+    pub const INTERRUPTED: u8 = 130;
+}
+
+pub const DEMO_DATA: &str = ".convflow/demo-data";
+pub const DEFAULT_CACHE: &str = ".convflow/cache";
+
+#[derive(Parser)]
+#[command(name = "convflow", version, about = "Image pipelines as YAML graphs of stages")]
+struct Cli {
+    /// Log lines as JSON objects.
+    #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+    /// Print only errors and the final report path.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct PipelineArgs {
+    /// Pipeline YAML file.
+    file: PathBuf,
+    /// Override a param: --set name=value (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = config::parse_override)]
+    set: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline.
+    Run {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Write the run report (JSON) here, besides any `report:` in the file.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Check a pipeline and print every problem with its line:column.
+    Validate {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// Print the pipeline graph as Graphviz DOT.
+    Graph {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// List stage kinds with their options and defaults.
+    Stages,
+    /// Inspect the feature cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// Cache folder.
+        #[arg(long, global = true, default_value = DEFAULT_CACHE)]
+        dir: PathBuf,
+    },
+    /// Make the synthetic demo data set (if missing) and run
+    /// pipelines/extract_features.yaml on it.
+    Demo {
+        /// Override a param of extract_features.yaml.
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = config::parse_override)]
+        set: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CacheAction {
+    /// Entries, size, and what each context was computed with.
+    Stats,
+    /// Check the store and every entry's checksum; exit 1 if anything is wrong.
+    Verify,
+    /// Delete the cache.
+    Clear,
+}
+
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_logging(cli.log_format == "json");
+    match dispatch(cli, &registry) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}
+
+fn load(args: &PipelineArgs, registry: &Registry) -> Result<Graph, ConfigErrors> {
+    let cfg = config::load(&args.file, &args.set)?;
+    Graph::build(cfg, registry)
+}
+
+fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Stages => {
+            print!("{}", registry.describe());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { pipeline } => Ok(match load(&pipeline, registry) {
+            Ok(g) => {
+                println!("{}: ok ({} stages)", pipeline.file.display(), g.stages.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => invalid(&e),
+        }),
+        Command::Graph { pipeline } => Ok(match load(&pipeline, registry) {
+            Ok(g) => {
+                print!("{}", g.to_dot());
+                ExitCode::SUCCESS
+            }
+            Err(e) => invalid(&e),
+        }),
+        Command::Run { pipeline, report } => match load(&pipeline, registry) {
+            Ok(g) => run_graph(&g, report.as_deref(), cli.quiet),
+            Err(e) => Ok(invalid(&e)),
+        },
+        Command::Demo { set } => {
+            let n = crate::demo::generate(Path::new(DEMO_DATA), 42)?;
+            if !cli.quiet {
+                eprintln!("demo data: {n} synthetic images in {DEMO_DATA}");
+            }
+            let pipeline = PipelineArgs { file: PathBuf::from("pipelines/extract_features.yaml"), set };
+            match load(&pipeline, registry) {
+                Ok(g) => run_graph(&g, None, cli.quiet),
+                Err(e) => Ok(invalid(&e)),
+            }
+        }
+        Command::Cache { action, dir } => cache_command(action, &dir),
+    }
+}
+
+fn invalid(e: &ConfigErrors) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(exit::INVALID)
+}
+
+fn run_graph(graph: &Graph, extra_report: Option<&Path>, quiet: bool) -> anyhow::Result<ExitCode> {
+    let signals = Arc::new(RunSignals::default());
+    watch_signals(signals.clone());
+    let options = RunOptions { signals, drain_deadline: Duration::from_secs(30) };
+    let result = runtime::run(graph, &options);
+    let (report, code) = match result {
+        Ok(report) => {
+            let code = if report.interrupted { exit::INTERRUPTED } else { 0 };
+            (report, code)
+        }
+        Err(RunError::Stage { stage, message, report }) => {
+            eprintln!("error: stage `{stage}` failed: {message}");
+            (*report, exit::FAILED)
+        }
+        Err(e @ RunError::DrainTimeout { .. }) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(exit::INTERRUPTED));
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(exit::FAILED));
+        }
+    };
+    if !quiet {
+        print!("{}", report.table());
+    }
+    for path in graph.report.iter().map(PathBuf::as_path).chain(extra_report) {
+        runtime::write_report(&report, path)?;
+        if !quiet {
+            println!("report: {}", path.display());
+        }
+    }
+    if report.interrupted {
+        eprintln!("interrupted: sources stopped, in-flight items finished, cache flushed; outputs not published");
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// SIGINT / SIGTERM set the interrupt flag; a second one exits at once.
+fn watch_signals(signals: Arc<RunSignals>) {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        rt.block_on(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if signals.interrupted.swap(true, Ordering::Relaxed) {
+                    eprintln!("second interrupt: exiting now");
+                    std::process::exit(exit::INTERRUPTED as i32);
+                }
+                tracing::warn!("interrupt: stopping sources and draining in-flight items");
+            }
+        });
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot watch for Ctrl-C: {e}");
+    }
+}
+
+fn cache_command(action: CacheAction, dir: &Path) -> anyhow::Result<ExitCode> {
+    match action {
+        CacheAction::Stats => {
+            if !dir.join(crate::cache::FILE_NAME).exists() {
+                println!("{}: empty (no cache yet)", dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let stats = FeatureCache::open(dir)?.stats()?;
+            println!("{}: {} entries, {:.1} MB on disk", stats.path.display(), stats.entries, stats.file_bytes as f64 / 1e6);
+            for c in &stats.contexts {
+                println!("  context {}: {} entries, {:.1} MB\n    {}", c.id, c.entries, c.value_bytes as f64 / 1e6, c.description);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheAction::Verify => {
+            let report = FeatureCache::verify(dir)?;
+            println!(
+                "{}: {} entries, structure {}, {} corrupt",
+                dir.display(),
+                report.entries,
+                if report.structure_ok { "ok" } else { "REPAIRED" },
+                report.corrupt.len()
+            );
+            for key in &report.corrupt {
+                println!("  corrupt entry {key}");
+            }
+            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(exit::FAILED) })
+        }
+        CacheAction::Clear => {
+            let removed = FeatureCache::clear(dir)?;
+            println!("{}: {}", dir.display(), if removed { "cleared" } else { "nothing to clear" });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Pipeline YAML -> typed, positioned config.
+//!
+//! Every problem is collected (not just the first), each with file,
+//! line:col, stage id and field, so one `convflow validate` shows them all.
+
+pub mod params;
+pub mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use yaml::{Node, Pos};
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub pos: Pos,
+    pub stage: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file.display(), self.pos)?;
+        if let Some(stage) = &self.stage {
+            write!(f, "stage `{stage}`: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "field `{field}`: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+/// All problems found in a file; the run stops before any work if non-empty.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.0 {
+            writeln!(f, "{e}")?;
+        }
+        write!(f, "{} error{} in pipeline", self.0.len(), if self.0.len() == 1 { "" } else { "s" })
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Count, list and skip the bad item.
+    #[default]
+    Skip,
+    /// Stop the run at the first bad item.
+    Fail,
+}
+
+/// A stage as written, before its kind-specific options are typed.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub id: String,
+    pub pos: Pos,
+    pub kind: String,
+    pub kind_pos: Pos,
+    pub inputs: Vec<(String, Pos)>,
+    pub workers: usize,
+    pub channel_capacity: Option<usize>,
+    pub on_error: OnError,
+    /// The kind-specific options: a mapping node holding only those keys.
+    pub options: Node,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub file: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    /// Default capacity of every edge, in items.
+    pub channel_capacity: usize,
+    /// Where the run report (JSON) goes, if anywhere.
+    pub report: Option<PathBuf>,
+    pub params: Vec<(String, String)>,
+    pub stages: Vec<StageSpec>,
+}
+
+pub const DEFAULT_CHANNEL_CAPACITY: usize = 4;
+const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "params", "channel_capacity", "report", "stages"];
+const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "input", "inputs", "workers", "channel_capacity", "on_error"];
+
+struct Collector<'a> {
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector<'_> {
+    fn push(&mut self, pos: Pos, stage: Option<&str>, field: Option<&str>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            pos,
+            stage: stage.map(str::to_string),
+            field: field.map(str::to_string),
+            message: message.into(),
+        });
+    }
+}
+
+/// Reads a pipeline file and applies `--set name=value` overrides.
+pub fn load(file: &Path, overrides: &[(String, String)]) -> Result<PipelineConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            pos: Pos { line: 1, col: 1 },
+            stage: None,
+            field: None,
+            message: format!("cannot read pipeline file: {e}"),
+        }])
+    })?;
+    parse_str(&text, file, overrides)
+}
+
+pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Result<PipelineConfig, ConfigErrors> {
+    let mut c = Collector { file, errors: Vec::new() };
+    let mut root = match yaml::parse(text) {
+        Ok(n) => n,
+        Err(e) => {
+            c.push(e.pos, None, None, format!("YAML syntax: {}", e.message));
+            return Err(ConfigErrors(c.errors));
+        }
+    };
+    if root.as_map().is_none() {
+        c.push(root.pos, None, None, "a pipeline file is a mapping with `stages:` (and optional `params:`)");
+        return Err(ConfigErrors(c.errors));
+    }
+
+    for (k, _) in root.as_map().unwrap_or_default() {
+        let key = k.as_str().unwrap_or_default();
+        if !TOP_LEVEL_KEYS.contains(&key) {
+            c.push(k.pos, None, Some(key), format!("unknown top-level key; expected one of {}", TOP_LEVEL_KEYS.join(", ")));
+        }
+    }
+
+    let params = params::collect(&root, overrides, &mut |pos, field, msg| c.push(pos, None, field, msg));
+    params::substitute(&mut root, &params, &mut |pos, msg| c.push(pos, None, None, msg));
+
+    let string_field = |c: &mut Collector, key: &str| -> Option<String> {
+        let (_, v) = root.get(key)?;
+        match v.as_str() {
+            Some(s) => Some(s.to_string()),
+            None => {
+                c.push(v.pos, None, Some(key), "expected a string");
+                None
+            }
+        }
+    };
+    let name = string_field(&mut c, "name").unwrap_or_else(|| {
+        file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "pipeline".into())
+    });
+    let description = string_field(&mut c, "description");
+    let report = string_field(&mut c, "report").filter(|s| !s.is_empty()).map(PathBuf::from);
+    let channel_capacity = match root.get("channel_capacity") {
+        Some((_, v)) => positive_int(&mut c, v, None, "channel_capacity").unwrap_or(DEFAULT_CHANNEL_CAPACITY),
+        None => DEFAULT_CHANNEL_CAPACITY,
+    };
+
+    let mut stages = Vec::new();
+    match root.get("stages") {
+        None => c.push(root.pos, None, Some("stages"), "missing `stages:` list"),
+        Some((_, node)) => match &node.value {
+            yaml::Value::Seq(items) if !items.is_empty() => {
+                for item in items {
+                    if let Some(spec) = stage_spec(&mut c, item) {
+                        stages.push(spec);
+                    }
+                }
+            }
+            _ => c.push(node.pos, None, Some("stages"), "expected a non-empty list of stages"),
+        },
+    }
+
+    if !c.errors.is_empty() {
+        return Err(ConfigErrors(c.errors));
+    }
+    Ok(PipelineConfig {
+        file: file.to_path_buf(),
+        name,
+        description,
+        channel_capacity,
+        report,
+        params: params.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect(),
+        stages,
+    })
+}
+
+fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str) -> Option<usize> {
+    match node.to_json().as_u64() {
+        Some(n) if n >= 1 => Some(n as usize),
+        _ => {
+            c.push(node.pos, stage, Some(field), format!("expected a whole number >= 1, found `{}`", node.to_json()));
+            None
+        }
+    }
+}
+
+fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
+    let Some(entries) = node.as_map() else {
+        c.push(node.pos, None, None, "each stage is a mapping with at least `id` and `kind`");
+        return None;
+    };
+    let id = match node.get("id") {
+        Some((_, v)) => match v.as_str() {
+            Some(s) if !s.is_empty() => Some(s.to_string()),
+            _ => {
+                c.push(v.pos, None, Some("id"), "expected a non-empty string");
+                None
+            }
+        },
+        None => {
+            c.push(node.pos, None, Some("id"), "stage has no `id`");
+            None
+        }
+    };
+    let sid = id.as_deref();
+    let (kind, kind_pos) = match node.get("kind") {
+        Some((_, v)) => match v.as_str() {
+            Some(s) => (s.to_string(), v.pos),
+            None => {
+                c.push(v.pos, sid, Some("kind"), "expected a string");
+                (String::new(), v.pos)
+            }
+        },
+        None => {
+            c.push(node.pos, sid, Some("kind"), "stage has no `kind`");
+            (String::new(), node.pos)
+        }
+    };
+
+    let mut inputs = Vec::new();
+    if node.get("input").is_some() && node.get("inputs").is_some() {
+        c.push(node.pos, sid, Some("inputs"), "give either `input` or `inputs`, not both");
+    }
+    for key in ["input", "inputs"] {
+        if let Some((_, v)) = node.get(key) {
+            match &v.value {
+                yaml::Value::Scalar { text, .. } => inputs.push((text.clone(), v.pos)),
+                yaml::Value::Seq(items) => {
+                    for i in items {
+                        match i.as_str() {
+                            Some(s) => inputs.push((s.to_string(), i.pos)),
+                            None => c.push(i.pos, sid, Some(key), "expected a stage id"),
+                        }
+                    }
+                }
+                yaml::Value::Map(_) => c.push(v.pos, sid, Some(key), "expected a stage id or a list of ids"),
+            }
+        }
+    }
+
+    let workers = node.get("workers").and_then(|(_, v)| positive_int(c, v, sid, "workers")).unwrap_or(1);
+    let channel_capacity = node.get("channel_capacity").and_then(|(_, v)| positive_int(c, v, sid, "channel_capacity"));
+    let on_error = match node.get("on_error") {
+        None => OnError::Skip,
+        Some((_, v)) => match v.as_str() {
+            Some("skip") => OnError::Skip,
+            Some("fail") => OnError::Fail,
+            _ => {
+                c.push(v.pos, sid, Some("on_error"), "expected `skip` or `fail`");
+                OnError::Skip
+            }
+        },
+    };
+
+    let options = Node {
+        pos: node.pos,
+        value: yaml::Value::Map(
+            entries
+                .iter()
+                .filter(|(k, _)| !COMMON_STAGE_KEYS.contains(&k.as_str().unwrap_or_default()))
+                .cloned()
+                .collect(),
+        ),
+    };
+    Some(StageSpec { id: id?, pos: node.pos, kind, kind_pos, inputs, workers, channel_capacity, on_error, options })
+}
+
+/// Parses `name=value` as given to `--set`.
+pub fn parse_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{s}`: expected name=value")),
+    }
+}

@@ -1,0 +1,142 @@
+//! `params:` with `${name}` substitution and `--set name=value` overrides.
+
+use super::yaml::{Node, Pos, Value};
+
+/// The file's params with overrides applied, in file order. A param's value
+/// is kept as a node so that `${n}` alone in a scalar keeps its YAML type.
+pub fn collect(
+    root: &Node,
+    overrides: &[(String, String)],
+    error: &mut dyn FnMut(Pos, Option<&str>, String),
+) -> Vec<(String, Node)> {
+    let mut params: Vec<(String, Node)> = Vec::new();
+    let params_pos = root.get("params").map(|(k, _)| k.pos).unwrap_or(Pos { line: 1, col: 1 });
+    if let Some((_, node)) = root.get("params") {
+        match node.as_map() {
+            Some(entries) => {
+                for (k, v) in entries {
+                    let name = k.as_str().unwrap_or_default().to_string();
+                    if v.as_str().is_none() {
+                        error(v.pos, Some(&name), "a param's value must be a scalar".into());
+                        continue;
+                    }
+                    params.push((name, v.clone()));
+                }
+            }
+            None => error(node.pos, Some("params"), "expected a mapping of name: value".into()),
+        }
+    }
+    for (name, value) in overrides {
+        match params.iter_mut().find(|(n, _)| n == name) {
+            Some((_, node)) => *node = Node::scalar(value.clone(), true, node.pos),
+            None => {
+                let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+                error(
+                    params_pos,
+                    Some(name),
+                    format!("--set {name}: no such param (params: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+                );
+            }
+        }
+    }
+    params
+}
+
+/// Replaces `${name}` in every scalar outside `params:`. `$${` is a literal `${`.
+pub fn substitute(root: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, String)) {
+    if let Value::Map(entries) = &mut root.value {
+        for (k, v) in entries.iter_mut() {
+            if k.as_str() != Some("params") {
+                walk(v, params, error);
+            }
+        }
+    }
+}
+
+fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, String)) {
+    match &mut node.value {
+        Value::Seq(items) => items.iter_mut().for_each(|n| walk(n, params, error)),
+        Value::Map(entries) => entries.iter_mut().for_each(|(_, v)| walk(v, params, error)),
+        Value::Scalar { text, .. } if text.contains("${") => {
+            let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+            // A whole-scalar reference keeps the param's type (numbers stay numbers).
+            if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) {
+                if !name.contains(['$', '{', '}']) {
+                    match lookup(name) {
+                        Some(v) => node.value = v.value.clone(),
+                        None => error(node.pos, unknown(name, params)),
+                    }
+                    return;
+                }
+            }
+            let mut out = String::new();
+            let mut rest = text.as_str();
+            while let Some(i) = rest.find('$') {
+                out.push_str(&rest[..i]);
+                let tail = &rest[i..];
+                if let Some(t) = tail.strip_prefix("$${") {
+                    out.push_str("${");
+                    rest = t;
+                } else if let Some(t) = tail.strip_prefix("${") {
+                    match t.find('}') {
+                        Some(end) => {
+                            let name = &t[..end];
+                            match lookup(name) {
+                                Some(v) => out.push_str(v.as_str().unwrap_or_default()),
+                                None => error(node.pos, unknown(name, params)),
+                            }
+                            rest = &t[end + 1..];
+                        }
+                        None => {
+                            error(node.pos, "unclosed `${`".into());
+                            return;
+                        }
+                    }
+                } else {
+                    out.push('$');
+                    rest = &tail[1..];
+                }
+            }
+            out.push_str(rest);
+            node.value = Value::Scalar { text: out, plain: false };
+        }
+        Value::Scalar { .. } => {}
+    }
+}
+
+fn unknown(name: &str, params: &[(String, Node)]) -> String {
+    let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
+    format!("unknown param `${{{name}}}` (params: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::yaml::parse;
+    use super::*;
+
+    fn run(src: &str, overrides: &[(String, String)]) -> (serde_json::Value, Vec<String>) {
+        let mut root = parse(src).unwrap();
+        let mut errs = Vec::new();
+        let params = collect(&root, overrides, &mut |_, _, m| errs.push(m));
+        substitute(&mut root, &params, &mut |_, m| errs.push(m));
+        (root.to_json(), errs)
+    }
+
+    #[test]
+    fn whole_and_embedded_references() {
+        let (j, errs) = run("params: {n: 20, dir: out}\na: ${n}\nb: ${dir}/x\nc: $${dir}\n", &[]);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(j["a"], 20);
+        assert_eq!(j["b"], "out/x");
+        assert_eq!(j["c"], "${dir}");
+    }
+
+    #[test]
+    fn overrides_and_unknowns() {
+        let (j, errs) = run("params: {n: 20}\na: ${n}\nb: ${m}\n", &[("n".into(), "7".into()), ("zz".into(), "1".into())]);
+        assert_eq!(j["a"], 7);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("--set zz")));
+        assert!(errs.iter().any(|e| e.contains("${m}")));
+    }
+}

@@ -1,0 +1,32 @@
+//! convflow: image pipelines as YAML graphs of stages, run as actors joined
+//! by bounded channels.
+//!
+//! # Layout
+//!
+//! - [`config`]: YAML -> typed config; `${param}` substitution, `--set`
+//!   overrides; every problem with file:line:col, stage id and field.
+//! - [`graph`]: the validated DAG: ids, edges, item kinds, topological order.
+//! - [`runtime`]: builds actors from the graph, bounded edges, worker pools,
+//!   ordering, shutdown, and the run report.
+//! - [`stage`]: the stage API (what a built-in or user stage implements).
+//! - [`stages`]: one file per built-in stage, and the registry.
+//! - [`item`]: the items that flow along edges.
+//! - [`ml`]: the ONNX Runtime session and input preprocessing.
+//! - [`cache`]: the content-addressed, crash-safe feature store.
+//! - [`telemetry`]: metric names, per-stage counters, logging.
+//! - [`npy`]: streaming `.npy` output.
+//! - [`demo`]: the synthetic data set a fresh clone runs on.
+//! - [`cli`]: the `convflow` command, reusable with a custom registry.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod graph;
+pub mod item;
+pub mod ml;
+pub mod npy;
+pub mod runtime;
+pub mod stage;
+pub mod stages;
+pub mod telemetry;

@@ -1,0 +1,8 @@
+//! Model-side math with no pipeline in sight: input preprocessing and the
+//! ONNX Runtime session. Testable alone.
+
+pub mod onnx;
+pub mod preprocess;
+
+pub use onnx::{Device, OnnxModel, Provider};
+pub use preprocess::Preprocess;

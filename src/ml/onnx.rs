@@ -1,0 +1,183 @@
+//! ONNX Runtime through `ort` with a dynamically loaded library.
+//!
+//! `ort`'s default feature downloads binaries from a site these machines
+//! cannot reach, so the library comes from the PyPI onnxruntime wheel
+//! (`models/setup.sh` puts it at `models/lib/`), or from `ORT_DYLIB_PATH`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::ep::ExecutionProvider;
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::SessionBuilder;
+use ort::value::Tensor;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    #[error(
+        "ONNX Runtime library not found (looked at {looked}); run models/setup.sh or set ORT_DYLIB_PATH"
+    )]
+    LibraryMissing { looked: String },
+    #[error("cannot load ONNX Runtime from {path}: {message}")]
+    Library { path: PathBuf, message: String },
+    #[error("model {path}: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// CUDA when this ONNX Runtime build and machine have it, else CPU with a warning.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The execution provider a session actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Provider {
+    #[serde(rename = "CPUExecutionProvider")]
+    Cpu,
+    #[serde(rename = "CUDAExecutionProvider")]
+    Cuda,
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Cpu => "CPUExecutionProvider",
+            Provider::Cuda => "CUDAExecutionProvider",
+        })
+    }
+}
+
+const LIBRARY_NAME: &str = "libonnxruntime.so";
+
+/// Candidate library paths: `ORT_DYLIB_PATH`, then `models/lib/` under the
+/// working directory or any folder above it or above the executable.
+fn library_candidates() -> Vec<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return vec![PathBuf::from(p)];
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).map(Path::to_path_buf));
+    }
+    roots.into_iter().map(|r| r.join("models/lib").join(LIBRARY_NAME)).collect()
+}
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// Loads the library once per process.
+pub fn environment() -> Result<&'static Environment, OnnxError> {
+    let result = ENVIRONMENT.get_or_init(|| {
+        let candidates = library_candidates();
+        let Some(path) = candidates.iter().find(|p| p.exists()) else {
+            let looked = candidates.iter().take(3).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(OnnxError::LibraryMissing { looked }.to_string());
+        };
+        let lib_err = |e: &dyn std::fmt::Display| OnnxError::Library { path: path.clone(), message: e.to_string() }.to_string();
+        let builder = ort::init_from(path).map_err(|e| lib_err(&e))?;
+        builder.with_name("convflow").build().map_err(|e| lib_err(&e))
+    });
+    result.as_ref().map_err(|message| OnnxError::Library { path: PathBuf::new(), message: message.clone() })
+}
+
+pub struct OnnxModel {
+    session: Session,
+    pub input_name: String,
+    pub output_name: String,
+    /// Input dims as declared; -1 where symbolic.
+    pub input_dims: Vec<i64>,
+    pub provider: Provider,
+    /// Set when `auto` wanted CUDA and fell back to CPU: say so, never silently.
+    pub fallback_warning: Option<String>,
+}
+
+impl OnnxModel {
+    pub fn load(path: &Path, device: Device, intra_threads: usize, spinning: bool) -> Result<OnnxModel, OnnxError> {
+        let env = environment()?;
+        let model_err = |e: &dyn std::fmt::Display| OnnxError::Model { path: path.to_path_buf(), message: e.to_string() };
+        if !path.exists() {
+            return Err(model_err(&"file not found (run models/setup.sh to produce the models)"));
+        }
+        let base = || -> Result<SessionBuilder, OnnxError> {
+            Session::builder(env)
+                .and_then(|b| Ok(b.with_intra_threads(intra_threads)?))
+                .and_then(|b| Ok(b.with_inter_threads(1)?))
+                .and_then(|b| Ok(b.with_intra_op_spinning(spinning)?))
+                .map_err(|e| model_err(&e))
+        };
+        let cuda_available = ort::ep::CUDA::is_available().unwrap_or(false);
+        let (session, provider, fallback_warning) = match device {
+            Device::Cpu => (base()?.commit_from_file(path).map_err(|e| model_err(&e))?, Provider::Cpu, None),
+            Device::Cuda | Device::Auto => {
+                let attempt = if cuda_available {
+                    base()?
+                        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                        .map_err(|e| e.to_string())
+                        .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
+                } else {
+                    Err("this ONNX Runtime build has no CUDA execution provider \
+                         (install onnxruntime-gpu: CONVFLOW_ORT=gpu models/setup.sh)"
+                        .to_string())
+                };
+                match (attempt, device) {
+                    (Ok(s), _) => (s, Provider::Cuda, None),
+                    (Err(e), Device::Cuda) => return Err(model_err(&format!("device: cuda requested but {e}"))),
+                    (Err(e), _) => {
+                        let warning = format!("device: auto fell back to CPU: {e}");
+                        tracing::warn!("{warning}");
+                        (base()?.commit_from_file(path).map_err(|e| model_err(&e))?, Provider::Cpu, Some(warning))
+                    }
+                }
+            }
+        };
+        let input = session.inputs().first().ok_or_else(|| model_err(&"model has no input"))?;
+        let output = session.outputs().first().ok_or_else(|| model_err(&"model has no output"))?;
+        let input_dims: Vec<i64> = input.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
+        if input_dims.len() != 4 || input_dims[3] != 3 {
+            return Err(model_err(&format!(
+                "expected an NHWC image input [N,H,W,3], found {:?} (`{}`)",
+                input_dims,
+                input.name()
+            )));
+        }
+        Ok(OnnxModel {
+            input_name: input.name().to_string(),
+            output_name: output.name().to_string(),
+            input_dims,
+            provider,
+            fallback_warning,
+            session,
+        })
+    }
+
+    /// Refuses an image size the model's fixed input dims cannot take.
+    pub fn check_size(&self, height: u32, width: u32) -> Result<(), String> {
+        let (h, w) = (self.input_dims[1], self.input_dims[2]);
+        if (h > 0 && h != height as i64) || (w > 0 && w != width as i64) {
+            return Err(format!("model input is {h}x{w} (HxW) but the pipeline makes {height}x{width} images"));
+        }
+        Ok(())
+    }
+
+    /// Runs an NHWC batch; returns the output shape and data.
+    pub fn run(&mut self, input: Vec<f32>, n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+        let tensor = Tensor::from_array(([n, h, w, 3], input)).map_err(|e| OnnxError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .map_err(|e| OnnxError::Run(e.to_string()))?;
+        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(|e| OnnxError::Run(e.to_string()))?;
+        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    }
+}

@@ -1,0 +1,314 @@
+//! Builds actors from a validated graph and runs them.
+//!
+//! Every stage runs on its own OS thread (or a pool of them), never on an
+//! async executor: all of them are CPU work. Each edge is a bounded
+//! crossbeam channel, so a slow stage holds back those before it and memory
+//! stays bounded. End of input drains the graph in order; an interrupt
+//! stops the sources and lets what is in flight finish; a fatal error
+//! stops everyone and names the stage.
+
+mod actor;
+pub mod report;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+use crate::cache::{CacheHandle, FeatureCache};
+use crate::graph::Graph;
+use crate::item::Item;
+use crate::stage::{BuildContext, Built, RunSignals};
+use crate::telemetry::{self, StageStats};
+use actor::{Emitter, StageRun};
+pub use report::{RunReport, Skipped};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("stage `{stage}`: {message}")]
+    Build { stage: String, message: String },
+    #[error("stage `{stage}` failed: {message}")]
+    Stage { stage: String, message: String, report: Box<RunReport> },
+    #[error("interrupted; stages still running after the {deadline:?} drain deadline: {stages}")]
+    DrainTimeout { stages: String, deadline: Duration },
+}
+
+pub struct RunOptions {
+    pub signals: Arc<RunSignals>,
+    /// After an interrupt, how long in-flight items may take to finish.
+    pub drain_deadline: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { signals: Arc::new(RunSignals::default()), drain_deadline: Duration::from_secs(30) }
+    }
+}
+
+/// State every actor shares: signals, the skipped list, errors, summaries.
+pub struct Shared {
+    pub signals: Arc<RunSignals>,
+    skipped: Mutex<Vec<Skipped>>,
+    failure: Mutex<Option<(String, String)>>,
+    summaries: Mutex<HashMap<String, serde_json::Value>>,
+}
+
+impl Shared {
+    fn skip(&self, stage: &str, path: PathBuf, reason: String) {
+        if let Ok(mut s) = self.skipped.lock() {
+            s.push(Skipped { stage: stage.to_string(), path, reason });
+        }
+    }
+
+    /// The first fatal error wins; everyone else is told to stop.
+    fn fail(&self, stage: &str, message: String) {
+        tracing::error!(stage, "{message}");
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert((stage.to_string(), message));
+        }
+        self.signals.aborted.store(true, Ordering::Relaxed);
+    }
+
+    fn summarize(&self, stage: &str, summary: Option<serde_json::Value>) {
+        if let (Some(v), Ok(mut s)) = (summary, self.summaries.lock()) {
+            s.insert(stage.to_string(), v);
+        }
+    }
+}
+
+/// Marks the run failed if a stage thread panics, so the graph never
+/// mistakes a crash for a clean end of input.
+struct PanicGuard<'a> {
+    shared: &'a Shared,
+    stage: &'a str,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.fail(self.stage, "panicked (a bug in this stage)".into());
+        }
+    }
+}
+
+/// Opens the caches the stages declared and works out which sources can
+/// look items up before anything else touches them.
+struct CachePlan {
+    handles: HashMap<usize, CacheHandle>,
+    probes: HashMap<usize, CacheHandle>,
+    probed: Vec<usize>,
+}
+
+fn plan_caches(graph: &Graph) -> Result<CachePlan, RunError> {
+    let mut open: HashMap<PathBuf, Arc<FeatureCache>> = HashMap::new();
+    let mut plan = CachePlan { handles: HashMap::new(), probes: HashMap::new(), probed: Vec::new() };
+    for (i, stage) in graph.stages.iter().enumerate() {
+        let build_err = |message: String| RunError::Build { stage: stage.id().to_string(), message };
+        let Some(spec) = stage.config.cache().map_err(|e| build_err(format!("{}: {}", e.field, e.message)))? else {
+            continue;
+        };
+        let cache = match open.get(&spec.dir) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::new(FeatureCache::open(&spec.dir).map_err(|e| build_err(e.to_string()))?);
+                open.insert(spec.dir.clone(), c.clone());
+                c
+            }
+        };
+        // Everything upstream that changes pixels is part of the key.
+        let upstream: Vec<String> = graph
+            .ancestors(i)
+            .into_iter()
+            .map(|j| &graph.stages[j])
+            .filter(|s| s.info.affects_pixels)
+            .map(|s| format!("{} {}", s.info.kind, s.config.canonical_json()))
+            .collect();
+        let description = format!("{} | {}", spec.key, upstream.join(" | "));
+        let handle = cache.context(&description).map_err(|e| build_err(e.to_string()))?;
+        if let Some(source) = probe_source(graph, i) {
+            plan.probes.insert(source, handle.clone());
+            plan.probed.push(i);
+        }
+        plan.handles.insert(i, handle);
+    }
+    Ok(plan)
+}
+
+/// The source feeding stage `i` through a plain chain of stages that let
+/// finished features pass, if there is exactly such a chain.
+fn probe_source(graph: &Graph, i: usize) -> Option<usize> {
+    let mut current = i;
+    loop {
+        let [up] = graph.stages[current].inputs[..] else { return None };
+        let s = &graph.stages[up];
+        if s.outputs.len() != 1 {
+            return None;
+        }
+        if s.info.is_source() {
+            return Some(up);
+        }
+        let lets_features_through =
+            s.info.passes_precomputed || s.info.accepts.contains(&crate::item::ItemKind::Features);
+        if !lets_features_through {
+            return None;
+        }
+        current = up;
+    }
+}
+
+/// The nearest image size fixed upstream of stage `i`.
+fn image_size(graph: &Graph, i: usize) -> Option<(u32, u32)> {
+    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_size())
+}
+
+enum Actor {
+    Source(Box<dyn crate::stage::Source>),
+    Single(Box<dyn crate::stage::Stage>),
+    Pool(Vec<Box<dyn crate::stage::Stage>>),
+}
+
+/// Runs the graph to completion (or interrupt) and returns the report.
+pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let caches = plan_caches(graph)?;
+
+    // Build every stage before starting any thread: a missing model or a
+    // bad folder stops the run before any work.
+    let mut actors = Vec::new();
+    for (i, stage) in graph.stages.iter().enumerate() {
+        let copies = if stage.info.is_source() { 1 } else { stage.spec.workers };
+        let mut built = Vec::new();
+        for worker in 0..copies {
+            let ctx = BuildContext {
+                stage_id: stage.id(),
+                worker,
+                image_size: image_size(graph, i),
+                cache: caches.handles.get(&i).cloned(),
+                cache_probe: caches.probes.get(&i).cloned(),
+                cache_probed_upstream: caches.probed.contains(&i),
+            };
+            let b = stage.config.build(&ctx).map_err(|e| RunError::Build { stage: stage.id().to_string(), message: e.to_string() })?;
+            built.push(b);
+        }
+        let actor = match (built.len(), built.pop()) {
+            (_, Some(Built::Source(s))) => Actor::Source(s),
+            (1, Some(Built::Stage(s))) => Actor::Single(s),
+            (_, Some(Built::Stage(s))) => {
+                let mut all: Vec<_> = built
+                    .into_iter()
+                    .filter_map(|b| if let Built::Stage(s) = b { Some(s) } else { None })
+                    .collect();
+                all.push(s);
+                Actor::Pool(all)
+            }
+            (_, None) => unreachable!("at least one copy is built"),
+        };
+        actors.push(actor);
+    }
+
+    // One bounded input channel per consuming stage; all its inputs send to it.
+    let mut senders: Vec<Option<Sender<Item>>> = Vec::new();
+    let mut receivers: Vec<Option<Receiver<Item>>> = Vec::new();
+    for stage in &graph.stages {
+        if stage.info.is_source() {
+            senders.push(None);
+            receivers.push(None);
+        } else {
+            let (tx, rx) = bounded(stage.spec.channel_capacity.unwrap_or(graph.channel_capacity));
+            senders.push(Some(tx));
+            receivers.push(Some(rx));
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        signals: options.signals.clone(),
+        skipped: Mutex::new(Vec::new()),
+        failure: Mutex::new(None),
+        summaries: Mutex::new(HashMap::new()),
+    });
+    let stats: Vec<Arc<StageStats>> = graph.stages.iter().map(|_| Arc::new(StageStats::default())).collect();
+    let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<usize>();
+    let mut handles = Vec::new();
+    for (i, actor) in actors.into_iter().enumerate() {
+        let stage = &graph.stages[i];
+        let labels = [("pipeline", graph.name.clone()), ("stage", stage.id().to_string())];
+        let out = Emitter {
+            senders: stage.outputs.iter().filter_map(|&j| senders[j].clone()).collect(),
+            stats: stats[i].clone(),
+            metrics: metrics::counter!(telemetry::ITEMS_OUT, &labels),
+        };
+        let run = Arc::new(StageRun {
+            id: stage.id().to_string(),
+            on_error: stage.spec.on_error,
+            passes_precomputed: stage.info.passes_precomputed,
+            shared: shared.clone(),
+            stats: stats[i].clone(),
+        });
+        let rx = receivers[i].take();
+        let exit_tx = exit_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(stage.id().to_string())
+            .spawn(move || {
+                let _guard = PanicGuard { shared: &run.shared, stage: &run.id };
+                match (actor, rx) {
+                    (Actor::Source(s), _) => run.source(s, out),
+                    (Actor::Single(s), Some(rx)) => run.single(s, rx, out),
+                    (Actor::Pool(p), Some(rx)) => run.clone().pool(p, rx, out),
+                    _ => unreachable!("consumers have a receiver"),
+                }
+                let _ = exit_tx.send(i);
+            })
+            .map_err(|e| RunError::Build { stage: stage.id().to_string(), message: format!("cannot start thread: {e}") })?;
+        handles.push(Some(handle));
+    }
+    // Only actors hold senders now, so channels close as stages finish.
+    drop(senders);
+    drop(exit_tx);
+
+    // Wait for every actor; after an interrupt, only until the deadline.
+    let mut running = graph.stages.len();
+    let mut deadline: Option<Instant> = None;
+    while running > 0 {
+        if deadline.is_none() && options.signals.should_stop() {
+            deadline = Some(Instant::now() + options.drain_deadline);
+        }
+        match exit_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(i) => {
+                if let Some(h) = handles[i].take() {
+                    let _ = h.join();
+                }
+                running -= 1;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if deadline.is_some_and(|d| Instant::now() > d) {
+                    let stages: Vec<&str> = handles
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, h)| h.is_some())
+                        .map(|(i, _)| graph.stages[i].id())
+                        .collect();
+                    return Err(RunError::DrainTimeout { stages: stages.join(", "), deadline: options.drain_deadline });
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+
+    let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed());
+    let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
+    match failure {
+        Some((stage, message)) => Err(RunError::Stage { stage, message, report: Box::new(report) }),
+        None => Ok(report),
+    }
+}
+
+/// Writes the report as JSON, creating the folder.
+pub fn write_report(report: &RunReport, path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(report).map_err(std::io::Error::other)? + "\n")
+}

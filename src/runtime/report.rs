@@ -1,0 +1,172 @@
+//! The run report: per-stage counts and time shares, skipped items, cache
+//! hits, and which stage held the pipeline back.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Shared;
+use crate::cache::CacheHandle;
+use crate::graph::Graph;
+use crate::telemetry::StageStats;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub stage: String,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub id: String,
+    pub kind: String,
+    pub workers: usize,
+    pub items_in: u64,
+    pub items_out: u64,
+    pub item_errors: u64,
+    pub items_per_second: f64,
+    /// Share of wall time spent working, per worker.
+    pub busy_pct: f64,
+    pub waiting_for_input_pct: f64,
+    pub blocked_on_output_pct: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    pub hits: u64,
+    pub misses: u64,
+    pub writes: u64,
+    pub hit_pct: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub wall_seconds: f64,
+    pub interrupted: bool,
+    pub stages: Vec<StageReport>,
+    pub cache: Option<CacheReport>,
+    pub skipped: Vec<Skipped>,
+    pub bottleneck: Option<String>,
+}
+
+fn pct(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 { (1000.0 * part / whole).round() / 10.0 } else { 0.0 }
+}
+
+pub(super) fn build(
+    graph: &Graph,
+    stats: &[Arc<StageStats>],
+    shared: &Shared,
+    caches: &HashMap<usize, CacheHandle>,
+    wall: Duration,
+) -> RunReport {
+    let wall_s = wall.as_secs_f64();
+    let summaries = shared.summaries.lock().map(|s| s.clone()).unwrap_or_default();
+    let stages: Vec<StageReport> = graph
+        .stages
+        .iter()
+        .zip(stats)
+        .map(|(s, st)| {
+            let workers = s.spec.workers;
+            let out = st.items_out.load(Ordering::Relaxed);
+            StageReport {
+                id: s.id().to_string(),
+                kind: s.info.kind.to_string(),
+                workers,
+                items_in: st.items_in.load(Ordering::Relaxed),
+                items_out: out,
+                item_errors: st.item_errors.load(Ordering::Relaxed),
+                items_per_second: if wall_s > 0.0 { ((out.max(st.items_in.load(Ordering::Relaxed)) as f64 / wall_s) * 10.0).round() / 10.0 } else { 0.0 },
+                busy_pct: pct(st.busy_seconds() / workers as f64, wall_s),
+                waiting_for_input_pct: pct(st.wait_seconds(), wall_s),
+                blocked_on_output_pct: pct(st.blocked_seconds(), wall_s),
+                details: summaries.get(s.id()).cloned(),
+            }
+        })
+        .collect();
+
+    let cache = (!caches.is_empty()).then(|| {
+        let sum = |f: fn(&crate::cache::CacheCounters) -> u64| caches.values().map(|h| f(&h.counters)).sum::<u64>();
+        let hits = sum(|c| c.hits.load(Ordering::Relaxed));
+        let misses = sum(|c| c.misses.load(Ordering::Relaxed));
+        CacheReport { hits, misses, writes: sum(|c| c.writes.load(Ordering::Relaxed)), hit_pct: pct(hits as f64, (hits + misses) as f64) }
+    });
+
+    let bottleneck = stages.iter().max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct)).filter(|s| s.busy_pct > 0.0).map(|top| {
+        let mut sentence = format!("{} is the bottleneck: busy {:.0}%", top.id, top.busy_pct);
+        if let Some(blocked) = stages
+            .iter()
+            .filter(|s| s.id != top.id)
+            .max_by(|a, b| a.blocked_on_output_pct.total_cmp(&b.blocked_on_output_pct))
+            .filter(|s| s.blocked_on_output_pct >= 10.0)
+        {
+            let _ = write!(sentence, "; {} blocked on output {:.0}%", blocked.id, blocked.blocked_on_output_pct);
+        }
+        sentence
+    });
+
+    RunReport {
+        pipeline: graph.name.clone(),
+        wall_seconds: (wall_s * 1000.0).round() / 1000.0,
+        interrupted: shared.signals.interrupted(),
+        stages,
+        cache,
+        skipped: shared.skipped.lock().map(|s| s.clone()).unwrap_or_default(),
+        bottleneck,
+    }
+}
+
+impl RunReport {
+    /// The short table printed after every run.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "pipeline {} {} in {:.1}s\n{:<14} {:<15} {:>8} {:>8} {:>6} {:>9} {:>6} {:>6} {:>8}\n",
+            self.pipeline,
+            if self.interrupted { "INTERRUPTED" } else { "finished" },
+            self.wall_seconds,
+            "stage",
+            "kind",
+            "in",
+            "out",
+            "errors",
+            "items/s",
+            "busy%",
+            "wait%",
+            "blocked%"
+        );
+        for s in &self.stages {
+            let _ = writeln!(
+                out,
+                "{:<14} {:<15} {:>8} {:>8} {:>6} {:>9.1} {:>6.1} {:>6.1} {:>8.1}",
+                s.id, s.kind, s.items_in, s.items_out, s.item_errors, s.items_per_second, s.busy_pct, s.waiting_for_input_pct, s.blocked_on_output_pct
+            );
+        }
+        for s in &self.stages {
+            if let Some(d) = &s.details {
+                let _ = writeln!(out, "{}: {}", s.id, d);
+            }
+        }
+        if let Some(c) = &self.cache {
+            let _ = writeln!(out, "cache: {} hits, {} misses ({:.1}% hits), {} written", c.hits, c.misses, c.hit_pct, c.writes);
+        }
+        if let Some(b) = &self.bottleneck {
+            let _ = writeln!(out, "{b}");
+        }
+        if !self.skipped.is_empty() {
+            let _ = writeln!(out, "skipped {} item(s):", self.skipped.len());
+            for s in &self.skipped {
+                let _ = writeln!(out, "  {} [{}]: {}", s.path.display(), s.stage, s.reason);
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,217 @@
+//! The stage API: what a built-in or user stage implements.
+//!
+//! A stage is a plain object that turns input items into output items. It
+//! never sees channels or threads: the runtime decides where it runs, how
+//! many copies run (`workers: N`) and what happens when it is slow.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cache::{CacheHandle, CacheSpec};
+use crate::item::{Item, ItemKind};
+
+/// Where a stage's outputs go. Blocks while the next stage's input is full.
+pub trait Emit {
+    /// Fails only when the run is being torn down and nobody will read the item.
+    fn emit(&mut self, item: Item) -> Result<(), Stopped>;
+}
+
+/// Downstream has gone away (fatal error elsewhere); stop producing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// One bad item: counted, listed with its path and skipped (or fatal
+    /// when the stage has `on_error: fail`).
+    #[error("{path}: {reason}")]
+    Item { path: PathBuf, reason: String },
+    /// The stage cannot go on; the run stops and names the stage.
+    #[error("{0}")]
+    Fatal(String),
+    #[error("output closed")]
+    Stopped,
+}
+
+impl From<Stopped> for StageError {
+    fn from(_: Stopped) -> Self {
+        StageError::Stopped
+    }
+}
+
+impl StageError {
+    pub fn item(path: &Path, reason: impl std::fmt::Display) -> Self {
+        StageError::Item { path: path.to_path_buf(), reason: reason.to_string() }
+    }
+    pub fn fatal(reason: impl std::fmt::Display) -> Self {
+        StageError::Fatal(reason.to_string())
+    }
+}
+
+/// Shared run state a stage may look at.
+#[derive(Debug, Default)]
+pub struct RunSignals {
+    /// Ctrl-C / SIGTERM: sources stop, everything in flight drains.
+    pub interrupted: AtomicBool,
+    /// A stage failed: everyone stops as soon as possible.
+    pub aborted: AtomicBool,
+}
+
+impl RunSignals {
+    pub fn interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+    pub fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::Relaxed)
+    }
+    /// Sources check this between items.
+    pub fn should_stop(&self) -> bool {
+        self.interrupted() || self.aborted()
+    }
+}
+
+/// A transform or sink: items in, zero or more items out.
+pub trait Stage: Send {
+    fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError>;
+
+    /// Called once when the input has ended (also after an interrupt, so
+    /// stages can flush; check `signals.interrupted()` before publishing
+    /// results that would be incomplete).
+    fn finish(&mut self, _out: &mut dyn Emit, _signals: &RunSignals) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    /// Facts for the run report (e.g. which execution provider ran).
+    fn summary(&self) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// A stage with no input: produces items until done or told to stop.
+pub trait Source: Send {
+    /// Called with the handle for item errors so bad files are skipped, not fatal.
+    fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError>;
+}
+
+pub struct SourceContext<'a> {
+    pub signals: &'a RunSignals,
+    /// Report a skipped item and keep going.
+    pub skip: &'a dyn Fn(StageError),
+}
+
+pub enum Built {
+    Source(Box<dyn Source>),
+    Stage(Box<dyn Stage>),
+}
+
+/// What the runtime tells a stage when it builds it.
+pub struct BuildContext<'a> {
+    pub stage_id: &'a str,
+    /// Index of this copy among `workers` copies.
+    pub worker: usize,
+    /// The image size (height, width) produced upstream, when a stage fixes it.
+    pub image_size: Option<(u32, u32)>,
+    /// The feature cache opened for this stage, when it declared one.
+    pub cache: Option<CacheHandle>,
+    /// For sources: look items up in a downstream stage's cache before
+    /// anything else is done to them (a hit skips decode and inference).
+    pub cache_probe: Option<CacheHandle>,
+    /// True when a source already looked every item up in `cache`, so
+    /// whatever arrives still undone is known to be a miss.
+    pub cache_probed_upstream: bool,
+}
+
+/// One line of `convflow stages`.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionDoc {
+    pub name: &'static str,
+    pub ty: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// A problem found in a stage's options, before anything runs.
+#[derive(Debug, Clone)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError { field: field.into(), message: message.into() }
+    }
+}
+
+/// A stage kind, implemented on its typed config. Register it with
+/// [`crate::stages::Registry::register`]; built-ins are registered the same way.
+pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
+    /// The `kind:` name in pipeline files.
+    const KIND: &'static str;
+    const SUMMARY: &'static str;
+    /// Item kinds it takes; empty for a source.
+    const ACCEPTS: &'static [ItemKind];
+    /// Item kind it emits; `None` for a sink.
+    const EMITS: Option<ItemKind>;
+    const OPTIONS: &'static [OptionDoc];
+    /// May several copies run at once (`workers: N`)? Stages that keep state
+    /// across items (batching, writing) say no.
+    const PARALLEL: bool = false;
+    /// Do its options change the pixels a model sees? Then they are part of
+    /// the feature cache key.
+    const AFFECTS_PIXELS: bool = false;
+    /// May items whose features are already known (cache hits) flow past it
+    /// untouched? True for pure pixel transforms: their effect is in the key.
+    const PASSES_PRECOMPUTED: bool = false;
+
+    /// Checks beyond types: ranges, files that must exist.
+    fn check(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// The image size this stage produces, if it fixes one.
+    fn image_size(&self) -> Option<(u32, u32)> {
+        None
+    }
+
+    /// The cache this stage reads and fills, if any.
+    fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
+        Ok(None)
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
+}
+
+/// Type-erased [`StageConfig`], as stored in a validated graph.
+pub trait AnyStageConfig: Send + Sync {
+    fn check(&self) -> Vec<FieldError>;
+    fn image_size(&self) -> Option<(u32, u32)>;
+    fn cache(&self) -> Result<Option<CacheSpec>, FieldError>;
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
+    /// Canonical JSON of the options, defaults filled in (for cache keys).
+    fn canonical_json(&self) -> String;
+}
+
+impl<C: StageConfig> AnyStageConfig for C {
+    fn check(&self) -> Vec<FieldError> {
+        StageConfig::check(self)
+    }
+    fn image_size(&self) -> Option<(u32, u32)> {
+        StageConfig::image_size(self)
+    }
+    fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
+        StageConfig::cache(self)
+    }
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        StageConfig::build(self, ctx)
+    }
+    fn canonical_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+pub type SharedConfig = Arc<dyn AnyStageConfig>;

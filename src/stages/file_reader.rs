@@ -1,0 +1,230 @@
+//! `file_reader`: Keras `flow_from_directory` semantics. One sub-folder per
+//! class, class names sorted -> label index, files sorted within a class.
+//! Reads and hashes each file; with a cache probe, a known image leaves here
+//! as finished features and skips decode and inference.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::CacheHandle;
+use crate::item::{ClassMode, Item, ItemKind, Label, Meta, Payload};
+use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReaderConfig {
+    /// Folder with one sub-folder per class (or, with `splits`, one per split).
+    pub dir: PathBuf,
+    /// Sub-folders of `dir` read one after another, e.g. [train, validation, test].
+    #[serde(default)]
+    pub splits: Vec<String>,
+    #[serde(default)]
+    pub class_mode: ClassMode,
+    #[serde(default = "default_extensions")]
+    pub extensions: Vec<String>,
+    #[serde(default)]
+    pub shuffle: bool,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub follow_links: bool,
+}
+
+fn default_extensions() -> Vec<String> {
+    ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"].iter().map(|s| s.to_string()).collect()
+}
+
+impl StageConfig for FileReaderConfig {
+    const KIND: &'static str = "file_reader";
+    const SUMMARY: &'static str = "lists images in class folders (Keras flow_from_directory), reads and hashes them";
+    const ACCEPTS: &'static [ItemKind] = &[];
+    const EMITS: Option<ItemKind> = Some(ItemKind::Bytes);
+    const OPTIONS: &'static [OptionDoc] = &[
+        OptionDoc { name: "dir", ty: "path", default: "(required)", help: "folder with one sub-folder per class" },
+        OptionDoc { name: "splits", ty: "[string]", default: "[]", help: "read dir/<split>/<class>/ for each split" },
+        OptionDoc { name: "class_mode", ty: "binary|categorical|none", default: "binary", help: "label encoding" },
+        OptionDoc { name: "extensions", ty: "[string]", default: "[jpg, jpeg, png, ...]", help: "file extensions read" },
+        OptionDoc { name: "shuffle", ty: "bool", default: "false", help: "shuffle the file order" },
+        OptionDoc { name: "seed", ty: "int", default: "0", help: "shuffle seed" },
+        OptionDoc { name: "follow_links", ty: "bool", default: "false", help: "follow symbolic links" },
+    ];
+
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !self.dir.is_dir() {
+            errors.push(FieldError::new("dir", format!("{} is not a folder", self.dir.display())));
+        } else {
+            for s in &self.splits {
+                if !self.dir.join(s).is_dir() {
+                    errors.push(FieldError::new("splits", format!("{} is not a folder", self.dir.join(s).display())));
+                }
+            }
+        }
+        errors
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        let listing = list(self).map_err(StageError::fatal)?;
+        Ok(Built::Source(Box::new(FileReader { listing, probe: ctx.cache_probe.clone() })))
+    }
+}
+
+struct Entry {
+    path: PathBuf,
+    label: Option<Label>,
+    split: Option<Arc<str>>,
+}
+
+/// Lists every file up front (paths only: small even for millions) so the
+/// order and the class table are fixed before the first item leaves.
+fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
+    let roots: Vec<(Option<Arc<str>>, PathBuf)> = if cfg.splits.is_empty() {
+        vec![(None, cfg.dir.clone())]
+    } else {
+        cfg.splits.iter().map(|s| (Some(Arc::from(s.as_str())), cfg.dir.join(s))).collect()
+    };
+    let mut class_names: Vec<String> = Vec::new();
+    for (_, root) in &roots {
+        for name in subfolders(root, cfg.follow_links)? {
+            if !class_names.contains(&name) {
+                class_names.push(name);
+            }
+        }
+    }
+    class_names.sort();
+    let flat = class_names.is_empty();
+    let mode = if flat { ClassMode::None } else { cfg.class_mode };
+    if mode == ClassMode::Binary && class_names.len() != 2 {
+        return Err(format!(
+            "class_mode: binary needs exactly 2 class folders in {}, found {} ({})",
+            cfg.dir.display(),
+            class_names.len(),
+            class_names.join(", ")
+        ));
+    }
+    let classes: Arc<[String]> = class_names.clone().into();
+    let exts: Vec<String> = cfg.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect();
+    let mut entries = Vec::new();
+    for (split, root) in &roots {
+        let groups: Vec<(Option<u32>, PathBuf)> = if flat {
+            vec![(None, root.clone())]
+        } else {
+            class_names.iter().enumerate().map(|(i, c)| (Some(i as u32), root.join(c))).filter(|(_, p)| p.is_dir()).collect()
+        };
+        for (index, folder) in groups {
+            let mut files = Vec::new();
+            walk(&folder, &exts, cfg.follow_links, !flat, &mut files, 0)?;
+            files.sort();
+            entries.extend(files.into_iter().map(|path| Entry {
+                path,
+                label: match (index, mode) {
+                    (Some(index), ClassMode::Binary | ClassMode::Categorical) => {
+                        Some(Label { index, classes: classes.clone(), mode })
+                    }
+                    _ => None,
+                },
+                split: split.clone(),
+            }));
+        }
+    }
+    if entries.is_empty() {
+        return Err(format!("no images with extensions [{}] under {}", exts.join(", "), cfg.dir.display()));
+    }
+    if cfg.shuffle {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        entries.shuffle(&mut rng);
+    }
+    Ok(entries)
+}
+
+fn subfolders(root: &Path, follow_links: bool) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
+    for entry in rd.flatten() {
+        let is_dir = match entry.file_type() {
+            Ok(t) if t.is_symlink() => follow_links && entry.path().is_dir(),
+            Ok(t) => t.is_dir(),
+            Err(_) => false,
+        };
+        if is_dir {
+            out.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// Depth limit guards against symlink loops when `follow_links` is on.
+const MAX_DEPTH: usize = 32;
+
+fn walk(dir: &Path, exts: &[String], follow: bool, recurse: bool, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("{}: folders nested deeper than {MAX_DEPTH} (a symlink loop?)", dir.display()));
+    }
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in rd.flatten() {
+        let path = entry.path();
+        let Ok(t) = entry.file_type() else { continue };
+        let (is_dir, is_file) = if t.is_symlink() {
+            if !follow {
+                continue;
+            }
+            (path.is_dir(), path.is_file())
+        } else {
+            (t.is_dir(), t.is_file())
+        };
+        if is_dir && recurse {
+            walk(&path, exts, follow, recurse, out, depth + 1)?;
+        } else if is_file {
+            let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+            if exts.contains(&ext) {
+                out.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+struct FileReader {
+    listing: Vec<Entry>,
+    probe: Option<CacheHandle>,
+}
+
+impl Source for FileReader {
+    fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
+        for (seq, entry) in std::mem::take(&mut self.listing).into_iter().enumerate() {
+            if ctx.signals.should_stop() {
+                break;
+            }
+            let bytes = match std::fs::read(&entry.path) {
+                Ok(b) => b,
+                Err(e) => {
+                    (ctx.skip)(StageError::item(&entry.path, format!("cannot read: {e}")));
+                    continue;
+                }
+            };
+            let content_hash = *blake3::hash(&bytes).as_bytes();
+            let meta = Meta {
+                path: Arc::from(entry.path.as_path()),
+                content_hash,
+                label: entry.label,
+                split: entry.split,
+                epoch: 0,
+                seq: seq as u64,
+            };
+            let cached = match &self.probe {
+                Some(probe) => probe.get_counted(&content_hash).map_err(StageError::fatal)?,
+                None => None,
+            };
+            let payload = match cached {
+                Some(features) => Payload::Features(features),
+                None => Payload::Bytes(bytes.into()),
+            };
+            out.emit(Item { meta, payload })?;
+        }
+        Ok(())
+    }
+}

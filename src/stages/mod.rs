@@ -1,0 +1,23 @@
+//! Built-in stages, one file each, and the registry that names them.
+
+pub mod batch;
+pub mod decode;
+pub mod feature_writer;
+pub mod file_reader;
+pub mod onnx_features;
+pub mod registry;
+pub mod resize;
+
+pub use registry::{KindInfo, OptionsError, Registry};
+
+/// A registry holding every built-in stage kind.
+pub fn builtin_registry() -> Registry {
+    let mut r = Registry::new();
+    r.register::<file_reader::FileReaderConfig>()
+        .register::<decode::DecodeConfig>()
+        .register::<resize::ResizeConfig>()
+        .register::<batch::BatchConfig>()
+        .register::<onnx_features::OnnxFeaturesConfig>()
+        .register::<feature_writer::FeatureWriterConfig>();
+    r
+}

@@ -1,0 +1,187 @@
+//! `onnx_features`: runs a conv base (VGG16 without its top) on batches of
+//! images through ONNX Runtime and emits one feature tensor per image,
+//! reading and filling the feature cache.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{CacheHandle, CacheSpec};
+use crate::item::{Features, Item, ItemKind, Payload};
+use crate::ml::{Device, OnnxModel, Preprocess};
+use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxFeaturesConfig {
+    pub model: PathBuf,
+    #[serde(default)]
+    pub preprocess: Preprocess,
+    #[serde(default)]
+    pub device: Device,
+    /// ONNX Runtime intra-op threads; 0 = one per core.
+    #[serde(default)]
+    pub intra_threads: usize,
+    /// Let idle ORT threads spin; off leaves the cores to decode between batches.
+    #[serde(default)]
+    pub spinning: bool,
+    /// Feature cache folder; empty or absent = no cache.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+}
+
+impl OnnxFeaturesConfig {
+    fn threads(&self) -> usize {
+        if self.intra_threads > 0 {
+            self.intra_threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+}
+
+impl StageConfig for OnnxFeaturesConfig {
+    const KIND: &'static str = "onnx_features";
+    const SUMMARY: &'static str = "runs an ONNX conv base (e.g. VGG16 without top) on image batches; cached";
+    const ACCEPTS: &'static [ItemKind] = &[ItemKind::Batch];
+    const EMITS: Option<ItemKind> = Some(ItemKind::Features);
+    const OPTIONS: &'static [OptionDoc] = &[
+        OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
+        OptionDoc { name: "preprocess", ty: "rescale|caffe|none", default: "rescale", help: "x/255 (the book) or Keras VGG16's caffe" },
+        OptionDoc { name: "device", ty: "auto|cpu|cuda", default: "auto", help: "auto: CUDA if present, else CPU with a warning" },
+        OptionDoc { name: "intra_threads", ty: "int", default: "0 (one per core)", help: "ONNX Runtime intra-op threads" },
+        OptionDoc { name: "spinning", ty: "bool", default: "false", help: "let idle ORT threads spin-wait" },
+        OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
+    ];
+
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !self.model.is_file() {
+            errors.push(FieldError::new(
+                "model",
+                format!("{} not found (models/setup.sh produces the models)", self.model.display()),
+            ));
+        }
+        errors
+    }
+
+    fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
+        let Some(dir) = self.cache.clone().filter(|d| !d.as_os_str().is_empty()) else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(&self.model)
+            .map_err(|e| FieldError::new("model", format!("cannot read {}: {e}", self.model.display())))?;
+        let key = format!(
+            "model blake3 {}, preprocess {:?}, input NHWC float32",
+            blake3::hash(&bytes).to_hex(),
+            self.preprocess
+        );
+        Ok(Some(CacheSpec { dir, key }))
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        let model = OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
+        if let Some((h, w)) = ctx.image_size {
+            model.check_size(h, w).map_err(StageError::fatal)?;
+        }
+        Ok(Built::Stage(Box::new(OnnxFeatures {
+            model,
+            preprocess: self.preprocess,
+            threads: self.threads(),
+            cache: ctx.cache.clone(),
+            lookup: !ctx.cache_probed_upstream,
+            images: 0,
+            batches: 0,
+            seconds: 0.0,
+        })))
+    }
+}
+
+struct OnnxFeatures {
+    model: OnnxModel,
+    preprocess: Preprocess,
+    threads: usize,
+    cache: Option<CacheHandle>,
+    /// Look items up here (no source did it already).
+    lookup: bool,
+    images: u64,
+    batches: u64,
+    seconds: f64,
+}
+
+impl Stage for OnnxFeatures {
+    fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
+        let Payload::Batch(members) = item.payload else {
+            return Err(StageError::fatal(format!("expected a batch, got {}", item.kind().name())));
+        };
+        // Resolve cache hits first; the rest go to the model in one call.
+        let mut slots: Vec<(crate::item::Meta, Option<Features>)> = Vec::with_capacity(members.len());
+        let mut tensor = Vec::new();
+        let mut todo = Vec::new();
+        let mut size = None;
+        for m in members {
+            match m.payload {
+                Payload::Features(f) => slots.push((m.meta, Some(f))),
+                Payload::Image(img) => {
+                    let hit = match (&self.cache, self.lookup) {
+                        (Some(c), true) => c.get_counted(&m.meta.content_hash).map_err(StageError::fatal)?,
+                        _ => None,
+                    };
+                    if hit.is_none() {
+                        let dims = img.dimensions();
+                        if *size.get_or_insert(dims) != dims {
+                            return Err(StageError::item(
+                                &m.meta.path,
+                                format!("image is {}x{} but the batch is {}x{}; add a resize stage", dims.0, dims.1, size.unwrap_or_default().0, size.unwrap_or_default().1),
+                            ));
+                        }
+                        self.preprocess.extend(&img, &mut tensor);
+                        todo.push(slots.len());
+                    }
+                    slots.push((m.meta, hit));
+                }
+                _ => return Err(StageError::fatal(format!("a batch may hold images or features, not {}", m.kind().name()))),
+            }
+        }
+        if let Some((w, h)) = size {
+            let started = Instant::now();
+            let n = todo.len();
+            let (shape, data) = self.model.run(tensor, n, h as usize, w as usize).map_err(StageError::fatal)?;
+            self.seconds += started.elapsed().as_secs_f64();
+            self.images += n as u64;
+            self.batches += 1;
+            if shape.first() != Some(&n) {
+                return Err(StageError::fatal(format!("model returned shape {shape:?} for a batch of {n}")));
+            }
+            let row_shape = shape[1..].to_vec();
+            let row = row_shape.iter().product::<usize>();
+            for (k, &slot) in todo.iter().enumerate() {
+                slots[slot].1 = Some(Features { shape: row_shape.clone(), data: data[k * row..(k + 1) * row].to_vec() });
+            }
+            if let Some(cache) = &self.cache {
+                let entries: Vec<_> = todo
+                    .iter()
+                    .filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0.content_hash, f)))
+                    .collect();
+                cache.put_many(&entries).map_err(StageError::fatal)?;
+            }
+        }
+        for (meta, features) in slots {
+            let features = features.ok_or_else(|| StageError::fatal("internal: a batch member got no features"))?;
+            out.emit(Item { meta, payload: Payload::Features(features) })?;
+        }
+        Ok(())
+    }
+
+    fn summary(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "provider": self.model.provider.to_string(),
+            "fallback_warning": self.model.fallback_warning,
+            "intra_threads": self.threads,
+            "images_inferred": self.images,
+            "inference_batches": self.batches,
+            "inference_seconds": (self.seconds * 1000.0).round() / 1000.0,
+        }))
+    }
+}
