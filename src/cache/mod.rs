@@ -20,6 +20,7 @@ const FEATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("features")
 const CONTEXTS: TableDefinition<&[u8], &str> = TableDefinition::new("contexts");
 const MAGIC: &[u8; 4] = b"CF01";
 pub const FILE_NAME: &str = "features.redb";
+const CACHE_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -48,7 +49,9 @@ impl FeatureCache {
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create directory: {e}")))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
+        // redb's default page cache is 1 GiB; features are written once and
+        // read once per run, so a small cache keeps memory flat with data size.
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 store_err(&path, "in use by another convflow process; wait for it or use another cache_dir")
             }

@@ -85,6 +85,9 @@ pub struct PipelineConfig {
     pub report: Option<PathBuf>,
     pub params: Vec<(String, String)>,
     pub stages: Vec<StageSpec>,
+    /// Problems found so far; graph validation adds its own and reports
+    /// them all together.
+    pub errors: Vec<ConfigError>,
 }
 
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 4;
@@ -181,9 +184,6 @@ pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Res
         },
     }
 
-    if !c.errors.is_empty() {
-        return Err(ConfigErrors(c.errors));
-    }
     Ok(PipelineConfig {
         file: file.to_path_buf(),
         name,
@@ -192,6 +192,7 @@ pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Res
         report,
         params: params.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect(),
         stages,
+        errors: c.errors,
     })
 }
 

@@ -39,7 +39,7 @@ pub struct Graph {
 impl Graph {
     pub fn build(cfg: PipelineConfig, registry: &Registry) -> Result<Graph, ConfigErrors> {
         let file = cfg.file.clone();
-        let mut errors = Vec::new();
+        let mut errors = cfg.errors.clone();
         let mut err = |pos: Pos, stage: &str, field: Option<&str>, message: String| {
             errors.push(ConfigError {
                 file: file.clone(),
@@ -245,6 +245,9 @@ fn topological_order(inputs: &[Vec<usize>]) -> Result<Vec<usize>, Vec<usize>> {
     let start = path.iter().position(|&x| x == node).unwrap_or(0);
     let mut cycle = path[start..].to_vec();
     cycle.reverse();
+    // Start at the stage written first, so the message is stable.
+    let first = cycle.iter().enumerate().min_by_key(|(_, s)| **s).map(|(i, _)| i).unwrap_or(0);
+    cycle.rotate_left(first);
     Err(cycle)
 }
 

@@ -1,0 +1,133 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_convflow"));
+    c.current_dir(root());
+    c
+}
+
+pub fn tiny_model() -> PathBuf {
+    let p = root().join("models/tiny_vgg.onnx");
+    assert!(p.exists(), "{} missing: run models/setup.sh (the README's test command does)", p.display());
+    p
+}
+
+pub fn vgg16() -> PathBuf {
+    let p = root().join("models/vgg16_notop.onnx");
+    assert!(p.exists(), "{} missing: run models/setup.sh (the README's test command does)", p.display());
+    p
+}
+
+/// The book's data beside the checkout. CI always has it; elsewhere the
+/// tests that need it say so and pass only when CI is unset.
+pub fn shared_data() -> Option<PathBuf> {
+    let p = root().join("../shared/data/cats_and_dogs_small");
+    if p.is_dir() {
+        return Some(p);
+    }
+    assert!(std::env::var_os("CI").is_none(), "{} is missing on CI", p.display());
+    eprintln!("skipping: {} not present", p.display());
+    None
+}
+
+pub fn python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(p.exists(), "{} missing: run models/setup.sh", p.display());
+    p
+}
+
+/// Runs Python onnxruntime on an NHWC float32 tensor and returns its output.
+pub fn python_reference(model: &Path, shape: &[usize], input: &[f32], dir: &Path) -> (Vec<usize>, Vec<f32>) {
+    let inp = dir.join("ref_input.npy");
+    let out = dir.join("ref_output.npy");
+    let mut w = convflow::npy::NpyWriter::create(&inp, &shape[1..]).unwrap();
+    let row: usize = shape[1..].iter().product();
+    for r in input.chunks(row) {
+        w.push(r).unwrap();
+    }
+    w.finish().unwrap();
+    let status = Command::new(python())
+        .arg(root().join("models/ort_reference.py"))
+        .arg(model)
+        .arg(&inp)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ort_reference.py failed");
+    convflow::npy::read_f32(&out).unwrap()
+}
+
+/// Asserts |a-b| <= rel * max(|b|, floor) elementwise; the floor keeps
+/// near-zero activations from demanding absurd precision.
+pub fn assert_close(a: &[f32], b: &[f32], rel: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let mut worst = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        let err = (x - y).abs() / y.abs().max(scale * 1e-3).max(1e-6);
+        worst = worst.max(err);
+    }
+    assert!(worst <= rel, "{what}: worst relative difference {worst} > {rel}");
+}
+
+/// Writes a pipeline file into `dir` and returns its path.
+pub fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The standard extraction chain as YAML, on `data` with `model`.
+pub fn extraction_yaml(data: &Path, model: &Path, out: &Path, cache: Option<&Path>, extra_decode: &str, size: u32, preprocess: &str) -> String {
+    let cache = cache.map(|c| format!("    cache: {}\n", c.display())).unwrap_or_default();
+    format!(
+        "stages:
+  - id: files
+    kind: file_reader
+    dir: {data}
+  - id: decode
+    kind: decode
+    input: files
+{extra_decode}
+  - id: resize
+    kind: resize
+    input: decode
+    size: [{size}, {size}]
+  - id: batch
+    kind: batch
+    input: resize
+    size: 4
+  - id: features
+    kind: onnx_features
+    input: batch
+    model: {model}
+    preprocess: {preprocess}
+    device: cpu
+{cache}  - id: write
+    kind: feature_writer
+    input: features
+    dir: {out}
+",
+        data = data.display(),
+        model = model.display(),
+        out = out.display(),
+    )
+}
+
+pub fn run_yaml(path: &Path) -> Result<convflow::runtime::RunReport, convflow::runtime::RunError> {
+    let cfg = convflow::config::load(path, &[]).expect("pipeline parses");
+    let graph = convflow::graph::Graph::build(cfg, &convflow::stages::builtin_registry()).expect("pipeline is valid");
+    convflow::runtime::run(&graph, &Default::default())
+}
+
+pub fn detail(report: &convflow::runtime::RunReport, stage: &str, key: &str) -> serde_json::Value {
+    report.stages.iter().find(|s| s.id == stage).and_then(|s| s.details.clone()).map(|d| d[key].clone()).unwrap_or_default()
+}

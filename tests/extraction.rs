@@ -1,0 +1,220 @@
+//! The extraction chain end to end: decoding, the model against Python
+//! onnxruntime, output files, the feature cache, worker order, bad files.
+
+mod common;
+
+use std::path::Path;
+
+use convflow::ml::Preprocess;
+use convflow::npy::read_f32;
+use convflow::stages::decode::decode_image;
+use convflow::stages::resize::{Filter, Resize};
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in walk(from) {
+        let rel = entry.strip_prefix(from).unwrap();
+        std::fs::create_dir_all(to.join(rel).parent().unwrap()).unwrap();
+        std::fs::copy(&entry, to.join(rel)).unwrap();
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+fn paths(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("paths.txt")).unwrap().lines().map(str::to_string).collect()
+}
+
+/// convflow's own input tensor for the images in `paths`, for the reference.
+fn input_tensor(paths: &[String], size: u32, mode: Preprocess) -> Vec<f32> {
+    let mut resize = Resize::new(size, size, Filter::Nearest);
+    let mut t = Vec::new();
+    for p in paths {
+        let img = decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
+        mode.extend(&resize.apply(img).unwrap(), &mut t);
+    }
+    t
+}
+
+#[test]
+fn fixture_formats_decode_to_plain_rgb() {
+    let dir = common::root().join("tests/fixtures/images");
+    let px = |rel: &str| decode_image(&std::fs::read(dir.join(rel)).unwrap(), u64::MAX).unwrap();
+    let near = |a: [u8; 3], b: [u8; 3], tol: i32| a.iter().zip(b).all(|(x, y)| (*x as i32 - y as i32).abs() <= tol);
+
+    assert_eq!(px("cats/gray.png").get_pixel(3, 3).0, [128, 128, 128]);
+    assert_eq!(px("cats/alpha.png").get_pixel(3, 3).0, [200, 30, 40], "alpha is dropped, as PIL's convert('RGB')");
+    assert!(near(px("cats/progressive.jpg").get_pixel(10, 10).0, [200, 30, 40], 4));
+    assert!(near(px("dogs/cmyk.jpg").get_pixel(10, 10).0, [30, 60, 210], 6), "CMYK JPEG -> RGB");
+    let deep = px("dogs/deep.png").get_pixel(3, 3).0;
+    assert!(near(deep, [155, 155, 155], 1), "16-bit grey 40000 -> 8-bit 155, got {deep:?}");
+
+    // Stored 64x32 with a white marker top-left, EXIF orientation 6.
+    let rotated = px("dogs/rotated.jpg");
+    assert_eq!(rotated.dimensions(), (32, 64), "EXIF orientation applied");
+    assert!(near(rotated.get_pixel(28, 3).0, [255, 255, 255], 8), "marker moved top-right");
+    assert!(near(rotated.get_pixel(3, 3).0, [30, 60, 210], 8));
+
+    let err = decode_image(&std::fs::read(dir.join("cats/cat.1.jpg")).unwrap(), 1000).unwrap_err();
+    assert!(err.contains("over max_pixels"), "{err}");
+}
+
+#[test]
+fn tiny_model_rows_labels_and_values_match_python_onnxruntime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = common::root().join("tests/fixtures/images");
+    let yaml = common::extraction_yaml(&data, &common::tiny_model(), &out, None, "", 64, "caffe");
+    let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+
+    let paths = paths(&out);
+    let names: Vec<&str> = paths.iter().map(|p| p.rsplit_once("images/").unwrap().1).collect();
+    assert_eq!(
+        names,
+        ["cats/alpha.png", "cats/cat.1.jpg", "cats/cat.2.png", "cats/gray.png", "cats/progressive.jpg",
+         "dogs/cmyk.jpg", "dogs/deep.png", "dogs/dog.1.jpg", "dogs/rotated.jpg"],
+        "classes sorted, files sorted within a class"
+    );
+    let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
+    assert_eq!(shape, vec![9, 2, 2, 16]);
+    let (lshape, labels) = read_f32(&out.join("labels.npy")).unwrap();
+    assert_eq!(lshape, vec![9]);
+    assert_eq!(labels, vec![0., 0., 0., 0., 0., 1., 1., 1., 1.]);
+    assert_eq!(std::fs::read_to_string(out.join("classes.txt")).unwrap(), "cats\ndogs\n");
+
+    let input = input_tensor(&paths, 64, Preprocess::Caffe);
+    let (rshape, reference) = common::python_reference(&common::tiny_model(), &[9, 64, 64, 3], &input, tmp.path());
+    assert_eq!(rshape, shape);
+    common::assert_close(&features, &reference, 1e-4, "tiny model vs Python onnxruntime");
+}
+
+#[test]
+fn vgg16_features_of_real_photos_match_python_onnxruntime() {
+    let Some(shared) = common::shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for (class, files) in [("cats", ["cat.0.jpg", "cat.835.jpg"]), ("dogs", ["dog.0.jpg", "dog.943.jpg"])] {
+        std::fs::create_dir_all(data.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(shared.join("train").join(class).join(f), data.join(class).join(f)).unwrap();
+        }
+    }
+    for (mode, name) in [(Preprocess::Rescale, "rescale"), (Preprocess::Caffe, "caffe")] {
+        let out = tmp.path().join(name);
+        let yaml = common::extraction_yaml(&data, &common::vgg16(), &out, None, "", 150, name);
+        common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+        let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
+        assert_eq!(shape, vec![4, 4, 4, 512]);
+        let input = input_tensor(&paths(&out), 150, mode);
+        let (_, reference) = common::python_reference(&common::vgg16(), &[4, 150, 150, 3], &input, tmp.path());
+        common::assert_close(&features, &reference, 1e-4, &format!("VGG16 ({name}) vs Python onnxruntime"));
+        assert!(features.iter().any(|&x| x > 1.0), "real activations, not zeros");
+    }
+}
+
+#[test]
+fn cache_hits_skip_decode_and_inference_and_never_serve_stale_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    copy_tree(&common::root().join("tests/fixtures/images"), &data);
+    let cache = tmp.path().join("cache");
+    let model = common::tiny_model();
+    let run = |data: &Path, out: &str, size: u32, pre: &str| {
+        let out = tmp.path().join(out);
+        let yaml = common::extraction_yaml(data, &model, &out, Some(&cache), "", size, pre);
+        let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+        let (_, features) = read_f32(&out.join("features.npy")).unwrap();
+        (report, features)
+    };
+
+    let (first, f1) = run(&data, "o1", 64, "rescale");
+    assert_eq!(common::detail(&first, "features", "images_inferred"), 9);
+    assert_eq!(first.cache.as_ref().unwrap().misses, 9);
+
+    let (second, f2) = run(&data, "o2", 64, "rescale");
+    let c = second.cache.as_ref().unwrap();
+    assert_eq!((c.hits, c.misses, c.writes), (9, 0, 0));
+    assert_eq!(common::detail(&second, "features", "images_inferred"), 0, "no inference on a warm cache");
+    let decode = second.stages.iter().find(|s| s.id == "decode").unwrap();
+    assert_eq!(decode.items_in, 9, "hits pass by decode...");
+    assert_eq!(decode.item_errors, 0);
+    assert_eq!(f1, f2, "...and come back bit-identical");
+
+    // Moved and renamed files are the same content: still hits.
+    let moved = tmp.path().join("moved");
+    copy_tree(&data.join("cats"), &moved.join("kittens"));
+    copy_tree(&data.join("dogs"), &moved.join("puppies"));
+    for f in walk(&moved) {
+        std::fs::rename(&f, f.with_file_name(format!("renamed-{}", f.file_name().unwrap().to_string_lossy()))).unwrap();
+    }
+    let (renamed, _) = run(&moved, "o3", 64, "rescale");
+    assert_eq!(renamed.cache.as_ref().unwrap().hits, 9);
+
+    // Anything that changes the tensor is a different key.
+    let (caffe, f4) = run(&data, "o4", 64, "caffe");
+    assert_eq!(caffe.cache.as_ref().unwrap().misses, 9, "preprocess is part of the key");
+    assert_ne!(f1, f4);
+    let (bigger, _) = run(&data, "o5", 96, "rescale");
+    assert_eq!(bigger.cache.as_ref().unwrap().misses, 9, "image size is part of the key");
+
+    // An edited file (same name, new bytes) is a miss for that file only.
+    let f = data.join("cats/cat.2.png");
+    image::RgbImage::from_pixel(40, 40, image::Rgb([1, 2, 3])).save(&f).unwrap();
+    let (edited, _) = run(&data, "o6", 64, "rescale");
+    let c = edited.cache.as_ref().unwrap();
+    assert_eq!((c.hits, c.misses), (8, 1));
+
+    let verify = convflow::cache::FeatureCache::verify(&cache).unwrap();
+    assert!(verify.is_clean());
+    assert_eq!(verify.entries, 9 + 9 + 9 + 1);
+}
+
+#[test]
+fn decode_workers_keep_source_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = common::root().join("tests/fixtures/images");
+    let model = common::tiny_model();
+    let mut outputs = Vec::new();
+    for workers in [1, 3] {
+        let out = tmp.path().join(format!("w{workers}"));
+        let yaml = common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale");
+        common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+        outputs.push((paths(&out), std::fs::read(out.join("features.npy")).unwrap()));
+    }
+    assert_eq!(outputs[0], outputs[1]);
+}
+
+#[test]
+fn bad_files_are_skipped_listed_and_lose_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = common::root().join("tests/fixtures/bad");
+    let yaml = common::extraction_yaml(&data, &common::tiny_model(), &out, None, "", 64, "rescale");
+    let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+    let mut skipped: Vec<String> =
+        report.skipped.iter().map(|s| format!("{} {}", s.path.file_name().unwrap().to_string_lossy(), s.stage)).collect();
+    skipped.sort();
+    assert_eq!(skipped, ["empty.jpg decode", "text.jpg decode", "truncated.jpg decode"], "{:?}", report.skipped);
+    assert!(report.skipped.iter().all(|s| !s.reason.is_empty()));
+    assert_eq!(read_f32(&out.join("features.npy")).unwrap().0[0], 2);
+    assert_eq!(paths(&out).len(), 2);
+}
+
+#[test]
+fn on_error_fail_stops_the_run_and_names_the_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let data = common::root().join("tests/fixtures/bad");
+    let yaml = common::extraction_yaml(&data, &common::tiny_model(), &out, None, "    on_error: fail", 64, "rescale");
+    let err = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("stage `decode` failed") && text.contains("on_error: fail"), "{text}");
+    assert!(!out.join("features.npy").exists(), "a failed run publishes no outputs");
+}
