@@ -111,6 +111,7 @@ impl OnnxModel {
         }
         let base = || -> Result<SessionBuilder, OnnxError> {
             Session::builder(env)
+                .and_then(|b| Ok(b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)?))
                 .and_then(|b| Ok(b.with_intra_threads(intra_threads)?))
                 .and_then(|b| Ok(b.with_inter_threads(1)?))
                 .and_then(|b| Ok(b.with_intra_op_spinning(spinning)?))

@@ -223,6 +223,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         }
     }
 
+    let setup = started.elapsed();
     let shared = Arc::new(Shared {
         signals: options.signals.clone(),
         skipped: Mutex::new(Vec::new()),
@@ -297,7 +298,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         }
     }
 
-    let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed());
+    let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed(), setup);
     let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
     match failure {
         Some((stage, message)) => Err(RunError::Stage { stage, message, report: Box::new(report) }),

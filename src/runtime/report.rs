@@ -51,6 +51,9 @@ pub struct CacheReport {
 pub struct RunReport {
     pub pipeline: String,
     pub wall_seconds: f64,
+    /// Part of the wall time spent before the first item moved: opening
+    /// caches, loading models.
+    pub setup_seconds: f64,
     pub interrupted: bool,
     pub stages: Vec<StageReport>,
     pub cache: Option<CacheReport>,
@@ -68,6 +71,7 @@ pub(super) fn build(
     shared: &Shared,
     caches: &HashMap<usize, CacheHandle>,
     wall: Duration,
+    setup: Duration,
 ) -> RunReport {
     let wall_s = wall.as_secs_f64();
     let summaries = shared.summaries.lock().map(|s| s.clone()).unwrap_or_default();
@@ -117,6 +121,7 @@ pub(super) fn build(
     RunReport {
         pipeline: graph.name.clone(),
         wall_seconds: (wall_s * 1000.0).round() / 1000.0,
+        setup_seconds: (setup.as_secs_f64() * 1000.0).round() / 1000.0,
         interrupted: shared.signals.interrupted(),
         stages,
         cache,
@@ -129,10 +134,11 @@ impl RunReport {
     /// The short table printed after every run.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "pipeline {} {} in {:.1}s\n{:<14} {:<15} {:>8} {:>8} {:>6} {:>9} {:>6} {:>6} {:>8}\n",
+            "pipeline {} {} in {:.1}s ({:.1}s set-up)\n{:<14} {:<15} {:>8} {:>8} {:>6} {:>9} {:>6} {:>6} {:>8}\n",
             self.pipeline,
             if self.interrupted { "INTERRUPTED" } else { "finished" },
             self.wall_seconds,
+            self.setup_seconds,
             "stage",
             "kind",
             "in",
