@@ -52,6 +52,9 @@ impl Emit for Collect {
 /// Everything one stage's loop needs besides the stage itself.
 pub struct StageRun {
     pub id: String,
+    /// `metrics` handles (no-ops until an exporter is installed).
+    pub items_in: metrics::Counter,
+    pub item_errors: metrics::Counter,
     pub on_error: OnError,
     pub passes_precomputed: bool,
     pub shared: Arc<Shared>,
@@ -64,6 +67,7 @@ impl StageRun {
         match e {
             StageError::Item { path, reason } => {
                 self.stats.item_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.item_errors.increment(1);
                 if self.on_error == OnError::Fail {
                     self.shared.fail(&self.id, format!("{}: {reason} (on_error: fail)", path.display()));
                     return false;
@@ -91,6 +95,7 @@ impl StageRun {
         self.stats.add_wait(t.elapsed());
         if let Some(item) = &item {
             self.stats.items_in.fetch_add(item.image_count(), std::sync::atomic::Ordering::Relaxed);
+            self.items_in.increment(item.image_count());
         }
         item
     }

@@ -243,6 +243,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         };
         let run = Arc::new(StageRun {
             id: stage.id().to_string(),
+            items_in: metrics::counter!(telemetry::ITEMS_IN, &labels),
+            item_errors: metrics::counter!(telemetry::ITEM_ERRORS, &labels),
             on_error: stage.spec.on_error,
             passes_precomputed: stage.info.passes_precomputed,
             shared: shared.clone(),

@@ -7,9 +7,6 @@ use std::time::Duration;
 pub const ITEMS_IN: &str = "convflow_stage_items_in_total";
 pub const ITEMS_OUT: &str = "convflow_stage_items_out_total";
 pub const ITEM_ERRORS: &str = "convflow_stage_item_errors_total";
-pub const BUSY_SECONDS: &str = "convflow_stage_busy_seconds_total";
-pub const WAIT_SECONDS: &str = "convflow_stage_input_wait_seconds_total";
-pub const BLOCKED_SECONDS: &str = "convflow_stage_output_blocked_seconds_total";
 
 /// Counted by the runtime around every stage call: cheap atomics, read
 /// once at the end for the report.
