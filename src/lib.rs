@@ -15,6 +15,7 @@
 //! - [`cache`]: the content-addressed, crash-safe feature store.
 //! - [`telemetry`]: metric names, per-stage counters, logging.
 //! - [`npy`]: streaming `.npy` output.
+//! - [`plot`]: the training curves picture.
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`cli`]: the `convflow` command, reusable with a custom registry.
 
@@ -26,6 +27,7 @@ pub mod graph;
 pub mod item;
 pub mod ml;
 pub mod npy;
+pub mod plot;
 pub mod runtime;
 pub mod stage;
 pub mod stages;

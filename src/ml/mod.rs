@@ -1,6 +1,7 @@
 //! Model-side math with no pipeline in sight: input preprocessing and the
 //! ONNX Runtime session. Testable alone.
 
+pub mod head;
 pub mod onnx;
 pub mod preprocess;
 

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod decode;
+pub mod dense_head;
 pub mod feature_writer;
 pub mod file_reader;
 pub mod onnx_features;
@@ -18,6 +19,7 @@ pub fn builtin_registry() -> Registry {
         .register::<resize::ResizeConfig>()
         .register::<batch::BatchConfig>()
         .register::<onnx_features::OnnxFeaturesConfig>()
-        .register::<feature_writer::FeatureWriterConfig>();
+        .register::<feature_writer::FeatureWriterConfig>()
+        .register::<dense_head::DenseHeadConfig>();
     r
 }

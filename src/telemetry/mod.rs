@@ -7,6 +7,8 @@ use std::time::Duration;
 pub const ITEMS_IN: &str = "convflow_stage_items_in_total";
 pub const ITEMS_OUT: &str = "convflow_stage_items_out_total";
 pub const ITEM_ERRORS: &str = "convflow_stage_item_errors_total";
+pub const TRAIN_LOSS: &str = "convflow_trainer_loss";
+pub const TRAIN_VAL_ACC: &str = "convflow_trainer_val_accuracy";
 
 /// Counted by the runtime around every stage call: cheap atomics, read
 /// once at the end for the report.
