@@ -35,7 +35,7 @@ pub const BOOK_INPUT_DIM: usize = 4 * 4 * 512;
 const TILE: usize = 64;
 
 /// Kernel rows per forward block: 256 x 64 floats is 64 KiB, in L2.
-const K_BLOCK: usize = 256;
+const K_BLOCK: usize = 128;
 
 /// Rows per forward chunk in `evaluate` / `predict`, to bound memory.
 const EVAL_CHUNK: usize = 100;

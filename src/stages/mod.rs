@@ -5,6 +5,7 @@ pub mod decode;
 pub mod dense_head;
 pub mod feature_writer;
 pub mod file_reader;
+pub mod head_predict;
 pub mod onnx_features;
 pub mod registry;
 pub mod resize;
@@ -20,6 +21,7 @@ pub fn builtin_registry() -> Registry {
         .register::<batch::BatchConfig>()
         .register::<onnx_features::OnnxFeaturesConfig>()
         .register::<feature_writer::FeatureWriterConfig>()
-        .register::<dense_head::DenseHeadConfig>();
+        .register::<dense_head::DenseHeadConfig>()
+        .register::<head_predict::HeadPredictConfig>();
     r
 }
