@@ -117,7 +117,13 @@ impl Stage for HeadPredict {
             return Err(StageError::fatal(format!("expected features, got {}", item.kind().name())));
         };
         if f.data.len() != self.head.input_dim() {
-            return Err(StageError::item(&item.meta.path, format!("features of shape {:?} do not fit a head taking {} values", f.shape, self.head.input_dim())));
+            // Every item would fail the same way: a wrong model or image size.
+            return Err(StageError::fatal(format!(
+                "features of shape {:?} ({} values) do not fit the head, which takes {} (trained with another model or image size?)",
+                f.shape,
+                f.data.len(),
+                self.head.input_dim()
+            )));
         }
         self.pending.push((item.meta.path.to_path_buf(), f.data));
         if self.pending.len() >= CHUNK {
