@@ -123,6 +123,9 @@ pub struct BuildContext<'a> {
     /// True when a source already looked every item up in `cache`, so
     /// whatever arrives still undone is known to be a miss.
     pub cache_probed_upstream: bool,
+    /// Every stage upstream, as (kind, options JSON), in graph order: what
+    /// made the items this stage sees (a trained head records it).
+    pub upstream: Vec<(String, serde_json::Value)>,
 }
 
 /// One line of `convflow stages`.

@@ -835,7 +835,7 @@ fn activation_backward(a: Activation, y: &[f32], d: &mut [f32]) {
                     0.0
                 }
             }
-            Activation::Sigmoid => *g * (y * (1.0 - y * 0.99)),
+            Activation::Sigmoid => *g * (y * (1.0 - y)),
             Activation::Tanh => *g * (1.0 - y * y),
             Activation::Linear | Activation::Softmax => *g,
         };

@@ -180,6 +180,12 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     let mut actors = Vec::new();
     for (i, stage) in graph.stages.iter().enumerate() {
         let copies = if stage.info.is_source() { 1 } else { stage.spec.workers };
+        let upstream: Vec<(String, serde_json::Value)> = graph
+            .ancestors(i)
+            .into_iter()
+            .map(|j| &graph.stages[j])
+            .map(|s| (s.info.kind.to_string(), serde_json::from_str(&s.config.canonical_json()).unwrap_or_default()))
+            .collect();
         let mut built = Vec::new();
         for worker in 0..copies {
             let ctx = BuildContext {
@@ -189,6 +195,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
                 cache: caches.handles.get(&i).cloned(),
                 cache_probe: caches.probes.get(&i).cloned(),
                 cache_probed_upstream: caches.probed.contains(&i),
+                upstream: upstream.clone(),
             };
             let b = stage.config.build(&ctx).map_err(|e| RunError::Build { stage: stage.id().to_string(), message: e.to_string() })?;
             built.push(b);

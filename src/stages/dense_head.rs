@@ -132,8 +132,9 @@ impl StageConfig for DenseHeadConfig {
         errors
     }
 
-    fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        Ok(Built::Stage(Box::new(DenseHead { cfg: self.clone(), data: Default::default(), summary: None })))
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        let provenance = ctx.upstream.iter().map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options })).collect();
+        Ok(Built::Stage(Box::new(DenseHead { cfg: self.clone(), data: Default::default(), summary: None, provenance })))
     }
 }
 
@@ -166,6 +167,9 @@ struct DenseHead {
     cfg: DenseHeadConfig,
     data: Data,
     summary: Option<serde_json::Value>,
+    /// The stages that made the features, recorded in head.json so the head
+    /// can be used (and exported) with the same model and preprocessing.
+    provenance: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -222,7 +226,7 @@ impl Stage for DenseHead {
         if signals.interrupted() || signals.aborted() {
             return Ok(());
         }
-        let summary = train(&self.cfg, &self.data, signals).map_err(StageError::fatal)?;
+        let summary = train(&self.cfg, &self.data, &self.provenance, signals).map_err(StageError::fatal)?;
         self.summary = Some(summary);
         Ok(())
     }
@@ -239,7 +243,7 @@ fn monitor_value(r: &EpochRecord, m: Monitor) -> Option<f32> {
     }
 }
 
-fn train(cfg: &DenseHeadConfig, d: &Data, signals: &RunSignals) -> Result<serde_json::Value, String> {
+fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], signals: &RunSignals) -> Result<serde_json::Value, String> {
     if d.train.n == 0 {
         return Err(format!("no items of split `{}` to train on", cfg.train_split));
     }
@@ -336,7 +340,7 @@ fn train(cfg: &DenseHeadConfig, d: &Data, signals: &RunSignals) -> Result<serde_
     head.save_safetensors(&out.join("head.safetensors")).map_err(|e| e.to_string())?;
     let head_json = serde_json::json!({
         "layers": layers, "input_shape": d.feature_shape, "classes": d.classes,
-        "class_mode": d.mode, "threads": threads, "seed": cfg.seed,
+        "class_mode": d.mode, "threads": threads, "seed": cfg.seed, "features_from": provenance,
     });
     std::fs::write(out.join("head.json"), serde_json::to_string_pretty(&head_json).unwrap_or_default())
         .map_err(|e| format!("head.json: {e}"))?;
