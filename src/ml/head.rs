@@ -957,8 +957,8 @@ fn dense_forward(x: &SparseRows, d: &Dense, threads: usize, out: &mut Vec<f32>) 
 /// Columns `[c0, c1)` of `x * w + bias` into `out` (`[rows, c1 - c0]`).
 fn forward_cols(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was detected on this CPU just above.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: AVX2 and FMA were detected on this CPU just above.
         unsafe { forward_cols_avx2(x, w, n, bias, c0, c1, out) };
         return;
     }
@@ -966,7 +966,7 @@ fn forward_cols(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn forward_cols_avx2(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1: usize, out: &mut [f32]) {
     forward_cols_impl(x, w, n, bias, c0, c1, out);
 }
@@ -997,7 +997,7 @@ fn forward_cols_impl(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usiz
                         let v = x.val[p];
                         let wr = &w[x.idx[p] as usize * n + c..][..TILE];
                         for j in 0..TILE {
-                            acc[j] += v * wr[j];
+                            acc[j] = v.mul_add(wr[j], acc[j]);
                         }
                         p += 1;
                     }
@@ -1007,7 +1007,7 @@ fn forward_cols_impl(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usiz
                         let v = x.val[p];
                         let wr = &w[x.idx[p] as usize * n + c..][..tw];
                         for j in 0..tw {
-                            o[j] += v * wr[j];
+                            o[j] = v.mul_add(wr[j], o[j]);
                         }
                         p += 1;
                     }
@@ -1125,8 +1125,8 @@ impl KernelJob<'_> {
     /// Kernel rows `k0..k0 + w.len() / n`.
     fn run(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected on this CPU just above.
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
             unsafe { self.run_avx2(k0, w, s1, s2, sq) };
             return;
         }
@@ -1134,7 +1134,7 @@ impl KernelJob<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     fn run_avx2(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
         self.run_impl(k0, w, s1, s2, sq);
     }
@@ -1162,14 +1162,14 @@ impl KernelJob<'_> {
                     for (&r, &v) in nz_rows.iter().zip(nz_vals) {
                         let dr = &self.dz[r as usize * n + c..][..TILE];
                         for j in 0..TILE {
-                            acc[j] += v * dr[j];
+                            acc[j] = v.mul_add(dr[j], acc[j]);
                         }
                     }
                 } else {
                     for (&r, &v) in nz_rows.iter().zip(nz_vals) {
                         let dr = &self.dz[r as usize * n + c..][..tw];
                         for j in 0..tw {
-                            acc[j] += v * dr[j];
+                            acc[j] = v.mul_add(dr[j], acc[j]);
                         }
                     }
                 }
