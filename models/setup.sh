@@ -173,6 +173,20 @@ else
   stamp_write "$OUT" "$M/make_tiny_vgg.py"
 fi
 
+# --- 2. Prometheus + promtool (Debian package), for tests/observability.rs --
+if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
+  log "prometheus ok ($(prometheus --version 2>&1 | head -1 | cut -d' ' -f3))"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian's prometheus package (the observability test scrapes a run with it)"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
+    || die "apt-get install prometheus failed"
+  command -v promtool >/dev/null || die "prometheus installed but promtool is missing"
+else
+  log "WARNING: prometheus/promtool missing and cannot apt-get install them here (not root, or no apt);" \
+    "tests/observability.rs will fail until they are installed"
+fi
+
 log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/tiny_vgg.onnx"
 [ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"
 exit 0

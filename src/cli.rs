@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::cache::FeatureCache;
-use crate::config::{self, ConfigErrors};
+use crate::config::{self, ConfigErrors, MetricsConfig};
 use crate::graph::Graph;
 use crate::runtime::{self, RunError, RunOptions};
 use crate::stage::RunSignals;
@@ -33,7 +33,7 @@ struct Cli {
     /// Log lines as JSON objects.
     #[arg(long, global = true, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
-    /// Print only errors and the final report path.
+    /// Print only errors and the final report path (no progress, no table).
     #[arg(long, short, global = true)]
     quiet: bool,
     #[command(subcommand)]
@@ -58,6 +58,10 @@ enum Command {
         /// Write the run report (JSON) here, besides any `report:` in the file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics during the run
+        /// (overrides the file's `metrics: {listen: ...}`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Check a pipeline and print every problem with its line:column.
     Validate {
@@ -111,8 +115,14 @@ pub fn main(registry: Registry) -> ExitCode {
 }
 
 fn load(args: &PipelineArgs, registry: &Registry) -> Result<Graph, ConfigErrors> {
+    load_with_metrics(args, registry).map(|(g, _)| g)
+}
+
+/// The graph and the file's `metrics:` settings (the graph does not keep them).
+fn load_with_metrics(args: &PipelineArgs, registry: &Registry) -> Result<(Graph, MetricsConfig), ConfigErrors> {
     let cfg = config::load(&args.file, &args.set)?;
-    Graph::build(cfg, registry)
+    let metrics = cfg.metrics.clone();
+    Ok((Graph::build(cfg, registry)?, metrics))
 }
 
 fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -135,8 +145,13 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             Err(e) => invalid(&e),
         }),
-        Command::Run { pipeline, report } => match load(&pipeline, registry) {
-            Ok(g) => run_graph(&g, report.as_deref(), cli.quiet),
+        Command::Run { pipeline, report, metrics_listen } => match load_with_metrics(&pipeline, registry) {
+            Ok((g, mut metrics)) => {
+                if metrics_listen.is_some() {
+                    metrics.listen = metrics_listen;
+                }
+                run_graph(&g, report.as_deref(), &metrics, cli.quiet)
+            }
             Err(e) => Ok(invalid(&e)),
         },
         Command::Demo { set } => {
@@ -145,8 +160,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
                 eprintln!("demo data: {n} synthetic images in {DEMO_DATA}");
             }
             let pipeline = PipelineArgs { file: PathBuf::from("pipelines/extract_features.yaml"), set };
-            match load(&pipeline, registry) {
-                Ok(g) => run_graph(&g, None, cli.quiet),
+            match load_with_metrics(&pipeline, registry) {
+                Ok((g, metrics)) => run_graph(&g, None, &metrics, cli.quiet),
                 Err(e) => Ok(invalid(&e)),
             }
         }
@@ -159,10 +174,22 @@ fn invalid(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(exit::INVALID)
 }
 
-fn run_graph(graph: &Graph, extra_report: Option<&Path>, quiet: bool) -> anyhow::Result<ExitCode> {
+fn run_graph(graph: &Graph, extra_report: Option<&Path>, metrics: &MetricsConfig, quiet: bool) -> anyhow::Result<ExitCode> {
+    let report_paths: Vec<&Path> = graph.report.iter().map(PathBuf::as_path).chain(extra_report).collect();
+    // Metrics are recorded when someone will read them: the endpoint, or
+    // the snapshot beside a report.
+    let exporter = match (metrics.listen, report_paths.is_empty()) {
+        (None, true) => None,
+        (listen, _) => Some(crate::telemetry::install_prometheus(listen)?),
+    };
     let signals = Arc::new(RunSignals::default());
     watch_signals(signals.clone());
-    let options = RunOptions { signals, drain_deadline: Duration::from_secs(30) };
+    let options = RunOptions {
+        signals,
+        drain_deadline: Duration::from_secs(30),
+        metrics: exporter.is_some(),
+        progress: crate::telemetry::ProgressMode::auto(quiet),
+    };
     let result = runtime::run(graph, &options);
     let (report, code) = match result {
         Ok(report) => {
@@ -185,11 +212,18 @@ fn run_graph(graph: &Graph, extra_report: Option<&Path>, quiet: bool) -> anyhow:
     if !quiet {
         print!("{}", report.table());
     }
-    for path in graph.report.iter().map(PathBuf::as_path).chain(extra_report) {
+    for path in report_paths {
         runtime::write_report(&report, path)?;
+        if let Some(e) = &exporter {
+            e.write_snapshot(&runtime::beside(path, runtime::METRICS_SNAPSHOT))?;
+        }
         if !quiet {
             println!("report: {}", path.display());
         }
+    }
+    if let Some(addr) = metrics.listen.filter(|_| !metrics.linger.is_zero()) {
+        tracing::info!("metrics: serving the final values at http://{addr}/metrics for {:?}", metrics.linger);
+        std::thread::sleep(metrics.linger);
     }
     if report.interrupted {
         eprintln!("interrupted: sources stopped, in-flight items finished, cache flushed; outputs not published");

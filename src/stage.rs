@@ -95,6 +95,11 @@ pub trait Stage: Send {
 pub trait Source: Send {
     /// Called with the handle for item errors so bad files are skipped, not fatal.
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError>;
+
+    /// How many items it will emit, when it knows up front (for progress and ETA).
+    fn total(&self) -> Option<u64> {
+        None
+    }
 }
 
 pub struct SourceContext<'a> {
@@ -110,7 +115,11 @@ pub enum Built {
 
 /// What the runtime tells a stage when it builds it.
 pub struct BuildContext<'a> {
+    /// The pipeline's `name`, for metric labels.
+    pub pipeline: &'a str,
     pub stage_id: &'a str,
+    /// Record metrics? See [`BuildContext::metric_labels`].
+    pub metrics: bool,
     /// Index of this copy among `workers` copies.
     pub worker: usize,
     /// The image size (height, width) produced upstream, when a stage fixes it.

@@ -83,6 +83,8 @@ pub struct PipelineConfig {
     pub channel_capacity: usize,
     /// Where the run report (JSON) goes, if anywhere.
     pub report: Option<PathBuf>,
+    /// `metrics: {listen: ADDR, linger: SECONDS}`: serve Prometheus metrics.
+    pub metrics: MetricsConfig,
     pub params: Vec<(String, String)>,
     pub stages: Vec<StageSpec>,
     /// Problems found so far; graph validation adds its own and reports
@@ -90,8 +92,19 @@ pub struct PipelineConfig {
     pub errors: Vec<ConfigError>,
 }
 
+/// The pipeline's `metrics:` key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` here (`127.0.0.1:9184`); absent or empty: not served.
+    pub listen: Option<std::net::SocketAddr>,
+    /// Keep serving this long after the run ends, so a scraper sees the
+    /// final values.
+    pub linger: std::time::Duration,
+}
+
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 4;
-const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "params", "channel_capacity", "report", "stages"];
+const TOP_LEVEL_KEYS: &[&str] = &["name", "description", "params", "channel_capacity", "report", "metrics", "stages"];
+const METRICS_KEYS: &[&str] = &["listen", "linger"];
 const COMMON_STAGE_KEYS: &[&str] = &["id", "kind", "input", "inputs", "workers", "channel_capacity", "on_error"];
 
 struct Collector<'a> {
@@ -169,6 +182,11 @@ pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Res
         None => DEFAULT_CHANNEL_CAPACITY,
     };
 
+    let metrics = match root.get("metrics") {
+        Some((_, v)) => metrics_config(&mut c, v),
+        None => MetricsConfig::default(),
+    };
+
     let mut stages = Vec::new();
     match root.get("stages") {
         None => c.push(root.pos, None, Some("stages"), "missing `stages:` list"),
@@ -190,10 +208,37 @@ pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Res
         description,
         channel_capacity,
         report,
+        metrics,
         params: params.into_iter().map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string())).collect(),
         stages,
         errors: c.errors,
     })
+}
+
+fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
+    let mut m = MetricsConfig::default();
+    let Some(entries) = node.as_map() else {
+        c.push(node.pos, None, Some("metrics"), "expected a mapping, e.g. `metrics: {listen: \"127.0.0.1:9184\"}`");
+        return m;
+    };
+    for (k, v) in entries {
+        match k.as_str().unwrap_or_default() {
+            "listen" => match v.as_str().map(str::trim) {
+                Some("") => {}
+                Some(s) => match s.parse() {
+                    Ok(addr) => m.listen = Some(addr),
+                    Err(_) => c.push(v.pos, None, Some("metrics.listen"), format!("`{s}` is not an address with a port, e.g. 127.0.0.1:9184")),
+                },
+                None => c.push(v.pos, None, Some("metrics.listen"), "expected a string such as \"127.0.0.1:9184\""),
+            },
+            "linger" => match v.to_json().as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())) {
+                Some(x) if x >= 0.0 && x.is_finite() => m.linger = std::time::Duration::from_secs_f64(x),
+                _ => c.push(v.pos, None, Some("metrics.linger"), "expected seconds >= 0"),
+            },
+            other => c.push(k.pos, None, Some("metrics"), format!("unknown key `{other}`; expected one of {}", METRICS_KEYS.join(", "))),
+        }
+    }
+    m
 }
 
 fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str) -> Option<usize> {

@@ -11,14 +11,22 @@ use super::Shared;
 use crate::config::OnError;
 use crate::item::{Item, Payload};
 use crate::stage::{Emit, Source, SourceContext, Stage, StageError, Stopped};
-use crate::telemetry::StageStats;
+use crate::telemetry::{StageLabels, StageStats};
 
 /// Sends to every downstream stage; a full channel blocks (backpressure)
 /// and the time blocked is counted.
 pub struct Emitter {
     pub senders: Vec<Sender<Item>>,
     pub stats: Arc<StageStats>,
-    pub metrics: metrics::Counter,
+    pub metrics: EmitMetrics,
+}
+
+/// Pre-registered handles (no-ops when metrics are off).
+pub struct EmitMetrics {
+    pub items_out: metrics::Counter,
+    pub blocked: metrics::Gauge,
+    /// The fill gauge of each downstream input channel, as `senders`.
+    pub fills: Vec<metrics::Gauge>,
 }
 
 impl Emit for Emitter {
@@ -31,9 +39,14 @@ impl Emit for Emitter {
             }
             last.send(item).map_err(|_| Stopped)?;
         }
-        self.stats.add_blocked(t.elapsed());
+        let blocked = t.elapsed();
+        self.stats.add_blocked(blocked);
         self.stats.items_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.increment(n);
+        self.metrics.items_out.increment(n);
+        self.metrics.blocked.increment(blocked.as_secs_f64());
+        for (s, g) in self.senders.iter().zip(&self.metrics.fills) {
+            g.set(s.len() as f64);
+        }
         Ok(())
     }
 }
@@ -52,9 +65,14 @@ impl Emit for Collect {
 /// Everything one stage's loop needs besides the stage itself.
 pub struct StageRun {
     pub id: String,
+    /// `pipeline` and `stage`, for the error counters made on demand.
+    pub labels: StageLabels,
     /// `metrics` handles (no-ops until an exporter is installed).
     pub items_in: metrics::Counter,
-    pub item_errors: metrics::Counter,
+    pub busy: metrics::Gauge,
+    pub wait: metrics::Gauge,
+    /// This stage's input channel.
+    pub fill: metrics::Gauge,
     pub on_error: OnError,
     pub passes_precomputed: bool,
     pub shared: Arc<Shared>,
@@ -66,8 +84,10 @@ impl StageRun {
     fn item_error(&self, e: StageError) -> bool {
         match e {
             StageError::Item { path, reason } => {
-                self.stats.item_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.item_errors.increment(1);
+                let class = self.stats.add_error(&reason);
+                if self.labels.enabled() {
+                    self.labels.counter_with(crate::telemetry::ITEM_ERRORS, "reason", &class).increment(1);
+                }
                 if self.on_error == OnError::Fail {
                     self.shared.fail(&self.id, format!("{}: {reason} (on_error: fail)", path.display()));
                     return false;
@@ -92,7 +112,10 @@ impl StageRun {
     fn recv(&self, rx: &Receiver<Item>) -> Option<Item> {
         let t = Instant::now();
         let item = rx.recv().ok();
-        self.stats.add_wait(t.elapsed());
+        let waited = t.elapsed();
+        self.stats.add_wait(waited);
+        self.wait.increment(waited.as_secs_f64());
+        self.fill.set(rx.len() as f64);
         if let Some(item) = &item {
             self.stats.items_in.fetch_add(item.image_count(), std::sync::atomic::Ordering::Relaxed);
             self.items_in.increment(item.image_count());
@@ -106,8 +129,13 @@ impl StageRun {
         let t = Instant::now();
         let out = f();
         let blocked = std::time::Duration::from_nanos(self.stats.blocked_nanos() - blocked_before);
-        self.stats.add_busy(t.elapsed().saturating_sub(blocked));
+        self.add_busy(t.elapsed().saturating_sub(blocked));
         out
+    }
+
+    fn add_busy(&self, d: std::time::Duration) {
+        self.stats.add_busy(d);
+        self.busy.increment(d.as_secs_f64());
     }
 
     pub fn source(&self, mut source: Box<dyn Source>, mut out: Emitter) {
@@ -164,7 +192,7 @@ impl StageRun {
                                 if me.passes(&item) { collect.emit(item).map_err(StageError::from) } else { stage.process(item, &mut collect) }
                             })();
                             // Workers never block on output (the collector does), so all of it is busy time.
-                            me.stats.add_busy(t.elapsed());
+                            me.add_busy(t.elapsed());
                             if done_tx.send((Some(i), result.map(|()| collect.0))).is_err() {
                                 return;
                             }

@@ -22,8 +22,9 @@ use crate::cache::{CacheHandle, FeatureCache};
 use crate::graph::Graph;
 use crate::item::Item;
 use crate::stage::{BuildContext, Built, RunSignals};
-use crate::telemetry::{self, StageStats};
-use actor::{Emitter, StageRun};
+use crate::telemetry::progress::{Progress, Role, Tracked};
+use crate::telemetry::{self, ProgressMode, StageLabels, StageStats};
+use actor::{EmitMetrics, Emitter, StageRun};
 pub use report::{RunReport, Skipped};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +41,22 @@ pub struct RunOptions {
     pub signals: Arc<RunSignals>,
     /// After an interrupt, how long in-flight items may take to finish.
     pub drain_deadline: Duration,
+    /// Record metrics through the `metrics` facade (a no-op until a recorder
+    /// such as [`telemetry::install_prometheus`] is installed). Off: not even
+    /// the handles are touched.
+    pub metrics: bool,
+    /// Live progress of sources and sinks.
+    pub progress: ProgressMode,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { signals: Arc::new(RunSignals::default()), drain_deadline: Duration::from_secs(30) }
+        RunOptions {
+            signals: Arc::new(RunSignals::default()),
+            drain_deadline: Duration::from_secs(30),
+            metrics: true,
+            progress: ProgressMode::Off,
+        }
     }
 }
 
@@ -72,10 +84,43 @@ impl Shared {
         self.signals.aborted.store(true, Ordering::Relaxed);
     }
 
+    /// Workers of one pool each report; their numbers add up.
     fn summarize(&self, stage: &str, summary: Option<serde_json::Value>) {
         if let (Some(v), Ok(mut s)) = (summary, self.summaries.lock()) {
-            s.insert(stage.to_string(), v);
+            match s.get_mut(stage) {
+                Some(existing) => merge_summary(existing, v),
+                None => {
+                    s.insert(stage.to_string(), v);
+                }
+            }
         }
+    }
+}
+
+/// Adds numbers field by field (recursively); anything else keeps the first value.
+fn merge_summary(into: &mut serde_json::Value, from: serde_json::Value) {
+    match (into, from) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(existing) => merge_summary(existing, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (serde_json::Value::Number(a), serde_json::Value::Number(b)) => {
+            let sum = match (a.as_u64(), b.as_u64()) {
+                (Some(x), Some(y)) => serde_json::Value::from(x + y),
+                _ => serde_json::Value::from(a.as_f64().unwrap_or(0.0) + b.as_f64().unwrap_or(0.0)),
+            };
+            *a = match sum {
+                serde_json::Value::Number(n) => n,
+                _ => a.clone(),
+            };
+        }
+        _ => {}
     }
 }
 
@@ -164,6 +209,33 @@ fn image_size(graph: &Graph, i: usize) -> Option<(u32, u32)> {
     graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_size())
 }
 
+/// The cache counters live in the cache handles (plain atomics the cache
+/// code bumps); they are copied into the metrics while the run goes and
+/// once more at its end, so the last values equal the report's.
+struct CacheMetrics(Vec<(Arc<crate::cache::CacheCounters>, [metrics::Counter; 3])>);
+
+impl CacheMetrics {
+    fn new(handles: &HashMap<usize, CacheHandle>, labels: &[StageLabels]) -> Self {
+        CacheMetrics(
+            handles
+                .iter()
+            .map(|(&i, h)| {
+                let l = &labels[i];
+                (h.counters.clone(), [l.counter(telemetry::CACHE_HITS), l.counter(telemetry::CACHE_MISSES), l.counter(telemetry::CACHE_WRITES)])
+            })
+            .collect(),
+        )
+    }
+
+    fn sync(&self) {
+        for (c, [hits, misses, writes]) in &self.0 {
+            hits.absolute(c.hits.load(Ordering::Relaxed));
+            misses.absolute(c.misses.load(Ordering::Relaxed));
+            writes.absolute(c.writes.load(Ordering::Relaxed));
+        }
+    }
+}
+
 enum Actor {
     Source(Box<dyn crate::stage::Source>),
     Single(Box<dyn crate::stage::Stage>),
@@ -189,7 +261,9 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         let mut built = Vec::new();
         for worker in 0..copies {
             let ctx = BuildContext {
+                pipeline: &graph.name,
                 stage_id: stage.id(),
+                metrics: options.metrics,
                 worker,
                 image_size: image_size(graph, i),
                 cache: caches.handles.get(&i).cloned(),
@@ -238,20 +312,69 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         summaries: Mutex::new(HashMap::new()),
     });
     let stats: Vec<Arc<StageStats>> = graph.stages.iter().map(|_| Arc::new(StageStats::default())).collect();
+    let labels: Vec<StageLabels> = graph.stages.iter().map(|s| StageLabels::new(&graph.name, s.id(), options.metrics)).collect();
+    let fills: Vec<metrics::Gauge> = labels
+        .iter()
+        .zip(&senders)
+        .map(|(l, tx)| if tx.is_some() { l.gauge(telemetry::CHANNEL_FILL) } else { metrics::Gauge::noop() })
+        .collect();
+    for (i, tx) in senders.iter().enumerate() {
+        if let Some(tx) = tx {
+            labels[i].gauge(telemetry::CHANNEL_CAPACITY).set(tx.capacity().unwrap_or(0) as f64);
+            fills[i].set(0.0);
+        }
+        // Series that exist from the start read 0 rather than missing.
+        labels[i].counter(telemetry::ITEMS_IN).absolute(0);
+        labels[i].counter(telemetry::ITEMS_OUT).absolute(0);
+    }
+    let cache_metrics = CacheMetrics::new(&caches.handles, &labels);
+    cache_metrics.sync();
+    let mut tracked = Vec::new();
+    let totals: Vec<Option<u64>> = actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
+    for (i, stage) in graph.stages.iter().enumerate() {
+        if let Some(n) = totals[i] {
+            labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
+        }
+        let role = if stage.info.is_source() {
+            Role::Source
+        } else if stage.outputs.is_empty() {
+            Role::Sink
+        } else {
+            continue;
+        };
+        let total = match role {
+            Role::Source => totals[i],
+            Role::Sink => graph
+                .ancestors(i)
+                .into_iter()
+                .filter(|&j| graph.stages[j].info.is_source())
+                .map(|j| totals[j])
+                .sum::<Option<u64>>(),
+        };
+        tracked.push(Tracked { stage: stage.id().to_string(), role, total, stats: stats[i].clone() });
+    }
+    let mut progress = Progress::new(options.progress, tracked);
     let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<usize>();
     let mut handles = Vec::new();
     for (i, actor) in actors.into_iter().enumerate() {
         let stage = &graph.stages[i];
-        let labels = [("pipeline", graph.name.clone()), ("stage", stage.id().to_string())];
+        let l = &labels[i];
         let out = Emitter {
             senders: stage.outputs.iter().filter_map(|&j| senders[j].clone()).collect(),
             stats: stats[i].clone(),
-            metrics: metrics::counter!(telemetry::ITEMS_OUT, &labels),
+            metrics: EmitMetrics {
+                items_out: l.counter(telemetry::ITEMS_OUT),
+                blocked: l.gauge(telemetry::OUTPUT_BLOCKED_SECONDS),
+                fills: stage.outputs.iter().filter(|&&j| senders[j].is_some()).map(|&j| fills[j].clone()).collect(),
+            },
         };
         let run = Arc::new(StageRun {
             id: stage.id().to_string(),
-            items_in: metrics::counter!(telemetry::ITEMS_IN, &labels),
-            item_errors: metrics::counter!(telemetry::ITEM_ERRORS, &labels),
+            labels: l.clone(),
+            items_in: l.counter(telemetry::ITEMS_IN),
+            busy: l.gauge(telemetry::BUSY_SECONDS),
+            wait: l.gauge(telemetry::INPUT_WAIT_SECONDS),
+            fill: fills[i].clone(),
             on_error: stage.spec.on_error,
             passes_precomputed: stage.info.passes_precomputed,
             shared: shared.clone(),
@@ -282,6 +405,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     let mut running = graph.stages.len();
     let mut deadline: Option<Instant> = None;
     while running > 0 {
+        progress.tick();
+        cache_metrics.sync();
         if deadline.is_none() && options.signals.should_stop() {
             deadline = Some(Instant::now() + options.drain_deadline);
         }
@@ -307,6 +432,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         }
     }
 
+    progress.finish();
+    cache_metrics.sync();
     let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed(), setup);
     let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
     match failure {
@@ -315,10 +442,30 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     }
 }
 
-/// Writes the report as JSON, creating the folder.
+/// Writes the report as JSON, creating the folder, and `skipped.csv`
+/// (path,stage,reason) beside it when anything was skipped.
 pub fn write_report(report: &RunReport, path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(path, serde_json::to_string_pretty(report).map_err(std::io::Error::other)? + "\n")
+    std::fs::write(path, serde_json::to_string_pretty(report).map_err(std::io::Error::other)? + "\n")?;
+    let csv = beside(path, SKIPPED_CSV);
+    if report.skipped.is_empty() {
+        // A stale list from an earlier run would be a lie.
+        match std::fs::remove_file(&csv) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    } else {
+        std::fs::write(&csv, report.skipped_csv())?;
+    }
+    Ok(())
+}
+
+pub const SKIPPED_CSV: &str = "skipped.csv";
+pub const METRICS_SNAPSHOT: &str = "metrics.prom";
+
+/// `name` in the folder of `report` (`out/report.json` -> `out/name`).
+pub fn beside(report: &Path, name: &str) -> PathBuf {
+    report.parent().map(|d| d.join(name)).unwrap_or_else(|| PathBuf::from(name))
 }

@@ -1,7 +1,7 @@
 //! The run report: per-stage counts and time shares, skipped items, cache
 //! hits, and which stage held the pipeline back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,11 +30,19 @@ pub struct StageReport {
     pub items_in: u64,
     pub items_out: u64,
     pub item_errors: u64,
+    /// Item errors by reason class (the `reason` label of the metric).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors_by_reason: BTreeMap<String, u64>,
     pub items_per_second: f64,
     /// Share of wall time spent working, per worker.
     pub busy_pct: f64,
     pub waiting_for_input_pct: f64,
     pub blocked_on_output_pct: f64,
+    /// The seconds behind the three shares (busy summed over workers), as
+    /// the `convflow_stage_*_seconds` metrics hold them.
+    pub busy_seconds: f64,
+    pub waiting_for_input_seconds: f64,
+    pub blocked_on_output_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
 }
@@ -65,6 +73,15 @@ fn pct(part: f64, whole: f64) -> f64 {
     if whole > 0.0 { (1000.0 * part / whole).round() / 10.0 } else { 0.0 }
 }
 
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// One CSV field, quoted when it must be (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
 pub(super) fn build(
     graph: &Graph,
     stats: &[Arc<StageStats>],
@@ -89,10 +106,14 @@ pub(super) fn build(
                 items_in: st.items_in.load(Ordering::Relaxed),
                 items_out: out,
                 item_errors: st.item_errors.load(Ordering::Relaxed),
+                errors_by_reason: st.errors_by_reason(),
                 items_per_second: if wall_s > 0.0 { ((out.max(st.items_in.load(Ordering::Relaxed)) as f64 / wall_s) * 10.0).round() / 10.0 } else { 0.0 },
                 busy_pct: pct(st.busy_seconds() / workers as f64, wall_s),
                 waiting_for_input_pct: pct(st.wait_seconds(), wall_s),
                 blocked_on_output_pct: pct(st.blocked_seconds(), wall_s),
+                busy_seconds: round3(st.busy_seconds()),
+                waiting_for_input_seconds: round3(st.wait_seconds()),
+                blocked_on_output_seconds: round3(st.blocked_seconds()),
                 details: summaries.get(s.id()).cloned(),
             }
         })
@@ -131,6 +152,15 @@ pub(super) fn build(
 }
 
 impl RunReport {
+    /// `path,stage,reason`, one line per skipped item.
+    pub fn skipped_csv(&self) -> String {
+        let mut out = String::from("path,stage,reason\n");
+        for s in &self.skipped {
+            let _ = writeln!(out, "{},{},{}", csv_field(&s.path.to_string_lossy()), csv_field(&s.stage), csv_field(&s.reason));
+        }
+        out
+    }
+
     /// The short table printed after every run.
     pub fn table(&self) -> String {
         let mut out = format!(

@@ -194,6 +194,10 @@ struct FileReader {
 }
 
 impl Source for FileReader {
+    fn total(&self) -> Option<u64> {
+        Some(self.listing.len() as u64)
+    }
+
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
         for (seq, entry) in std::mem::take(&mut self.listing).into_iter().enumerate() {
             if ctx.signals.should_stop() {

@@ -85,7 +85,10 @@ impl StageConfig for OnnxFeaturesConfig {
         if let Some((h, w)) = ctx.image_size {
             model.check_size(h, w).map_err(StageError::fatal)?;
         }
+        let labels = ctx.metric_labels();
+        labels.gauge_with(crate::telemetry::EXECUTION_PROVIDER, "provider", &model.provider.to_string()).set(1.0);
         Ok(Built::Stage(Box::new(OnnxFeatures {
+            latency: labels.histogram(crate::telemetry::INFERENCE_BATCH_SECONDS),
             model,
             preprocess: self.preprocess,
             threads: self.threads(),
@@ -108,6 +111,8 @@ struct OnnxFeatures {
     images: u64,
     batches: u64,
     seconds: f64,
+    /// `convflow_inference_batch_seconds`, one observation per model call.
+    latency: metrics::Histogram,
 }
 
 impl Stage for OnnxFeatures {
@@ -148,7 +153,9 @@ impl Stage for OnnxFeatures {
             let started = Instant::now();
             let n = todo.len();
             let (shape, data) = self.model.run(tensor, n, h as usize, w as usize).map_err(StageError::fatal)?;
-            self.seconds += started.elapsed().as_secs_f64();
+            let took = started.elapsed().as_secs_f64();
+            self.seconds += took;
+            self.latency.record(took);
             self.images += n as u64;
             self.batches += 1;
             if shape.first() != Some(&n) {
