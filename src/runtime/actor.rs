@@ -24,7 +24,6 @@ pub struct Emitter {
 /// Pre-registered handles (no-ops when metrics are off).
 pub struct EmitMetrics {
     pub items_out: metrics::Counter,
-    pub blocked: metrics::Gauge,
     /// The fill gauge of each downstream input channel, as `senders`.
     pub fills: Vec<metrics::Gauge>,
 }
@@ -39,11 +38,9 @@ impl Emit for Emitter {
             }
             last.send(item).map_err(|_| Stopped)?;
         }
-        let blocked = t.elapsed();
-        self.stats.add_blocked(blocked);
+        self.stats.add_blocked(t.elapsed());
         self.stats.items_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         self.metrics.items_out.increment(n);
-        self.metrics.blocked.increment(blocked.as_secs_f64());
         for (s, g) in self.senders.iter().zip(&self.metrics.fills) {
             g.set(s.len() as f64);
         }
@@ -67,10 +64,9 @@ pub struct StageRun {
     pub id: String,
     /// `pipeline` and `stage`, for the error counters made on demand.
     pub labels: StageLabels,
-    /// `metrics` handles (no-ops until an exporter is installed).
+    /// `metrics` handles (no-ops until an exporter is installed). The
+    /// seconds are copied from `stats` by the runtime's wait loop.
     pub items_in: metrics::Counter,
-    pub busy: metrics::Gauge,
-    pub wait: metrics::Gauge,
     /// This stage's input channel.
     pub fill: metrics::Gauge,
     pub on_error: OnError,
@@ -112,9 +108,7 @@ impl StageRun {
     fn recv(&self, rx: &Receiver<Item>) -> Option<Item> {
         let t = Instant::now();
         let item = rx.recv().ok();
-        let waited = t.elapsed();
-        self.stats.add_wait(waited);
-        self.wait.increment(waited.as_secs_f64());
+        self.stats.add_wait(t.elapsed());
         self.fill.set(rx.len() as f64);
         if let Some(item) = &item {
             self.stats.items_in.fetch_add(item.image_count(), std::sync::atomic::Ordering::Relaxed);
@@ -129,13 +123,8 @@ impl StageRun {
         let t = Instant::now();
         let out = f();
         let blocked = std::time::Duration::from_nanos(self.stats.blocked_nanos() - blocked_before);
-        self.add_busy(t.elapsed().saturating_sub(blocked));
+        self.stats.add_busy(t.elapsed().saturating_sub(blocked));
         out
-    }
-
-    fn add_busy(&self, d: std::time::Duration) {
-        self.stats.add_busy(d);
-        self.busy.increment(d.as_secs_f64());
     }
 
     pub fn source(&self, mut source: Box<dyn Source>, mut out: Emitter) {
@@ -192,7 +181,7 @@ impl StageRun {
                                 if me.passes(&item) { collect.emit(item).map_err(StageError::from) } else { stage.process(item, &mut collect) }
                             })();
                             // Workers never block on output (the collector does), so all of it is busy time.
-                            me.add_busy(t.elapsed());
+                            me.stats.add_busy(t.elapsed());
                             if done_tx.send((Some(i), result.map(|()| collect.0))).is_err() {
                                 return;
                             }

@@ -236,6 +236,33 @@ impl CacheMetrics {
     }
 }
 
+/// The busy / waiting / blocked seconds, copied from the stages' atomics
+/// every ~100 ms and at the end (cheaper than a float update per item).
+struct TimeMetrics(Vec<(Arc<StageStats>, [metrics::Gauge; 3])>);
+
+impl TimeMetrics {
+    fn new(stats: &[Arc<StageStats>], labels: &[StageLabels]) -> Self {
+        TimeMetrics(
+            stats
+                .iter()
+                .zip(labels)
+                .filter(|(_, l)| l.enabled())
+                .map(|(s, l)| {
+                    (s.clone(), [l.gauge(telemetry::BUSY_SECONDS), l.gauge(telemetry::INPUT_WAIT_SECONDS), l.gauge(telemetry::OUTPUT_BLOCKED_SECONDS)])
+                })
+                .collect(),
+        )
+    }
+
+    fn sync(&self) {
+        for (s, [busy, wait, blocked]) in &self.0 {
+            busy.set(s.busy_seconds());
+            wait.set(s.wait_seconds());
+            blocked.set(s.blocked_seconds());
+        }
+    }
+}
+
 enum Actor {
     Source(Box<dyn crate::stage::Source>),
     Single(Box<dyn crate::stage::Stage>),
@@ -329,6 +356,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     }
     let cache_metrics = CacheMetrics::new(&caches.handles, &labels);
     cache_metrics.sync();
+    let time_metrics = TimeMetrics::new(&stats, &labels);
+    time_metrics.sync();
     let mut tracked = Vec::new();
     let totals: Vec<Option<u64>> = actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
     for (i, stage) in graph.stages.iter().enumerate() {
@@ -364,7 +393,6 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
             stats: stats[i].clone(),
             metrics: EmitMetrics {
                 items_out: l.counter(telemetry::ITEMS_OUT),
-                blocked: l.gauge(telemetry::OUTPUT_BLOCKED_SECONDS),
                 fills: stage.outputs.iter().filter(|&&j| senders[j].is_some()).map(|&j| fills[j].clone()).collect(),
             },
         };
@@ -372,8 +400,6 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
             id: stage.id().to_string(),
             labels: l.clone(),
             items_in: l.counter(telemetry::ITEMS_IN),
-            busy: l.gauge(telemetry::BUSY_SECONDS),
-            wait: l.gauge(telemetry::INPUT_WAIT_SECONDS),
             fill: fills[i].clone(),
             on_error: stage.spec.on_error,
             passes_precomputed: stage.info.passes_precomputed,
@@ -407,6 +433,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     while running > 0 {
         progress.tick();
         cache_metrics.sync();
+        time_metrics.sync();
         if deadline.is_none() && options.signals.should_stop() {
             deadline = Some(Instant::now() + options.drain_deadline);
         }
@@ -434,6 +461,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
 
     progress.finish();
     cache_metrics.sync();
+    time_metrics.sync();
     let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed(), setup);
     let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
     match failure {
