@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 use super::StageStats;
 
@@ -87,14 +87,20 @@ impl Progress {
                     .map(|t| {
                         let prefix = format!("{} ({})", t.stage, if t.role == Role::Source { "source" } else { "sink" });
                         let style = match t.total {
-                            Some(_) => format!("{{prefix:<{width}}} [{{bar:30}}] {{pos}}/{{len}} {{per_sec}} ETA {{eta}}"),
-                            None => format!("{{prefix:<{width}}} {{spinner}} {{pos}} {{per_sec}}"),
+                            Some(_) => format!("{{prefix:<{width}}} [{{bar:30}}] {{pos}}/{{len}} {{rate}} ETA {{eta}}"),
+                            None => format!("{{prefix:<{width}}} {{spinner}} {{pos}} {{rate}}"),
                         };
                         let bar = multi.add(match t.total {
                             Some(n) => ProgressBar::new(n),
                             None => ProgressBar::no_length(),
                         });
-                        bar.set_style(ProgressStyle::with_template(&style).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+                        let style = ProgressStyle::with_template(&style)
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> ")
+                            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                                let _ = write!(w, "{:.1}/s", s.per_sec());
+                            });
+                        bar.set_style(style);
                         bar.set_prefix(prefix);
                         bar
                     })
