@@ -3,6 +3,7 @@
 pub mod batch;
 pub mod decode;
 pub mod dense_head;
+pub mod exec;
 pub mod feature_writer;
 pub mod file_reader;
 pub mod head_predict;
@@ -22,6 +23,7 @@ pub fn builtin_registry() -> Registry {
         .register::<onnx_features::OnnxFeaturesConfig>()
         .register::<feature_writer::FeatureWriterConfig>()
         .register::<dense_head::DenseHeadConfig>()
-        .register::<head_predict::HeadPredictConfig>();
+        .register::<head_predict::HeadPredictConfig>()
+        .register::<exec::ExecConfig>();
     r
 }
