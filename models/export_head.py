@@ -114,6 +114,13 @@ def main():
     print(f"wrote {os.path.join(args.head_dir, 'head.onnx')}")
     if not args.conv_base:
         return
+    # classifier.onnx only reproduces preprocessing + conv base: refuse when
+    # other stages shaped the pixels the head was trained on.
+    known = {"file_reader", "decode", "resize", "batch", "onnx_features"}
+    other = sorted({s["kind"] for s in info.get("features_from", [])} - known)
+    if other:
+        raise SystemExit(f"classifier.onnx cannot include the stages {other} that made the features; "
+                         "head.onnx was written and works on features made the same way")
     recorded = [s["options"].get("preprocess") for s in info.get("features_from", []) if s["kind"] == "onnx_features"]
     mode = args.preprocess or (recorded[0] if recorded else None) or "rescale"
     base = onnx.load(args.conv_base)
