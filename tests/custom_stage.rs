@@ -74,6 +74,9 @@ fn a_user_stage_runs_between_built_ins_like_a_built_in() {
     assert_eq!(stage["workers"], 2);
     assert_eq!((stage["items_in"].as_u64(), stage["items_out"].as_u64()), (Some(83), Some(80)));
     assert_eq!(stage["details"]["dropped_uniform"], 3);
+    // ...and in the metrics, under its own id, like any built-in.
+    let prom = std::fs::read_to_string(tmp.path().join("metrics.prom")).unwrap();
+    assert!(prom.lines().any(|l| l.starts_with("convflow_stage_items_in_total") && l.contains("stage=\"no_blanks\"") && l.ends_with(" 83")), "{prom}");
     let paths = std::fs::read_to_string(out.join("train/paths.txt")).unwrap();
     assert_eq!(paths.lines().count(), 80);
     assert!(!paths.contains("blank"));
