@@ -69,6 +69,15 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         assert_eq!(ha.dense_weights(i), hb.dense_weights(i), "identical weights");
     }
 
+    // Features spilled to disk (memory bounded by a batch) train identically.
+    let spilled = tmp.path().join("spilled");
+    let yaml = train_yaml(&data, &spilled, &cache, "    max_memory_mb: 0\n");
+    common::run_yaml(&common::write_pipeline(tmp.path(), "spill.yaml", &yaml)).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spilled.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["spilled_to_disk"], true);
+    assert_eq!(history, history_without_seconds(&spilled));
+    assert_eq!(m["test_acc"], metrics["test_acc"]);
+
     let png = image::open(a.join("curves.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1200, 480));
 

@@ -68,6 +68,9 @@ pub struct DenseHeadConfig {
     /// else val_loss) before evaluating and saving.
     #[serde(default)]
     pub keep_best: bool,
+    /// Features held in memory before spilling to disk (MiB).
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: u64,
     #[serde(default = "default_train")]
     pub train_split: String,
     #[serde(default = "default_validation")]
@@ -84,6 +87,9 @@ fn default_epochs() -> usize {
 }
 fn default_batch_size() -> usize {
     20
+}
+fn default_max_memory_mb() -> u64 {
+    2048
 }
 fn default_train() -> String {
     "train".into()
@@ -111,6 +117,7 @@ impl StageConfig for DenseHeadConfig {
         OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
         OptionDoc { name: "early_stopping", ty: "{monitor, patience}", default: "(off)", help: "stop when val_loss/val_acc stalls" },
         OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
+        OptionDoc { name: "max_memory_mb", ty: "int", default: "2048", help: "features kept in RAM; beyond, spilled to disk" },
         OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
         OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
         OptionDoc { name: "test_split", ty: "string", default: "test", help: "evaluated once at the end" },
@@ -134,23 +141,88 @@ impl StageConfig for DenseHeadConfig {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let provenance = ctx.upstream.iter().map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options })).collect();
-        Ok(Built::Stage(Box::new(DenseHead { cfg: self.clone(), data: Default::default(), summary: None, provenance })))
+        Ok(Built::Stage(Box::new(DenseHead { cfg: self.clone(), data: Default::default(), summary: None, provenance, spilled: false })))
     }
 }
 
-/// Rows of one split, flattened, with their labels.
+/// Rows of one split, with their labels. Features stay in memory until the
+/// stage's `max_memory_mb` is reached; then every split's rows go to a
+/// spill file beside the outputs and each epoch reads its batches back, so
+/// data larger than memory trains with memory bounded by a batch.
 #[derive(Default)]
 struct Rows {
     x: Vec<f32>,
+    spill: Option<std::fs::File>,
     y: Vec<f32>,
     n: usize,
 }
 
 impl Rows {
-    fn row(&self, i: usize, dim: usize) -> &[f32] {
-        &self.x[i * dim..(i + 1) * dim]
+    fn push(&mut self, row: &[f32]) -> std::io::Result<()> {
+        match &mut self.spill {
+            Some(f) => {
+                use std::io::Write;
+                let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+                f.write_all(&bytes)
+            }
+            None => {
+                self.x.extend_from_slice(row);
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves the rows held so far to an (already unlinked) file in `dir`.
+    fn spill_to(&mut self, dir: &Path, name: &str) -> std::io::Result<()> {
+        if self.spill.is_some() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!(".spill-{name}-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        // Unlinked at once: the space is returned however the run ends.
+        std::fs::remove_file(&path)?;
+        self.spill = Some(file);
+        let held = std::mem::take(&mut self.x);
+        self.push(&held)
+    }
+
+    /// Appends rows `idx` (features) to `out`.
+    fn gather(&self, idx: impl Iterator<Item = usize>, dim: usize, out: &mut Vec<f32>) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; dim * 4];
+        for i in idx {
+            match &self.spill {
+                None => out.extend_from_slice(&self.x[i * dim..(i + 1) * dim]),
+                Some(f) => {
+                    f.read_exact_at(&mut buf, (i * dim * 4) as u64)?;
+                    out.extend(buf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean loss and accuracy over all rows, a chunk at a time (the same
+    /// chunks whether the rows are in memory or spilled, so both give
+    /// identical numbers).
+    fn evaluate(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<(f32, f32), String> {
+        let (mut loss, mut acc) = (0.0f64, 0.0f64);
+        let mut x = Vec::new();
+        for start in (0..self.n).step_by(EVAL_ROWS) {
+            let n = EVAL_ROWS.min(self.n - start);
+            x.clear();
+            self.gather(start..start + n, dim, &mut x).map_err(|e| format!("reading spilled features: {e}"))?;
+            let (l, a) = head.evaluate(&x, &self.y[start * outputs..(start + n) * outputs], n).map_err(|e| e.to_string())?;
+            loss += l as f64 * n as f64;
+            acc += a as f64 * n as f64;
+        }
+        Ok(((loss / self.n as f64) as f32, (acc / self.n as f64) as f32))
     }
 }
+
+/// Rows evaluated per call: bounds the memory of evaluation.
+const EVAL_ROWS: usize = 500;
 
 #[derive(Default)]
 struct Data {
@@ -170,6 +242,7 @@ struct DenseHead {
     /// The stages that made the features, recorded in head.json so the head
     /// can be used (and exported) with the same model and preprocessing.
     provenance: Vec<serde_json::Value>,
+    spilled: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -209,7 +282,7 @@ impl Stage for DenseHead {
         } else {
             return Err(StageError::item(&item.meta.path, format!("split `{split}` is none of train/validation/test splits configured")));
         };
-        rows.x.extend_from_slice(&f.data);
+        rows.push(&f.data).map_err(|e| StageError::fatal(format!("spilling features: {e}")))?;
         match label.mode {
             ClassMode::Categorical => {
                 let mut one_hot = vec![0.0; label.classes.len()];
@@ -219,6 +292,17 @@ impl Stage for DenseHead {
             _ => rows.y.push(label.index as f32),
         }
         rows.n += 1;
+        let held = (d.train.x.len() + d.validation.x.len() + d.test.x.len()) as u64 * 4;
+        if held > self.cfg.max_memory_mb << 20 {
+            let dir = &self.cfg.out_dir;
+            for (name, r) in [("train", &mut d.train), ("validation", &mut d.validation), ("test", &mut d.test)] {
+                r.spill_to(dir, name).map_err(|e| StageError::fatal(format!("spilling features to {}: {e}", dir.display())))?;
+            }
+            if !self.spilled {
+                tracing::info!("features exceed max_memory_mb ({}): spilled to disk, read back each epoch", self.cfg.max_memory_mb);
+                self.spilled = true;
+            }
+        }
         Ok(())
     }
 
@@ -277,8 +361,8 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
         for chunk in order.chunks(cfg.batch_size) {
             xb.clear();
             yb.clear();
+            d.train.gather(chunk.iter().copied(), dim, &mut xb).map_err(|e| format!("reading spilled features: {e}"))?;
             for &i in chunk {
-                xb.extend_from_slice(d.train.row(i, dim));
                 yb.extend_from_slice(&d.train.y[i * outputs..(i + 1) * outputs]);
             }
             let stats = head.train_batch(&xb, &yb, chunk.len(), &mut opt, cfg.l2, &mut rng).map_err(|e| e.to_string())?;
@@ -286,7 +370,7 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
             correct += stats.correct;
         }
         let (val_loss, val_acc) = if d.validation.n > 0 {
-            let (l, a) = head.evaluate(&d.validation.x, &d.validation.y, d.validation.n).map_err(|e| e.to_string())?;
+            let (l, a) = d.validation.evaluate(&mut head, dim, outputs)?;
             (Some(l + cfg.l2 * head.l2_penalty(1.0)), Some(a))
         } else {
             (None, None)
@@ -347,7 +431,7 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
 
     let last = history.last();
     let (test_loss, test_acc) = if d.test.n > 0 {
-        let (l, a) = head.evaluate(&d.test.x, &d.test.y, d.test.n).map_err(|e| e.to_string())?;
+        let (l, a) = d.test.evaluate(&mut head, dim, outputs)?;
         (Some(l), Some(a))
     } else {
         (None, None)
@@ -362,7 +446,7 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
         "epochs_run": history.len(), "best_epoch": best_epoch,
         "loss": last.map(|r| r.loss), "acc": last.map(|r| r.acc),
         "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-        "train_rows": d.train.n, "validation_rows": d.validation.n, "test_rows": d.test.n,
+        "spilled_to_disk": d.train.spill.is_some(), "train_rows": d.train.n, "validation_rows": d.validation.n, "test_rows": d.test.n,
         "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
     });
     std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
