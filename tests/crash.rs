@@ -110,3 +110,21 @@ fn ctrl_c_drains_flushes_the_cache_and_exits_130() {
     assert_eq!(verify.entries, written, "every feature computed before the interrupt was flushed");
     assert!(written > 0 && written < 160, "the interrupt landed mid-run ({written} written)");
 }
+
+#[test]
+fn a_second_run_on_a_busy_cache_is_refused_and_the_first_completes() {
+    common::vgg16();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    convflow::demo::generate(&data, 9).unwrap();
+    let cache = tmp.path().join("cache");
+    let first = spawn_and_wait(extract(&data, &tmp.path().join("out1"), &cache), 700);
+    let second = extract(&data, &tmp.path().join("out2"), &cache).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use by another convflow process"), "{err}");
+    let status = first.wait_with_output().unwrap().status;
+    assert!(status.success(), "the first run is not disturbed");
+    assert!(FeatureCache::verify(&cache).unwrap().is_clean());
+    assert_eq!(FeatureCache::verify(&cache).unwrap().entries, 160);
+}

@@ -201,8 +201,10 @@ fn bad_files_are_skipped_listed_and_lose_nothing_else() {
     let mut skipped: Vec<String> =
         report.skipped.iter().map(|s| format!("{} {}", s.path.file_name().unwrap().to_string_lossy(), s.stage)).collect();
     skipped.sort();
-    assert_eq!(skipped, ["empty.jpg decode", "text.jpg decode", "truncated.jpg decode"], "{:?}", report.skipped);
+    assert_eq!(skipped, ["bomb.png decode", "empty.jpg decode", "text.jpg decode", "truncated.jpg decode"], "{:?}", report.skipped);
     assert!(report.skipped.iter().all(|s| !s.reason.is_empty()));
+    let bomb = report.skipped.iter().find(|s| s.path.ends_with("bomb.png")).unwrap();
+    assert!(bomb.reason.contains("50000x50000 is over max_pixels"), "refused from its header: {}", bomb.reason);
     assert_eq!(read_f32(&out.join("features.npy")).unwrap().0[0], 2);
     assert_eq!(paths(&out).len(), 2);
 }
