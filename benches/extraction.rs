@@ -28,7 +28,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Copies the first `n` images (sorted, classes interleaved evenly) into `dir`.
 fn sample(from: &Path, n: usize, dir: &Path) -> Vec<PathBuf> {
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(from).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut classes: Vec<PathBuf> =
+        std::fs::read_dir(from).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
     classes.sort();
     let mut picked = Vec::new();
     for c in &classes {
@@ -48,10 +49,14 @@ fn sample(from: &Path, n: usize, dir: &Path) -> Vec<PathBuf> {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let data = PathBuf::from(env_or("CONVFLOW_BENCH_DATA", &root.join("../shared/data/cats_and_dogs_small/train").to_string_lossy()));
+    let data = PathBuf::from(env_or(
+        "CONVFLOW_BENCH_DATA",
+        &root.join("../shared/data/cats_and_dogs_small/train").to_string_lossy(),
+    ));
     let n: usize = env_or("CONVFLOW_BENCH_IMAGES", "200").parse().unwrap();
     let repeats: usize = env_or("CONVFLOW_BENCH_REPEATS", "3").parse().unwrap();
-    let model_path = PathBuf::from(env_or("CONVFLOW_BENCH_MODEL", &root.join("models/vgg16_notop.onnx").to_string_lossy()));
+    let model_path =
+        PathBuf::from(env_or("CONVFLOW_BENCH_MODEL", &root.join("models/vgg16_notop.onnx").to_string_lossy()));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let tmp = tempfile::tempdir().unwrap();
     let files = sample(&data, n, &tmp.path().join("data"));
@@ -120,7 +125,9 @@ stages:
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().last().and_then(|l| l.strip_prefix("images_per_second=")).and_then(|v| v.parse::<f64>().ok()));
+        .and_then(|s| {
+            s.lines().last().and_then(|l| l.strip_prefix("images_per_second=")).and_then(|v| v.parse::<f64>().ok())
+        });
 
     let (bare_m, e2e_m) = (median(bare.clone()), median(e2e.clone()));
     println!("VGG16 feature extraction, {n} images, 150x150, batch 20, {threads} threads, median of {repeats}:");

@@ -69,10 +69,11 @@ fn main() {
     let epochs: usize = env_num("CONVFLOW_HEAD_EPOCHS", 30);
     let repeats: usize = env_num("CONVFLOW_HEAD_REPEATS", 1);
     let seed: u64 = env_num("CONVFLOW_HEAD_SEED", 0);
-    let (train, val, source) = match (load(&Path::new(&folder).join("train")), load(&Path::new(&folder).join("validation"))) {
-        (Some(t), Some(v)) => (t, v, folder.clone()),
-        _ => (synthesize(2000, 1), synthesize(1000, 2), "synthetic (~71% zeros)".to_string()),
-    };
+    let (train, val, source) =
+        match (load(&Path::new(&folder).join("train")), load(&Path::new(&folder).join("validation"))) {
+            (Some(t), Some(v)) => (t, v, folder.clone()),
+            _ => (synthesize(2000, 1), synthesize(1000, 2), "synthetic (~71% zeros)".to_string()),
+        };
     let zeros = train.x.iter().filter(|&&v| v == 0.0).count() as f64 / train.x.len() as f64;
     println!(
         "head bench: {source}: train {} x {BOOK_INPUT_DIM}, validation {}, {:.1}% zeros; {epochs} epochs, batch 20, {threads} threads",

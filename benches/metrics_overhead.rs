@@ -170,7 +170,9 @@ fn compare(name: &str, g: &Graph, rounds: usize) -> serde_json::Value {
     let overhead = median(ratios);
     let (on, off) = (median(on), median(off));
     let per_item_ns = 1e9 / on - 1e9 / off;
-    println!("{name:<14} {off:>12.1} {on:>12.1} {overhead:>+9.2}%  [{lo:+.1}% .. {hi:+.1}%]  {per_item_ns:>+8.0} ns/item");
+    println!(
+        "{name:<14} {off:>12.1} {on:>12.1} {overhead:>+9.2}%  [{lo:+.1}% .. {hi:+.1}%]  {per_item_ns:>+8.0} ns/item"
+    );
     serde_json::json!({"off_items_per_s": off, "on_items_per_s": on, "overhead_pct_median_of_pairs": overhead,
         "pair_overhead_pct_min": lo, "pair_overhead_pct_max": hi, "extra_ns_per_item": per_item_ns})
 }
@@ -220,13 +222,17 @@ stages:
     );
 
     println!("metrics overhead: {rounds} alternating on/off pairs each; {images} generated images; {items} bare items");
-    println!("{:<14} {:>12} {:>12} {:>10}  {:<18} {:>13}", "pipeline", "off items/s", "on items/s", "overhead", "[pairs min .. max]", "cost");
+    println!(
+        "{:<14} {:>12} {:>12} {:>10}  {:<18} {:>13}",
+        "pipeline", "off items/s", "on items/s", "overhead", "[pairs min .. max]", "cost"
+    );
     let tiny_result = compare("tiny model", &tiny, rounds);
     let bare_result = compare("bare runtime", &bare, rounds);
     // The metric work per item does not depend on what the stages do, so the
     // worst case's extra time per item over the real pipeline's time per
     // item bounds the real overhead far below the noise of timing it.
-    let bound = 100.0 * bare_result["extra_ns_per_item"].as_f64().unwrap_or(0.0).max(0.0) / (1e9 / tiny_result["off_items_per_s"].as_f64().unwrap_or(1.0));
+    let bound = 100.0 * bare_result["extra_ns_per_item"].as_f64().unwrap_or(0.0).max(0.0)
+        / (1e9 / tiny_result["off_items_per_s"].as_f64().unwrap_or(1.0));
     println!("bound from the bare runtime's extra ns/item over the tiny model pipeline's ns/item: {bound:.3}%");
     let series = exporter.render().lines().filter(|l| l.contains("pipeline=\"bench_")).count();
     println!("(the recorder held {series} series of the bench pipelines)");

@@ -174,7 +174,12 @@ fn invalid(e: &ConfigErrors) -> ExitCode {
     ExitCode::from(exit::INVALID)
 }
 
-fn run_graph(graph: &Graph, extra_report: Option<&Path>, metrics: &MetricsConfig, quiet: bool) -> anyhow::Result<ExitCode> {
+fn run_graph(
+    graph: &Graph,
+    extra_report: Option<&Path>,
+    metrics: &MetricsConfig,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let report_paths: Vec<&Path> = graph.report.iter().map(PathBuf::as_path).chain(extra_report).collect();
     // Metrics are recorded when someone will read them: the endpoint, or
     // the snapshot beside a report.
@@ -266,9 +271,20 @@ fn cache_command(action: CacheAction, dir: &Path) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let stats = FeatureCache::open(dir)?.stats()?;
-            println!("{}: {} entries, {:.1} MB on disk", stats.path.display(), stats.entries, stats.file_bytes as f64 / 1e6);
+            println!(
+                "{}: {} entries, {:.1} MB on disk",
+                stats.path.display(),
+                stats.entries,
+                stats.file_bytes as f64 / 1e6
+            );
             for c in &stats.contexts {
-                println!("  context {}: {} entries, {:.1} MB\n    {}", c.id, c.entries, c.value_bytes as f64 / 1e6, c.description);
+                println!(
+                    "  context {}: {} entries, {:.1} MB\n    {}",
+                    c.id,
+                    c.entries,
+                    c.value_bytes as f64 / 1e6,
+                    c.description
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -92,9 +92,11 @@ pub fn read_f32(path: &Path) -> std::io::Result<(Vec<usize>, Vec<f32>)> {
     if !dict.contains("'<f4'") || dict.contains("'fortran_order': True") {
         return Err(bad("expected a C-order float32 array"));
     }
-    let shape_text = dict.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
+    let shape_text =
+        dict.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
     let shape: Vec<usize> = shape_text.split(',').filter_map(|d| d.trim().parse().ok()).collect();
-    let data = bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
+    let data =
+        bytes[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
     if data.len() != shape.iter().product::<usize>() {
         return Err(bad("data length does not match the shape"));
     }

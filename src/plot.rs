@@ -16,13 +16,13 @@ fn register_font() -> Result<(), String> {
     static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     REGISTERED
         .get_or_init(|| {
-            let bytes = FONT_PATHS
-                .iter()
-                .find_map(|p| std::fs::read(p).ok())
-                .ok_or_else(|| format!("no DejaVuSans.ttf in {} (apt-get install fonts-dejavu-core)", FONT_PATHS.join(", ")))?;
+            let bytes = FONT_PATHS.iter().find_map(|p| std::fs::read(p).ok()).ok_or_else(|| {
+                format!("no DejaVuSans.ttf in {} (apt-get install fonts-dejavu-core)", FONT_PATHS.join(", "))
+            })?;
             // plotters keeps a 'static reference; the font lives for the process.
             let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).map_err(|_| "bad font file".to_string())
+            plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+                .map_err(|_| "bad font file".to_string())
         })
         .clone()
 }
@@ -35,10 +35,8 @@ pub fn curves(path: &Path, history: &[Epoch]) -> Result<(), String> {
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(600);
-    let panels: [(_, &str, fn(&Epoch) -> f32, fn(&Epoch) -> Option<f32>); 2] = [
-        (left, "accuracy", |e| e.2, |e| e.4),
-        (right, "loss", |e| e.1, |e| e.3),
-    ];
+    let panels: [(_, &str, fn(&Epoch) -> f32, fn(&Epoch) -> Option<f32>); 2] =
+        [(left, "accuracy", |e| e.2, |e| e.4), (right, "loss", |e| e.1, |e| e.3)];
     let epochs = history.len().max(1) as f32;
     for (area, what, train, val) in panels {
         let values: Vec<f32> = history.iter().map(train).chain(history.iter().filter_map(val)).collect();

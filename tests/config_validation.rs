@@ -44,14 +44,22 @@ fn fixture_pipelines_report_every_expected_error() {
 #[test]
 fn set_overrides_params_and_rejects_unknown_ones() {
     let ok = common::bin()
-        .args(["validate", "pipelines/extract_features.yaml", "--set", "data_dir=tests/fixtures/images", "--set", "model=models/tiny_vgg.onnx"])
+        .args([
+            "validate",
+            "pipelines/extract_features.yaml",
+            "--set",
+            "data_dir=tests/fixtures/images",
+            "--set",
+            "model=models/tiny_vgg.onnx",
+        ])
         .output()
         .unwrap();
     // data_dir has no split folders, so the override must have reached the reader.
     let err = String::from_utf8_lossy(&ok.stderr);
     assert!(err.contains("tests/fixtures/images/train is not a folder"), "{err}");
 
-    let bad = common::bin().args(["validate", "pipelines/extract_features.yaml", "--set", "dta_dir=x"]).output().unwrap();
+    let bad =
+        common::bin().args(["validate", "pipelines/extract_features.yaml", "--set", "dta_dir=x"]).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--set dta_dir: no such param"));
 }

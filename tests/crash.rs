@@ -71,7 +71,8 @@ fn kill_9_at_random_moments_loses_and_corrupts_nothing() {
 
     let status = extract(&data, &out, &cache).status().unwrap();
     assert!(status.success());
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["cache"]["hits"], partial, "everything committed before the kills is reused");
 
     let got = outputs(&out);
@@ -101,7 +102,8 @@ fn ctrl_c_drains_flushes_the_cache_and_exits_130() {
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "interrupted exit code");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["interrupted"], true);
     assert!(!out.join("train/features.npy").exists(), "incomplete outputs are not published");
     let written = report["cache"]["writes"].as_u64().unwrap();

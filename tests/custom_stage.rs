@@ -35,7 +35,9 @@ fn a_user_stage_runs_between_built_ins_like_a_built_in() {
     let data = tmp.path().join("data");
     convflow::demo::generate(&data, 5).unwrap();
     for (i, grey) in [0u8, 128, 250].iter().enumerate() {
-        image::RgbImage::from_pixel(120, 90, image::Rgb([*grey; 3])).save(data.join(format!("train/cats/blank{i}.png"))).unwrap();
+        image::RgbImage::from_pixel(120, 90, image::Rgb([*grey; 3]))
+            .save(data.join(format!("train/cats/blank{i}.png")))
+            .unwrap();
     }
     let out = tmp.path().join("out");
     let pipeline = tmp.path().join("p.yaml");
@@ -66,7 +68,13 @@ fn a_user_stage_runs_between_built_ins_like_a_built_in() {
     assert!(String::from_utf8_lossy(&v.stderr).contains("stage `no_blanks`: field `min_sdt`: unknown field"));
 
     let report_path = tmp.path().join("report.json");
-    let run = Command::new(example_bin()).args(["--quiet", "run"]).arg(&pipeline).arg("--report").arg(&report_path).output().unwrap();
+    let run = Command::new(example_bin())
+        .args(["--quiet", "run"])
+        .arg(&pipeline)
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     let stage = report["stages"].as_array().unwrap().iter().find(|s| s["id"] == "no_blanks").unwrap().clone();
@@ -76,7 +84,12 @@ fn a_user_stage_runs_between_built_ins_like_a_built_in() {
     assert_eq!(stage["details"]["dropped_uniform"], 3);
     // ...and in the metrics, under its own id, like any built-in.
     let prom = std::fs::read_to_string(tmp.path().join("metrics.prom")).unwrap();
-    assert!(prom.lines().any(|l| l.starts_with("convflow_stage_items_in_total") && l.contains("stage=\"no_blanks\"") && l.ends_with(" 83")), "{prom}");
+    assert!(
+        prom.lines().any(|l| l.starts_with("convflow_stage_items_in_total")
+            && l.contains("stage=\"no_blanks\"")
+            && l.ends_with(" 83")),
+        "{prom}"
+    );
     let paths = std::fs::read_to_string(out.join("train/paths.txt")).unwrap();
     assert_eq!(paths.lines().count(), 80);
     assert!(!paths.contains("blank"));

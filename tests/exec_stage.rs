@@ -84,7 +84,11 @@ struct Record {
 impl Stage for Record {
     fn process(&mut self, item: Item, _: &mut dyn Emit) -> Result<(), StageError> {
         if let Payload::Image(img) = item.payload {
-            records().lock().unwrap().get_mut(&self.tag).unwrap().push((item.meta.path.to_path_buf(), item.meta.seq, img));
+            records().lock().unwrap().get_mut(&self.tag).unwrap().push((
+                item.meta.path.to_path_buf(),
+                item.meta.seq,
+                img,
+            ));
         }
         Ok(())
     }
@@ -163,7 +167,8 @@ fn real_subset(per_class: usize) -> Option<tempfile::TempDir> {
     let data = common::shared_data()?;
     let tmp = tempfile::tempdir().unwrap();
     for class in ["cats", "dogs"] {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(data.join("train").join(class)).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(data.join("train").join(class)).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         let dst = tmp.path().join(class);
         std::fs::create_dir_all(&dst).unwrap();
@@ -198,7 +203,11 @@ stages:
 }
 
 fn exec_stage(input: &str, extra: &str, script: &str) -> String {
-    format!("  - {{id: px, kind: exec, input: {input}, command: [{py}, {script}]{extra}}}", py = python(), script = fixture(script))
+    format!(
+        "  - {{id: px, kind: exec, input: {input}, command: [{py}, {script}]{extra}}}",
+        py = python(),
+        script = fixture(script)
+    )
 }
 
 fn misbehaving(mode: &str, at: i64, extra: &str) -> String {
@@ -233,9 +242,16 @@ fn python_inversion_gives_the_rust_inversion_pixels_on_real_images() {
     let dir = data.path();
     // Full-size images of every size through two Python workers, then a resize...
     let resize = "\n  - {id: small, kind: resize, input: px, size: [150, 150]}";
-    let py = run(&chain(dir, &(exec_stage("decode", ", workers: 2", "invert.py") + resize), "small", "real_py")).unwrap();
+    let py =
+        run(&chain(dir, &(exec_stage("decode", ", workers: 2", "invert.py") + resize), "small", "real_py")).unwrap();
     // ...and the very same graph with the inversion in Rust.
-    let rs = run(&chain(dir, &("  - {id: px, kind: invert_rust, input: decode, workers: 2}".to_string() + resize), "small", "real_rs")).unwrap();
+    let rs = run(&chain(
+        dir,
+        &("  - {id: px, kind: invert_rust, input: decode, workers: 2}".to_string() + resize),
+        "small",
+        "real_rs",
+    ))
+    .unwrap();
     let (py_out, rs_out) = (take("real_py"), take("real_rs"));
     assert!(py.skipped.is_empty(), "{:?}", py.skipped);
     assert_eq!(py_out.len(), 40);
@@ -285,7 +301,11 @@ fn a_worker_that_exits_mid_run_costs_its_item_only_and_is_restarted() {
     }
     // ...and the worker was restarted once.
     let d = stage(&report, "px").details.clone().unwrap();
-    assert_eq!((d["restarts"].as_u64(), d["worker_exits"].as_u64(), d["items"].as_u64()), (Some(1), Some(1), Some(79)), "{d}");
+    assert_eq!(
+        (d["restarts"].as_u64(), d["worker_exits"].as_u64(), d["items"].as_u64()),
+        (Some(1), Some(1), Some(79)),
+        "{d}"
+    );
 }
 
 #[test]
@@ -296,7 +316,11 @@ fn a_garbage_answer_is_an_item_error_and_fails_the_run_under_on_error_fail() {
     assert_eq!(report.skipped.len(), 1, "{:?}", report.skipped);
     let s = &report.skipped[0];
     assert_eq!(s.stage, "px");
-    assert!(s.reason.contains("worker answered garbage") && s.reason.contains("hello, this is not a frame"), "{}", s.reason);
+    assert!(
+        s.reason.contains("worker answered garbage") && s.reason.contains("hello, this is not a frame"),
+        "{}",
+        s.reason
+    );
     assert_eq!(got.len(), 79);
     let d = stage(&report, "px").details.clone().unwrap();
     assert_eq!((d["restarts"].as_u64(), d["garbage_answers"].as_u64()), (Some(1), Some(1)), "{d}");
@@ -305,7 +329,12 @@ fn a_garbage_answer_is_an_item_error_and_fails_the_run_under_on_error_fail() {
     let _ = take("garbage_fail");
     let RunError::Stage { stage, message, .. } = &err else { panic!("{err}") };
     assert_eq!(stage, "px");
-    assert!(message.contains(&*s.path.to_string_lossy()) && message.contains("garbage") && message.contains("on_error: fail"), "{message}");
+    assert!(
+        message.contains(&*s.path.to_string_lossy())
+            && message.contains("garbage")
+            && message.contains("on_error: fail"),
+        "{message}"
+    );
     assert!(err.to_string().starts_with("stage `px` failed:"), "{err}");
 }
 
@@ -315,7 +344,11 @@ fn exceptions_and_wrong_shapes_cost_the_item_and_the_worker_stays() {
     let report = run(&chain(&train, &misbehaving("raise", 1, ""), "px", "raise")).unwrap();
     assert_eq!(take("raise").len(), 79);
     assert_eq!(report.skipped.len(), 1);
-    assert!(report.skipped[0].reason.starts_with("worker error: ValueError: cannot handle "), "{}", report.skipped[0].reason);
+    assert!(
+        report.skipped[0].reason.starts_with("worker error: ValueError: cannot handle "),
+        "{}",
+        report.skipped[0].reason
+    );
     let d = stage(&report, "px").details.clone().unwrap();
     assert_eq!((d["restarts"].as_u64(), d["worker_errors"].as_u64()), (Some(0), Some(1)), "{d}");
 
@@ -333,7 +366,11 @@ fn a_worker_past_its_timeout_is_killed_and_restarted() {
     let report = run(&chain(&train, &misbehaving("sleep", 3, ", timeout_ms: 2000"), "px", "sleep")).unwrap();
     assert_eq!(take("sleep").len(), 79);
     assert_eq!(report.skipped.len(), 1);
-    assert!(report.skipped[0].reason.contains("no answer within 2000 ms; worker killed"), "{}", report.skipped[0].reason);
+    assert!(
+        report.skipped[0].reason.contains("no answer within 2000 ms; worker killed"),
+        "{}",
+        report.skipped[0].reason
+    );
     let d = stage(&report, "px").details.clone().unwrap();
     assert_eq!((d["restarts"].as_u64(), d["timeouts"].as_u64()), (Some(1), Some(1)), "{d}");
     assert!(t.elapsed().as_secs_f64() < 4.5, "the sleeping worker was not waited for: {:?}", t.elapsed());
@@ -353,14 +390,21 @@ fn restarts_are_bounded_and_a_broken_worker_is_fatal() {
     let _ = take("no_ready");
     let RunError::Stage { stage, message, .. } = &err else { panic!("{err}") };
     assert_eq!(stage, "px");
-    assert!(message.contains("did not start") && message.contains("exit status: 2") && message.contains("cannot load my model"), "{message}");
+    assert!(
+        message.contains("did not start")
+            && message.contains("exit status: 2")
+            && message.contains("cannot load my model"),
+        "{message}"
+    );
 
     // A command that is not there, or a misspelt option: the pipeline is invalid, nothing runs.
-    let yaml = chain(&train, "  - {id: px, kind: exec, input: decode, command: [/no/such/python, x.py]}", "px", "missing");
+    let yaml =
+        chain(&train, "  - {id: px, kind: exec, input: decode, command: [/no/such/python, x.py]}", "px", "missing");
     let cfg = convflow::config::parse_str(&yaml, Path::new("p.yaml"), &[]).unwrap();
     let e = convflow::graph::Graph::build(cfg, &registry()).err().expect("invalid").to_string();
     assert!(e.contains("/no/such/python does not exist"), "{e}");
-    let yaml = chain(&train, &format!("  - {{id: px, kind: exec, input: decode, comand: [{}]}}", python()), "px", "typo");
+    let yaml =
+        chain(&train, &format!("  - {{id: px, kind: exec, input: decode, comand: [{}]}}", python()), "px", "typo");
     let cfg = convflow::config::parse_str(&yaml, Path::new("p.yaml"), &[]).unwrap();
     let e = convflow::graph::Graph::build(cfg, &registry()).err().expect("invalid").to_string();
     assert!(e.contains("comand"), "{e}");
@@ -377,24 +421,48 @@ fn exec_throughput() {
     let Some(data) = real_subset(100) else { return };
     let dir = data.path();
     for (label, size) in [("150x150", Some(150)), ("full size", None)] {
-        let resize = size.map(|s| format!("  - {{id: r, kind: resize, input: decode, size: [{s}, {s}]}}")).unwrap_or_default();
+        let resize =
+            size.map(|s| format!("  - {{id: r, kind: resize, input: decode, size: [{s}, {s}]}}")).unwrap_or_default();
         run(&chain(dir, &resize, if size.is_some() { "r" } else { "decode" }, "bench_load")).unwrap();
         let items: Vec<Item> = take("bench_load")
             .into_iter()
             .map(|(path, seq, img)| Item {
-                meta: Meta { path: Arc::from(path.as_path()), content_hash: [7; 32], label: None, split: None, epoch: 0, seq },
+                meta: Meta {
+                    path: Arc::from(path.as_path()),
+                    content_hash: [7; 32],
+                    label: None,
+                    split: None,
+                    epoch: 0,
+                    seq,
+                },
                 payload: Payload::Image(img),
             })
             .collect();
         let n = items.len();
-        let mb: f64 = items.iter().map(|i| if let Payload::Image(img) = &i.payload { img.len() as f64 } else { 0.0 }).sum::<f64>() / 1e6;
+        let mb: f64 = items
+            .iter()
+            .map(|i| if let Payload::Image(img) = &i.payload { img.len() as f64 } else { 0.0 })
+            .sum::<f64>()
+            / 1e6;
         image_store().lock().unwrap().insert("bench".into(), Arc::new(items));
-        println!("\n{n} images, {label} ({mb:.1} MB of pixels); steady state = (time for {R} rounds - time for 1 round) / ({R} - 1) rounds:");
+        println!(
+            "\n{n} images, {label} ({mb:.1} MB of pixels); steady state = (time for {R} rounds - time for 1 round) / ({R} - 1) rounds:"
+        );
         let mut rust_ms = 0.0;
         for (name, stage_yaml) in [
             ("rust invert_rust", "{id: px, kind: invert_rust, input: src}".to_string()),
-            ("exec workers: 1", format!("{{id: px, kind: exec, input: src, command: [{}, {}]}}", python(), fixture("invert.py"))),
-            ("exec workers: 2", format!("{{id: px, kind: exec, input: src, workers: 2, command: [{}, {}]}}", python(), fixture("invert.py"))),
+            (
+                "exec workers: 1",
+                format!("{{id: px, kind: exec, input: src, command: [{}, {}]}}", python(), fixture("invert.py")),
+            ),
+            (
+                "exec workers: 2",
+                format!(
+                    "{{id: px, kind: exec, input: src, workers: 2, command: [{}, {}]}}",
+                    python(),
+                    fixture("invert.py")
+                ),
+            ),
         ] {
             let time = |repeat: u64| {
                 let yaml = format!(

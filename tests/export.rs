@@ -76,7 +76,8 @@ fn exported_head_and_classifier_give_the_pipelines_probabilities() {
         let img = decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
         Preprocess::None.extend(&resize.apply(img).unwrap(), &mut pixels);
     }
-    let (shape, got) = common::python_reference(&head_dir.join("classifier.onnx"), &[40, 96, 96, 3], &pixels, tmp.path());
+    let (shape, got) =
+        common::python_reference(&head_dir.join("classifier.onnx"), &[40, 96, 96, 3], &pixels, tmp.path());
     assert_eq!(shape, vec![40, 1]);
     for (g, e) in got.iter().zip(&expected) {
         assert!((g - e).abs() < 1e-5, "classifier.onnx {g} vs pipeline {e}");

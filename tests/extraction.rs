@@ -78,8 +78,17 @@ fn tiny_model_rows_labels_and_values_match_python_onnxruntime() {
     let names: Vec<&str> = paths.iter().map(|p| p.rsplit_once("images/").unwrap().1).collect();
     assert_eq!(
         names,
-        ["cats/alpha.png", "cats/cat.1.jpg", "cats/cat.2.png", "cats/gray.png", "cats/progressive.jpg",
-         "dogs/cmyk.jpg", "dogs/deep.png", "dogs/dog.1.jpg", "dogs/rotated.jpg"],
+        [
+            "cats/alpha.png",
+            "cats/cat.1.jpg",
+            "cats/cat.2.png",
+            "cats/gray.png",
+            "cats/progressive.jpg",
+            "dogs/cmyk.jpg",
+            "dogs/deep.png",
+            "dogs/dog.1.jpg",
+            "dogs/rotated.jpg"
+        ],
         "classes sorted, files sorted within a class"
     );
     let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
@@ -184,7 +193,8 @@ fn decode_workers_keep_source_order() {
     let mut outputs = Vec::new();
     for workers in [1, 3] {
         let out = tmp.path().join(format!("w{workers}"));
-        let yaml = common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale");
+        let yaml =
+            common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale");
         common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
         outputs.push((paths(&out), std::fs::read(out.join("features.npy")).unwrap()));
     }
@@ -198,10 +208,18 @@ fn bad_files_are_skipped_listed_and_lose_nothing_else() {
     let data = common::root().join("tests/fixtures/bad");
     let yaml = common::extraction_yaml(&data, &common::tiny_model(), &out, None, "", 64, "rescale");
     let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
-    let mut skipped: Vec<String> =
-        report.skipped.iter().map(|s| format!("{} {}", s.path.file_name().unwrap().to_string_lossy(), s.stage)).collect();
+    let mut skipped: Vec<String> = report
+        .skipped
+        .iter()
+        .map(|s| format!("{} {}", s.path.file_name().unwrap().to_string_lossy(), s.stage))
+        .collect();
     skipped.sort();
-    assert_eq!(skipped, ["bomb.png decode", "empty.jpg decode", "text.jpg decode", "truncated.jpg decode"], "{:?}", report.skipped);
+    assert_eq!(
+        skipped,
+        ["bomb.png decode", "empty.jpg decode", "text.jpg decode", "truncated.jpg decode"],
+        "{:?}",
+        report.skipped
+    );
     assert!(report.skipped.iter().all(|s| !s.reason.is_empty()));
     let bomb = report.skipped.iter().find(|s| s.path.ends_with("bomb.png")).unwrap();
     assert!(bomb.reason.contains("50000x50000 is over max_pixels"), "refused from its header: {}", bomb.reason);

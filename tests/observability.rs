@@ -73,7 +73,9 @@ fn promtool_check(exposition: &str) {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): run models/setup.sh, it installs Debian's prometheus package"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): run models/setup.sh, it installs Debian's prometheus package")
+        });
     child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -171,10 +173,13 @@ stages:
 
 #[test]
 fn the_metrics_key_is_parsed_and_checked_with_positions() {
-    let ok = config::parse_str("metrics: {listen: '127.0.0.1:9184', linger: 2}\nstages: []\n", Path::new("p.yaml"), &[]).unwrap();
+    let ok =
+        config::parse_str("metrics: {listen: '127.0.0.1:9184', linger: 2}\nstages: []\n", Path::new("p.yaml"), &[])
+            .unwrap();
     assert_eq!(ok.metrics.listen, Some("127.0.0.1:9184".parse().unwrap()));
     assert_eq!(ok.metrics.linger, Duration::from_secs(2));
-    let bad = config::parse_str("metrics:\n  listen: nowhere\n  port: 3\nstages: []\n", Path::new("p.yaml"), &[]).unwrap();
+    let bad =
+        config::parse_str("metrics:\n  listen: nowhere\n  port: 3\nstages: []\n", Path::new("p.yaml"), &[]).unwrap();
     let messages: Vec<String> = bad.errors.iter().map(|e| e.to_string()).collect();
     assert!(messages.iter().any(|m| m.starts_with("p.yaml:2:11: field `metrics.listen`")), "{messages:?}");
     assert!(messages.iter().any(|m| m.contains("unknown key `port`")), "{messages:?}");
@@ -214,24 +219,38 @@ fn cli_serves_per_stage_metrics_during_a_run_and_the_snapshot_matches_the_report
             let _ = child.kill();
             panic!("the run took over 120 s");
         }
-        if let Ok((200, body)) = http_get(addr, "/metrics") {
-            if stages.iter().all(|s| body.contains(&format!("convflow_stage_items_in_total{{pipeline=\"extract_features\",stage=\"{s}\"}}"))) {
-                during = Some(body);
-            }
+        if let Ok((200, body)) = http_get(addr, "/metrics")
+            && stages.iter().all(|s| {
+                body.contains(&format!("convflow_stage_items_in_total{{pipeline=\"extract_features\",stage=\"{s}\"}}"))
+            })
+        {
+            during = Some(body);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let stderr = std::fs::read_to_string(tmp.path().join("stderr.txt")).unwrap();
     assert!(status.success(), "convflow run failed: {stderr}");
-    let during = during.unwrap_or_else(|| panic!("no scrape of http://{addr}/metrics showed every stage while the run went on\n{stderr}"));
-    for name in ["convflow_stage_busy_seconds", "convflow_stage_input_wait_seconds", "convflow_stage_output_blocked_seconds", "convflow_channel_fill_items", "convflow_channel_capacity_items"] {
-        assert!(during.contains(&format!("{name}{{pipeline=\"extract_features\",stage=\"vgg16\"}}")), "{name} missing:\n{during}");
+    let during = during.unwrap_or_else(|| {
+        panic!("no scrape of http://{addr}/metrics showed every stage while the run went on\n{stderr}")
+    });
+    for name in [
+        "convflow_stage_busy_seconds",
+        "convflow_stage_input_wait_seconds",
+        "convflow_stage_output_blocked_seconds",
+        "convflow_channel_fill_items",
+        "convflow_channel_capacity_items",
+    ] {
+        assert!(
+            during.contains(&format!("{name}{{pipeline=\"extract_features\",stage=\"vgg16\"}}")),
+            "{name} missing:\n{during}"
+        );
     }
     assert!(during.contains("convflow_execution_provider_info{pipeline=\"extract_features\",stage=\"vgg16\",provider=\"CPUExecutionProvider\"} 1"), "{during}");
     promtool_check(&during);
 
     // The snapshot, the report and the rows written agree.
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let snapshot = std::fs::read_to_string(out.join("metrics.prom")).unwrap();
     promtool_check(&snapshot);
     let m = parse_exposition(&snapshot, "extract_features");
@@ -242,7 +261,11 @@ fn cli_serves_per_stage_metrics_during_a_run_and_the_snapshot_matches_the_report
         assert_eq!(get("convflow_stage_items_out_total", id), s["items_out"].as_f64().unwrap(), "{id} items out");
         assert_eq!(get("convflow_stage_item_errors_total", id), s["item_errors"].as_f64().unwrap(), "{id} errors");
         let busy = get("convflow_stage_busy_seconds", id);
-        assert!((busy - s["busy_seconds"].as_f64().unwrap()).abs() < 0.002, "{id} busy {busy} vs {}", s["busy_seconds"]);
+        assert!(
+            (busy - s["busy_seconds"].as_f64().unwrap()).abs() < 0.002,
+            "{id} busy {busy} vs {}",
+            s["busy_seconds"]
+        );
     }
     assert_eq!(report["stages"][0]["items_out"], total as u64, "the source read every file");
     // The one broken file: skipped by decode, listed in skipped.csv, counted by reason.
@@ -286,7 +309,8 @@ impl Drop for Server {
 }
 
 fn prometheus_query(prom: SocketAddr, query: &str) -> Vec<(BTreeMap<String, String>, f64)> {
-    let (status, body) = http_get(prom, &format!("/api/v1/query?query={}", urlencode(query))).unwrap_or((0, String::new()));
+    let (status, body) =
+        http_get(prom, &format!("/api/v1/query?query={}", urlencode(query))).unwrap_or((0, String::new()));
     if status != 200 {
         return Vec::new();
     }
@@ -297,7 +321,12 @@ fn prometheus_query(prom: SocketAddr, query: &str) -> Vec<(BTreeMap<String, Stri
             results
                 .iter()
                 .map(|r| {
-                    let labels = r["metric"].as_object().map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect()).unwrap_or_default();
+                    let labels = r["metric"]
+                        .as_object()
+                        .map(|o| {
+                            o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect()
+                        })
+                        .unwrap_or_default();
                     (labels, r["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN))
                 })
                 .collect()
@@ -323,7 +352,9 @@ fn prometheus_scrapes_a_running_pipeline_and_ends_with_the_reports_counters() {
     let tmp = tempfile::tempdir().unwrap();
     let metrics_addr = free_addr();
     let exporter = convflow::telemetry::install_prometheus(Some(metrics_addr)).unwrap();
-    wait_for("the metrics endpoint", Duration::from_secs(10), || http_get(metrics_addr, "/health").is_ok_and(|(s, _)| s == 200));
+    wait_for("the metrics endpoint", Duration::from_secs(10), || {
+        http_get(metrics_addr, "/health").is_ok_and(|(s, _)| s == 200)
+    });
 
     // Prometheus on loopback, scraping only the pipeline, every second.
     let prom_addr = free_addr();
@@ -354,8 +385,12 @@ scrape_configs:
             .expect("cannot start prometheus (run models/setup.sh)"),
     );
     let prom_log = || std::fs::read_to_string(tmp.path().join("prometheus.log")).unwrap_or_default();
-    wait_for("Prometheus to be ready", Duration::from_secs(30), || http_get(prom_addr, "/-/ready").is_ok_and(|(s, _)| s == 200));
-    wait_for("the first scrape", Duration::from_secs(20), || prometheus_query(prom_addr, "up{job=\"convflow\"}").first().is_some_and(|(_, v)| *v == 1.0));
+    wait_for("Prometheus to be ready", Duration::from_secs(30), || {
+        http_get(prom_addr, "/-/ready").is_ok_and(|(s, _)| s == 200)
+    });
+    wait_for("the first scrape", Duration::from_secs(20), || {
+        prometheus_query(prom_addr, "up{job=\"convflow\"}").first().is_some_and(|(_, v)| *v == 1.0)
+    });
 
     // ~160 items x 40 ms in the throttle: several scrapes while it runs.
     let g = throttled_graph("prom_test", tmp.path(), 40);
@@ -363,7 +398,10 @@ scrape_configs:
     let mut positive_during_run = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !run.is_finished() && Instant::now() < deadline {
-        let rates = prometheus_query(prom_addr, "rate(convflow_stage_items_out_total{pipeline=\"prom_test\",stage=\"throttle\"}[3s])");
+        let rates = prometheus_query(
+            prom_addr,
+            "rate(convflow_stage_items_out_total{pipeline=\"prom_test\",stage=\"throttle\"}[3s])",
+        );
         if rates.iter().any(|(_, v)| *v > 0.0) && !run.is_finished() {
             positive_during_run = true;
         }
@@ -397,7 +435,13 @@ scrape_configs:
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         seen.clear();
-        for name in ["convflow_stage_items_in_total", "convflow_stage_items_out_total", "convflow_cache_hits_total", "convflow_cache_misses_total", "convflow_cache_writes_total"] {
+        for name in [
+            "convflow_stage_items_in_total",
+            "convflow_stage_items_out_total",
+            "convflow_cache_hits_total",
+            "convflow_cache_misses_total",
+            "convflow_cache_writes_total",
+        ] {
             for (labels, v) in prometheus_query(prom_addr, &format!("{name}{{pipeline=\"prom_test\"}}")) {
                 seen.insert((name.to_string(), labels.get("stage").cloned().unwrap_or_default()), v);
             }
@@ -417,5 +461,8 @@ scrape_configs:
     }
     let (_, live) = http_get(metrics_addr, "/metrics").unwrap();
     promtool_check(&live);
-    assert!(live.contains("convflow_inference_batch_seconds_bucket{pipeline=\"prom_test\",stage=\"model\",le=\"+Inf\"} 16"), "{live}");
+    assert!(
+        live.contains("convflow_inference_batch_seconds_bucket{pipeline=\"prom_test\",stage=\"model\",le=\"+Inf\"} 16"),
+        "{live}"
+    );
 }

@@ -44,7 +44,14 @@ impl Source for NumbersSource {
             if ctx.signals.should_stop() {
                 break;
             }
-            let meta = Meta { path: Arc::from(Path::new(&format!("item-{i}"))), content_hash: [0; 32], label: None, split: None, epoch: 0, seq: i };
+            let meta = Meta {
+                path: Arc::from(Path::new(&format!("item-{i}"))),
+                content_hash: [0; 32],
+                label: None,
+                split: None,
+                epoch: 0,
+                seq: i,
+            };
             out.emit(Item { meta, payload: Payload::Bytes(Arc::from(vec![0u8; 4])) })?;
             self.1.emitted.fetch_add(1, Ordering::SeqCst);
         }

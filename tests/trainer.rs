@@ -52,11 +52,15 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         common::run_yaml(&common::write_pipeline(tmp.path(), "train.yaml", &yaml)).unwrap();
     }
 
-    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("metrics.json")).unwrap()).unwrap();
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("metrics.json")).unwrap()).unwrap();
     for key in ["val_acc", "val_loss", "test_acc", "test_loss"] {
         assert!(metrics[key].is_number(), "metrics.json lacks {key}: {metrics}");
     }
-    assert_eq!((metrics["train_rows"].as_u64(), metrics["validation_rows"].as_u64(), metrics["test_rows"].as_u64()), (Some(80), Some(40), Some(40)));
+    assert_eq!(
+        (metrics["train_rows"].as_u64(), metrics["validation_rows"].as_u64(), metrics["test_rows"].as_u64()),
+        (Some(80), Some(40), Some(40))
+    );
     assert!(metrics["val_acc"].as_f64().unwrap() >= 0.9, "the synthetic classes are easy: {metrics}");
 
     let history = history_without_seconds(&a);
@@ -73,7 +77,8 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
     let spilled = tmp.path().join("spilled");
     let yaml = train_yaml(&data, &spilled, &cache, "    max_memory_mb: 0\n");
     common::run_yaml(&common::write_pipeline(tmp.path(), "spill.yaml", &yaml)).unwrap();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(spilled.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(spilled.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["spilled_to_disk"], true);
     assert_eq!(history, history_without_seconds(&spilled));
     assert_eq!(m["test_acc"], metrics["test_acc"]);
@@ -100,7 +105,9 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
     assert!(!csv.exists());
 
     let same_size = tmp.path().join("predict.yaml");
-    let text = std::fs::read_to_string(common::root().join("pipelines/predict.yaml")).unwrap().replace("[150, 150]", "[96, 96]");
+    let text = std::fs::read_to_string(common::root().join("pipelines/predict.yaml"))
+        .unwrap()
+        .replace("[150, 150]", "[96, 96]");
     std::fs::write(&same_size, text).unwrap();
     let status = common::bin()
         .args(["--quiet", "run"])
@@ -113,7 +120,12 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         .status()
         .unwrap();
     assert!(status.success());
-    let rows: Vec<Vec<String>> = std::fs::read_to_string(&csv).unwrap().lines().skip(1).map(|l| l.split(',').map(str::to_string).collect()).collect();
+    let rows: Vec<Vec<String>> = std::fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
     assert_eq!(rows.len(), 40);
     let correct = rows.iter().filter(|r| r[0].contains(&format!("/{}/", r[3]))).count();
     let test_acc = metrics["test_acc"].as_f64().unwrap();
@@ -133,7 +145,8 @@ fn early_stopping_and_keep_best() {
     let extra = "    epochs: 200\n    early_stopping: {monitor: val_loss, patience: 3}\n    keep_best: true\n";
     let yaml = train_yaml(&data, &out, &tmp.path().join("cache"), "").replace("    epochs: 15\n", "") + extra;
     common::run_yaml(&common::write_pipeline(tmp.path(), "es.yaml", &yaml)).unwrap();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     let (run, best) = (m["epochs_run"].as_u64().unwrap(), m["best_epoch"].as_u64().unwrap());
     assert!(run < 200, "stopped early");
     assert_eq!(run, best + 3, "patience 3 after the best epoch");

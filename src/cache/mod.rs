@@ -181,7 +181,8 @@ impl CacheHandle {
         let path = &self.cache.path;
         let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
         let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
-        let found = table.get(&self.key(content)[..]).map_err(|e| store_err(path, e))?.and_then(|v| decode_value(v.value()));
+        let found =
+            table.get(&self.key(content)[..]).map_err(|e| store_err(path, e))?.and_then(|v| decode_value(v.value()));
         let counter = if found.is_some() { &self.counters.hits } else { &self.counters.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
@@ -228,7 +229,8 @@ fn decode_value(bytes: &[u8]) -> Option<Features> {
     let ndim = u32_at(4)? as usize;
     let shape: Vec<usize> = (0..ndim).map(|d| u32_at(8 + 4 * d).map(|x| x as usize)).collect::<Option<_>>()?;
     let start = 8 + 4 * ndim;
-    let data: Vec<f32> = body.get(start..)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let data: Vec<f32> =
+        body.get(start..)?.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     (data.len() == shape.iter().product::<usize>()).then_some(Features { shape, data })
 }
 

@@ -155,7 +155,12 @@ pub fn parse_str(text: &str, file: &Path, overrides: &[(String, String)]) -> Res
     for (k, _) in root.as_map().unwrap_or_default() {
         let key = k.as_str().unwrap_or_default();
         if !TOP_LEVEL_KEYS.contains(&key) {
-            c.push(k.pos, None, Some(key), format!("unknown top-level key; expected one of {}", TOP_LEVEL_KEYS.join(", ")));
+            c.push(
+                k.pos,
+                None,
+                Some(key),
+                format!("unknown top-level key; expected one of {}", TOP_LEVEL_KEYS.join(", ")),
+            );
         }
     }
 
@@ -227,7 +232,12 @@ fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
                 Some("") => {}
                 Some(s) => match s.parse() {
                     Ok(addr) => m.listen = Some(addr),
-                    Err(_) => c.push(v.pos, None, Some("metrics.listen"), format!("`{s}` is not an address with a port, e.g. 127.0.0.1:9184")),
+                    Err(_) => c.push(
+                        v.pos,
+                        None,
+                        Some("metrics.listen"),
+                        format!("`{s}` is not an address with a port, e.g. 127.0.0.1:9184"),
+                    ),
                 },
                 None => c.push(v.pos, None, Some("metrics.listen"), "expected a string such as \"127.0.0.1:9184\""),
             },
@@ -235,7 +245,12 @@ fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
                 Some(x) if x >= 0.0 && x.is_finite() => m.linger = std::time::Duration::from_secs_f64(x),
                 _ => c.push(v.pos, None, Some("metrics.linger"), "expected seconds >= 0"),
             },
-            other => c.push(k.pos, None, Some("metrics"), format!("unknown key `{other}`; expected one of {}", METRICS_KEYS.join(", "))),
+            other => c.push(
+                k.pos,
+                None,
+                Some("metrics"),
+                format!("unknown key `{other}`; expected one of {}", METRICS_KEYS.join(", ")),
+            ),
         }
     }
     m

@@ -34,7 +34,10 @@ pub fn collect(
                 error(
                     params_pos,
                     Some(name),
-                    format!("--set {name}: no such param (params: {})", if known.is_empty() { "none".into() } else { known.join(", ") }),
+                    format!(
+                        "--set {name}: no such param (params: {})",
+                        if known.is_empty() { "none".into() } else { known.join(", ") }
+                    ),
                 );
             }
         }
@@ -60,14 +63,14 @@ fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, S
         Value::Scalar { text, .. } if text.contains("${") => {
             let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v);
             // A whole-scalar reference keeps the param's type (numbers stay numbers).
-            if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}')) {
-                if !name.contains(['$', '{', '}']) {
-                    match lookup(name) {
-                        Some(v) => node.value = v.value.clone(),
-                        None => error(node.pos, unknown(name, params)),
-                    }
-                    return;
+            if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
+                && !name.contains(['$', '{', '}'])
+            {
+                match lookup(name) {
+                    Some(v) => node.value = v.value.clone(),
+                    None => error(node.pos, unknown(name, params)),
                 }
+                return;
             }
             let mut out = String::new();
             let mut rest = text.as_str();
@@ -133,7 +136,8 @@ mod tests {
 
     #[test]
     fn overrides_and_unknowns() {
-        let (j, errs) = run("params: {n: 20}\na: ${n}\nb: ${m}\n", &[("n".into(), "7".into()), ("zz".into(), "1".into())]);
+        let (j, errs) =
+            run("params: {n: 20}\na: ${n}\nb: ${m}\n", &[("n".into(), "7".into()), ("zz".into(), "1".into())]);
         assert_eq!(j["a"], 7);
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("--set zz")));

@@ -26,7 +26,10 @@ impl std::fmt::Display for Pos {
 pub enum Value {
     /// A scalar as written; `plain` is false for quoted scalars, which are
     /// always strings (YAML 1.2 core schema).
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -74,10 +77,9 @@ impl Node {
         let mut node = self;
         for segment in path_segments(path) {
             let next = match (&node.value, segment) {
-                (Value::Map(entries), Segment::Key(k)) => entries
-                    .iter()
-                    .find(|(key, _)| key.as_str() == Some(k))
-                    .map(|(_, value)| value),
+                (Value::Map(entries), Segment::Key(k)) => {
+                    entries.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, value)| value)
+                }
                 (Value::Seq(items), Segment::Index(i)) => items.get(i),
                 _ => None,
             };
@@ -102,10 +104,7 @@ impl Node {
             Value::Scalar { text, plain: true } => resolve_plain(text),
             Value::Seq(items) => serde_json::Value::Array(items.iter().map(Node::to_json).collect()),
             Value::Map(entries) => serde_json::Value::Object(
-                entries
-                    .iter()
-                    .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.to_json()))
-                    .collect(),
+                entries.iter().map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), v.to_json())).collect(),
             ),
         }
     }
@@ -122,12 +121,11 @@ pub fn resolve_plain(text: &str) -> serde_json::Value {
         return serde_json::Value::from(i);
     }
     let looks_numeric = text.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+' || c == '.');
-    if looks_numeric {
-        if let Ok(f) = text.parse::<f64>() {
-            if let Some(n) = serde_json::Number::from_f64(f) {
-                return serde_json::Value::Number(n);
-            }
-        }
+    if looks_numeric
+        && let Ok(f) = text.parse::<f64>()
+        && let Some(n) = serde_json::Number::from_f64(f)
+    {
+        return serde_json::Value::Number(n);
     }
     serde_json::Value::String(text.to_string())
 }
@@ -162,21 +160,19 @@ fn path_segments(path: &str) -> Vec<Segment<'_>> {
 /// Parses one YAML document into a positioned tree. Anchors and aliases are
 /// refused: pipelines are short and an alias would hide where a value came from.
 pub fn parse(text: &str) -> Result<Node, ParseError> {
-    let mut parser = Parser::new_from_str(text);
+    let parser = Parser::new_from_str(text);
     let mut stack: Vec<Node> = Vec::new();
     // Pending key for each open mapping, parallel to `stack`.
     let mut keys: Vec<Option<Node>> = Vec::new();
     let mut root: Option<Node> = None;
-    while let Some(event) = parser.next() {
+    for event in parser {
         let (event, span) = event.map_err(|e| ParseError {
             pos: Pos { line: e.marker().line(), col: e.marker().col() + 1 },
             message: e.info().to_string(),
         })?;
         let pos = Pos { line: span.start.line(), col: span.start.col() + 1 };
         let finished = match event {
-            Event::Scalar(text, style, _, _) => {
-                Some(Node::scalar(text.to_string(), style == ScalarStyle::Plain, pos))
-            }
+            Event::Scalar(text, style, _, _) => Some(Node::scalar(text.to_string(), style == ScalarStyle::Plain, pos)),
             Event::SequenceStart(..) => {
                 stack.push(Node { pos, value: Value::Seq(Vec::new()) });
                 keys.push(None);
@@ -208,7 +204,10 @@ pub fn parse(text: &str) -> Result<Node, ParseError> {
                     match pending.take() {
                         None => {
                             if node.as_str().is_none() {
-                                return Err(ParseError { pos: node.pos, message: "mapping keys must be plain strings".into() });
+                                return Err(ParseError {
+                                    pos: node.pos,
+                                    message: "mapping keys must be plain strings".into(),
+                                });
                             }
                             if entries.iter().any(|(k, _)| k.as_str() == node.as_str()) {
                                 return Err(ParseError {

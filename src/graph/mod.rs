@@ -53,7 +53,12 @@ impl Graph {
         let mut index: HashMap<&str, usize> = HashMap::new();
         for (i, s) in cfg.stages.iter().enumerate() {
             if let Some(&first) = index.get(s.id.as_str()) {
-                err(s.pos, &s.id, Some("id"), format!("duplicate id (first used at line {})", cfg.stages[first].pos.line));
+                err(
+                    s.pos,
+                    &s.id,
+                    Some("id"),
+                    format!("duplicate id (first used at line {})", cfg.stages[first].pos.line),
+                );
             } else {
                 index.insert(&s.id, i);
             }
@@ -65,7 +70,12 @@ impl Graph {
             let Some(info) = registry.get(&s.kind) else {
                 if !s.kind.is_empty() {
                     let known: Vec<&str> = registry.kinds().map(|k| k.kind).collect();
-                    err(s.kind_pos, &s.id, Some("kind"), format!("unknown stage kind `{}`; known kinds: {}", s.kind, known.join(", ")));
+                    err(
+                        s.kind_pos,
+                        &s.id,
+                        Some("kind"),
+                        format!("unknown stage kind `{}`; known kinds: {}", s.kind, known.join(", ")),
+                    );
                 }
                 typed.push(None);
                 continue;
@@ -73,7 +83,8 @@ impl Graph {
             match info.parse(s.options.to_json()) {
                 Ok(config) => {
                     for fe in config.check() {
-                        let pos = s.options.key_pos(fe.field.split(['.', '[']).next().unwrap_or_default()).unwrap_or(s.pos);
+                        let pos =
+                            s.options.key_pos(fe.field.split(['.', '[']).next().unwrap_or_default()).unwrap_or(s.pos);
                         err(pos, &s.id, Some(&fe.field), fe.message);
                     }
                     typed.push(Some((info.clone(), config)));
@@ -84,13 +95,19 @@ impl Graph {
                         true => unknown_field_name(&e.message).and_then(|f| s.options.key_pos(f)).unwrap_or(s.pos),
                         false => field.map(|f| s.options.find(f).pos).unwrap_or(s.pos),
                     };
-                    let field = field.map(str::to_string).or_else(|| unknown_field_name(&e.message).map(str::to_string));
+                    let field =
+                        field.map(str::to_string).or_else(|| unknown_field_name(&e.message).map(str::to_string));
                     err(pos, &s.id, field.as_deref(), e.message.clone());
                     typed.push(None);
                 }
             }
             if s.workers > 1 && !info.parallel {
-                err(s.pos, &s.id, Some("workers"), format!("`{}` keeps state across items and runs as one worker", info.kind));
+                err(
+                    s.pos,
+                    &s.id,
+                    Some("workers"),
+                    format!("`{}` keeps state across items and runs as one worker", info.kind),
+                );
             }
         }
 
@@ -109,13 +126,23 @@ impl Graph {
             }
             for (name, pos) in &s.inputs {
                 let Some(&j) = index.get(name.as_str()) else {
-                    err(*pos, &s.id, Some("input"), format!("unknown input `{name}`; stage ids are: {}", ids(&cfg.stages)));
+                    err(
+                        *pos,
+                        &s.id,
+                        Some("input"),
+                        format!("unknown input `{name}`; stage ids are: {}", ids(&cfg.stages)),
+                    );
                     continue;
                 };
                 inputs[i].push(j);
                 if let (Some((up, _)), Some((down, _))) = (&typed[j], &typed[i]) {
                     match up.emits {
-                        None => err(*pos, &s.id, Some("input"), format!("`{name}` ({}) is a sink and emits nothing", up.kind)),
+                        None => err(
+                            *pos,
+                            &s.id,
+                            Some("input"),
+                            format!("`{name}` ({}) is a sink and emits nothing", up.kind),
+                        ),
                         Some(kind) if !down.accepts.contains(&kind) => err(
                             *pos,
                             &s.id,
@@ -166,7 +193,14 @@ impl Graph {
                 GraphStage { spec, info, config, inputs, outputs }
             })
             .collect();
-        Ok(Graph { name: cfg.name, file: cfg.file, channel_capacity: cfg.channel_capacity, report: cfg.report, stages, order })
+        Ok(Graph {
+            name: cfg.name,
+            file: cfg.file,
+            channel_capacity: cfg.channel_capacity,
+            report: cfg.report,
+            stages,
+            order,
+        })
     }
 
     /// All stages upstream of `i`, nearest last, in topological order.
@@ -184,7 +218,8 @@ impl Graph {
 
     /// Graphviz DOT, edges labelled with the item kind they carry.
     pub fn to_dot(&self) -> String {
-        let mut out = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n", self.name);
+        let mut out =
+            format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n", self.name);
         for s in &self.stages {
             let workers = if s.spec.workers > 1 { format!("\\nworkers: {}", s.spec.workers) } else { String::new() };
             out.push_str(&format!("  \"{}\" [label=\"{}\\n({}){}\"];\n", s.id(), s.id(), s.info.kind, workers));

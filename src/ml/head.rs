@@ -230,7 +230,8 @@ impl Optimizer {
     fn ensure_slots(&mut self, sizes: &[usize]) -> Result<(), HeadError> {
         if self.slots.is_empty() {
             let two = matches!(self.spec, OptimizerSpec::Adam { .. });
-            self.slots = sizes.iter().map(|&n| (AlignedVec::zeros(n), AlignedVec::zeros(if two { n } else { 0 }))).collect();
+            self.slots =
+                sizes.iter().map(|&n| (AlignedVec::zeros(n), AlignedVec::zeros(if two { n } else { 0 }))).collect();
             return Ok(());
         }
         if self.slots.len() != sizes.len() || self.slots.iter().zip(sizes).any(|(s, &n)| s.0.len() != n) {
@@ -379,7 +380,7 @@ fn row_stride(units: usize) -> usize {
         return units;
     }
     let ld = units.next_multiple_of(16);
-    if ld % 128 == 0 { ld + 16 } else { ld }
+    if ld.is_multiple_of(128) { ld + 16 } else { ld }
 }
 
 #[derive(Debug, Clone)]
@@ -800,7 +801,11 @@ impl Head {
             let read = |name: String, shape: Vec<usize>| -> Result<Vec<f32>, HeadError> {
                 let t = st.tensor(&name).map_err(|e| file_err(e.to_string()))?;
                 if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
-                    return Err(file_err(format!("{name}: expected F32 {shape:?}, found {:?} {:?}", t.dtype(), t.shape())));
+                    return Err(file_err(format!(
+                        "{name}: expected F32 {shape:?}, found {:?} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )));
                 }
                 Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
             };
@@ -1172,7 +1177,8 @@ impl KernelJob<'_> {
     #[inline(always)]
     fn run_impl(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
         let (n, ld) = (self.n, self.ld);
-        let empty = |s: &mut [f32], a: usize, b: usize| -> std::ops::Range<usize> { if s.is_empty() { 0..0 } else { a..b } };
+        let empty =
+            |s: &mut [f32], a: usize, b: usize| -> std::ops::Range<usize> { if s.is_empty() { 0..0 } else { a..b } };
         for (i, wrow) in w.chunks_exact_mut(ld).enumerate() {
             let wrow = &mut wrow[..n];
             let (nz_rows, nz_vals) = self.x.col(k0 + i);
@@ -1284,10 +1290,14 @@ mod tests {
             let t: Vec<f64> = y[r * c..(r + 1) * c].iter().map(|&v| f64::from(v)).collect();
             total += match h.loss {
                 LossKind::BinaryCrossentropy => {
-                    z.iter().zip(&t).map(|(&z, &t)| {
-                        let p = 1.0 / (1.0 + (-z).exp());
-                        -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())
-                    }).sum::<f64>() / c as f64
+                    z.iter()
+                        .zip(&t)
+                        .map(|(&z, &t)| {
+                            let p = 1.0 / (1.0 + (-z).exp());
+                            -(t * p.ln() + (1.0 - t) * (1.0 - p).ln())
+                        })
+                        .sum::<f64>()
+                        / c as f64
                 }
                 LossKind::CategoricalCrossentropy => {
                     let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
@@ -1380,7 +1390,8 @@ mod tests {
         assert!((l - (100.0 + 0.0 + std::f64::consts::LN_2)).abs() < 1e-4, "{l}");
         assert_eq!(c, 1.0, "rows 0 and 2 are wrong: p = 0.5 is not > 0.5");
         assert!(dz.iter().all(|g| g.is_finite()));
-        let (l, c, _) = loss_and_grad(LossKind::CategoricalCrossentropy, &[1000.0, 0.0, -1000.0], &[0.0, 1.0, 0.0], 1, true);
+        let (l, c, _) =
+            loss_and_grad(LossKind::CategoricalCrossentropy, &[1000.0, 0.0, -1000.0], &[0.0, 1.0, 0.0], 1, true);
         assert!((l - 1000.0).abs() < 1e-3, "{l}");
         assert_eq!(c, 0.0);
     }
@@ -1449,7 +1460,11 @@ mod tests {
 
     #[test]
     fn results_are_bit_identical_for_any_thread_count() {
-        for (spec, l2) in [(OptimizerSpec::rmsprop(1e-3), 0.0), (OptimizerSpec::adam(1e-3), 1e-3), (OptimizerSpec::sgd(0.01, 0.9, true), 0.0)] {
+        for (spec, l2) in [
+            (OptimizerSpec::rmsprop(1e-3), 0.0),
+            (OptimizerSpec::adam(1e-3), 1e-3),
+            (OptimizerSpec::sgd(0.01, 0.9, true), 0.0),
+        ] {
             let one = params(&train_steps(1, spec, l2));
             assert_eq!(one, params(&train_steps(1, spec, l2)), "same seed, same threads");
             for t in [2, 3, 5] {
@@ -1457,7 +1472,8 @@ mod tests {
             }
         }
         let x = sparse_data(250, 2000, 0.7, 9);
-        let (mut a, mut b) = (train_steps(1, OptimizerSpec::rmsprop(1e-3), 0.0), train_steps(4, OptimizerSpec::rmsprop(1e-3), 0.0));
+        let (mut a, mut b) =
+            (train_steps(1, OptimizerSpec::rmsprop(1e-3), 0.0), train_steps(4, OptimizerSpec::rmsprop(1e-3), 0.0));
         a.set_threads(1);
         b.set_threads(4);
         assert_eq!(a.predict(&x, 250).unwrap(), b.predict(&x, 250).unwrap());
@@ -1470,7 +1486,12 @@ mod tests {
         let dir: Vec<f32> = (0..din).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
         let score = |r: usize| x[r * din..(r + 1) * din].iter().zip(&dir).map(|(a, b)| a * b).sum::<f32>();
         let y: Vec<f32> = (0..rows).map(|r| f32::from(u8::from(score(r) > 0.0))).collect();
-        let mut head = Head::new(din, &[dense(16, Activation::Relu), LayerSpec::Dropout { rate: 0.2 }, dense(1, Activation::Sigmoid)], 7).unwrap();
+        let mut head = Head::new(
+            din,
+            &[dense(16, Activation::Relu), LayerSpec::Dropout { rate: 0.2 }, dense(1, Activation::Sigmoid)],
+            7,
+        )
+        .unwrap();
         let mut opt = Optimizer::new(OptimizerSpec::adam(1e-2));
         let mut r = rng(3);
         for _ in 0..40 {
@@ -1516,7 +1537,10 @@ mod tests {
         let mean = k.iter().map(|&w| f64::from(w)).sum::<f64>() / k.len() as f64;
         let var = k.iter().map(|&w| f64::from(w) * f64::from(w)).sum::<f64>() / k.len() as f64;
         assert!(mean.abs() < 1e-4 && (var - f64::from(limit * limit) / 3.0).abs() < 1e-6, "{mean} {var}");
-        assert_eq!(Head::new(BOOK_INPUT_DIM, &LayerSpec::book_categorical(5), 0).unwrap().loss_kind(), LossKind::CategoricalCrossentropy);
+        assert_eq!(
+            Head::new(BOOK_INPUT_DIM, &LayerSpec::book_categorical(5), 0).unwrap().loss_kind(),
+            LossKind::CategoricalCrossentropy
+        );
     }
 
     #[test]

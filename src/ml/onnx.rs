@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ort::ep::ExecutionProvider;
 use ort::environment::Environment;
+use ort::ep::ExecutionProvider;
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
 use ort::value::Tensor;
@@ -16,9 +16,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error(
-        "ONNX Runtime library not found (looked at {looked}); run models/setup.sh or set ORT_DYLIB_PATH"
-    )]
+    #[error("ONNX Runtime library not found (looked at {looked}); run models/setup.sh or set ORT_DYLIB_PATH")]
     LibraryMissing { looked: String },
     #[error("cannot load ONNX Runtime from {path}: {message}")]
     Library { path: PathBuf, message: String },
@@ -84,7 +82,8 @@ pub fn environment() -> Result<&'static Environment, OnnxError> {
             let looked = candidates.iter().take(3).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(OnnxError::LibraryMissing { looked }.to_string());
         };
-        let lib_err = |e: &dyn std::fmt::Display| OnnxError::Library { path: path.clone(), message: e.to_string() }.to_string();
+        let lib_err =
+            |e: &dyn std::fmt::Display| OnnxError::Library { path: path.clone(), message: e.to_string() }.to_string();
         let builder = ort::init_from(path).map_err(|e| lib_err(&e))?;
         builder.with_name("convflow").build().map_err(|e| lib_err(&e))
     });
@@ -105,7 +104,8 @@ pub struct OnnxModel {
 impl OnnxModel {
     pub fn load(path: &Path, device: Device, intra_threads: usize, spinning: bool) -> Result<OnnxModel, OnnxError> {
         let env = environment()?;
-        let model_err = |e: &dyn std::fmt::Display| OnnxError::Model { path: path.to_path_buf(), message: e.to_string() };
+        let model_err =
+            |e: &dyn std::fmt::Display| OnnxError::Model { path: path.to_path_buf(), message: e.to_string() };
         if !path.exists() {
             return Err(model_err(&"file not found (run models/setup.sh to produce the models)"));
         }
@@ -144,7 +144,8 @@ impl OnnxModel {
         };
         let input = session.inputs().first().ok_or_else(|| model_err(&"model has no input"))?;
         let output = session.outputs().first().ok_or_else(|| model_err(&"model has no output"))?;
-        let input_dims: Vec<i64> = input.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let input_dims: Vec<i64> =
+            input.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
         if input_dims.len() != 4 || input_dims[3] != 3 {
             return Err(model_err(&format!(
                 "expected an NHWC image input [N,H,W,3], found {:?} (`{}`)",

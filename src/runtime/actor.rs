@@ -146,18 +146,22 @@ impl StageRun {
                 return;
             }
             let result = self.timed(|| {
-                if self.passes(&item) { out.emit(item).map_err(StageError::from) } else { stage.process(item, &mut out) }
-            });
-            if let Err(e) = result {
-                if !self.item_error(e) {
-                    return;
+                if self.passes(&item) {
+                    out.emit(item).map_err(StageError::from)
+                } else {
+                    stage.process(item, &mut out)
                 }
+            });
+            if let Err(e) = result
+                && !self.item_error(e)
+            {
+                return;
             }
         }
-        if !self.shared.signals.aborted() {
-            if let Err(e) = self.timed(|| stage.finish(&mut out, &self.shared.signals)) {
-                self.item_error(e);
-            }
+        if !self.shared.signals.aborted()
+            && let Err(e) = self.timed(|| stage.finish(&mut out, &self.shared.signals))
+        {
+            self.item_error(e);
         }
         self.shared.summarize(&self.id, stage.summary());
     }
@@ -177,9 +181,11 @@ impl StageRun {
                         for (i, item) in work_rx.iter() {
                             let mut collect = Collect::default();
                             let t = Instant::now();
-                            let result = (|| {
-                                if me.passes(&item) { collect.emit(item).map_err(StageError::from) } else { stage.process(item, &mut collect) }
-                            })();
+                            let result = if me.passes(&item) {
+                                collect.emit(item).map_err(StageError::from)
+                            } else {
+                                stage.process(item, &mut collect)
+                            };
                             // Workers never block on output (the collector does), so all of it is busy time.
                             me.stats.add_busy(t.elapsed());
                             if done_tx.send((Some(i), result.map(|()| collect.0))).is_err() {

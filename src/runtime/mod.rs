@@ -219,11 +219,18 @@ impl CacheMetrics {
         CacheMetrics(
             handles
                 .iter()
-            .map(|(&i, h)| {
-                let l = &labels[i];
-                (h.counters.clone(), [l.counter(telemetry::CACHE_HITS), l.counter(telemetry::CACHE_MISSES), l.counter(telemetry::CACHE_WRITES)])
-            })
-            .collect(),
+                .map(|(&i, h)| {
+                    let l = &labels[i];
+                    (
+                        h.counters.clone(),
+                        [
+                            l.counter(telemetry::CACHE_HITS),
+                            l.counter(telemetry::CACHE_MISSES),
+                            l.counter(telemetry::CACHE_WRITES),
+                        ],
+                    )
+                })
+                .collect(),
         )
     }
 
@@ -248,7 +255,14 @@ impl TimeMetrics {
                 .zip(labels)
                 .filter(|(_, l)| l.enabled())
                 .map(|(s, l)| {
-                    (s.clone(), [l.gauge(telemetry::BUSY_SECONDS), l.gauge(telemetry::INPUT_WAIT_SECONDS), l.gauge(telemetry::OUTPUT_BLOCKED_SECONDS)])
+                    (
+                        s.clone(),
+                        [
+                            l.gauge(telemetry::BUSY_SECONDS),
+                            l.gauge(telemetry::INPUT_WAIT_SECONDS),
+                            l.gauge(telemetry::OUTPUT_BLOCKED_SECONDS),
+                        ],
+                    )
                 })
                 .collect(),
         )
@@ -298,17 +312,18 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
                 cache_probed_upstream: caches.probed.contains(&i),
                 upstream: upstream.clone(),
             };
-            let b = stage.config.build(&ctx).map_err(|e| RunError::Build { stage: stage.id().to_string(), message: e.to_string() })?;
+            let b = stage
+                .config
+                .build(&ctx)
+                .map_err(|e| RunError::Build { stage: stage.id().to_string(), message: e.to_string() })?;
             built.push(b);
         }
         let actor = match (built.len(), built.pop()) {
             (_, Some(Built::Source(s))) => Actor::Source(s),
             (1, Some(Built::Stage(s))) => Actor::Single(s),
             (_, Some(Built::Stage(s))) => {
-                let mut all: Vec<_> = built
-                    .into_iter()
-                    .filter_map(|b| if let Built::Stage(s) = b { Some(s) } else { None })
-                    .collect();
+                let mut all: Vec<_> =
+                    built.into_iter().filter_map(|b| if let Built::Stage(s) = b { Some(s) } else { None }).collect();
                 all.push(s);
                 Actor::Pool(all)
             }
@@ -339,7 +354,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         summaries: Mutex::new(HashMap::new()),
     });
     let stats: Vec<Arc<StageStats>> = graph.stages.iter().map(|_| Arc::new(StageStats::default())).collect();
-    let labels: Vec<StageLabels> = graph.stages.iter().map(|s| StageLabels::new(&graph.name, s.id(), options.metrics)).collect();
+    let labels: Vec<StageLabels> =
+        graph.stages.iter().map(|s| StageLabels::new(&graph.name, s.id(), options.metrics)).collect();
     let fills: Vec<metrics::Gauge> = labels
         .iter()
         .zip(&senders)
@@ -359,7 +375,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     let time_metrics = TimeMetrics::new(&stats, &labels);
     time_metrics.sync();
     let mut tracked = Vec::new();
-    let totals: Vec<Option<u64>> = actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
+    let totals: Vec<Option<u64>> =
+        actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
     for (i, stage) in graph.stages.iter().enumerate() {
         if let Some(n) = totals[i] {
             labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
@@ -420,7 +437,10 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
                 }
                 let _ = exit_tx.send(i);
             })
-            .map_err(|e| RunError::Build { stage: stage.id().to_string(), message: format!("cannot start thread: {e}") })?;
+            .map_err(|e| RunError::Build {
+                stage: stage.id().to_string(),
+                message: format!("cannot start thread: {e}"),
+            })?;
         handles.push(Some(handle));
     }
     // Only actors hold senders now, so channels close as stages finish.

@@ -107,7 +107,11 @@ pub(super) fn build(
                 items_out: out,
                 item_errors: st.item_errors.load(Ordering::Relaxed),
                 errors_by_reason: st.errors_by_reason(),
-                items_per_second: if wall_s > 0.0 { ((out.max(st.items_in.load(Ordering::Relaxed)) as f64 / wall_s) * 10.0).round() / 10.0 } else { 0.0 },
+                items_per_second: if wall_s > 0.0 {
+                    ((out.max(st.items_in.load(Ordering::Relaxed)) as f64 / wall_s) * 10.0).round() / 10.0
+                } else {
+                    0.0
+                },
                 busy_pct: pct(st.busy_seconds() / workers as f64, wall_s),
                 waiting_for_input_pct: pct(st.wait_seconds(), wall_s),
                 blocked_on_output_pct: pct(st.blocked_seconds(), wall_s),
@@ -123,21 +127,27 @@ pub(super) fn build(
         let sum = |f: fn(&crate::cache::CacheCounters) -> u64| caches.values().map(|h| f(&h.counters)).sum::<u64>();
         let hits = sum(|c| c.hits.load(Ordering::Relaxed));
         let misses = sum(|c| c.misses.load(Ordering::Relaxed));
-        CacheReport { hits, misses, writes: sum(|c| c.writes.load(Ordering::Relaxed)), hit_pct: pct(hits as f64, (hits + misses) as f64) }
+        CacheReport {
+            hits,
+            misses,
+            writes: sum(|c| c.writes.load(Ordering::Relaxed)),
+            hit_pct: pct(hits as f64, (hits + misses) as f64),
+        }
     });
 
-    let bottleneck = stages.iter().max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct)).filter(|s| s.busy_pct > 0.0).map(|top| {
-        let mut sentence = format!("{} is the bottleneck: busy {:.0}%", top.id, top.busy_pct);
-        if let Some(blocked) = stages
-            .iter()
-            .filter(|s| s.id != top.id)
-            .max_by(|a, b| a.blocked_on_output_pct.total_cmp(&b.blocked_on_output_pct))
-            .filter(|s| s.blocked_on_output_pct >= 10.0)
-        {
-            let _ = write!(sentence, "; {} blocked on output {:.0}%", blocked.id, blocked.blocked_on_output_pct);
-        }
-        sentence
-    });
+    let bottleneck =
+        stages.iter().max_by(|a, b| a.busy_pct.total_cmp(&b.busy_pct)).filter(|s| s.busy_pct > 0.0).map(|top| {
+            let mut sentence = format!("{} is the bottleneck: busy {:.0}%", top.id, top.busy_pct);
+            if let Some(blocked) = stages
+                .iter()
+                .filter(|s| s.id != top.id)
+                .max_by(|a, b| a.blocked_on_output_pct.total_cmp(&b.blocked_on_output_pct))
+                .filter(|s| s.blocked_on_output_pct >= 10.0)
+            {
+                let _ = write!(sentence, "; {} blocked on output {:.0}%", blocked.id, blocked.blocked_on_output_pct);
+            }
+            sentence
+        });
 
     RunReport {
         pipeline: graph.name.clone(),
@@ -156,7 +166,13 @@ impl RunReport {
     pub fn skipped_csv(&self) -> String {
         let mut out = String::from("path,stage,reason\n");
         for s in &self.skipped {
-            let _ = writeln!(out, "{},{},{}", csv_field(&s.path.to_string_lossy()), csv_field(&s.stage), csv_field(&s.reason));
+            let _ = writeln!(
+                out,
+                "{},{},{}",
+                csv_field(&s.path.to_string_lossy()),
+                csv_field(&s.stage),
+                csv_field(&s.reason)
+            );
         }
         out
     }
@@ -183,7 +199,15 @@ impl RunReport {
             let _ = writeln!(
                 out,
                 "{:<14} {:<15} {:>8} {:>8} {:>6} {:>9.1} {:>6.1} {:>6.1} {:>8.1}",
-                s.id, s.kind, s.items_in, s.items_out, s.item_errors, s.items_per_second, s.busy_pct, s.waiting_for_input_pct, s.blocked_on_output_pct
+                s.id,
+                s.kind,
+                s.items_in,
+                s.items_out,
+                s.item_errors,
+                s.items_per_second,
+                s.busy_pct,
+                s.waiting_for_input_pct,
+                s.blocked_on_output_pct
             );
         }
         for s in &self.stages {
@@ -192,7 +216,11 @@ impl RunReport {
             }
         }
         if let Some(c) = &self.cache {
-            let _ = writeln!(out, "cache: {} hits, {} misses ({:.1}% hits), {} written", c.hits, c.misses, c.hit_pct, c.writes);
+            let _ = writeln!(
+                out,
+                "cache: {} hits, {} misses ({:.1}% hits), {} written",
+                c.hits, c.misses, c.hit_pct, c.writes
+            );
         }
         if let Some(b) = &self.bottleneck {
             let _ = writeln!(out, "{b}");

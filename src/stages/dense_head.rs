@@ -107,17 +107,42 @@ impl StageConfig for DenseHeadConfig {
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
     const OPTIONS: &'static [OptionDoc] = &[
-        OptionDoc { name: "out_dir", ty: "path", default: "(required)", help: "history.csv, curves.png, head.safetensors, metrics.json" },
-        OptionDoc { name: "layers", ty: "[{kind: dense|dropout, ...}]", default: "the book's", help: "dense: units, activation; dropout: rate" },
-        OptionDoc { name: "optimizer", ty: "{name: rmsprop|adam|sgd, ...}", default: "rmsprop lr 2e-5", help: "Keras semantics and defaults" },
+        OptionDoc {
+            name: "out_dir",
+            ty: "path",
+            default: "(required)",
+            help: "history.csv, curves.png, head.safetensors, metrics.json",
+        },
+        OptionDoc {
+            name: "layers",
+            ty: "[{kind: dense|dropout, ...}]",
+            default: "the book's",
+            help: "dense: units, activation; dropout: rate",
+        },
+        OptionDoc {
+            name: "optimizer",
+            ty: "{name: rmsprop|adam|sgd, ...}",
+            default: "rmsprop lr 2e-5",
+            help: "Keras semantics and defaults",
+        },
         OptionDoc { name: "epochs", ty: "int", default: "30", help: "passes over the training split" },
         OptionDoc { name: "batch_size", ty: "int", default: "20", help: "rows per step" },
         OptionDoc { name: "l2", ty: "float", default: "0", help: "L2 weight decay on every kernel" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "init, shuffle and dropout seed" },
         OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
-        OptionDoc { name: "early_stopping", ty: "{monitor, patience}", default: "(off)", help: "stop when val_loss/val_acc stalls" },
+        OptionDoc {
+            name: "early_stopping",
+            ty: "{monitor, patience}",
+            default: "(off)",
+            help: "stop when val_loss/val_acc stalls",
+        },
         OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
-        OptionDoc { name: "max_memory_mb", ty: "int", default: "2048", help: "features kept in RAM; beyond, spilled to disk" },
+        OptionDoc {
+            name: "max_memory_mb",
+            ty: "int",
+            default: "2048",
+            help: "features kept in RAM; beyond, spilled to disk",
+        },
         OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
         OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
         OptionDoc { name: "test_split", ty: "string", default: "test", help: "evaluated once at the end" },
@@ -131,17 +156,27 @@ impl StageConfig for DenseHeadConfig {
         if self.batch_size == 0 {
             errors.push(FieldError::new("batch_size", "must be at least 1"));
         }
-        if let Some(es) = &self.early_stopping {
-            if es.patience == 0 {
-                errors.push(FieldError::new("early_stopping", "patience must be at least 1"));
-            }
+        if let Some(es) = &self.early_stopping
+            && es.patience == 0
+        {
+            errors.push(FieldError::new("early_stopping", "patience must be at least 1"));
         }
         errors
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let provenance = ctx.upstream.iter().map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options })).collect();
-        Ok(Built::Stage(Box::new(DenseHead { cfg: self.clone(), data: Default::default(), summary: None, provenance, spilled: false })))
+        let provenance = ctx
+            .upstream
+            .iter()
+            .map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options }))
+            .collect();
+        Ok(Built::Stage(Box::new(DenseHead {
+            cfg: self.clone(),
+            data: Default::default(),
+            summary: None,
+            provenance,
+            spilled: false,
+        })))
     }
 }
 
@@ -213,7 +248,8 @@ impl Rows {
             let n = EVAL_ROWS.min(self.n - start);
             x.clear();
             self.gather(start..start + n, dim, &mut x).map_err(|e| format!("reading spilled features: {e}"))?;
-            let (l, a) = head.evaluate(&x, &self.y[start * outputs..(start + n) * outputs], n).map_err(|e| e.to_string())?;
+            let (l, a) =
+                head.evaluate(&x, &self.y[start * outputs..(start + n) * outputs], n).map_err(|e| e.to_string())?;
             loss += l as f64 * n as f64;
             acc += a as f64 * n as f64;
         }
@@ -270,7 +306,10 @@ impl Stage for DenseHead {
             d.classes = label.classes.to_vec();
             d.mode = label.mode;
         } else if f.data.len() != d.dim {
-            return Err(StageError::item(&item.meta.path, format!("features of shape {:?}, earlier ones {:?}", f.shape, d.feature_shape)));
+            return Err(StageError::item(
+                &item.meta.path,
+                format!("features of shape {:?}, earlier ones {:?}", f.shape, d.feature_shape),
+            ));
         }
         let split = item.meta.split.as_deref().unwrap_or(&self.cfg.train_split);
         let rows = if split == self.cfg.train_split {
@@ -280,7 +319,10 @@ impl Stage for DenseHead {
         } else if split == self.cfg.test_split {
             &mut d.test
         } else {
-            return Err(StageError::item(&item.meta.path, format!("split `{split}` is none of train/validation/test splits configured")));
+            return Err(StageError::item(
+                &item.meta.path,
+                format!("split `{split}` is none of train/validation/test splits configured"),
+            ));
         };
         rows.push(&f.data).map_err(|e| StageError::fatal(format!("spilling features: {e}")))?;
         match label.mode {
@@ -296,10 +338,14 @@ impl Stage for DenseHead {
         if held > self.cfg.max_memory_mb << 20 {
             let dir = &self.cfg.out_dir;
             for (name, r) in [("train", &mut d.train), ("validation", &mut d.validation), ("test", &mut d.test)] {
-                r.spill_to(dir, name).map_err(|e| StageError::fatal(format!("spilling features to {}: {e}", dir.display())))?;
+                r.spill_to(dir, name)
+                    .map_err(|e| StageError::fatal(format!("spilling features to {}: {e}", dir.display())))?;
             }
             if !self.spilled {
-                tracing::info!("features exceed max_memory_mb ({}): spilled to disk, read back each epoch", self.cfg.max_memory_mb);
+                tracing::info!(
+                    "features exceed max_memory_mb ({}): spilled to disk, read back each epoch",
+                    self.cfg.max_memory_mb
+                );
                 self.spilled = true;
             }
         }
@@ -327,7 +373,12 @@ fn monitor_value(r: &EpochRecord, m: Monitor) -> Option<f32> {
     }
 }
 
-fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], signals: &RunSignals) -> Result<serde_json::Value, String> {
+fn train(
+    cfg: &DenseHeadConfig,
+    d: &Data,
+    provenance: &[serde_json::Value],
+    signals: &RunSignals,
+) -> Result<serde_json::Value, String> {
     if d.train.n == 0 {
         return Err(format!("no items of split `{}` to train on", cfg.train_split));
     }
@@ -335,9 +386,14 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
     let layers = cfg.layers.clone().unwrap_or_else(|| LayerSpec::book_categorical(outputs));
     let mut head = Head::new(d.dim, &layers, cfg.seed).map_err(|e| e.to_string())?;
     if head.output_dim() != outputs {
-        return Err(format!("the last layer has {} units but the data has {} label columns", head.output_dim(), outputs));
+        return Err(format!(
+            "the last layer has {} units but the data has {} label columns",
+            head.output_dim(),
+            outputs
+        ));
     }
-    let threads = if cfg.threads > 0 { cfg.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
+    let threads =
+        if cfg.threads > 0 { cfg.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
     head.set_threads(threads);
     let mut opt = Optimizer::new(cfg.optimizer);
     let dim = d.dim;
@@ -361,11 +417,14 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
         for chunk in order.chunks(cfg.batch_size) {
             xb.clear();
             yb.clear();
-            d.train.gather(chunk.iter().copied(), dim, &mut xb).map_err(|e| format!("reading spilled features: {e}"))?;
+            d.train
+                .gather(chunk.iter().copied(), dim, &mut xb)
+                .map_err(|e| format!("reading spilled features: {e}"))?;
             for &i in chunk {
                 yb.extend_from_slice(&d.train.y[i * outputs..(i + 1) * outputs]);
             }
-            let stats = head.train_batch(&xb, &yb, chunk.len(), &mut opt, cfg.l2, &mut rng).map_err(|e| e.to_string())?;
+            let stats =
+                head.train_batch(&xb, &yb, chunk.len(), &mut opt, cfg.l2, &mut rng).map_err(|e| e.to_string())?;
             loss_sum += stats.loss as f64 * chunk.len() as f64;
             correct += stats.correct;
         }
@@ -402,11 +461,14 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
                     best_head = Some(head.clone());
                 }
             }
-            if let (Some(es), Some((_, best_epoch))) = (&cfg.early_stopping, &best) {
-                if epoch - best_epoch >= es.patience {
-                    tracing::info!("early stopping after epoch {epoch}: no better {:?} since epoch {best_epoch}", es.monitor);
-                    break;
-                }
+            if let (Some(es), Some((_, best_epoch))) = (&cfg.early_stopping, &best)
+                && epoch - best_epoch >= es.patience
+            {
+                tracing::info!(
+                    "early stopping after epoch {epoch}: no better {:?} since epoch {best_epoch}",
+                    es.monitor
+                );
+                break;
             }
         }
     }
@@ -419,8 +481,11 @@ fn train(cfg: &DenseHeadConfig, d: &Data, provenance: &[serde_json::Value], sign
     let out = &cfg.out_dir;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write_history(&out.join("history.csv"), &history).map_err(|e| format!("history.csv: {e}"))?;
-    crate::plot::curves(&out.join("curves.png"), &history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect::<Vec<_>>())
-        .map_err(|e| format!("curves.png: {e}"))?;
+    crate::plot::curves(
+        &out.join("curves.png"),
+        &history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect::<Vec<_>>(),
+    )
+    .map_err(|e| format!("curves.png: {e}"))?;
     head.save_safetensors(&out.join("head.safetensors")).map_err(|e| e.to_string())?;
     let head_json = serde_json::json!({
         "layers": layers, "input_shape": d.feature_shape, "classes": d.classes,
@@ -458,7 +523,15 @@ fn write_history(path: &Path, history: &[EpochRecord]) -> std::io::Result<()> {
     let opt = |v: Option<f32>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut text = String::from("epoch,loss,acc,val_loss,val_acc,seconds\n");
     for r in history {
-        text.push_str(&format!("{},{:.6},{:.6},{},{},{:.3}\n", r.epoch, r.loss, r.acc, opt(r.val_loss), opt(r.val_acc), r.seconds));
+        text.push_str(&format!(
+            "{},{:.6},{:.6},{},{},{:.3}\n",
+            r.epoch,
+            r.loss,
+            r.acc,
+            opt(r.val_loss),
+            opt(r.val_acc),
+            r.seconds
+        ));
     }
     std::fs::write(path, text)
 }

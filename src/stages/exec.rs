@@ -132,14 +132,25 @@ impl Serialize for ExecConfig {
 
 impl StageConfig for ExecConfig {
     const KIND: &'static str = "exec";
-    const SUMMARY: &'static str = "runs an external command (e.g. a Python pixel transform) as worker processes over stdin/stdout";
+    const SUMMARY: &'static str =
+        "runs an external command (e.g. a Python pixel transform) as worker processes over stdin/stdout";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Image];
     const EMITS: Option<ItemKind> = Some(ItemKind::Image);
     const OPTIONS: &'static [OptionDoc] = &[
-        OptionDoc { name: "command", ty: "[string]", default: "(required)", help: "worker argv, e.g. [python, my_transform.py]" },
+        OptionDoc {
+            name: "command",
+            ty: "[string]",
+            default: "(required)",
+            help: "worker argv, e.g. [python, my_transform.py]",
+        },
         OptionDoc { name: "env", ty: "{string: string}", default: "{}", help: "extra environment for the worker" },
         OptionDoc { name: "timeout_ms", ty: "int", default: "30000", help: "per item (and for the worker to start)" },
-        OptionDoc { name: "restarts", ty: "int", default: "3", help: "restarts allowed per worker process, then fatal" },
+        OptionDoc {
+            name: "restarts",
+            ty: "int",
+            default: "3",
+            help: "restarts allowed per worker process, then fatal",
+        },
         OptionDoc { name: "cache_key", ty: "string", default: "\"\"", help: "bump to invalidate cached features" },
     ];
     // One child per copy, one item at a time: copies are independent.
@@ -269,7 +280,12 @@ impl Worker {
             .spawn(move || {
                 let mut stdin = stdin;
                 for (head, payload) in req_rx {
-                    if stdin.write_all(&head).and_then(|()| stdin.write_all(&payload)).and_then(|()| stdin.flush()).is_err() {
+                    if stdin
+                        .write_all(&head)
+                        .and_then(|()| stdin.write_all(&payload))
+                        .and_then(|()| stdin.flush())
+                        .is_err()
+                    {
                         break; // the worker is gone; the reader reports it
                     }
                 }
@@ -314,7 +330,14 @@ impl Worker {
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
 
-        Ok(Worker { child, requests: Some(req_tx), answers: ans_rx, stderr_tail: tail, stderr_done: done_rx, ready: false })
+        Ok(Worker {
+            child,
+            requests: Some(req_tx),
+            answers: ans_rx,
+            stderr_tail: tail,
+            stderr_done: done_rx,
+            ready: false,
+        })
     }
 
     /// Waits for the ready frame and checks the protocol version.
@@ -355,7 +378,9 @@ impl Worker {
                 loop {
                     match self.child.try_wait() {
                         Ok(Some(s)) => break Some(s),
-                        Ok(None) if t.elapsed() < Duration::from_secs(1) => std::thread::sleep(Duration::from_millis(5)),
+                        Ok(None) if t.elapsed() < Duration::from_secs(1) => {
+                            std::thread::sleep(Duration::from_millis(5))
+                        }
                         _ => break None,
                     }
                 }
@@ -366,14 +391,16 @@ impl Worker {
             let _ = self.child.kill();
             self.child.wait().ok()
         });
-        if let Some(s) = status {
-            if reason.starts_with("worker exited") {
-                reason = format!("{reason}, {s}");
-            }
+        if let Some(s) = status
+            && reason.starts_with("worker exited")
+        {
+            reason = format!("{reason}, {s}");
         }
         // Let the stderr thread read what the child wrote before it died.
         let _ = self.stderr_done.recv_timeout(Duration::from_millis(500));
-        if let Some(last) = self.stderr_tail.lock().ok().and_then(|t| t.iter().rev().find(|l| !l.trim().is_empty()).cloned()) {
+        if let Some(last) =
+            self.stderr_tail.lock().ok().and_then(|t| t.iter().rev().find(|l| !l.trim().is_empty()).cloned())
+        {
             reason = format!("{reason}; stderr: {}", last.trim());
         }
         reason
@@ -497,15 +524,21 @@ fn request_head(meta: &Meta, shape: [usize; 3]) -> Vec<u8> {
 fn answer_image(frame: Frame) -> Result<RgbImage, String> {
     let h = &frame.header;
     let dtype = h.get("dtype").and_then(|v| v.as_str()).unwrap_or("(none)");
-    let shape: Option<Vec<u64>> = h.get("shape").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
-    let described = || format!("{} {}", dtype, h.get("shape").map(|s| s.to_string()).unwrap_or_else(|| "(no shape)".into()));
+    let shape: Option<Vec<u64>> =
+        h.get("shape").and_then(|v| v.as_array()).and_then(|a| a.iter().map(|d| d.as_u64()).collect());
+    let described =
+        || format!("{} {}", dtype, h.get("shape").map(|s| s.to_string()).unwrap_or_else(|| "(no shape)".into()));
     let (height, width) = match (dtype, shape.as_deref()) {
         ("uint8", Some(&[height, width, 3])) if height > 0 && width > 0 => (height, width),
         _ => return Err(format!("worker answered {}; an image stage needs uint8 [H, W, 3]", described())),
     };
     let need = height * width * 3;
     if frame.payload.len() as u64 != need {
-        return Err(format!("worker answered {} with {} bytes; that shape needs {need}", described(), frame.payload.len()));
+        return Err(format!(
+            "worker answered {} with {} bytes; that shape needs {need}",
+            described(),
+            frame.payload.len()
+        ));
     }
     let (Ok(w), Ok(hh)) = (u32::try_from(width), u32::try_from(height)) else {
         return Err(format!("worker answered {}: too large", described()));
@@ -533,11 +566,11 @@ impl Exec {
         let timeout = self.timeout();
         let cmd = self.cmd();
         let w = self.proc.as_mut().expect("started above");
-        if !w.ready {
-            if let Err(e) = w.await_ready(timeout) {
-                self.proc = None;
-                return Err(StageError::fatal(format!("worker `{cmd}` did not start: {e}")));
-            }
+        if !w.ready
+            && let Err(e) = w.await_ready(timeout)
+        {
+            self.proc = None;
+            return Err(StageError::fatal(format!("worker `{cmd}` did not start: {e}")));
         }
         Ok(self.proc.as_mut().expect("started above"))
     }
@@ -643,7 +676,8 @@ mod tests {
 
     #[test]
     fn frames_parse_and_garbage_is_named() {
-        let bytes = frame(r#"{"seq": 3, "ok": true, "shape": [1, 2, 3], "dtype": "uint8", "nbytes": 6}"#, &[1, 2, 3, 4, 5, 6]);
+        let bytes =
+            frame(r#"{"seq": 3, "ok": true, "shape": [1, 2, 3], "dtype": "uint8", "nbytes": 6}"#, &[1, 2, 3, 4, 5, 6]);
         let f = read_frame(&mut BufReader::new(&bytes[..])).ok().unwrap();
         assert_eq!(f.payload, [1, 2, 3, 4, 5, 6]);
         let img = answer_image(f).unwrap();

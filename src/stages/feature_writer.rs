@@ -31,7 +31,11 @@ impl StageConfig for FeatureWriterConfig {
         &[OptionDoc { name: "dir", ty: "path", default: "(required)", help: "output folder (a sub-folder per split)" }];
 
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        Ok(Built::Stage(Box::new(FeatureWriter { dir: self.dir.clone(), splits: BTreeMap::new(), written: BTreeMap::new() })))
+        Ok(Built::Stage(Box::new(FeatureWriter {
+            dir: self.dir.clone(),
+            splits: BTreeMap::new(),
+            written: BTreeMap::new(),
+        })))
     }
 }
 

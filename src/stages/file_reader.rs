@@ -47,7 +47,12 @@ impl StageConfig for FileReaderConfig {
         OptionDoc { name: "dir", ty: "path", default: "(required)", help: "folder with one sub-folder per class" },
         OptionDoc { name: "splits", ty: "[string]", default: "[]", help: "read dir/<split>/<class>/ for each split" },
         OptionDoc { name: "class_mode", ty: "binary|categorical|none", default: "binary", help: "label encoding" },
-        OptionDoc { name: "extensions", ty: "[string]", default: "[jpg, jpeg, png, ...]", help: "file extensions read" },
+        OptionDoc {
+            name: "extensions",
+            ty: "[string]",
+            default: "[jpg, jpeg, png, ...]",
+            help: "file extensions read",
+        },
         OptionDoc { name: "shuffle", ty: "bool", default: "false", help: "shuffle the file order" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "shuffle seed" },
         OptionDoc { name: "follow_links", ty: "bool", default: "false", help: "follow symbolic links" },
@@ -113,7 +118,12 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         let groups: Vec<(Option<u32>, PathBuf)> = if flat {
             vec![(None, root.clone())]
         } else {
-            class_names.iter().enumerate().map(|(i, c)| (Some(i as u32), root.join(c))).filter(|(_, p)| p.is_dir()).collect()
+            class_names
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (Some(i as u32), root.join(c)))
+                .filter(|(_, p)| p.is_dir())
+                .collect()
         };
         for (index, folder) in groups {
             let mut files = Vec::new();
@@ -160,7 +170,14 @@ fn subfolders(root: &Path, follow_links: bool) -> Result<Vec<String>, String> {
 /// Depth limit guards against symlink loops when `follow_links` is on.
 const MAX_DEPTH: usize = 32;
 
-fn walk(dir: &Path, exts: &[String], follow: bool, recurse: bool, out: &mut Vec<PathBuf>, depth: usize) -> Result<(), String> {
+fn walk(
+    dir: &Path,
+    exts: &[String],
+    follow: bool,
+    recurse: bool,
+    out: &mut Vec<PathBuf>,
+    depth: usize,
+) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!("{}: folders nested deeper than {MAX_DEPTH} (a symlink loop?)", dir.display()));
     }

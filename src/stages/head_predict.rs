@@ -26,7 +26,12 @@ impl StageConfig for HeadPredictConfig {
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
     const OPTIONS: &'static [OptionDoc] = &[
-        OptionDoc { name: "head", ty: "path", default: "(required)", help: "folder with head.safetensors and head.json" },
+        OptionDoc {
+            name: "head",
+            ty: "path",
+            default: "(required)",
+            help: "folder with head.safetensors and head.json",
+        },
         OptionDoc { name: "out", ty: "path", default: "(required)", help: "predictions CSV" },
     ];
 
@@ -34,7 +39,12 @@ impl StageConfig for HeadPredictConfig {
         ["head.safetensors", "head.json"]
             .iter()
             .filter(|f| !self.head.join(f).is_file())
-            .map(|f| FieldError::new("head", format!("{} not found (train a head with dense_head first)", self.head.join(f).display())))
+            .map(|f| {
+                FieldError::new(
+                    "head",
+                    format!("{} not found (train a head with dense_head first)", self.head.join(f).display()),
+                )
+            })
             .collect()
     }
 
@@ -44,11 +54,19 @@ impl StageConfig for HeadPredictConfig {
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
             .ok_or_else(|| StageError::fatal(format!("{}: unreadable head.json", self.head.display())))?;
-        let classes: Vec<String> = meta["classes"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_string)).collect();
+        let classes: Vec<String> =
+            meta["classes"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_string)).collect();
         if classes.is_empty() {
             return Err(StageError::fatal("head.json lists no classes"));
         }
-        Ok(Built::Stage(Box::new(HeadPredict { head, classes, out: self.out.clone(), writer: None, rows: 0, pending: Vec::new() })))
+        Ok(Built::Stage(Box::new(HeadPredict {
+            head,
+            classes,
+            out: self.out.clone(),
+            writer: None,
+            rows: 0,
+            pending: Vec::new(),
+        })))
     }
 }
 
@@ -90,7 +108,8 @@ impl HeadPredict {
                 if let Some(dir) = self.out.parent().filter(|d| !d.as_os_str().is_empty()) {
                     std::fs::create_dir_all(dir).map_err(|e| StageError::fatal(format!("{}: {e}", dir.display())))?;
                 }
-                let f = File::create(partial(&self.out)).map_err(|e| StageError::fatal(format!("{}: {e}", self.out.display())))?;
+                let f = File::create(partial(&self.out))
+                    .map_err(|e| StageError::fatal(format!("{}: {e}", self.out.display())))?;
                 let mut w = BufWriter::new(f);
                 let header: Vec<String> = self.classes.iter().map(|c| format!("p_{c}")).collect();
                 writeln!(w, "path,{},predicted", header.join(",")).map_err(StageError::fatal)?;
@@ -104,7 +123,8 @@ impl HeadPredict {
             let best = per_class.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
             let cols: Vec<String> = per_class.iter().map(|v| format!("{v:.6}")).collect();
             let name = self.classes.get(best).cloned().unwrap_or_default();
-            writeln!(w, "{},{},{}", csv_field(&path.display().to_string()), cols.join(","), csv_field(&name)).map_err(StageError::fatal)?;
+            writeln!(w, "{},{},{}", csv_field(&path.display().to_string()), cols.join(","), csv_field(&name))
+                .map_err(StageError::fatal)?;
             self.rows += 1;
         }
         Ok(())
@@ -140,7 +160,8 @@ impl Stage for HeadPredict {
         self.flush()?;
         if let Some(w) = self.writer.take() {
             w.into_inner().map_err(|e| StageError::fatal(e.to_string()))?.sync_all().map_err(StageError::fatal)?;
-            std::fs::rename(partial(&self.out), &self.out).map_err(|e| StageError::fatal(format!("{}: {e}", self.out.display())))?;
+            std::fs::rename(partial(&self.out), &self.out)
+                .map_err(|e| StageError::fatal(format!("{}: {e}", self.out.display())))?;
         }
         Ok(())
     }

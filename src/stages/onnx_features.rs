@@ -48,9 +48,24 @@ impl StageConfig for OnnxFeaturesConfig {
     const EMITS: Option<ItemKind> = Some(ItemKind::Features);
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
-        OptionDoc { name: "preprocess", ty: "rescale|caffe|none", default: "rescale", help: "x/255 (the book) or Keras VGG16's caffe" },
-        OptionDoc { name: "device", ty: "auto|cpu|cuda", default: "auto", help: "auto: CUDA if present, else CPU with a warning" },
-        OptionDoc { name: "intra_threads", ty: "int", default: "0 (one per core)", help: "ONNX Runtime intra-op threads" },
+        OptionDoc {
+            name: "preprocess",
+            ty: "rescale|caffe|none",
+            default: "rescale",
+            help: "x/255 (the book) or Keras VGG16's caffe",
+        },
+        OptionDoc {
+            name: "device",
+            ty: "auto|cpu|cuda",
+            default: "auto",
+            help: "auto: CUDA if present, else CPU with a warning",
+        },
+        OptionDoc {
+            name: "intra_threads",
+            ty: "int",
+            default: "0 (one per core)",
+            help: "ONNX Runtime intra-op threads",
+        },
         OptionDoc { name: "spinning", ty: "bool", default: "false", help: "let idle ORT threads spin-wait" },
         OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
     ];
@@ -81,7 +96,8 @@ impl StageConfig for OnnxFeaturesConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let model = OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
+        let model =
+            OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
         if let Some((h, w)) = ctx.image_size {
             model.check_size(h, w).map_err(StageError::fatal)?;
         }
@@ -138,7 +154,13 @@ impl Stage for OnnxFeatures {
                         if *size.get_or_insert(dims) != dims {
                             return Err(StageError::item(
                                 &m.meta.path,
-                                format!("image is {}x{} but the batch is {}x{}; add a resize stage", dims.0, dims.1, size.unwrap_or_default().0, size.unwrap_or_default().1),
+                                format!(
+                                    "image is {}x{} but the batch is {}x{}; add a resize stage",
+                                    dims.0,
+                                    dims.1,
+                                    size.unwrap_or_default().0,
+                                    size.unwrap_or_default().1
+                                ),
                             ));
                         }
                         self.preprocess.extend(&img, &mut tensor);
@@ -146,7 +168,12 @@ impl Stage for OnnxFeatures {
                     }
                     slots.push((m.meta, hit));
                 }
-                _ => return Err(StageError::fatal(format!("a batch may hold images or features, not {}", m.kind().name()))),
+                _ => {
+                    return Err(StageError::fatal(format!(
+                        "a batch may hold images or features, not {}",
+                        m.kind().name()
+                    )));
+                }
             }
         }
         if let Some((w, h)) = size {
@@ -164,13 +191,12 @@ impl Stage for OnnxFeatures {
             let row_shape = shape[1..].to_vec();
             let row = row_shape.iter().product::<usize>();
             for (k, &slot) in todo.iter().enumerate() {
-                slots[slot].1 = Some(Features { shape: row_shape.clone(), data: data[k * row..(k + 1) * row].to_vec() });
+                slots[slot].1 =
+                    Some(Features { shape: row_shape.clone(), data: data[k * row..(k + 1) * row].to_vec() });
             }
             if let Some(cache) = &self.cache {
-                let entries: Vec<_> = todo
-                    .iter()
-                    .filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0.content_hash, f)))
-                    .collect();
+                let entries: Vec<_> =
+                    todo.iter().filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0.content_hash, f))).collect();
                 cache.put_many(&entries).map_err(StageError::fatal)?;
             }
         }

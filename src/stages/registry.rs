@@ -97,8 +97,14 @@ impl Registry {
                 info.accepts.iter().map(|k| k.name()).collect::<Vec<_>>().join(" | ")
             };
             let emits = info.emits.map(|k| k.name()).unwrap_or("(sink)");
-            out.push_str(&format!("{}: {}\n  takes: {}  emits: {}{}\n", info.kind, info.summary, takes, emits,
-                if info.parallel { "  (workers: N allowed)" } else { "" }));
+            out.push_str(&format!(
+                "{}: {}\n  takes: {}  emits: {}{}\n",
+                info.kind,
+                info.summary,
+                takes,
+                emits,
+                if info.parallel { "  (workers: N allowed)" } else { "" }
+            ));
             for o in info.options {
                 out.push_str(&format!("  {:<16} {:<22} default {:<24} {}\n", o.name, o.ty, o.default, o.help));
             }

@@ -63,7 +63,11 @@ impl StageConfig for ResizeConfig {
     const PASSES_PRECOMPUTED: bool = true;
 
     fn check(&self) -> Vec<FieldError> {
-        if self.size.contains(&0) { vec![FieldError::new("size", "height and width must be at least 1")] } else { Vec::new() }
+        if self.size.contains(&0) {
+            vec![FieldError::new("size", "height and width must be at least 1")]
+        } else {
+            Vec::new()
+        }
     }
 
     fn image_size(&self) -> Option<(u32, u32)> {
@@ -71,7 +75,12 @@ impl StageConfig for ResizeConfig {
     }
 
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        Ok(Built::Stage(Box::new(Resize { height: self.size[0], width: self.size[1], filter: self.filter, resizer: Resizer::new() })))
+        Ok(Built::Stage(Box::new(Resize {
+            height: self.size[0],
+            width: self.size[1],
+            filter: self.filter,
+            resizer: Resizer::new(),
+        })))
     }
 }
 
@@ -97,7 +106,8 @@ impl Resize {
         self.resizer
             .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(self.filter.algorithm()))
             .map_err(|e| e.to_string())?;
-        RgbImage::from_raw(self.width, self.height, dst.into_vec()).ok_or_else(|| "resize produced a wrong buffer".into())
+        RgbImage::from_raw(self.width, self.height, dst.into_vec())
+            .ok_or_else(|| "resize produced a wrong buffer".into())
     }
 }
 

@@ -50,7 +50,8 @@ pub fn install_prometheus(listen: Option<SocketAddr>) -> anyhow::Result<MetricsE
         }
         return Ok(e.clone());
     }
-    let builder = PrometheusBuilder::new().set_buckets_for_metric(Matcher::Full(super::INFERENCE_BATCH_SECONDS.into()), super::INFERENCE_BUCKETS)?;
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(super::INFERENCE_BATCH_SECONDS.into()), super::INFERENCE_BUCKETS)?;
     let handle = match listen {
         None => {
             let recorder = builder.build_recorder();
@@ -70,7 +71,10 @@ pub fn install_prometheus(listen: Option<SocketAddr>) -> anyhow::Result<MetricsE
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (recorder, serve) = {
                 let _guard = runtime.enter();
-                builder.with_http_listener(addr).build().map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?
+                builder
+                    .with_http_listener(addr)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?
             };
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder)?;

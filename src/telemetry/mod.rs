@@ -48,24 +48,41 @@ pub const TRAIN_LOSS: &str = "convflow_trainer_loss";
 pub const TRAIN_VAL_ACC: &str = "convflow_trainer_val_accuracy";
 
 /// Histogram buckets of [`INFERENCE_BATCH_SECONDS`].
-pub const INFERENCE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+pub const INFERENCE_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// HELP text of every metric (promtool wants one for each).
 pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(ITEMS_IN, Unit::Count, "Items (images) a stage took from its input.");
     describe_counter!(ITEMS_OUT, Unit::Count, "Items (images) a stage emitted.");
-    describe_counter!(ITEM_ERRORS, Unit::Count, "Items a stage could not process, by reason (skipped, or fatal under on_error: fail).");
-    describe_gauge!(BUSY_SECONDS, Unit::Seconds, "Cumulative seconds a stage spent working (summed over workers); only grows.");
+    describe_counter!(
+        ITEM_ERRORS,
+        Unit::Count,
+        "Items a stage could not process, by reason (skipped, or fatal under on_error: fail)."
+    );
+    describe_gauge!(
+        BUSY_SECONDS,
+        Unit::Seconds,
+        "Cumulative seconds a stage spent working (summed over workers); only grows."
+    );
     describe_gauge!(INPUT_WAIT_SECONDS, Unit::Seconds, "Cumulative seconds a stage waited for input; only grows.");
-    describe_gauge!(OUTPUT_BLOCKED_SECONDS, Unit::Seconds, "Cumulative seconds a stage was blocked on a full output channel; only grows.");
+    describe_gauge!(
+        OUTPUT_BLOCKED_SECONDS,
+        Unit::Seconds,
+        "Cumulative seconds a stage was blocked on a full output channel; only grows."
+    );
     describe_gauge!(CHANNEL_CAPACITY, Unit::Count, "Capacity of a stage's input channel, in items.");
     describe_gauge!(CHANNEL_FILL, Unit::Count, "Items waiting in a stage's input channel.");
     describe_counter!(CACHE_HITS, Unit::Count, "Feature cache lookups that found the features.");
     describe_counter!(CACHE_MISSES, Unit::Count, "Feature cache lookups that did not.");
     describe_counter!(CACHE_WRITES, Unit::Count, "Feature maps written to the cache.");
     describe_gauge!(SOURCE_EXPECTED, Unit::Count, "Items a source will emit, known up front.");
-    describe_histogram!(INFERENCE_BATCH_SECONDS, Unit::Seconds, "Seconds of one model call on a batch (cache hits excluded).");
+    describe_histogram!(
+        INFERENCE_BATCH_SECONDS,
+        Unit::Seconds,
+        "Seconds of one model call on a batch (cache hits excluded)."
+    );
     describe_gauge!(EXECUTION_PROVIDER, "1 for the execution provider a model runs on (label provider).");
     describe_gauge!(TRAIN_LOSS, "Training loss of the dense head after the last epoch.");
     describe_gauge!(TRAIN_VAL_ACC, "Validation accuracy of the dense head after the last epoch.");
@@ -220,7 +237,10 @@ mod tests {
         assert_eq!(reason_class("/x/y.jpg"), "other");
         let s = StageStats::default();
         for i in 0..40 {
-            s.add_error(&format!("{} failed", "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz".get(i..i + 3).unwrap_or("zz")));
+            s.add_error(&format!(
+                "{} failed",
+                "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz".get(i..i + 3).unwrap_or("zz")
+            ));
         }
         assert!(s.errors_by_reason().len() <= MAX_REASONS + 1);
         assert_eq!(s.errors_by_reason().values().sum::<u64>(), 40);

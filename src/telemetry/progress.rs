@@ -72,7 +72,13 @@ fn eta(seconds: f64) -> String {
         return "?".into();
     }
     let s = seconds.round() as u64;
-    if s >= 3600 { format!("{}h{:02}m", s / 3600, s % 3600 / 60) } else if s >= 60 { format!("{}m{:02}s", s / 60, s % 60) } else { format!("{s}s") }
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
 }
 
 impl Progress {
@@ -85,7 +91,8 @@ impl Progress {
                 let bars = tracked
                     .iter()
                     .map(|t| {
-                        let prefix = format!("{} ({})", t.stage, if t.role == Role::Source { "source" } else { "sink" });
+                        let prefix =
+                            format!("{} ({})", t.stage, if t.role == Role::Source { "source" } else { "sink" });
                         let style = match t.total {
                             Some(_) => format!("{{prefix:<{width}}} [{{bar:30}}] {{pos}}/{{len}} {{rate}} ETA {{eta}}"),
                             None => format!("{{prefix:<{width}}} {{spinner}} {{pos}} {{rate}}"),
@@ -168,7 +175,10 @@ mod tests {
     fn lines_give_rate_and_eta() {
         let stats = Arc::new(StageStats::default());
         stats.items_out.store(50, Ordering::Relaxed);
-        let p = Progress::new(ProgressMode::Off, vec![Tracked { stage: "files".into(), role: Role::Source, total: Some(100), stats }]);
+        let p = Progress::new(
+            ProgressMode::Off,
+            vec![Tracked { stage: "files".into(), role: Role::Source, total: Some(100), stats }],
+        );
         std::thread::sleep(Duration::from_millis(20));
         let line = p.line();
         assert!(line.starts_with("files 50/100 ("), "{line}");

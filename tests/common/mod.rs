@@ -86,7 +86,15 @@ pub fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// The standard extraction chain as YAML, on `data` with `model`.
-pub fn extraction_yaml(data: &Path, model: &Path, out: &Path, cache: Option<&Path>, extra_decode: &str, size: u32, preprocess: &str) -> String {
+pub fn extraction_yaml(
+    data: &Path,
+    model: &Path,
+    out: &Path,
+    cache: Option<&Path>,
+    extra_decode: &str,
+    size: u32,
+    preprocess: &str,
+) -> String {
     let cache = cache.map(|c| format!("    cache: {}\n", c.display())).unwrap_or_default();
     format!(
         "stages:
@@ -129,5 +137,11 @@ pub fn run_yaml(path: &Path) -> Result<convflow::runtime::RunReport, convflow::r
 }
 
 pub fn detail(report: &convflow::runtime::RunReport, stage: &str, key: &str) -> serde_json::Value {
-    report.stages.iter().find(|s| s.id == stage).and_then(|s| s.details.clone()).map(|d| d[key].clone()).unwrap_or_default()
+    report
+        .stages
+        .iter()
+        .find(|s| s.id == stage)
+        .and_then(|s| s.details.clone())
+        .map(|d| d[key].clone())
+        .unwrap_or_default()
 }
