@@ -79,9 +79,14 @@ impl SplitFiles {
                 _ => labels.push(&[label.index as f32])?,
             }
         }
-        // One path per line: a newline in a file name would break the row
-        // correspondence, so it is escaped.
-        writeln!(self.paths, "{}", item.meta.path.display().to_string().replace('\n', "\\n"))
+        // One path per line, its own bytes (a non-UTF-8 name stays openable); a newline
+        // in a name would break the row correspondence, so it is escaped.
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = item.meta.path.as_os_str().as_bytes();
+        let escaped: Vec<u8> =
+            bytes.iter().flat_map(|&b| if b == b'\n' { vec![b'\\', b'n'] } else { vec![b] }).collect();
+        self.paths.write_all(&escaped)?;
+        self.paths.write_all(b"\n")
     }
 
     fn finish(self) -> std::io::Result<usize> {

@@ -178,9 +178,29 @@ fn walk(
     out: &mut Vec<PathBuf>,
     depth: usize,
 ) -> Result<(), String> {
+    let mut stack = Vec::new();
+    walk_inner(dir, exts, follow, recurse, out, depth, &mut stack)
+}
+
+/// `stack` holds the real paths of the folders being walked, so a symbolic
+/// link back to one of them is named as a loop instead of recursing forever.
+fn walk_inner(
+    dir: &Path,
+    exts: &[String],
+    follow: bool,
+    recurse: bool,
+    out: &mut Vec<PathBuf>,
+    depth: usize,
+    stack: &mut Vec<PathBuf>,
+) -> Result<(), String> {
     if depth > MAX_DEPTH {
-        return Err(format!("{}: folders nested deeper than {MAX_DEPTH} (a symlink loop?)", dir.display()));
+        return Err(format!("{}: folders nested deeper than {MAX_DEPTH}", dir.display()));
     }
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    if stack.contains(&real) {
+        return Err(format!("symlink loop: {} leads back to {}", dir.display(), real.display()));
+    }
+    stack.push(real);
     let rd = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
     for entry in rd.flatten() {
         let path = entry.path();
@@ -194,7 +214,7 @@ fn walk(
             (t.is_dir(), t.is_file())
         };
         if is_dir && recurse {
-            walk(&path, exts, follow, recurse, out, depth + 1)?;
+            walk_inner(&path, exts, follow, recurse, out, depth + 1, stack)?;
         } else if is_file {
             let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
             if exts.contains(&ext) {
@@ -202,6 +222,7 @@ fn walk(
             }
         }
     }
+    stack.pop();
     Ok(())
 }
 
