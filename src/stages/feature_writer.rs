@@ -40,7 +40,12 @@ impl StageConfig for FeatureWriterConfig {
 }
 
 struct SplitFiles {
+    /// Where the files are written while the run goes on.
     dir: PathBuf,
+    /// For a split folder: its final name. The files are staged in a hidden
+    /// sibling and the folder renamed into place at the end, so a reader (or
+    /// a kill at any moment) never sees one split's files from two runs.
+    publish: Option<PathBuf>,
     features: NpyWriter,
     labels: Option<NpyWriter>,
     paths: BufWriter<File>,
@@ -48,7 +53,18 @@ struct SplitFiles {
 }
 
 impl SplitFiles {
-    fn create(dir: &Path, row_shape: &[usize], label: Option<&Label>) -> std::io::Result<SplitFiles> {
+    fn create(target: &Path, staged: bool, row_shape: &[usize], label: Option<&Label>) -> std::io::Result<SplitFiles> {
+        let (dir, publish) = match (staged, target.file_name(), target.parent()) {
+            (true, Some(name), Some(parent)) => {
+                let staging = parent.join(format!(".{}.partial", name.to_string_lossy()));
+                if staging.exists() {
+                    std::fs::remove_dir_all(&staging)?;
+                }
+                (staging, Some(target.to_path_buf()))
+            }
+            _ => (target.to_path_buf(), None),
+        };
+        let dir = dir.as_path();
         std::fs::create_dir_all(dir)?;
         let labels = match label {
             Some(l) if l.mode == ClassMode::Binary => Some(NpyWriter::create(&dir.join("labels.npy"), &[])?),
@@ -59,6 +75,7 @@ impl SplitFiles {
         };
         Ok(SplitFiles {
             dir: dir.to_path_buf(),
+            publish,
             features: NpyWriter::create(&dir.join("features.npy"), row_shape)?,
             labels,
             paths: BufWriter::new(File::create(dir.join("paths.txt.partial"))?),
@@ -100,7 +117,18 @@ impl SplitFiles {
         if let Some(classes) = self.classes {
             std::fs::write(self.dir.join("classes.txt"), classes.join("\n") + "\n")?;
         }
+        if let Some(target) = &self.publish {
+            if target.exists() {
+                std::fs::remove_dir_all(target)?;
+            }
+            std::fs::rename(&self.dir, target)?;
+        }
         Ok(rows)
+    }
+
+    /// The folder the files end up in.
+    fn final_dir(&self) -> &Path {
+        self.publish.as_deref().unwrap_or(&self.dir)
     }
 
     fn discard(self) {
@@ -108,6 +136,9 @@ impl SplitFiles {
         self.features.discard();
         if let Some(l) = self.labels {
             l.discard();
+        }
+        if self.publish.is_some() {
+            let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
@@ -130,7 +161,7 @@ impl Stage for FeatureWriter {
                 Some(s) => self.dir.join(&**s),
                 None => self.dir.clone(),
             };
-            let files = SplitFiles::create(&dir, &f.shape, item.meta.label.as_ref())
+            let files = SplitFiles::create(&dir, split.is_some(), &f.shape, item.meta.label.as_ref())
                 .map_err(|e| StageError::fatal(format!("cannot create outputs in {}: {e}", dir.display())))?;
             self.splits.insert(split.clone(), (files, 0));
         }
@@ -154,7 +185,7 @@ impl Stage for FeatureWriter {
             return Ok(());
         }
         for (files, _) in splits.into_values() {
-            let dir = files.dir.clone();
+            let dir = files.final_dir().to_path_buf();
             let rows = files.finish().map_err(|e| StageError::fatal(format!("finishing {}: {e}", dir.display())))?;
             self.written.insert(dir.display().to_string(), rows);
         }
