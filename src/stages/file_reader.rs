@@ -127,7 +127,7 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         };
         for (index, folder) in groups {
             let mut files = Vec::new();
-            walk(&folder, &exts, cfg.follow_links, !flat, &mut files, 0)?;
+            walk(&folder, &exts, cfg.follow_links, !flat, &mut files, &mut Vec::new())?;
             files.sort();
             entries.extend(files.into_iter().map(|path| Entry {
                 path,
@@ -167,33 +167,21 @@ fn subfolders(root: &Path, follow_links: bool) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// Depth limit guards against symlink loops when `follow_links` is on.
+/// Deepest folder nesting walked (a guard for pathological trees).
 const MAX_DEPTH: usize = 32;
 
+/// `stack` holds the real paths of the folders being walked (its length is
+/// the depth), so a symbolic link back to one of them is named as a loop
+/// instead of recursing forever.
 fn walk(
     dir: &Path,
     exts: &[String],
     follow: bool,
     recurse: bool,
     out: &mut Vec<PathBuf>,
-    depth: usize,
-) -> Result<(), String> {
-    let mut stack = Vec::new();
-    walk_inner(dir, exts, follow, recurse, out, depth, &mut stack)
-}
-
-/// `stack` holds the real paths of the folders being walked, so a symbolic
-/// link back to one of them is named as a loop instead of recursing forever.
-fn walk_inner(
-    dir: &Path,
-    exts: &[String],
-    follow: bool,
-    recurse: bool,
-    out: &mut Vec<PathBuf>,
-    depth: usize,
     stack: &mut Vec<PathBuf>,
 ) -> Result<(), String> {
-    if depth > MAX_DEPTH {
+    if stack.len() > MAX_DEPTH {
         return Err(format!("{}: folders nested deeper than {MAX_DEPTH}", dir.display()));
     }
     let real = std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
@@ -214,7 +202,7 @@ fn walk_inner(
             (t.is_dir(), t.is_file())
         };
         if is_dir && recurse {
-            walk_inner(&path, exts, follow, recurse, out, depth + 1, stack)?;
+            walk(&path, exts, follow, recurse, out, stack)?;
         } else if is_file {
             let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
             if exts.contains(&ext) {
