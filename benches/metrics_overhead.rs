@@ -50,7 +50,15 @@ impl Source for CountSource {
             if ctx.signals.should_stop() {
                 break;
             }
-            let meta = Meta { path: path.clone(), content_hash: [0; 32], label: None, split: None, epoch: 0, seq: i };
+            let meta = Meta {
+                path: path.clone(),
+                content_hash: [0; 32],
+                label: None,
+                split: None,
+                epoch: 0,
+                variant: 0,
+                seq: i,
+            };
             out.emit(Item { meta, payload: Payload::Bytes(bytes.clone()) })?;
         }
         Ok(())

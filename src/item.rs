@@ -63,6 +63,10 @@ pub struct Meta {
     /// `train`, `validation`, ... when the source reads several splits.
     pub split: Option<Arc<str>>,
     pub epoch: u32,
+    /// Which augmented version of the image this is, when a source emits K
+    /// fixed variants of each image (the augmentation-aware cache); 0
+    /// otherwise. Random draws derive from (seed, epoch, variant, content hash).
+    pub variant: u32,
     /// Position in the source's output order.
     pub seq: u64,
 }

@@ -433,6 +433,7 @@ fn exec_throughput() {
                     label: None,
                     split: None,
                     epoch: 0,
+                    variant: 0,
                     seq,
                 },
                 payload: Payload::Image(img),

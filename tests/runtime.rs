@@ -50,6 +50,7 @@ impl Source for NumbersSource {
                 label: None,
                 split: None,
                 epoch: 0,
+                variant: 0,
                 seq: i,
             };
             out.emit(Item { meta, payload: Payload::Bytes(Arc::from(vec![0u8; 4])) })?;

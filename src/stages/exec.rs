@@ -507,6 +507,7 @@ fn request_head(meta: &Meta, shape: [usize; 3]) -> Vec<u8> {
         "class": meta.label.as_ref().and_then(|l| l.classes.get(l.index as usize).cloned()),
         "split": meta.split.as_deref(),
         "epoch": meta.epoch,
+        "variant": meta.variant,
         "kind": "image",
         "shape": shape,
         "dtype": "uint8",

@@ -243,6 +243,7 @@ impl Source for FileReader {
                 label: entry.label,
                 split: entry.split,
                 epoch: 0,
+                variant: 0,
                 seq: seq as u64,
             };
             let cached = match &self.probe {
