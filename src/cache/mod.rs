@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::item::Features;
+use crate::item::{Features, Meta};
 
 const FEATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("features");
 const CONTEXTS: TableDefinition<&[u8], &str> = TableDefinition::new("contexts");
@@ -78,7 +78,9 @@ impl FeatureCache {
     }
 
     /// A handle for one context; records its description for `cache stats`.
-    pub fn context(self: &Arc<Self>, description: &str) -> Result<CacheHandle, CacheError> {
+    /// `by_variant`: a random stage (augment) is upstream, so each augmented
+    /// variant of an image has its own features.
+    pub fn context(self: &Arc<Self>, description: &str, by_variant: bool) -> Result<CacheHandle, CacheError> {
         let hash = blake3::hash(description.as_bytes());
         let mut context = [0u8; 16];
         context.copy_from_slice(&hash.as_bytes()[..16]);
@@ -86,7 +88,7 @@ impl FeatureCache {
             txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
             Ok(())
         })?;
-        Ok(CacheHandle { cache: self.clone(), context, counters: Arc::new(CacheCounters::default()) })
+        Ok(CacheHandle { cache: self.clone(), context, by_variant, counters: Arc::new(CacheCounters::default()) })
     }
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
@@ -164,39 +166,65 @@ pub struct CacheCounters {
 pub struct CacheHandle {
     cache: Arc<FeatureCache>,
     context: [u8; 16],
+    by_variant: bool,
     pub counters: Arc<CacheCounters>,
 }
 
 impl CacheHandle {
-    fn key(&self, content: &[u8; 32]) -> [u8; 32] {
+    /// Context + image identity. Variant 0 keeps the plain content hash, so
+    /// the first variant and non-augmented flows share one key scheme.
+    fn key(&self, meta: &Meta) -> [u8; 32] {
         let mut k = [0u8; 32];
         k[..16].copy_from_slice(&self.context);
-        k[16..].copy_from_slice(&content[..16]);
+        if self.by_variant && meta.variant != 0 {
+            let mut h = blake3::Hasher::new();
+            h.update(&meta.content_hash).update(&meta.variant.to_le_bytes());
+            k[16..].copy_from_slice(&h.finalize().as_bytes()[..16]);
+        } else {
+            k[16..].copy_from_slice(&meta.content_hash[..16]);
+        }
         k
+    }
+
+    fn lookup(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let path = &self.cache.path;
+        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
+        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
+        let value = table.get(&self.key(meta)[..]).map_err(|e| store_err(path, e))?;
+        Ok(value.and_then(|v| decode_value(v.value())))
     }
 
     /// Looks an image up and counts a hit or a miss. A value that fails its
     /// checksum is a miss (and is overwritten when the image is computed).
-    pub fn get_counted(&self, content: &[u8; 32]) -> Result<Option<Features>, CacheError> {
-        let path = &self.cache.path;
-        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
-        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
-        let found =
-            table.get(&self.key(content)[..]).map_err(|e| store_err(path, e))?.and_then(|v| decode_value(v.value()));
+    pub fn get_counted(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let found = self.lookup(meta)?;
         let counter = if found.is_some() { &self.counters.hits } else { &self.counters.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
     }
 
+    /// Looks up again an item the source already counted as a miss: an
+    /// earlier epoch's copy of it may have been stored since (items of the
+    /// next epoch leave the source before the last one's are computed).
+    /// A late hit turns that miss into a hit.
+    pub fn recheck(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let found = self.lookup(meta)?;
+        if found.is_some() {
+            self.counters.misses.fetch_sub(1, Ordering::Relaxed);
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
     /// Stores many entries in one atomic, durable commit.
-    pub fn put_many(&self, entries: &[(&[u8; 32], &Features)]) -> Result<(), CacheError> {
+    pub fn put_many(&self, entries: &[(&Meta, &Features)]) -> Result<(), CacheError> {
         if entries.is_empty() {
             return Ok(());
         }
         self.cache.write(|txn| {
             let mut table = txn.open_table(FEATURES)?;
-            for (content, features) in entries {
-                table.insert(&self.key(content)[..], &encode_value(features)[..])?;
+            for (meta, features) in entries {
+                table.insert(&self.key(meta)[..], &encode_value(features)[..])?;
             }
             Ok(())
         })?;
@@ -271,18 +299,31 @@ impl VerifyReport {
 mod tests {
     use super::*;
 
+    fn meta(hash: u8, variant: u32) -> Meta {
+        Meta {
+            path: std::path::Path::new("x.jpg").into(),
+            content_hash: [hash; 32],
+            label: None,
+            split: None,
+            epoch: 0,
+            variant,
+            seq: 0,
+        }
+    }
+
     #[test]
     fn roundtrip_contexts_and_checksums() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
-        let a = cache.context("model A").unwrap();
-        let b = cache.context("model B").unwrap();
+        let a = cache.context("model A", false).unwrap();
+        let b = cache.context("model B", false).unwrap();
         let f = Features { shape: vec![2, 2], data: vec![1.0, -2.0, 3.5, 0.0] };
-        let img = [7u8; 32];
+        let img = meta(7, 0);
         a.put_many(&[(&img, &f)]).unwrap();
         assert_eq!(a.get_counted(&img).unwrap(), Some(f.clone()));
         assert_eq!(b.get_counted(&img).unwrap(), None, "another context never sees these features");
         assert_eq!(a.counters.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(a.get_counted(&meta(7, 3)).unwrap(), Some(f.clone()), "no random stage: variants share features");
         let stats = cache.stats().unwrap();
         assert_eq!(stats.entries, 1);
         assert_eq!(stats.contexts[0].description, "model A");
@@ -292,5 +333,22 @@ mod tests {
         assert_eq!(decode_value(&bad), None);
         drop((a, b, cache));
         assert!(FeatureCache::verify(dir.path()).unwrap().is_clean());
+    }
+
+    #[test]
+    fn each_augmented_variant_has_its_own_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
+        let aug = cache.context("augmented", true).unwrap();
+        let (f0, f1) = (Features { shape: vec![1], data: vec![0.5] }, Features { shape: vec![1], data: vec![1.5] });
+        aug.put_many(&[(&meta(7, 0), &f0), (&meta(7, 1), &f1)]).unwrap();
+        assert_eq!(aug.get_counted(&meta(7, 0)).unwrap(), Some(f0));
+        assert_eq!(aug.get_counted(&meta(7, 1)).unwrap(), Some(f1));
+        assert_eq!(aug.get_counted(&meta(7, 2)).unwrap(), None);
+        assert_eq!(aug.recheck(&meta(7, 2)).unwrap(), None);
+        let counters = &aug.counters;
+        assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (2, 1));
+        assert!(aug.recheck(&meta(7, 1)).unwrap().is_some());
+        assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (3, 0));
     }
 }

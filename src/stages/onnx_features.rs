@@ -146,7 +146,8 @@ impl Stage for OnnxFeatures {
                 Payload::Features(f) => slots.push((m.meta, Some(f))),
                 Payload::Image(img) => {
                     let hit = match (&self.cache, self.lookup) {
-                        (Some(c), true) => c.get_counted(&m.meta.content_hash).map_err(StageError::fatal)?,
+                        (Some(c), true) => c.get_counted(&m.meta).map_err(StageError::fatal)?,
+                        (Some(c), false) if m.meta.epoch > 0 => c.recheck(&m.meta).map_err(StageError::fatal)?,
                         _ => None,
                     };
                     if hit.is_none() {
@@ -196,7 +197,7 @@ impl Stage for OnnxFeatures {
             }
             if let Some(cache) = &self.cache {
                 let entries: Vec<_> =
-                    todo.iter().filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0.content_hash, f))).collect();
+                    todo.iter().filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0, f))).collect();
                 cache.put_many(&entries).map_err(StageError::fatal)?;
             }
         }
