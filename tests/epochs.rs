@@ -65,7 +65,8 @@ fn a_streaming_trainer_learns_one_epoch_per_marker_identically_whatever_the_work
     assert_eq!(history.len(), 7, "a header and one line per source epoch: {history:?}");
     assert!(history[1..].iter().all(|l| l.split(',').nth(4).is_some_and(|v| !v.is_empty())), "validated each epoch");
     let m = metrics(&one);
-    assert_eq!((m["validation_rows"].as_u64(), m["test_rows"].as_u64()), (Some(40), Some(40)), "{m}");
+    let rows = (m["train_rows"].as_u64(), m["validation_rows"].as_u64(), m["test_rows"].as_u64());
+    assert_eq!(rows, (Some(80), Some(40), Some(40)), "train rows are per epoch: {m}");
     assert!(m["val_acc"].as_f64().unwrap() >= 0.9, "the synthetic classes are easy: {m}");
     assert!(m["test_acc"].is_number(), "{m}");
     // Without a random stage the epochs reuse the features: 80 train and 80

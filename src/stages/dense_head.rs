@@ -353,6 +353,8 @@ struct Trainer {
     correct: f64,
     rows: usize,
     epoch_started: Instant,
+    /// Rows the last finished epoch trained on.
+    last_epoch_rows: usize,
 }
 
 /// One epoch's training figures, before validation.
@@ -396,6 +398,7 @@ impl Trainer {
             correct: 0.0,
             rows: 0,
             epoch_started: Instant::now(),
+            last_epoch_rows: 0,
         })
     }
 
@@ -419,6 +422,7 @@ impl Trainer {
             acc: (self.correct / n) as f32,
             seconds: self.epoch_started.elapsed().as_secs_f64(),
         };
+        self.last_epoch_rows = self.rows;
         (self.loss_sum, self.correct, self.rows) = (0.0, 0.0, 0);
         done
     }
@@ -529,7 +533,7 @@ impl Trainer {
             "epochs_run": history.len(), "best_epoch": best_epoch,
             "loss": last.map(|r| r.loss), "acc": last.map(|r| r.acc),
             "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "spilled_to_disk": d.train.spill.is_some(), "train_rows": d.train.n, "validation_rows": d.validation.n, "test_rows": d.test.n,
+            "spilled_to_disk": d.train.spill.is_some(), "train_rows": self.last_epoch_rows, "validation_rows": d.validation.n, "test_rows": d.test.n,
             "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
         });
         std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
