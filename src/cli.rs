@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::cache::FeatureCache;
@@ -243,9 +244,10 @@ fn run_graph(
         print!("{}", report.table());
     }
     for path in report_paths {
-        runtime::write_report(&report, path)?;
+        runtime::write_report(&report, path).with_context(|| format!("cannot write the report {}", path.display()))?;
         if let Some(e) = &exporter {
-            e.write_snapshot(&runtime::beside(path, runtime::METRICS_SNAPSHOT))?;
+            let snapshot = runtime::beside(path, runtime::METRICS_SNAPSHOT);
+            e.write_snapshot(&snapshot).with_context(|| format!("cannot write {}", snapshot.display()))?;
         }
         if !quiet {
             println!("report: {}", path.display());

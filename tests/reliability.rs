@@ -200,3 +200,146 @@ fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exi
     assert!(signalled.elapsed() < Duration::from_secs(4));
     assert!(FeatureCache::verify(&cache).unwrap().is_clean());
 }
+
+// ---------------------------------------------------------------- a full disk
+
+/// A tmpfs of `kib` KiB mounted on `dir` (made here) for as long as the
+/// guard lives, where this process may mount (root with CAP_SYS_ADMIN);
+/// `None` elsewhere, and the caller says what it skipped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, options: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("cannot mount a tmpfs here (not privileged): that part is skipped");
+        }
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    fn remount(&self, options: &str) {
+        let remount = format!("remount,{options}");
+        assert!(Command::new("mount").args(["-o", &remount]).arg(&self.0).status().unwrap().success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// `cmd` run with RLIMIT_FSIZE at `kib` KiB and SIGXFSZ ignored: a write
+/// past the limit fails with EFBIG, as a full disk fails with ENOSPC. Works
+/// unprivileged, so CI checks this path everywhere.
+fn with_file_size_limit(cmd: &Command, kib: u64) -> Command {
+    let mut c = Command::new("bash");
+    c.arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$@\""))
+        .arg("bash")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .current_dir(common::root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// The run whose cache filled up: exit 1, a message naming the store and
+/// the reason, nothing published, a clean cache holding part of the data.
+/// Returns how many entries it holds.
+fn check_cache_filled_up(o: &Output, cache: &Path, out: &Path, reason: &str) -> u64 {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let store = cache.join(convflow::cache::FILE_NAME);
+    let want = format!("error: stage `features` failed: feature cache {}: cannot commit: ", store.display());
+    assert!(err.contains(&want) && err.contains(reason), "names the cache and the reason:\n{err}");
+    assert!(err.contains("the entries committed before are intact"), "{err}");
+    assert_nothing_published(out);
+    let verify = FeatureCache::verify(cache).unwrap();
+    assert!(verify.is_clean(), "{verify:?}");
+    assert!(verify.entries < 160, "the disk filled up mid-run ({} entries)", verify.entries);
+    verify.entries
+}
+
+/// With room again, a normal run completes and reuses every committed entry.
+fn check_reuse(run: &mut Command, cache: &Path, out: &Path, committed: u64) {
+    let o = run.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(report(out)["cache"]["hits"], committed, "everything committed before is reused");
+    assert_eq!(rows(out), [80, 40, 40]);
+    assert!(FeatureCache::verify(cache).unwrap().is_clean());
+}
+
+#[test]
+fn a_full_disk_under_the_cache_stops_the_run_naming_it_and_loses_nothing_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 13);
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+
+    // Every file limited to 768 KiB; 256x256 inputs make 8x8x16 features
+    // (4 KiB an entry), so the store reaches the limit first.
+    let cache = tmp.path().join("cache");
+    let pipe = Pipe { data: &data, out: &out, cache: Some(&cache), size: 256, stall: None };
+    let mut run = pipe.command("p.yaml");
+    let o = with_file_size_limit(&run, 768).output().unwrap();
+    let committed = check_cache_filled_up(&o, &cache, &out, "File too large (os error 27)");
+    check_reuse(&mut run, &cache, &out, committed);
+
+    // A real full device (ENOSPC), where a tmpfs can be mounted; then the
+    // device grows and the same pipeline completes.
+    let small = tmp.path().join("small");
+    if let Some(fs) = Tmpfs::mount(&small, "size=1m") {
+        let cache = small.join("cache");
+        let pipe = Pipe { cache: Some(&cache), ..pipe };
+        let mut run = pipe.command("p2.yaml");
+        std::fs::remove_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        let o = run.output().unwrap();
+        let committed = check_cache_filled_up(&o, &cache, &out, "No space left on device (os error 28)");
+        fs.remount("size=16m");
+        check_reuse(&mut run, &cache, &out, committed);
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_partial_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 14);
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // No cache: the train split's features.npy (80 x 4 KiB) is the first file past 200 KiB.
+    let pipe = Pipe { data: &data, out: &out, cache: None, size: 256, stall: None };
+    let run = pipe.command("p.yaml");
+    let o = with_file_size_limit(&run, 200).output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let want = format!("error: stage `write` failed: writing {}: File too large", out.join(".train.partial").display());
+    assert!(err.contains(&want), "names the output folder and the reason:\n{err}");
+    assert_nothing_published(&out);
+    assert_eq!(report(&out)["interrupted"], false, "the report of the failed run is written");
+
+    let small = tmp.path().join("small");
+    if let Some(_fs) = Tmpfs::mount(&small, "size=400k") {
+        let out = small.join("out");
+        let pipe = Pipe { out: &out, ..pipe };
+        std::fs::create_dir_all(&out).unwrap();
+        let o = pipe.command("p.yaml").output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("error: stage `write` failed: writing ") && err.contains("No space left on device"),
+            "{err}"
+        );
+        // The staged files are gone, so the report fits in the space they held.
+        assert_nothing_published(&out);
+        assert!(report(&out)["stages"].is_array());
+    }
+}

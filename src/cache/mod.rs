@@ -47,7 +47,7 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> CacheError {
 
 impl FeatureCache {
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create directory: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create the cache folder: {e}")))?;
         let path = dir.join(FILE_NAME);
         // redb's default page cache is 1 GiB; features are written once and
         // read once per run, so a small cache keeps memory flat with data size.
@@ -71,10 +71,15 @@ impl FeatureCache {
         &self.path
     }
 
+    /// One atomic commit. A failure (a full disk, an I/O error) loses this
+    /// transaction only: redb never overwrites committed pages in place.
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), CacheError> {
-        let txn = self.db.begin_write().map_err(|e| store_err(&self.path, e))?;
-        f(&txn).map_err(|e| store_err(&self.path, e))?;
-        txn.commit().map_err(|e| store_err(&self.path, e))
+        let failed = |e: &dyn std::fmt::Display| {
+            store_err(&self.path, format!("cannot commit: {e}; the entries committed before are intact"))
+        };
+        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
+        f(&txn).map_err(|e| failed(&e))?;
+        txn.commit().map_err(|e| failed(&e))
     }
 
     /// A handle for one context; records its description for `cache stats`.
