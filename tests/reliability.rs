@@ -343,3 +343,48 @@ fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_p
         assert!(report(&out)["stages"].is_array());
     }
 }
+
+// ---------------------------------------------------------------- a cache folder that cannot be written
+
+/// `convflow validate` and `run` both refuse, before any work, naming the
+/// stage and its `cache` field, with exit 2.
+fn check_cache_refused(tmp: &Path, data: &Path, cache: &Path, why: &str) {
+    let out = tmp.join("out");
+    let pipe = Pipe { data, out: &out, cache: Some(cache), size: 64, stall: None };
+    let file = common::write_pipeline(tmp, "p.yaml", &pipe.yaml());
+    for action in ["validate", "run"] {
+        let o = common::bin().arg(action).arg(&file).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{action}: {err}");
+        // Line 8 holds the `features` stage (a flow mapping).
+        let line = err.lines().find(|l| l.starts_with(&format!("{}:8:", file.display()))).unwrap_or_default();
+        let want = format!("stage `features`: field `cache`: cannot keep a feature cache in {}: ", cache.display());
+        assert!(line.contains(&want) && line.contains(why), "{action}:\n{err}");
+        assert!(!out.exists(), "{action}: no work was done");
+    }
+}
+
+#[test]
+fn a_cache_folder_that_cannot_be_written_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 15);
+    // Root ignores permissions, so: a cache folder below a regular file...
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "a file, not a folder").unwrap();
+    check_cache_refused(tmp.path(), &data, &file.join("cache"), &format!("{} is a file, not a folder", file.display()));
+    // ...a store that is a folder...
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(odd.join(convflow::cache::FILE_NAME)).unwrap();
+    check_cache_refused(tmp.path(), &data, &odd, "features.redb is not a file");
+
+    // ...and, where mounting works, a read-only device, empty or holding a cache.
+    let ro = tmp.path().join("ro");
+    if let Some(fs) = Tmpfs::mount(&ro, "size=4m") {
+        let cache = ro.join("cache");
+        let pipe = Pipe { data: &data, out: &tmp.path().join("filled"), cache: Some(&cache), size: 64, stall: None };
+        assert!(pipe.command("filled.yaml").status().unwrap().success());
+        fs.remount("ro");
+        check_cache_refused(tmp.path(), &data, &cache, "features.redb is not writable: Read-only file system");
+        check_cache_refused(tmp.path(), &data, &ro.join("new"), "is not writable: Read-only file system");
+    }
+}

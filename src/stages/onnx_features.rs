@@ -78,6 +78,11 @@ impl StageConfig for OnnxFeaturesConfig {
                 format!("{} not found (models/setup.sh produces the models)", self.model.display()),
             ));
         }
+        if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = crate::cache::check_dir(dir)
+        {
+            errors.push(FieldError::new("cache", format!("cannot keep a feature cache in {}: {e}", dir.display())));
+        }
         errors
     }
 
