@@ -388,3 +388,35 @@ fn a_cache_folder_that_cannot_be_written_is_refused_before_any_work() {
         check_cache_refused(tmp.path(), &data, &ro.join("new"), "is not writable: Read-only file system");
     }
 }
+
+// ---------------------------------------------------------------- metrics address taken
+
+#[test]
+fn a_metrics_address_already_in_use_stops_the_run_before_any_work_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 16);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
+    let pipe = Pipe { data: &data, out: &out, cache: Some(&cache), size: 64, stall: None };
+
+    // From the command line, and from the pipeline file's `metrics: {listen: ...}`.
+    let mut flag = pipe.command("p.yaml");
+    flag.args(["--metrics-listen", &addr]);
+    let in_file =
+        common::write_pipeline(tmp.path(), "m.yaml", &format!("metrics: {{listen: '{addr}'}}\n{}", pipe.yaml()));
+    let mut file = common::bin();
+    file.args(["--quiet", "run"]).arg(&in_file);
+    for mut cmd in [flag, file] {
+        let o = cmd.output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("cannot serve metrics on {addr}: ")), "{err}");
+        assert!(err.contains("Address already in use"), "{err}");
+        assert!(
+            err.contains("--metrics-listen") && err.contains("metrics: {listen: ...}"),
+            "says where to change it: {err}"
+        );
+        assert!(!out.exists() && !cache.exists(), "no work was done");
+    }
+}
