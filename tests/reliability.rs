@@ -420,3 +420,62 @@ fn a_metrics_address_already_in_use_stops_the_run_before_any_work_naming_it() {
         assert!(!out.exists() && !cache.exists(), "no work was done");
     }
 }
+
+// ---------------------------------------------------------------- models that do not fit
+
+/// Runs the pipeline with `model` at `size`; returns (exit code, stderr).
+fn run_model(tmp: &Path, data: &Path, model: &str, size: u32) -> (Option<i32>, String) {
+    let out = tmp.join(format!("out-{model}-{size}"));
+    let yaml = Pipe { data, out: &out, cache: None, size, stall: None }
+        .yaml()
+        .replace(&common::tiny_model().display().to_string(), &fixture_model(model).display().to_string());
+    let file = common::write_pipeline(tmp, "m.yaml", &yaml);
+    let o = common::bin().args(["--quiet", "run"]).arg(file).output().unwrap();
+    if !o.status.success() {
+        assert!(!out.exists(), "{model} at {size}: stopped before any work");
+    }
+    (o.status.code(), stderr(&o))
+}
+
+fn fixture_model(name: &str) -> PathBuf {
+    common::root().join("tests/fixtures/models").join(format!("{name}.onnx"))
+}
+
+#[test]
+fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 17);
+    let cases: &[(&str, u32, &str)] = &[
+        (
+            "fixed64",
+            96,
+            "the model takes 64x64 (HxW) images but the pipeline makes 96x96; set the resize stage's `size` to [64, 64]",
+        ),
+        ("nchw", 64, "expected an NHWC image input [N,H,W,3], found [-1, 3, -1, -1]"),
+        ("uint8_input", 64, "input `input` is"),
+        ("int64_output", 64, "output `features` is"),
+        ("reshape48", 64, "cannot take the pipeline's 64x64 images: inference failed:"),
+        (
+            "crop32",
+            32,
+            "cannot take the pipeline's 32x32 images: one 32x32 image gives an output of shape [1, 0, 32, 3]",
+        ),
+    ];
+    for &(model, size, message) in cases {
+        let (code, err) = run_model(tmp.path(), &data, model, size);
+        assert_eq!(code, Some(1), "{model}: {err}");
+        assert!(err.contains("error: stage `features`: model ") && err.contains(message), "{model}:\n{err}");
+        if model.ends_with("put") {
+            assert!(err.contains("convflow needs a float32 tensor"), "{err}");
+        }
+    }
+    // The same models where they fit.
+    for (model, size) in [("fixed64", 64), ("reshape48", 32), ("crop32", 40)] {
+        let (code, err) = run_model(tmp.path(), &data, model, size);
+        assert_eq!(code, Some(0), "{model} at {size}: {err}");
+    }
+    // A missing model file is a pipeline error, with validate and run alike.
+    let (code, err) = run_model(tmp.path(), &data, "no_such_model", 64);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("stage `features`: field `model`: ") && err.contains("no_such_model.onnx not found"), "{err}");
+}
