@@ -479,3 +479,114 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("stage `features`: field `model`: ") && err.contains("no_such_model.onnx not found"), "{err}");
 }
+
+// ---------------------------------------------------------------- image formats and bad images
+
+#[test]
+fn gif_bmp_webp_and_tiff_decode_to_plain_rgb() {
+    let dir = common::root().join("tests/fixtures/formats");
+    let near = |rel: &str, want: [u8; 3], tol: i32| {
+        let img = convflow::stages::decode::decode_image(&std::fs::read(dir.join(rel)).unwrap(), u64::MAX)
+            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        assert_eq!(img.dimensions(), (40, 30), "{rel}");
+        let got = img.get_pixel(20, 15).0;
+        assert!(got.iter().zip(want).all(|(&g, w)| (g as i32 - w as i32).abs() <= tol), "{rel}: {got:?} vs {want:?}");
+    };
+    let (red, blue) = ([200, 30, 40], [30, 60, 210]);
+    near("cats/palette.gif", red, 0);
+    near("cats/anim.gif", red, 0); // the first frame
+    near("cats/plain.bmp", red, 0);
+    near("cats/lzw.tif", red, 0);
+    near("dogs/plain.tif", blue, 0);
+    near("dogs/lossy.webp", blue, 6);
+    near("dogs/lossless.webp", blue, 0); // alpha dropped
+    near("dogs/misnamed.png", blue, 4); // a JPEG: the bytes decide, not the name
+}
+
+/// The rows of a CSV file after its header (RFC 4180: quoted fields may
+/// hold commas, quotes and line breaks).
+fn csv_rows(text: &str) -> Vec<Vec<String>> {
+    let (mut rows, mut row, mut field, mut quoted) = (Vec::new(), Vec::new(), String::new(), false);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => row.push(std::mem::take(&mut field)),
+            ('\n', false) => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+            }
+            (c, _) => field.push(c),
+        }
+    }
+    rows.split_off(1)
+}
+
+#[test]
+fn every_bad_image_is_skipped_and_listed_in_the_report_and_skipped_csv() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut good = 0;
+    for set in ["bad", "formats", "images"] {
+        for class in ["cats", "dogs"] {
+            std::fs::create_dir_all(data.join(class)).unwrap();
+            for e in std::fs::read_dir(common::root().join("tests/fixtures").join(set).join(class)).unwrap() {
+                let p = e.unwrap().path();
+                let name = format!("{set}_{}", p.file_name().unwrap().to_string_lossy());
+                good += usize::from(!name.contains("bad_") && set != "bad" || name.ends_with("ok.jpg"));
+                std::fs::copy(&p, data.join(class).join(name)).unwrap();
+            }
+        }
+    }
+    let out = tmp.path().join("out");
+    let yaml = common::extraction_yaml(&data, &common::tiny_model(), &out, None, "", 64, "rescale").replacen(
+        "stages:",
+        &format!("report: {}/report.json\nstages:", out.display()),
+        1,
+    );
+    let file = common::write_pipeline(tmp.path(), "p.yaml", &yaml);
+    let o = common::bin().args(["--quiet", "run"]).arg(&file).output().unwrap();
+    assert!(o.status.success(), "bad images are not fatal: {}", stderr(&o));
+
+    let mut expected = vec![
+        "bad_bomb.png",
+        "bad_empty.jpg",
+        "bad_text.jpg",
+        "bad_truncated.jpg",
+        "formats_bad_bomb.gif",
+        "formats_bad_truncated.bmp",
+        "formats_bad_truncated.gif",
+        "formats_bad_truncated.tif",
+        "formats_bad_truncated.webp",
+    ];
+    expected.sort();
+    let report = report(&out);
+    let listed: Vec<Vec<String>> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| ["path", "stage", "reason"].iter().map(|k| s[*k].as_str().unwrap().to_string()).collect())
+        .collect();
+    let csv = csv_rows(&std::fs::read_to_string(out.join("skipped.csv")).unwrap());
+    assert_eq!(csv, listed, "skipped.csv lists exactly the report's skipped items");
+    let mut names: Vec<String> =
+        csv.iter().map(|r| Path::new(&r[0]).file_name().unwrap().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, expected, "every bad image, and only those");
+    for row in &csv {
+        assert_eq!(row[1], "decode", "{row:?}");
+        assert!(!row[2].is_empty() && row[0].starts_with(&data.display().to_string()), "{row:?}");
+    }
+    let bomb = csv.iter().find(|r| r[0].ends_with("bomb.gif")).unwrap();
+    assert!(bomb[2].contains("65535x65535 is over max_pixels"), "refused from its header: {bomb:?}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("paths.txt")).unwrap().lines().count(),
+        good,
+        "every good image is kept"
+    );
+    assert_eq!(report["stages"][1]["item_errors"], expected.len());
+}
