@@ -60,8 +60,11 @@ impl From<Stopped> for StageError {
 }
 
 impl StageError {
+    /// The reason goes on one log line and one `skipped.csv` row, so line
+    /// breaks (some decoders end their messages with one) become spaces.
     pub fn item(path: &Path, reason: impl std::fmt::Display) -> Self {
-        StageError::Item { path: path.to_path_buf(), reason: reason.to_string() }
+        let reason = reason.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        StageError::Item { path: path.to_path_buf(), reason }
     }
     pub fn fatal(reason: impl std::fmt::Display) -> Self {
         StageError::Fatal(reason.to_string())

@@ -45,9 +45,52 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> CacheError {
     CacheError::Store { path: path.to_path_buf(), message: e.to_string() }
 }
 
+/// Can a cache live in `dir`? Checked with the pipeline (`convflow
+/// validate`), so a run never starts with a cache it cannot write: `dir`, or
+/// the nearest folder above it that exists, must be a folder this process
+/// may write in, and a store already there a file it may write.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    let store = dir.join(FILE_NAME);
+    match std::fs::metadata(&store) {
+        Ok(m) if m.is_file() => return writable(&store),
+        Ok(_) => return Err(format!("{} is not a file", store.display())),
+        Err(_) => {}
+    }
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => return writable(at),
+            Ok(_) => return Err(format!("{} is a file, not a folder", at.display())),
+            // Missing (or below a file): the folder above decides.
+            Err(e)
+                if at != Path::new(".")
+                    && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) =>
+            {
+                at = match at.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+            }
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+}
+
+/// `access(W_OK)`: permissions, and for root too a read-only mount.
+fn writable(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{}: bad path", path.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} is not writable: {}", path.display(), std::io::Error::last_os_error()))
+    }
+}
+
 impl FeatureCache {
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create directory: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create the cache folder: {e}")))?;
         let path = dir.join(FILE_NAME);
         // redb's default page cache is 1 GiB; features are written once and
         // read once per run, so a small cache keeps memory flat with data size.
@@ -71,10 +114,15 @@ impl FeatureCache {
         &self.path
     }
 
+    /// One atomic commit. A failure (a full disk, an I/O error) loses this
+    /// transaction only: redb never overwrites committed pages in place.
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), CacheError> {
-        let txn = self.db.begin_write().map_err(|e| store_err(&self.path, e))?;
-        f(&txn).map_err(|e| store_err(&self.path, e))?;
-        txn.commit().map_err(|e| store_err(&self.path, e))
+        let failed = |e: &dyn std::fmt::Display| {
+            store_err(&self.path, format!("cannot commit: {e}; the entries committed before are intact"))
+        };
+        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
+        f(&txn).map_err(|e| failed(&e))?;
+        txn.commit().map_err(|e| failed(&e))
     }
 
     /// A handle for one context; records its description for `cache stats`.
@@ -350,5 +398,16 @@ mod tests {
         assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (2, 1));
         assert!(aug.recheck(&meta(7, 1)).unwrap().is_some());
         assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (3, 0));
+    }
+
+    #[test]
+    fn check_dir_asks_the_nearest_folder_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_dir(&dir.path().join("a/b/c")), Ok(()));
+        assert_eq!(check_dir(Path::new("no/such/relative/folder")), Ok(()), "the working folder decides");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let err = check_dir(&file.join("a/b")).unwrap_err();
+        assert_eq!(err, format!("{} is a file, not a folder", file.display()));
     }
 }
