@@ -10,7 +10,20 @@ use std::path::Path;
 /// Train branch (re-emitted `epochs` times) and eval branch (validation +
 /// test, once), both into one streaming dense_head.
 fn streaming_yaml(data: &Path, out: &Path, cache: &Path, workers: usize, extra_head: &str) -> String {
-    format!(
+    augmented_yaml(data, out, cache, workers, extra_head, None)
+}
+
+/// With `variants`, an augment stage (the book's values) follows the resize
+/// and the source draws one of that many variants per image each epoch.
+fn augmented_yaml(
+    data: &Path,
+    out: &Path,
+    cache: &Path,
+    workers: usize,
+    extra_head: &str,
+    variants: Option<u32>,
+) -> String {
+    let yaml = format!(
         "name: epochs_test
 stages:
   - {{id: train_files, kind: file_reader, dir: {data}, splits: [train], epochs: 6, shuffle: true, seed: 1}}
@@ -36,7 +49,18 @@ stages:
         out = out.display(),
         cache = cache.display(),
         model = common::tiny_model().display()
-    )
+    );
+    match variants {
+        None => yaml,
+        Some(k) => yaml.replace("seed: 1}", &format!("seed: 1, variants: {k}}}")).replace(
+            "  - {id: train_batch, kind: batch, input: train_resize, size: 20}",
+            &format!(
+                "  - {{id: augment, kind: augment, input: train_resize, workers: {workers}, rotation_range: 40, \
+                 width_shift_range: 0.2, height_shift_range: 0.2, shear_range: 0.2, zoom_range: 0.2, \
+                 horizontal_flip: true}}\n  - {{id: train_batch, kind: batch, input: augment, size: 20}}"
+            ),
+        ),
+    }
 }
 
 fn history_without_seconds(out: &Path) -> Vec<String> {
@@ -112,4 +136,35 @@ fn streaming_with_an_explicit_epoch_count_on_the_head_is_a_config_error() {
     let err = convflow::graph::Graph::build(cfg, &convflow::stages::builtin_registry()).err().expect("invalid");
     let text = err.to_string();
     assert!(text.contains("head") && text.contains("epochs") && text.contains("streaming"), "{text}");
+}
+
+#[test]
+fn augmented_variants_are_inferred_once_each_and_train_identically_whatever_the_worker_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    convflow::demo::generate(&data, 11).unwrap();
+    let cache = tmp.path().join("cache");
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let yaml = augmented_yaml(&data, &one, &cache, 1, "", Some(3));
+    let report = common::run_yaml(&common::write_pipeline(tmp.path(), "one.yaml", &yaml)).unwrap();
+    let inferred = common::detail(&report, "train_features", "images_inferred").as_u64().unwrap();
+    // 6 epochs draw from 3 variants of each of 80 images: at most 240 distinct
+    // inputs, and more than the 80 of a run without augmentation.
+    assert!(inferred > 80 && inferred <= 240, "{inferred} train images inferred");
+    let history = history_without_seconds(&one);
+    assert_eq!(history.len(), 7);
+
+    // A second run with two workers per stage: every variant is a cache
+    // hit now, and the training is the same to the last digit.
+    let yaml = augmented_yaml(&data, &two, &cache, 2, "", Some(3));
+    let report = common::run_yaml(&common::write_pipeline(tmp.path(), "two.yaml", &yaml)).unwrap();
+    assert_eq!(common::detail(&report, "train_features", "images_inferred"), 0, "all variants cached");
+    assert_eq!(history, history_without_seconds(&two), "workers: 2 and cached features train exactly alike");
+
+    // Fresh augmentation every epoch (variants: 0) infers every epoch's images anew.
+    let fresh = tmp.path().join("fresh");
+    let yaml = augmented_yaml(&data, &fresh, &tmp.path().join("cache2"), 2, "", Some(0));
+    let report = common::run_yaml(&common::write_pipeline(tmp.path(), "fresh.yaml", &yaml)).unwrap();
+    assert_eq!(common::detail(&report, "train_features", "images_inferred"), 80 * 6);
+    assert_ne!(history, history_without_seconds(&fresh));
 }
