@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::augment::AugmentOptions;
 use crate::cache::FeatureCache;
 use crate::config::{self, ConfigErrors, MetricsConfig};
 use crate::graph::Graph;
@@ -101,6 +102,27 @@ enum Command {
         #[arg(long, global = true, default_value = DEFAULT_CACHE)]
         dir: PathBuf,
     },
+    /// Write a PNG grid of augmented versions of one image (the book's
+    /// figure 5.11): the original first, then the draws of epochs 0, 1, ...
+    AugmentPreview {
+        /// The image.
+        image: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tiles in the grid, the original included (4 to a row).
+        #[arg(long, default_value_t = 8)]
+        count: u32,
+        /// Seed of the draws (overrides the options' `seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// `augment` options over the book's (rotation 40, shifts 0.2, shear
+        /// 0.2, zoom 0.2, horizontal flip, size [150, 150]): inline YAML
+        /// such as '{fill_mode: reflect}', a YAML file of options, or a
+        /// pipeline file (its `augment` stage).
+        #[arg(long)]
+        config: Option<String>,
+    },
     /// Make the synthetic demo data set (if missing) and run
     /// pipelines/extract_features.yaml on it.
     Demo {
@@ -186,6 +208,64 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Cache { action, dir } => cache_command(action, &dir),
+        Command::AugmentPreview { image, out, count, seed, config } => {
+            let opts = match preview_options(config.as_deref(), seed) {
+                Ok(opts) => opts,
+                Err(e) => {
+                    eprintln!("augment options: {e}");
+                    return Ok(ExitCode::from(exit::INVALID));
+                }
+            };
+            let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
+            let grid = crate::augment::preview_grid(&img, &opts, blake3::hash(&bytes).as_bytes(), count, 4);
+            grid.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            if !cli.quiet {
+                println!("{}: {count} tiles of {}x{}", out.display(), grid.width(), grid.height());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The book's augmentation with `config`'s keys laid over it.
+fn preview_options(config: Option<&str>, seed: Option<u64>) -> Result<AugmentOptions, String> {
+    let mut options = serde_json::to_value(AugmentOptions::book()).map_err(|e| e.to_string())?;
+    let overlay = match config {
+        None => serde_json::Value::Null,
+        Some(path) if Path::new(path).is_file() => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+            let node = config::yaml::parse(&text).map_err(|e| format!("{path}:{}: {}", e.pos, e.message))?;
+            if node.get("stages").is_none() {
+                node.to_json()
+            } else {
+                let cfg = config::load(Path::new(path), &[]).map_err(|e| e.to_string())?;
+                let stage = cfg.stages.iter().find(|s| s.kind == "augment");
+                stage.ok_or_else(|| format!("{path} has no augment stage"))?.options.to_json()
+            }
+        }
+        Some(text) => config::yaml::parse(text).map_err(|e| format!("{}: {}", e.pos, e.message))?.to_json(),
+    };
+    match overlay {
+        serde_json::Value::Object(map) => {
+            if let Some(o) = options.as_object_mut() {
+                o.extend(map);
+            }
+        }
+        serde_json::Value::Null => {}
+        other => return Err(format!("expected a mapping of options, got {other}")),
+    }
+    if let Some(seed) = seed {
+        options["seed"] = seed.into();
+    }
+    let opts: AugmentOptions =
+        serde_path_to_error::deserialize(options).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    let errors = opts.check();
+    if errors.is_empty() {
+        Ok(opts)
+    } else {
+        Err(errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))
     }
 }
 

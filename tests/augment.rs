@@ -346,3 +346,28 @@ fn a_pipeline_gives_the_same_pixels_with_one_worker_or_three() {
     let distinct: std::collections::HashSet<_> = one.iter().map(|(_, p)| p).collect();
     assert_eq!(distinct.len(), 12);
 }
+
+#[test]
+fn augment_preview_writes_a_grid_and_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let input = fixtures().join("input_a.png");
+    let run = |extra: &[&str]| {
+        common::bin()
+            .arg("augment-preview")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out)
+            .args(["--count", "4"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--config", "{fill_mode: reflect, size: [60, 80]}"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Four tiles of 80x60 in one row, 4-pixel gaps.
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (4 * 80 + 3 * 4, 60));
+    let bad = run(&["--config", "{zoom_range: [2, 1]}"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("zoom_range: lo (2) is above hi (1)"));
+}
