@@ -11,6 +11,8 @@
 //! - [`stage`]: the stage API (what a built-in or user stage implements).
 //! - [`stages`]: one file per built-in stage, and the registry.
 //! - [`item`]: the items that flow along edges.
+//! - [`augment`]: Keras `ImageDataGenerator` augmentation as one affine
+//!   warp (pure; the `augment` stage and `augment-preview` use it).
 //! - [`ml`]: the ONNX Runtime session and input preprocessing.
 //! - [`cache`]: the content-addressed, crash-safe feature store.
 //! - [`telemetry`]: metric names, per-stage counters, logging.
@@ -19,6 +21,7 @@
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`cli`]: the `convflow` command, reusable with a custom registry.
 
+pub mod augment;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,6 @@
 //! Built-in stages, one file each, and the registry that names them.
 
+pub mod augment;
 pub mod batch;
 pub mod decode;
 pub mod dense_head;
@@ -19,6 +20,7 @@ pub fn builtin_registry() -> Registry {
     r.register::<file_reader::FileReaderConfig>()
         .register::<decode::DecodeConfig>()
         .register::<resize::ResizeConfig>()
+        .register::<augment::AugmentConfig>()
         .register::<batch::BatchConfig>()
         .register::<onnx_features::OnnxFeaturesConfig>()
         .register::<feature_writer::FeatureWriterConfig>()
