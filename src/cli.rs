@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::augment::AugmentOptions;
 use crate::cache::FeatureCache;
 use crate::config::{self, ConfigErrors, MetricsConfig};
 use crate::graph::Graph;
@@ -22,10 +24,22 @@ pub mod exit {
     pub const INVALID: u8 = 2;
     /// 128 + SIGINT, the shell convention for "stopped by Ctrl-C".
     pub const INTERRUPTED: u8 = 130;
+    /// 128 + SIGTERM: stopped by `kill`, systemd or Kubernetes; drained the
+    /// same way as Ctrl-C, told apart so a supervisor can see who stopped it.
+    pub const TERMINATED: u8 = 143;
 }
 
 pub const DEMO_DATA: &str = ".convflow/demo-data";
 pub const DEFAULT_CACHE: &str = ".convflow/cache";
+/// Under Kubernetes' default 30 s grace period, so the report gets written.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x >= 0.0 && x.is_finite() => Ok(Duration::from_secs_f64(x)),
+        _ => Err(format!("`{s}`: expected seconds >= 0")),
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "convflow", version, about = "Image pipelines as YAML graphs of stages")]
@@ -62,6 +76,11 @@ enum Command {
         /// (overrides the file's `metrics: {listen: ...}`).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// After Ctrl-C or SIGTERM, how long items in flight may take to
+        /// finish (keep it under a supervisor's kill timeout, e.g. Kubernetes'
+        /// 30 s grace period).
+        #[arg(long, value_name = "SECONDS", default_value = "25", value_parser = parse_seconds)]
+        drain_deadline: Duration,
     },
     /// Check a pipeline and print every problem with its line:column.
     Validate {
@@ -82,6 +101,27 @@ enum Command {
         /// Cache folder.
         #[arg(long, global = true, default_value = DEFAULT_CACHE)]
         dir: PathBuf,
+    },
+    /// Write a PNG grid of augmented versions of one image (the book's
+    /// figure 5.11): the original first, then the draws of epochs 0, 1, ...
+    AugmentPreview {
+        /// The image.
+        image: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tiles in the grid, the original included (4 to a row).
+        #[arg(long, default_value_t = 8)]
+        count: u32,
+        /// Seed of the draws (overrides the options' `seed`).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// `augment` options over the book's (rotation 40, shifts 0.2, shear
+        /// 0.2, zoom 0.2, horizontal flip, size [150, 150]): inline YAML
+        /// such as '{fill_mode: reflect}', a YAML file of options, or a
+        /// pipeline file (its `augment` stage).
+        #[arg(long)]
+        config: Option<String>,
     },
     /// Make the synthetic demo data set (if missing) and run
     /// pipelines/extract_features.yaml on it.
@@ -145,15 +185,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             Err(e) => invalid(&e),
         }),
-        Command::Run { pipeline, report, metrics_listen } => match load_with_metrics(&pipeline, registry) {
-            Ok((g, mut metrics)) => {
-                if metrics_listen.is_some() {
-                    metrics.listen = metrics_listen;
+        Command::Run { pipeline, report, metrics_listen, drain_deadline } => {
+            match load_with_metrics(&pipeline, registry) {
+                Ok((g, mut metrics)) => {
+                    if metrics_listen.is_some() {
+                        metrics.listen = metrics_listen;
+                    }
+                    run_graph(&g, report.as_deref(), &metrics, drain_deadline, cli.quiet)
                 }
-                run_graph(&g, report.as_deref(), &metrics, cli.quiet)
+                Err(e) => Ok(invalid(&e)),
             }
-            Err(e) => Ok(invalid(&e)),
-        },
+        }
         Command::Demo { set } => {
             let n = crate::demo::generate(Path::new(DEMO_DATA), 42)?;
             if !cli.quiet {
@@ -161,11 +203,69 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             let pipeline = PipelineArgs { file: PathBuf::from("pipelines/extract_features.yaml"), set };
             match load_with_metrics(&pipeline, registry) {
-                Ok((g, metrics)) => run_graph(&g, None, &metrics, cli.quiet),
+                Ok((g, metrics)) => run_graph(&g, None, &metrics, DEFAULT_DRAIN_DEADLINE, cli.quiet),
                 Err(e) => Ok(invalid(&e)),
             }
         }
         Command::Cache { action, dir } => cache_command(action, &dir),
+        Command::AugmentPreview { image, out, count, seed, config } => {
+            let opts = match preview_options(config.as_deref(), seed) {
+                Ok(opts) => opts,
+                Err(e) => {
+                    eprintln!("augment options: {e}");
+                    return Ok(ExitCode::from(exit::INVALID));
+                }
+            };
+            let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
+            let grid = crate::augment::preview_grid(&img, &opts, blake3::hash(&bytes).as_bytes(), count, 4);
+            grid.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            if !cli.quiet {
+                println!("{}: {count} tiles of {}x{}", out.display(), grid.width(), grid.height());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The book's augmentation with `config`'s keys laid over it.
+fn preview_options(config: Option<&str>, seed: Option<u64>) -> Result<AugmentOptions, String> {
+    let mut options = serde_json::to_value(AugmentOptions::book()).map_err(|e| e.to_string())?;
+    let overlay = match config {
+        None => serde_json::Value::Null,
+        Some(path) if Path::new(path).is_file() => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+            let node = config::yaml::parse(&text).map_err(|e| format!("{path}:{}: {}", e.pos, e.message))?;
+            if node.get("stages").is_none() {
+                node.to_json()
+            } else {
+                let cfg = config::load(Path::new(path), &[]).map_err(|e| e.to_string())?;
+                let stage = cfg.stages.iter().find(|s| s.kind == "augment");
+                stage.ok_or_else(|| format!("{path} has no augment stage"))?.options.to_json()
+            }
+        }
+        Some(text) => config::yaml::parse(text).map_err(|e| format!("{}: {}", e.pos, e.message))?.to_json(),
+    };
+    match overlay {
+        serde_json::Value::Object(map) => {
+            if let Some(o) = options.as_object_mut() {
+                o.extend(map);
+            }
+        }
+        serde_json::Value::Null => {}
+        other => return Err(format!("expected a mapping of options, got {other}")),
+    }
+    if let Some(seed) = seed {
+        options["seed"] = seed.into();
+    }
+    let opts: AugmentOptions =
+        serde_path_to_error::deserialize(options).map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    let errors = opts.check();
+    if errors.is_empty() {
+        Ok(opts)
+    } else {
+        Err(errors.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))
     }
 }
 
@@ -178,6 +278,7 @@ fn run_graph(
     graph: &Graph,
     extra_report: Option<&Path>,
     metrics: &MetricsConfig,
+    drain_deadline: Duration,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let report_paths: Vec<&Path> = graph.report.iter().map(PathBuf::as_path).chain(extra_report).collect();
@@ -188,17 +289,22 @@ fn run_graph(
         (listen, _) => Some(crate::telemetry::install_prometheus(listen)?),
     };
     let signals = Arc::new(RunSignals::default());
-    watch_signals(signals.clone());
+    let stopped_by = watch_signals(signals.clone(), drain_deadline);
+    // The exit code of the signal that stopped the run (130 if none recorded).
+    let stop_code = || match stopped_by.load(Ordering::Relaxed) {
+        0 => exit::INTERRUPTED,
+        code => code,
+    };
     let options = RunOptions {
         signals,
-        drain_deadline: Duration::from_secs(30),
+        drain_deadline,
         metrics: exporter.is_some(),
         progress: crate::telemetry::ProgressMode::auto(quiet),
     };
     let result = runtime::run(graph, &options);
     let (report, code) = match result {
         Ok(report) => {
-            let code = if report.interrupted { exit::INTERRUPTED } else { 0 };
+            let code = if report.interrupted { stop_code() } else { 0 };
             (report, code)
         }
         Err(RunError::Stage { stage, message, report }) => {
@@ -206,8 +312,8 @@ fn run_graph(
             (*report, exit::FAILED)
         }
         Err(e @ RunError::DrainTimeout { .. }) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(exit::INTERRUPTED));
+            eprintln!("error: {e}; no report written, outputs not published, the cache holds every committed batch");
+            return Ok(ExitCode::from(stop_code()));
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -218,9 +324,10 @@ fn run_graph(
         print!("{}", report.table());
     }
     for path in report_paths {
-        runtime::write_report(&report, path)?;
+        runtime::write_report(&report, path).with_context(|| format!("cannot write the report {}", path.display()))?;
         if let Some(e) = &exporter {
-            e.write_snapshot(&runtime::beside(path, runtime::METRICS_SNAPSHOT))?;
+            let snapshot = runtime::beside(path, runtime::METRICS_SNAPSHOT);
+            e.write_snapshot(&snapshot).with_context(|| format!("cannot write {}", snapshot.display()))?;
         }
         if !quiet {
             println!("report: {}", path.display());
@@ -231,13 +338,17 @@ fn run_graph(
         std::thread::sleep(metrics.linger);
     }
     if report.interrupted {
-        eprintln!("interrupted: sources stopped, in-flight items finished, cache flushed; outputs not published");
+        let by = if code == exit::TERMINATED { "SIGTERM" } else { "interrupt" };
+        eprintln!("stopped by {by}: sources stopped, in-flight items finished, cache flushed; outputs not published");
     }
     Ok(ExitCode::from(code))
 }
 
-/// SIGINT / SIGTERM set the interrupt flag; a second one exits at once.
-fn watch_signals(signals: Arc<RunSignals>) {
+/// SIGINT / SIGTERM set the interrupt flag and record which signal came
+/// (as its exit code: 130 or 143); a second one exits at once with its own code.
+fn watch_signals(signals: Arc<RunSignals>, drain_deadline: Duration) -> Arc<AtomicU8> {
+    let stopped_by = Arc::new(AtomicU8::new(0));
+    let record = stopped_by.clone();
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         rt.block_on(async move {
@@ -246,21 +357,25 @@ fn watch_signals(signals: Arc<RunSignals>) {
                 return;
             };
             loop {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
+                let (name, code) = tokio::select! {
+                    _ = int.recv() => ("SIGINT", exit::INTERRUPTED),
+                    _ = term.recv() => ("SIGTERM", exit::TERMINATED),
+                };
+                if record.load(Ordering::Relaxed) != 0 {
+                    eprintln!("second signal ({name}): exiting now");
+                    std::process::exit(code as i32);
                 }
-                if signals.interrupted.swap(true, Ordering::Relaxed) {
-                    eprintln!("second interrupt: exiting now");
-                    std::process::exit(exit::INTERRUPTED as i32);
-                }
-                tracing::warn!("interrupt: stopping sources and draining in-flight items");
+                // The code first, so the run never ends seeing the flag without it.
+                record.store(code, Ordering::Relaxed);
+                signals.interrupted.store(true, Ordering::Relaxed);
+                tracing::warn!("{name}: stopping sources and draining in-flight items (deadline {drain_deadline:?})");
             }
         });
     });
     if let Err(e) = spawned {
-        tracing::warn!("cannot watch for Ctrl-C: {e}");
+        tracing::warn!("cannot watch for Ctrl-C / SIGTERM: {e}");
     }
+    stopped_by
 }
 
 fn cache_command(action: CacheAction, dir: &Path) -> anyhow::Result<ExitCode> {

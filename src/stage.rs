@@ -18,6 +18,22 @@ use crate::item::{Item, ItemKind};
 pub trait Emit {
     /// Fails only when the run is being torn down and nobody will read the item.
     fn emit(&mut self, item: Item) -> Result<(), Stopped>;
+
+    /// Sources call this after the last item of each epoch. The runtime
+    /// forwards the marker through every stage, after the items before it.
+    fn end_epoch(&mut self, marker: EpochEnd) -> Result<(), Stopped>;
+}
+
+/// The end of one pass of a source over its items. It flows behind the
+/// epoch's items, so a stage that groups items (batch) flushes its partial
+/// group and a trainer knows the epoch is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochEnd {
+    pub epoch: u32,
+    /// The splits the source emitted in this epoch (empty: no splits).
+    pub splits: Arc<[String]>,
+    /// The source's last epoch.
+    pub last: bool,
 }
 
 /// Downstream has gone away (fatal error elsewhere); stop producing.
@@ -44,8 +60,11 @@ impl From<Stopped> for StageError {
 }
 
 impl StageError {
+    /// The reason goes on one log line and one `skipped.csv` row, so line
+    /// breaks (some decoders end their messages with one) become spaces.
     pub fn item(path: &Path, reason: impl std::fmt::Display) -> Self {
-        StageError::Item { path: path.to_path_buf(), reason: reason.to_string() }
+        let reason = reason.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        StageError::Item { path: path.to_path_buf(), reason }
     }
     pub fn fatal(reason: impl std::fmt::Display) -> Self {
         StageError::Fatal(reason.to_string())
@@ -57,6 +76,9 @@ impl StageError {
 pub struct RunSignals {
     /// Ctrl-C / SIGTERM: sources stop, everything in flight drains.
     pub interrupted: AtomicBool,
+    /// A consumer needs no more epochs (early stopping): sources end after
+    /// the epoch they are in.
+    pub epochs_done: AtomicBool,
     /// A stage failed: everyone stops as soon as possible.
     pub aborted: AtomicBool,
 }
@@ -77,6 +99,13 @@ impl RunSignals {
 /// A transform or sink: items in, zero or more items out.
 pub trait Stage: Send {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError>;
+
+    /// Called when an end-of-epoch marker arrives, after every item before
+    /// it; the runtime forwards the marker afterwards. Stages that run with
+    /// `workers: N` are pure transforms and are not called.
+    fn end_epoch(&mut self, _marker: &EpochEnd, _out: &mut dyn Emit) -> Result<(), StageError> {
+        Ok(())
+    }
 
     /// Called once when the input has ended (also after an interrupt, so
     /// stages can flush; check `signals.interrupted()` before publishing
@@ -135,6 +164,8 @@ pub struct BuildContext<'a> {
     /// Every stage upstream, as (kind, options JSON), in graph order: what
     /// made the items this stage sees (a trained head records it).
     pub upstream: Vec<(String, serde_json::Value)>,
+    /// The run's signals (a trainer that stops early sets `epochs_done`).
+    pub signals: Arc<RunSignals>,
 }
 
 /// One line of `convflow stages`.
@@ -179,6 +210,10 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     /// May items whose features are already known (cache hits) flow past it
     /// untouched? True for pure pixel transforms: their effect is in the key.
     const PASSES_PRECOMPUTED: bool = false;
+    /// Does it draw random numbers per item (from seed, `meta.variant`,
+    /// content hash), as augmentation does? Then the feature cache keeps
+    /// each variant of an image apart.
+    const RANDOM: bool = false;
 
     /// Checks beyond types: ranges, files that must exist.
     fn check(&self) -> Vec<FieldError> {

@@ -163,6 +163,73 @@ fn options_are_checked_field_by_field() {
     assert!(err.contains("unknown field `rotation`"), "{err}");
 }
 
+/// A plain per-pixel f64 implementation of the same semantics (scipy's
+/// rules on the grid, then bilinear on the source): the oracle for the
+/// fixed-point runs, the AVX2 kernel and the fused mapping.
+fn reference(src: &RgbImage, t: &Transform, fill: Fill, size: Option<(u32, u32)>) -> RgbImage {
+    use convflow::augment::affine::{Affine, flips, grid_to_source, keras_matrix};
+    let (sw, sh) = src.dimensions();
+    let (h, w) = size.unwrap_or((sh, sw));
+    let m = keras_matrix(t, h, w).unwrap_or(Affine::IDENTITY).mul(&flips(t.flip_horizontal, t.flip_vertical, h, w));
+    let to_src = grid_to_source(h, w, sh, sw);
+    RgbImage::from_fn(w, h, |c, r| {
+        let (gr, gc) = m.apply(f64::from(r), f64::from(c));
+        let (Some(gr), Some(gc)) = (fill.mode.map(gr, h), fill.mode.map(gc, w)) else {
+            return image::Rgb([fill.cval_u8(); 3]);
+        };
+        let (qr, qc) = to_src.apply(gr, gc);
+        let (qr, qc) = (qr.clamp(0.0, f64::from(sh - 1)), qc.clamp(0.0, f64::from(sw - 1)));
+        let (y, x) = (qr.floor() as u32, qc.floor() as u32);
+        let (fy, fx) = (qr - f64::from(y), qc - f64::from(x));
+        let (y1, x1) = ((y + 1).min(sh - 1), (x + 1).min(sw - 1));
+        let p = |x: u32, y: u32, ch: usize| f64::from(src.get_pixel(x, y).0[ch]);
+        image::Rgb(std::array::from_fn(|ch| {
+            let top = p(x, y, ch) * (1.0 - fx) + p(x1, y, ch) * fx;
+            let bottom = p(x, y1, ch) * (1.0 - fx) + p(x1, y1, ch) * fx;
+            (top * (1.0 - fy) + bottom * fy).round() as u8
+        }))
+    })
+}
+
+#[test]
+fn fast_paths_agree_with_a_plain_implementation_on_odd_sizes_and_extreme_maps() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let sizes = [(1, 1), (1, 6), (6, 1), (2, 2), (3, 7), (40, 31), (150, 150), (200, 61)];
+    let modes = [FillMode::Nearest, FillMode::Constant, FillMode::Reflect, FillMode::Wrap];
+    let (mut worst_mad, mut worst_max) = (0.0f64, 0u8);
+    for (i, &(w, h)) in sizes.iter().cycle().take(160).enumerate() {
+        let src = smooth(w, h);
+        let t = Transform {
+            theta: rng.random_range(-180.0..180.0),
+            tx: rng.random_range(-0.5..0.5) * f64::from(h),
+            ty: rng.random_range(-0.5..0.5) * f64::from(w),
+            shear: rng.random_range(-30.0..30.0),
+            // Now and then a zoom far out: positions leave the fixed-point range.
+            zx: if i % 23 == 0 { 1e7 } else { rng.random_range(0.3..2.5) },
+            zy: rng.random_range(0.3..2.5),
+            flip_horizontal: rng.random(),
+            flip_vertical: rng.random(),
+            ..Transform::default()
+        };
+        let fill = Fill::new(modes[i % 4], 77.0);
+        let size = match i % 3 {
+            0 => None,
+            1 => Some((rng.random_range(1..60), rng.random_range(1..60))),
+            _ => Some((h.div_ceil(3).max(1), (w * 2).max(1))),
+        };
+        let fast = apply_transform(&src, &t, fill, size);
+        assert!(fast == apply_transform_with(&src, &t, fill, size, Kernel::Scalar), "case {i}: SIMD != scalar");
+        let want = reference(&src, &t, fill, size);
+        let m = mad(&fast, &want, 0);
+        let max = fast.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+        worst_mad = worst_mad.max(m);
+        worst_max = worst_max.max(max);
+        assert!(m < 0.5 && max <= 4, "case {i} ({w}x{h} -> {size:?}, {t:?}, {fill:?}): MAD {m}, max {max}");
+    }
+    println!("vs plain f64: worst MAD {worst_mad:.3} levels, worst pixel {worst_max} levels");
+}
+
 /// A smooth test picture (about 12 source pixels per wave).
 fn smooth(w: u32, h: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
@@ -278,4 +345,29 @@ fn a_pipeline_gives_the_same_pixels_with_one_worker_or_three() {
     }
     let distinct: std::collections::HashSet<_> = one.iter().map(|(_, p)| p).collect();
     assert_eq!(distinct.len(), 12);
+}
+
+#[test]
+fn augment_preview_writes_a_grid_and_refuses_bad_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("grid.png");
+    let input = fixtures().join("input_a.png");
+    let run = |extra: &[&str]| {
+        common::bin()
+            .arg("augment-preview")
+            .arg(&input)
+            .arg("--out")
+            .arg(&out)
+            .args(["--count", "4"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["--config", "{fill_mode: reflect, size: [60, 80]}"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Four tiles of 80x60 in one row, 4-pixel gaps.
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (4 * 80 + 3 * 4, 60));
+    let bad = run(&["--config", "{zoom_range: [2, 1]}"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("zoom_range: lo (2) is above hi (1)"));
 }

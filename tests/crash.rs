@@ -114,7 +114,15 @@ fn ctrl_c_drains_flushes_the_cache_and_exits_130() {
     let data = tmp.path().join("data");
     convflow::demo::generate(&data, 8).unwrap();
     let (cache, out) = (tmp.path().join("cache"), tmp.path().join("out"));
-    let mut child = spawn_and_wait(extract(&data, &out, &cache), 1500);
+    let mut child = extract(&data, &out, &cache).spawn().unwrap();
+    // Interrupt once the cache has grown by committed features (an empty
+    // store is under 300 kB), however slow the machine is today.
+    let store = cache.join("features.redb");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0) < 1_000_000 {
+        assert!(std::time::Instant::now() < deadline, "no features after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();

@@ -72,7 +72,9 @@ impl FillMode {
             FillMode::Constant => None,
             FillMode::Reflect => {
                 let n = f64::from(len.max(1));
-                let mut y = (x + 0.5).rem_euclid(2.0 * n) - 0.5;
+                let period = 2.0 * n;
+                let y = x + 0.5;
+                let mut y = y - period * floor(y / period) - 0.5;
                 if y > n - 0.5 {
                     y = 2.0 * n - 1.0 - y;
                 }
@@ -84,11 +86,23 @@ impl FillMode {
                 }
                 // scipy's integer truncation, so the overlap points land
                 // where scipy puts them (-len+1 -> len-1, 2(len-1) -> 0).
-                let y = if x < 0.0 { x + last * ((-x / last).trunc() + 1.0) } else { x - last * (x / last).trunc() };
+                let y = if x < 0.0 { x + last * (trunc(-x / last) + 1.0) } else { x - last * trunc(x / last) };
                 Some(y.clamp(0.0, last))
             }
         }
     }
+}
+
+/// `f64::trunc` without a libm call (x86-64's baseline has no rounding
+/// instruction): the saturating cast is exact below 2^63, and coordinates
+/// that large are clamped to the image afterwards anyway.
+fn trunc(x: f64) -> f64 {
+    x as i64 as f64
+}
+
+fn floor(x: f64) -> f64 {
+    let t = trunc(x);
+    if t > x { t - 1.0 } else { t }
 }
 
 #[cfg(test)]

@@ -11,15 +11,16 @@
 //! rules ([`fill`]); the pointwise steps ([`color`]) are one table lookup.
 //!
 //! Pure: no stage, channel or thread in here. The `augment` stage
-//! (`crate::stages::augment`) and `convflow augment-preview` call
-//! [`AugmentOptions::augment`]; tests call [`apply_transform`] with fixed
-//! parameters to compare with Keras.
+//! (`crate::stages::augment`) calls [`AugmentOptions::augment`],
+//! `convflow augment-preview` calls [`preview_grid`], and tests call
+//! [`apply_transform`] with fixed parameters to compare with Keras.
 
 pub mod affine;
 pub mod color;
 pub mod draw;
 pub mod fill;
 pub mod options;
+pub mod preview;
 pub mod warp;
 
 use image::RgbImage;
@@ -27,6 +28,7 @@ use image::RgbImage;
 pub use draw::DrawKey;
 pub use fill::{Fill, FillMode};
 pub use options::{AugmentOptions, ShiftRange, ZoomRange};
+pub use preview::preview_grid;
 pub use warp::Kernel;
 
 /// One image's transform: Keras's `transform_parameters`, same names and

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::item::Features;
+use crate::item::{Features, Meta};
 
 const FEATURES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("features");
 const CONTEXTS: TableDefinition<&[u8], &str> = TableDefinition::new("contexts");
@@ -45,9 +45,52 @@ fn store_err(path: &Path, e: impl std::fmt::Display) -> CacheError {
     CacheError::Store { path: path.to_path_buf(), message: e.to_string() }
 }
 
+/// Can a cache live in `dir`? Checked with the pipeline (`convflow
+/// validate`), so a run never starts with a cache it cannot write: `dir`, or
+/// the nearest folder above it that exists, must be a folder this process
+/// may write in, and a store already there a file it may write.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    let store = dir.join(FILE_NAME);
+    match std::fs::metadata(&store) {
+        Ok(m) if m.is_file() => return writable(&store),
+        Ok(_) => return Err(format!("{} is not a file", store.display())),
+        Err(_) => {}
+    }
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => return writable(at),
+            Ok(_) => return Err(format!("{} is a file, not a folder", at.display())),
+            // Missing (or below a file): the folder above decides.
+            Err(e)
+                if at != Path::new(".")
+                    && matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) =>
+            {
+                at = match at.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+            }
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+}
+
+/// `access(W_OK)`: permissions, and for root too a read-only mount.
+fn writable(path: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{}: bad path", path.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("{} is not writable: {}", path.display(), std::io::Error::last_os_error()))
+    }
+}
+
 impl FeatureCache {
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create directory: {e}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create the cache folder: {e}")))?;
         let path = dir.join(FILE_NAME);
         // redb's default page cache is 1 GiB; features are written once and
         // read once per run, so a small cache keeps memory flat with data size.
@@ -71,14 +114,21 @@ impl FeatureCache {
         &self.path
     }
 
+    /// One atomic commit. A failure (a full disk, an I/O error) loses this
+    /// transaction only: redb never overwrites committed pages in place.
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), CacheError> {
-        let txn = self.db.begin_write().map_err(|e| store_err(&self.path, e))?;
-        f(&txn).map_err(|e| store_err(&self.path, e))?;
-        txn.commit().map_err(|e| store_err(&self.path, e))
+        let failed = |e: &dyn std::fmt::Display| {
+            store_err(&self.path, format!("cannot commit: {e}; the entries committed before are intact"))
+        };
+        let txn = self.db.begin_write().map_err(|e| failed(&e))?;
+        f(&txn).map_err(|e| failed(&e))?;
+        txn.commit().map_err(|e| failed(&e))
     }
 
     /// A handle for one context; records its description for `cache stats`.
-    pub fn context(self: &Arc<Self>, description: &str) -> Result<CacheHandle, CacheError> {
+    /// `by_variant`: a random stage (augment) is upstream, so each augmented
+    /// variant of an image has its own features.
+    pub fn context(self: &Arc<Self>, description: &str, by_variant: bool) -> Result<CacheHandle, CacheError> {
         let hash = blake3::hash(description.as_bytes());
         let mut context = [0u8; 16];
         context.copy_from_slice(&hash.as_bytes()[..16]);
@@ -86,7 +136,7 @@ impl FeatureCache {
             txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
             Ok(())
         })?;
-        Ok(CacheHandle { cache: self.clone(), context, counters: Arc::new(CacheCounters::default()) })
+        Ok(CacheHandle { cache: self.clone(), context, by_variant, counters: Arc::new(CacheCounters::default()) })
     }
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
@@ -164,39 +214,65 @@ pub struct CacheCounters {
 pub struct CacheHandle {
     cache: Arc<FeatureCache>,
     context: [u8; 16],
+    by_variant: bool,
     pub counters: Arc<CacheCounters>,
 }
 
 impl CacheHandle {
-    fn key(&self, content: &[u8; 32]) -> [u8; 32] {
+    /// Context + image identity. Variant 0 keeps the plain content hash, so
+    /// the first variant and non-augmented flows share one key scheme.
+    fn key(&self, meta: &Meta) -> [u8; 32] {
         let mut k = [0u8; 32];
         k[..16].copy_from_slice(&self.context);
-        k[16..].copy_from_slice(&content[..16]);
+        if self.by_variant && meta.variant != 0 {
+            let mut h = blake3::Hasher::new();
+            h.update(&meta.content_hash).update(&meta.variant.to_le_bytes());
+            k[16..].copy_from_slice(&h.finalize().as_bytes()[..16]);
+        } else {
+            k[16..].copy_from_slice(&meta.content_hash[..16]);
+        }
         k
+    }
+
+    fn lookup(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let path = &self.cache.path;
+        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
+        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
+        let value = table.get(&self.key(meta)[..]).map_err(|e| store_err(path, e))?;
+        Ok(value.and_then(|v| decode_value(v.value())))
     }
 
     /// Looks an image up and counts a hit or a miss. A value that fails its
     /// checksum is a miss (and is overwritten when the image is computed).
-    pub fn get_counted(&self, content: &[u8; 32]) -> Result<Option<Features>, CacheError> {
-        let path = &self.cache.path;
-        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
-        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
-        let found =
-            table.get(&self.key(content)[..]).map_err(|e| store_err(path, e))?.and_then(|v| decode_value(v.value()));
+    pub fn get_counted(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let found = self.lookup(meta)?;
         let counter = if found.is_some() { &self.counters.hits } else { &self.counters.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
     }
 
+    /// Looks up again an item the source already counted as a miss: an
+    /// earlier epoch's copy of it may have been stored since (items of the
+    /// next epoch leave the source before the last one's are computed).
+    /// A late hit turns that miss into a hit.
+    pub fn recheck(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
+        let found = self.lookup(meta)?;
+        if found.is_some() {
+            self.counters.misses.fetch_sub(1, Ordering::Relaxed);
+            self.counters.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(found)
+    }
+
     /// Stores many entries in one atomic, durable commit.
-    pub fn put_many(&self, entries: &[(&[u8; 32], &Features)]) -> Result<(), CacheError> {
+    pub fn put_many(&self, entries: &[(&Meta, &Features)]) -> Result<(), CacheError> {
         if entries.is_empty() {
             return Ok(());
         }
         self.cache.write(|txn| {
             let mut table = txn.open_table(FEATURES)?;
-            for (content, features) in entries {
-                table.insert(&self.key(content)[..], &encode_value(features)[..])?;
+            for (meta, features) in entries {
+                table.insert(&self.key(meta)[..], &encode_value(features)[..])?;
             }
             Ok(())
         })?;
@@ -271,18 +347,31 @@ impl VerifyReport {
 mod tests {
     use super::*;
 
+    fn meta(hash: u8, variant: u32) -> Meta {
+        Meta {
+            path: std::path::Path::new("x.jpg").into(),
+            content_hash: [hash; 32],
+            label: None,
+            split: None,
+            epoch: 0,
+            variant,
+            seq: 0,
+        }
+    }
+
     #[test]
     fn roundtrip_contexts_and_checksums() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
-        let a = cache.context("model A").unwrap();
-        let b = cache.context("model B").unwrap();
+        let a = cache.context("model A", false).unwrap();
+        let b = cache.context("model B", false).unwrap();
         let f = Features { shape: vec![2, 2], data: vec![1.0, -2.0, 3.5, 0.0] };
-        let img = [7u8; 32];
+        let img = meta(7, 0);
         a.put_many(&[(&img, &f)]).unwrap();
         assert_eq!(a.get_counted(&img).unwrap(), Some(f.clone()));
         assert_eq!(b.get_counted(&img).unwrap(), None, "another context never sees these features");
         assert_eq!(a.counters.hits.load(Ordering::Relaxed), 1);
+        assert_eq!(a.get_counted(&meta(7, 3)).unwrap(), Some(f.clone()), "no random stage: variants share features");
         let stats = cache.stats().unwrap();
         assert_eq!(stats.entries, 1);
         assert_eq!(stats.contexts[0].description, "model A");
@@ -292,5 +381,33 @@ mod tests {
         assert_eq!(decode_value(&bad), None);
         drop((a, b, cache));
         assert!(FeatureCache::verify(dir.path()).unwrap().is_clean());
+    }
+
+    #[test]
+    fn each_augmented_variant_has_its_own_features() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
+        let aug = cache.context("augmented", true).unwrap();
+        let (f0, f1) = (Features { shape: vec![1], data: vec![0.5] }, Features { shape: vec![1], data: vec![1.5] });
+        aug.put_many(&[(&meta(7, 0), &f0), (&meta(7, 1), &f1)]).unwrap();
+        assert_eq!(aug.get_counted(&meta(7, 0)).unwrap(), Some(f0));
+        assert_eq!(aug.get_counted(&meta(7, 1)).unwrap(), Some(f1));
+        assert_eq!(aug.get_counted(&meta(7, 2)).unwrap(), None);
+        assert_eq!(aug.recheck(&meta(7, 2)).unwrap(), None);
+        let counters = &aug.counters;
+        assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (2, 1));
+        assert!(aug.recheck(&meta(7, 1)).unwrap().is_some());
+        assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (3, 0));
+    }
+
+    #[test]
+    fn check_dir_asks_the_nearest_folder_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(check_dir(&dir.path().join("a/b/c")), Ok(()));
+        assert_eq!(check_dir(Path::new("no/such/relative/folder")), Ok(()), "the working folder decides");
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let err = check_dir(&file.join("a/b")).unwrap_err();
+        assert_eq!(err, format!("{} is a file, not a folder", file.display()));
     }
 }

@@ -11,7 +11,7 @@ use ort::environment::Environment;
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
-use ort::value::Tensor;
+use ort::value::{Tensor, TensorElementType};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +153,16 @@ impl OnnxModel {
                 input.name()
             )));
         }
+        // The images go in as float32 and the features come out as float32.
+        for (what, name, ty) in [
+            ("input", input.name(), input.dtype().tensor_type()),
+            ("output", output.name(), output.dtype().tensor_type()),
+        ] {
+            if ty != Some(TensorElementType::Float32) {
+                let found = ty.map(|t| t.to_string()).unwrap_or_else(|| "not a tensor".into());
+                return Err(model_err(&format!("{what} `{name}` is {found}; convflow needs a float32 tensor")));
+            }
+        }
         Ok(OnnxModel {
             input_name: input.name().to_string(),
             output_name: output.name().to_string(),
@@ -167,9 +177,25 @@ impl OnnxModel {
     pub fn check_size(&self, height: u32, width: u32) -> Result<(), String> {
         let (h, w) = (self.input_dims[1], self.input_dims[2]);
         if (h > 0 && h != height as i64) || (w > 0 && w != width as i64) {
-            return Err(format!("model input is {h}x{w} (HxW) but the pipeline makes {height}x{width} images"));
+            return Err(format!(
+                "the model takes {h}x{w} (HxW) images but the pipeline makes {height}x{width}; \
+                 set the resize stage's `size` to [{h}, {w}]"
+            ));
         }
         Ok(())
+    }
+
+    /// One black image of the pipeline's size through the model, before any
+    /// work: a size the model cannot take (a fixed reshape, too small for its
+    /// pooling) or an empty output is an error here rather than at the first
+    /// batch. Returns the output shape of one image.
+    pub fn probe(&mut self, height: u32, width: u32) -> Result<Vec<usize>, String> {
+        let (h, w) = (height as usize, width as usize);
+        let (shape, data) = self.run(vec![0.0; h * w * 3], 1, h, w).map_err(|e| e.to_string())?;
+        if shape.first() != Some(&1) || data.is_empty() {
+            return Err(format!("one {height}x{width} image gives an output of shape {shape:?}"));
+        }
+        Ok(shape[1..].to_vec())
     }
 
     /// Runs an NHWC batch; returns the output shape and data.

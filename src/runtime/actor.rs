@@ -10,13 +10,20 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use super::Shared;
 use crate::config::OnError;
 use crate::item::{Item, Payload};
-use crate::stage::{Emit, Source, SourceContext, Stage, StageError, Stopped};
+use crate::stage::{Emit, EpochEnd, Source, SourceContext, Stage, StageError, Stopped};
 use crate::telemetry::{StageLabels, StageStats};
+
+/// What an edge carries: items, and the end-of-epoch markers between them.
+#[derive(Debug, Clone)]
+pub enum Envelope {
+    Item(Item),
+    EpochEnd(EpochEnd),
+}
 
 /// Sends to every downstream stage; a full channel blocks (backpressure)
 /// and the time blocked is counted.
 pub struct Emitter {
-    pub senders: Vec<Sender<Item>>,
+    pub senders: Vec<Sender<Envelope>>,
     pub stats: Arc<StageStats>,
     pub metrics: EmitMetrics,
 }
@@ -32,12 +39,7 @@ impl Emit for Emitter {
     fn emit(&mut self, item: Item) -> Result<(), Stopped> {
         let t = Instant::now();
         let n = item.image_count();
-        if let Some((last, rest)) = self.senders.split_last() {
-            for s in rest {
-                s.send(item.clone()).map_err(|_| Stopped)?;
-            }
-            last.send(item).map_err(|_| Stopped)?;
-        }
+        self.send(Envelope::Item(item))?;
         self.stats.add_blocked(t.elapsed());
         self.stats.items_out.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         self.metrics.items_out.increment(n);
@@ -46,15 +48,46 @@ impl Emit for Emitter {
         }
         Ok(())
     }
+
+    fn end_epoch(&mut self, marker: EpochEnd) -> Result<(), Stopped> {
+        let t = Instant::now();
+        self.send(Envelope::EpochEnd(marker))?;
+        self.stats.add_blocked(t.elapsed());
+        Ok(())
+    }
+}
+
+impl Emitter {
+    fn send(&self, envelope: Envelope) -> Result<(), Stopped> {
+        if let Some((last, rest)) = self.senders.split_last() {
+            for s in rest {
+                s.send(envelope.clone()).map_err(|_| Stopped)?;
+            }
+            last.send(envelope).map_err(|_| Stopped)?;
+        }
+        Ok(())
+    }
+
+    fn forward(&mut self, envelope: Envelope) -> Result<(), Stopped> {
+        match envelope {
+            Envelope::Item(item) => self.emit(item),
+            Envelope::EpochEnd(marker) => self.end_epoch(marker),
+        }
+    }
 }
 
 /// Collects a worker's outputs so the pool can emit them in order.
 #[derive(Default)]
-struct Collect(Vec<Item>);
+struct Collect(Vec<Envelope>);
 
 impl Emit for Collect {
     fn emit(&mut self, item: Item) -> Result<(), Stopped> {
-        self.0.push(item);
+        self.0.push(Envelope::Item(item));
+        Ok(())
+    }
+
+    fn end_epoch(&mut self, marker: EpochEnd) -> Result<(), Stopped> {
+        self.0.push(Envelope::EpochEnd(marker));
         Ok(())
     }
 }
@@ -105,16 +138,16 @@ impl StageRun {
         self.passes_precomputed && matches!(item.payload, Payload::Features(_))
     }
 
-    fn recv(&self, rx: &Receiver<Item>) -> Option<Item> {
+    fn recv(&self, rx: &Receiver<Envelope>) -> Option<Envelope> {
         let t = Instant::now();
-        let item = rx.recv().ok();
+        let envelope = rx.recv().ok();
         self.stats.add_wait(t.elapsed());
         self.fill.set(rx.len() as f64);
-        if let Some(item) = &item {
+        if let Some(Envelope::Item(item)) = &envelope {
             self.stats.items_in.fetch_add(item.image_count(), std::sync::atomic::Ordering::Relaxed);
             self.items_in.increment(item.image_count());
         }
-        item
+        envelope
     }
 
     /// Runs `f` and counts its time as busy, minus time blocked on output.
@@ -140,16 +173,17 @@ impl StageRun {
         }
     }
 
-    pub fn single(&self, mut stage: Box<dyn Stage>, rx: Receiver<Item>, mut out: Emitter) {
-        while let Some(item) = self.recv(&rx) {
+    pub fn single(&self, mut stage: Box<dyn Stage>, rx: Receiver<Envelope>, mut out: Emitter) {
+        while let Some(envelope) = self.recv(&rx) {
             if self.shared.signals.aborted() {
                 return;
             }
-            let result = self.timed(|| {
-                if self.passes(&item) {
-                    out.emit(item).map_err(StageError::from)
-                } else {
-                    stage.process(item, &mut out)
+            let result = self.timed(|| match envelope {
+                Envelope::Item(item) if self.passes(&item) => out.emit(item).map_err(StageError::from),
+                Envelope::Item(item) => stage.process(item, &mut out),
+                Envelope::EpochEnd(marker) => {
+                    stage.end_epoch(&marker, &mut out)?;
+                    out.end_epoch(marker).map_err(StageError::from)
                 }
             });
             if let Err(e) = result
@@ -168,10 +202,12 @@ impl StageRun {
 
     /// `workers` copies take items from one queue; a collector re-orders
     /// their outputs by input position so the pool is invisible downstream.
-    pub fn pool(self: Arc<Self>, stages: Vec<Box<dyn Stage>>, rx: Receiver<Item>, mut out: Emitter) {
+    pub fn pool(self: Arc<Self>, stages: Vec<Box<dyn Stage>>, rx: Receiver<Envelope>, mut out: Emitter) {
         let n = stages.len();
         let (work_tx, work_rx) = bounded::<(u64, Item)>(n);
-        let (done_tx, done_rx) = bounded::<(Option<u64>, Result<Vec<Item>, StageError>)>(n);
+        let (done_tx, done_rx) = bounded::<(Option<u64>, Result<Vec<Envelope>, StageError>)>(n);
+        // Markers skip the workers and take their place in the order directly.
+        let marker_tx = done_tx.clone();
         std::thread::scope(|scope| {
             for mut stage in stages {
                 let (work_rx, done_tx, me) = (work_rx.clone(), done_tx.clone(), self.clone());
@@ -206,8 +242,14 @@ impl StageRun {
             let me = self.clone();
             scope.spawn(move || {
                 let mut i = 0u64;
-                while let Some(item) = me.recv(&rx) {
-                    if me.shared.signals.aborted() || work_tx.send((i, item)).is_err() {
+                while let Some(envelope) = me.recv(&rx) {
+                    let sent = match envelope {
+                        Envelope::Item(item) => work_tx.send((i, item)).is_ok(),
+                        Envelope::EpochEnd(marker) => {
+                            marker_tx.send((Some(i), Ok(vec![Envelope::EpochEnd(marker)]))).is_ok()
+                        }
+                    };
+                    if me.shared.signals.aborted() || !sent {
                         return;
                     }
                     i += 1;
@@ -215,8 +257,8 @@ impl StageRun {
             });
             // Collector: emit in input order; finish() outputs come last.
             let mut next = 0u64;
-            let mut waiting: BTreeMap<u64, Result<Vec<Item>, StageError>> = BTreeMap::new();
-            let mut finished: Vec<Item> = Vec::new();
+            let mut waiting: BTreeMap<u64, Result<Vec<Envelope>, StageError>> = BTreeMap::new();
+            let mut finished: Vec<Envelope> = Vec::new();
             let mut ok = true;
             for (i, result) in done_rx.iter() {
                 if !ok {
@@ -234,7 +276,7 @@ impl StageRun {
                 while let Some(result) = waiting.remove(&next) {
                     next += 1;
                     let sent = match result {
-                        Ok(items) => items.into_iter().try_for_each(|item| out.emit(item)).is_ok(),
+                        Ok(items) => items.into_iter().try_for_each(|e| out.forward(e)).is_ok(),
                         Err(e) => self.item_error(e),
                     };
                     if !sent {
@@ -244,8 +286,8 @@ impl StageRun {
                 }
             }
             if ok {
-                for item in finished {
-                    if out.emit(item).is_err() {
+                for envelope in finished {
+                    if out.forward(envelope).is_err() {
                         break;
                     }
                 }

@@ -20,11 +20,10 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::cache::{CacheHandle, FeatureCache};
 use crate::graph::Graph;
-use crate::item::Item;
 use crate::stage::{BuildContext, Built, RunSignals};
 use crate::telemetry::progress::{Progress, Role, Tracked};
 use crate::telemetry::{self, ProgressMode, StageLabels, StageStats};
-use actor::{EmitMetrics, Emitter, StageRun};
+use actor::{EmitMetrics, Emitter, Envelope, StageRun};
 pub use report::{RunReport, Skipped};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +163,13 @@ fn plan_caches(graph: &Graph) -> Result<CachePlan, RunError> {
             }
         };
         // Everything upstream that changes pixels is part of the key.
-        let upstream: Vec<String> = graph
-            .ancestors(i)
-            .into_iter()
-            .map(|j| &graph.stages[j])
-            .filter(|s| s.info.affects_pixels)
-            .map(|s| format!("{} {}", s.info.kind, s.config.canonical_json()))
-            .collect();
+        let pixel_stages: Vec<_> =
+            graph.ancestors(i).into_iter().map(|j| &graph.stages[j]).filter(|s| s.info.affects_pixels).collect();
+        let upstream: Vec<String> =
+            pixel_stages.iter().map(|s| format!("{} {}", s.info.kind, s.config.canonical_json())).collect();
         let description = format!("{} | {}", spec.key, upstream.join(" | "));
-        let handle = cache.context(&description).map_err(|e| build_err(e.to_string()))?;
+        let by_variant = pixel_stages.iter().any(|s| s.info.random);
+        let handle = cache.context(&description, by_variant).map_err(|e| build_err(e.to_string()))?;
         if let Some(source) = probe_source(graph, i) {
             plan.probes.insert(source, handle.clone());
             plan.probed.push(i);
@@ -311,6 +308,7 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
                 cache_probe: caches.probes.get(&i).cloned(),
                 cache_probed_upstream: caches.probed.contains(&i),
                 upstream: upstream.clone(),
+                signals: options.signals.clone(),
             };
             let b = stage
                 .config
@@ -333,8 +331,8 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     }
 
     // One bounded input channel per consuming stage; all its inputs send to it.
-    let mut senders: Vec<Option<Sender<Item>>> = Vec::new();
-    let mut receivers: Vec<Option<Receiver<Item>>> = Vec::new();
+    let mut senders: Vec<Option<Sender<Envelope>>> = Vec::new();
+    let mut receivers: Vec<Option<Receiver<Envelope>>> = Vec::new();
     for stage in &graph.stages {
         if stage.info.is_source() {
             senders.push(None);

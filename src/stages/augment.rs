@@ -1,6 +1,7 @@
 //! `augment`: Keras `ImageDataGenerator`'s random transforms (see
 //! [`crate::augment`]) as one warp per image. Draws derive from (seed,
-//! epoch, variant, content hash), so the pixels do not depend on worker
+//! variant, content hash), the variant being the epoch unless the source
+//! draws one of K fixed variants, so the pixels do not depend on worker
 //! count or scheduling. With `size`, it takes full-size decoded images and
 //! replaces the `resize` stage (resize and augmentation in one warp).
 
@@ -54,6 +55,7 @@ impl StageConfig for AugmentConfig {
     const PARALLEL: bool = true;
     const AFFECTS_PIXELS: bool = true;
     const PASSES_PRECOMPUTED: bool = true;
+    const RANDOM: bool = true;
 
     fn check(&self) -> Vec<FieldError> {
         self.0.check()
@@ -78,7 +80,11 @@ impl Stage for Augment {
             return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name())));
         };
         let m = &item.meta;
-        let augmented = self.options.augment(img, m.epoch, m.variant, &m.content_hash);
+        // The source folds the epoch into the variant (variant = epoch when
+        // every epoch draws fresh, one of K fixed variants otherwise), so the
+        // draw depends on the variant alone and a cached variant's features
+        // are right in whichever epoch it is drawn again.
+        let augmented = self.options.augment(img, 0, m.variant, &m.content_hash);
         out.emit(Item { meta: item.meta, payload: Payload::Image(augmented) })?;
         Ok(())
     }

@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::item::{Item, ItemKind, Payload};
-use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::stage::{
+    BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +61,11 @@ impl Stage for Batch {
             self.flush(out)?;
         }
         Ok(())
+    }
+
+    /// A batch never spans two epochs (the last one of an epoch may be short).
+    fn end_epoch(&mut self, _marker: &EpochEnd, out: &mut dyn Emit) -> Result<(), StageError> {
+        self.flush(out)
     }
 
     fn finish(&mut self, out: &mut dyn Emit, _signals: &RunSignals) -> Result<(), StageError> {

@@ -9,6 +9,7 @@
 //! `metrics.json`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rand::SeedableRng;
@@ -18,7 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::head::{Head, LayerSpec, Optimizer, OptimizerSpec};
-use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::stage::{
+    BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,8 +53,15 @@ pub struct DenseHeadConfig {
     pub layers: Option<Vec<LayerSpec>>,
     #[serde(default = "default_optimizer")]
     pub optimizer: OptimizerSpec,
-    #[serde(default = "default_epochs")]
-    pub epochs: usize,
+    /// Passes over the collected rows (default 30). Not with `streaming`,
+    /// where the training source's `epochs` decides.
+    #[serde(default)]
+    pub epochs: Option<usize>,
+    /// Train on batches as they arrive, one epoch per end-of-epoch marker of
+    /// the training split, without keeping training rows: for augmentation
+    /// that differs every epoch. Validation/test rows are kept from epoch 0.
+    #[serde(default)]
+    pub streaming: bool,
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     #[serde(default)]
@@ -82,9 +92,12 @@ pub struct DenseHeadConfig {
 fn default_optimizer() -> OptimizerSpec {
     OptimizerSpec::rmsprop(2e-5)
 }
-fn default_epochs() -> usize {
-    30
+impl DenseHeadConfig {
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(30)
+    }
 }
+
 fn default_batch_size() -> usize {
     20
 }
@@ -126,6 +139,12 @@ impl StageConfig for DenseHeadConfig {
             help: "Keras semantics and defaults",
         },
         OptionDoc { name: "epochs", ty: "int", default: "30", help: "passes over the training split" },
+        OptionDoc {
+            name: "streaming",
+            ty: "bool",
+            default: "false",
+            help: "train as batches arrive; epochs come from the source",
+        },
         OptionDoc { name: "batch_size", ty: "int", default: "20", help: "rows per step" },
         OptionDoc { name: "l2", ty: "float", default: "0", help: "L2 weight decay on every kernel" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "init, shuffle and dropout seed" },
@@ -150,8 +169,14 @@ impl StageConfig for DenseHeadConfig {
 
     fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        if self.epochs == 0 {
+        if self.epochs == Some(0) {
             errors.push(FieldError::new("epochs", "must be at least 1"));
+        }
+        if self.streaming && self.epochs.is_some() {
+            errors.push(FieldError::new(
+                "epochs",
+                "with streaming: true the training source's `epochs` sets the number of epochs; remove this",
+            ));
         }
         if self.batch_size == 0 {
             errors.push(FieldError::new("batch_size", "must be at least 1"));
@@ -176,6 +201,18 @@ impl StageConfig for DenseHeadConfig {
             summary: None,
             provenance,
             spilled: false,
+            stream: self.streaming.then(|| Stream {
+                trainer: None,
+                x: Vec::new(),
+                y: Vec::new(),
+                n: 0,
+                epoch: 0,
+                rng: epoch_rng(self.seed, 0),
+                validation_complete: false,
+                pending: Vec::new(),
+                stopped: false,
+            }),
+            signals: ctx.signals.clone(),
         })))
     }
 }
@@ -279,6 +316,9 @@ struct DenseHead {
     /// can be used (and exported) with the same model and preprocessing.
     provenance: Vec<serde_json::Value>,
     spilled: bool,
+    /// `streaming: true`: the training state between items.
+    stream: Option<Stream>,
+    signals: Arc<RunSignals>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -289,6 +329,302 @@ struct EpochRecord {
     val_loss: Option<f32>,
     val_acc: Option<f32>,
     seconds: f64,
+}
+
+/// Shuffle (collected mode) and dropout both derive from (seed, epoch): reruns repeat.
+fn epoch_rng(seed: u64, epoch: usize) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The model, its optimizer and the history: what both modes share.
+struct Trainer {
+    head: Head,
+    opt: Optimizer,
+    layers: Vec<LayerSpec>,
+    outputs: usize,
+    threads: usize,
+    history: Vec<EpochRecord>,
+    /// Best monitored score and its epoch; its weights only with keep_best.
+    best: Option<(f32, usize)>,
+    best_head: Option<Head>,
+    started: Instant,
+    /// The epoch being trained: summed loss, correct predictions, rows, start.
+    loss_sum: f64,
+    correct: f64,
+    rows: usize,
+    epoch_started: Instant,
+    /// Rows the last finished epoch trained on.
+    last_epoch_rows: usize,
+}
+
+/// One epoch's training figures, before validation.
+#[derive(Clone)]
+struct EpochTrain {
+    epoch: usize,
+    loss: f32,
+    acc: f32,
+    seconds: f64,
+}
+
+impl Trainer {
+    fn new(cfg: &DenseHeadConfig, d: &Data) -> Result<Trainer, String> {
+        let outputs = if d.mode == ClassMode::Categorical { d.classes.len() } else { 1 };
+        let layers = cfg.layers.clone().unwrap_or_else(|| LayerSpec::book_categorical(outputs));
+        let mut head = Head::new(d.dim, &layers, cfg.seed).map_err(|e| e.to_string())?;
+        if head.output_dim() != outputs {
+            return Err(format!(
+                "the last layer has {} units but the data has {} label columns",
+                head.output_dim(),
+                outputs
+            ));
+        }
+        let threads = if cfg.threads > 0 {
+            cfg.threads
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        head.set_threads(threads);
+        Ok(Trainer {
+            head,
+            opt: Optimizer::new(cfg.optimizer),
+            layers,
+            outputs,
+            threads,
+            history: Vec::new(),
+            best: None,
+            best_head: None,
+            started: Instant::now(),
+            loss_sum: 0.0,
+            correct: 0.0,
+            rows: 0,
+            epoch_started: Instant::now(),
+            last_epoch_rows: 0,
+        })
+    }
+
+    fn train_batch(&mut self, x: &[f32], y: &[f32], n: usize, l2: f32, rng: &mut ChaCha8Rng) -> Result<(), String> {
+        if self.rows == 0 {
+            self.epoch_started = Instant::now();
+        }
+        let stats = self.head.train_batch(x, y, n, &mut self.opt, l2, rng).map_err(|e| e.to_string())?;
+        self.loss_sum += stats.loss as f64 * n as f64;
+        self.correct += stats.correct;
+        self.rows += n;
+        Ok(())
+    }
+
+    /// Ends the epoch being trained and starts counting the next.
+    fn close_epoch(&mut self, epoch: usize) -> EpochTrain {
+        let n = self.rows.max(1) as f64;
+        let done = EpochTrain {
+            epoch,
+            loss: (self.loss_sum / n) as f32,
+            acc: (self.correct / n) as f32,
+            seconds: self.epoch_started.elapsed().as_secs_f64(),
+        };
+        self.last_epoch_rows = self.rows;
+        (self.loss_sum, self.correct, self.rows) = (0.0, 0.0, 0);
+        done
+    }
+
+    /// Validation loss (with the L2 penalty, as Keras reports it) and accuracy of `head`.
+    fn validate(cfg: &DenseHeadConfig, d: &Data, head: &mut Head) -> Result<(Option<f32>, Option<f32>), String> {
+        if d.validation.n == 0 {
+            return Ok((None, None));
+        }
+        let outputs = head.output_dim();
+        let (l, a) = d.validation.evaluate(head, d.dim, outputs)?;
+        Ok((Some(l + cfg.l2 * head.l2_penalty(1.0)), Some(a)))
+    }
+
+    /// Records an epoch validated with `snapshot` (the weights at its end;
+    /// `None`: the current weights). True when early stopping ends training here.
+    fn record(
+        &mut self,
+        cfg: &DenseHeadConfig,
+        t: EpochTrain,
+        val: (Option<f32>, Option<f32>),
+        snapshot: Option<&Head>,
+    ) -> bool {
+        let record = EpochRecord {
+            epoch: t.epoch,
+            loss: t.loss,
+            acc: t.acc,
+            val_loss: val.0,
+            val_acc: val.1,
+            seconds: t.seconds,
+        };
+        tracing::info!(
+            "epoch {}: loss {:.4} acc {:.4} val_loss {} val_acc {}",
+            t.epoch,
+            record.loss,
+            record.acc,
+            val.0.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+            val.1.map(|v| format!("{v:.4}")).unwrap_or("-".into())
+        );
+        metrics::gauge!(crate::telemetry::TRAIN_LOSS).set(record.loss as f64);
+        metrics::gauge!(crate::telemetry::TRAIN_VAL_ACC).set(val.1.unwrap_or(0.0) as f64);
+        let monitor = cfg.early_stopping.as_ref().map(|e| e.monitor).unwrap_or(Monitor::ValLoss);
+        let score = monitor_value(&record, monitor);
+        self.history.push(record);
+        let Some(score) = score else { return false };
+        if self.best.is_none_or(|(b, _)| score < b) {
+            self.best = Some((score, t.epoch));
+            if cfg.keep_best {
+                self.best_head = Some(snapshot.unwrap_or(&self.head).clone());
+            }
+        }
+        if let (Some(es), Some((_, best_epoch))) = (&cfg.early_stopping, &self.best)
+            && t.epoch - best_epoch >= es.patience
+        {
+            tracing::info!(
+                "early stopping after epoch {}: no better {:?} since epoch {best_epoch}",
+                t.epoch,
+                es.monitor
+            );
+            return true;
+        }
+        false
+    }
+
+    /// Writes history.csv, curves.png, the head, and metrics.json (with the test split's figures).
+    fn save(
+        mut self,
+        cfg: &DenseHeadConfig,
+        d: &Data,
+        provenance: &[serde_json::Value],
+    ) -> Result<serde_json::Value, String> {
+        let train_seconds = self.started.elapsed().as_secs_f64();
+        let best_epoch = self.best.map(|(_, e)| e);
+        if let Some(h) = self.best_head.take() {
+            self.head = h;
+        }
+        let history = &self.history;
+        let out = &cfg.out_dir;
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        write_history(&out.join("history.csv"), history).map_err(|e| format!("history.csv: {e}"))?;
+        crate::plot::curves(
+            &out.join("curves.png"),
+            &history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect::<Vec<_>>(),
+        )
+        .map_err(|e| format!("curves.png: {e}"))?;
+        self.head.save_safetensors(&out.join("head.safetensors")).map_err(|e| e.to_string())?;
+        let head_json = serde_json::json!({
+            "layers": self.layers, "input_shape": d.feature_shape, "classes": d.classes,
+            "class_mode": d.mode, "threads": self.threads, "seed": cfg.seed, "features_from": provenance,
+        });
+        std::fs::write(out.join("head.json"), serde_json::to_string_pretty(&head_json).unwrap_or_default())
+            .map_err(|e| format!("head.json: {e}"))?;
+
+        let last = history.last();
+        let (test_loss, test_acc) = if d.test.n > 0 {
+            let (l, a) = d.test.evaluate(&mut self.head, d.dim, self.outputs)?;
+            (Some(l), Some(a))
+        } else {
+            (None, None)
+        };
+        let (val_loss, val_acc) = if cfg.keep_best {
+            let b = best_epoch.and_then(|e| history.iter().find(|r| r.epoch == e));
+            (b.and_then(|r| r.val_loss), b.and_then(|r| r.val_acc))
+        } else {
+            (last.and_then(|r| r.val_loss), last.and_then(|r| r.val_acc))
+        };
+        let metrics = serde_json::json!({
+            "epochs_run": history.len(), "best_epoch": best_epoch,
+            "loss": last.map(|r| r.loss), "acc": last.map(|r| r.acc),
+            "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "spilled_to_disk": d.train.spill.is_some(), "train_rows": self.last_epoch_rows, "validation_rows": d.validation.n, "test_rows": d.test.n,
+            "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
+        });
+        std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
+            .map_err(|e| format!("metrics.json: {e}"))?;
+        Ok(metrics)
+    }
+}
+
+/// Streaming mode: training rows are used as they arrive and never kept;
+/// validation and test rows are collected once (from epoch 0).
+struct Stream {
+    trainer: Option<Trainer>,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    n: usize,
+    /// 1-based epoch being trained, and its dropout stream.
+    epoch: usize,
+    rng: ChaCha8Rng,
+    /// Every validation row has arrived (its source's first epoch ended).
+    validation_complete: bool,
+    /// Epochs trained before validation was complete, with the weights at
+    /// their end: validated, in order, once it is.
+    pending: Vec<(EpochTrain, Head)>,
+    /// Early stopping ended training; later training items are ignored.
+    stopped: bool,
+}
+
+impl DenseHead {
+    fn stream_train_row(&mut self, meta_epoch: u32, x: &[f32], y: &[f32]) -> Result<(), String> {
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        if st.stopped {
+            return Ok(());
+        }
+        if st.trainer.is_none() {
+            st.trainer = Some(Trainer::new(&self.cfg, &self.data)?);
+        }
+        let epoch = meta_epoch as usize + 1;
+        if st.n == 0 && st.epoch != epoch {
+            st.epoch = epoch;
+            st.rng = epoch_rng(self.cfg.seed, epoch);
+        }
+        st.x.extend_from_slice(x);
+        st.y.extend_from_slice(y);
+        st.n += 1;
+        if st.n == self.cfg.batch_size {
+            self.stream_step()?;
+        }
+        Ok(())
+    }
+
+    fn stream_step(&mut self) -> Result<(), String> {
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        if let (Some(t), true) = (st.trainer.as_mut(), st.n > 0) {
+            t.train_batch(&st.x, &st.y, st.n, self.cfg.l2, &mut st.rng)?;
+        }
+        st.x.clear();
+        st.y.clear();
+        st.n = 0;
+        Ok(())
+    }
+
+    /// The training split's epoch ended: validate now, or later when the
+    /// validation rows are all in.
+    fn stream_close_epoch(&mut self) -> Result<(), String> {
+        self.stream_step()?;
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let Some(t) = st.trainer.as_mut() else { return Ok(()) };
+        if st.stopped || t.rows == 0 {
+            return Ok(());
+        }
+        let done = t.close_epoch(st.epoch);
+        st.pending.push((done, t.head.clone()));
+        if st.validation_complete { self.stream_validate_pending() } else { Ok(()) }
+    }
+
+    fn stream_validate_pending(&mut self) -> Result<(), String> {
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let Some(t) = st.trainer.as_mut() else { return Ok(()) };
+        for (done, mut head) in std::mem::take(&mut st.pending) {
+            let val = Trainer::validate(&self.cfg, &self.data, &mut head)?;
+            if t.record(&self.cfg, done, val, Some(&head)) {
+                // Whatever trained past this epoch is discarded: the result
+                // is the same however late validation came.
+                t.head = head;
+                st.stopped = true;
+                self.signals.epochs_done.store(true, std::sync::atomic::Ordering::Relaxed);
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Stage for DenseHead {
@@ -311,7 +647,23 @@ impl Stage for DenseHead {
                 format!("features of shape {:?}, earlier ones {:?}", f.shape, d.feature_shape),
             ));
         }
+        let y = match label.mode {
+            ClassMode::Categorical => {
+                let mut one_hot = vec![0.0; label.classes.len()];
+                one_hot[label.index as usize] = 1.0;
+                one_hot
+            }
+            _ => vec![label.index as f32],
+        };
         let split = item.meta.split.as_deref().unwrap_or(&self.cfg.train_split);
+        let streaming = self.stream.is_some();
+        if streaming && split == self.cfg.train_split {
+            return self.stream_train_row(item.meta.epoch, &f.data, &y).map_err(StageError::fatal);
+        }
+        if streaming && item.meta.epoch > 0 {
+            // Validation and test rows do not change between epochs.
+            return Ok(());
+        }
         let rows = if split == self.cfg.train_split {
             &mut d.train
         } else if split == self.cfg.validation_split {
@@ -325,14 +677,7 @@ impl Stage for DenseHead {
             ));
         };
         rows.push(&f.data).map_err(|e| StageError::fatal(format!("spilling features: {e}")))?;
-        match label.mode {
-            ClassMode::Categorical => {
-                let mut one_hot = vec![0.0; label.classes.len()];
-                one_hot[label.index as usize] = 1.0;
-                rows.y.extend(one_hot);
-            }
-            _ => rows.y.push(label.index as f32),
-        }
+        rows.y.extend(y);
         rows.n += 1;
         let held = (d.train.x.len() + d.validation.x.len() + d.test.x.len()) as u64 * 4;
         if held > self.cfg.max_memory_mb << 20 {
@@ -352,11 +697,40 @@ impl Stage for DenseHead {
         Ok(())
     }
 
+    fn end_epoch(&mut self, marker: &EpochEnd, _out: &mut dyn Emit) -> Result<(), StageError> {
+        let Some(st) = self.stream.as_mut() else { return Ok(()) };
+        let has = |split: &str| marker.splits.iter().any(|s| s == split);
+        if marker.epoch == 0 && has(&self.cfg.validation_split) {
+            st.validation_complete = true;
+        }
+        let result = if marker.splits.is_empty() || has(&self.cfg.train_split) {
+            self.stream_close_epoch()
+        } else if st.validation_complete {
+            self.stream_validate_pending()
+        } else {
+            Ok(())
+        };
+        result.map_err(StageError::fatal)
+    }
+
     fn finish(&mut self, _out: &mut dyn Emit, signals: &RunSignals) -> Result<(), StageError> {
         if signals.interrupted() || signals.aborted() {
             return Ok(());
         }
-        let summary = train(&self.cfg, &self.data, &self.provenance, signals).map_err(StageError::fatal)?;
+        let summary = if self.stream.is_some() {
+            // A source that sent no markers: its items were one epoch.
+            self.stream_close_epoch().map_err(StageError::fatal)?;
+            if let Some(st) = self.stream.as_mut() {
+                st.validation_complete = true;
+            }
+            self.stream_validate_pending().map_err(StageError::fatal)?;
+            let trainer = self.stream.as_mut().and_then(|st| st.trainer.take()).ok_or_else(|| {
+                StageError::fatal(format!("no items of split `{}` to train on", self.cfg.train_split))
+            })?;
+            trainer.save(&self.cfg, &self.data, &self.provenance).map_err(StageError::fatal)?
+        } else {
+            train_collected(&self.cfg, &self.data, &self.provenance, signals).map_err(StageError::fatal)?
+        };
         self.summary = Some(summary);
         Ok(())
     }
@@ -373,7 +747,8 @@ fn monitor_value(r: &EpochRecord, m: Monitor) -> Option<f32> {
     }
 }
 
-fn train(
+/// Collected mode: every row is in `d`; `epochs` shuffled passes over it.
+fn train_collected(
     cfg: &DenseHeadConfig,
     d: &Data,
     provenance: &[serde_json::Value],
@@ -382,141 +757,34 @@ fn train(
     if d.train.n == 0 {
         return Err(format!("no items of split `{}` to train on", cfg.train_split));
     }
-    let outputs = if d.mode == ClassMode::Categorical { d.classes.len() } else { 1 };
-    let layers = cfg.layers.clone().unwrap_or_else(|| LayerSpec::book_categorical(outputs));
-    let mut head = Head::new(d.dim, &layers, cfg.seed).map_err(|e| e.to_string())?;
-    if head.output_dim() != outputs {
-        return Err(format!(
-            "the last layer has {} units but the data has {} label columns",
-            head.output_dim(),
-            outputs
-        ));
-    }
-    let threads =
-        if cfg.threads > 0 { cfg.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) };
-    head.set_threads(threads);
-    let mut opt = Optimizer::new(cfg.optimizer);
-    let dim = d.dim;
-    let started = Instant::now();
-    let mut history: Vec<EpochRecord> = Vec::new();
-    // Best monitored score and its epoch; its weights only with keep_best.
-    let mut best: Option<(f32, usize)> = None;
-    let mut best_head: Option<Head> = None;
-    let monitor = cfg.early_stopping.as_ref().map(|e| e.monitor).unwrap_or(Monitor::ValLoss);
+    let mut t = Trainer::new(cfg, d)?;
+    let outputs = t.outputs;
     let mut order: Vec<usize> = (0..d.train.n).collect();
     let (mut xb, mut yb) = (Vec::new(), Vec::new());
-    for epoch in 1..=cfg.epochs {
+    for epoch in 1..=cfg.epochs() {
         if signals.interrupted() {
             break;
         }
-        let t = Instant::now();
-        // Shuffle and dropout both derive from (seed, epoch): reruns repeat.
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = epoch_rng(cfg.seed, epoch);
         order.shuffle(&mut rng);
-        let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
         for chunk in order.chunks(cfg.batch_size) {
             xb.clear();
             yb.clear();
             d.train
-                .gather(chunk.iter().copied(), dim, &mut xb)
+                .gather(chunk.iter().copied(), d.dim, &mut xb)
                 .map_err(|e| format!("reading spilled features: {e}"))?;
             for &i in chunk {
                 yb.extend_from_slice(&d.train.y[i * outputs..(i + 1) * outputs]);
             }
-            let stats =
-                head.train_batch(&xb, &yb, chunk.len(), &mut opt, cfg.l2, &mut rng).map_err(|e| e.to_string())?;
-            loss_sum += stats.loss as f64 * chunk.len() as f64;
-            correct += stats.correct;
+            t.train_batch(&xb, &yb, chunk.len(), cfg.l2, &mut rng)?;
         }
-        let (val_loss, val_acc) = if d.validation.n > 0 {
-            let (l, a) = d.validation.evaluate(&mut head, dim, outputs)?;
-            (Some(l + cfg.l2 * head.l2_penalty(1.0)), Some(a))
-        } else {
-            (None, None)
-        };
-        let record = EpochRecord {
-            epoch,
-            loss: (loss_sum / d.train.n as f64) as f32,
-            acc: (correct / d.train.n as f64) as f32,
-            val_loss,
-            val_acc,
-            seconds: t.elapsed().as_secs_f64(),
-        };
-        tracing::info!(
-            "epoch {epoch}/{}: loss {:.4} acc {:.4} val_loss {} val_acc {}",
-            cfg.epochs,
-            record.loss,
-            record.acc,
-            val_loss.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
-            val_acc.map(|v| format!("{v:.4}")).unwrap_or("-".into())
-        );
-        metrics::gauge!(crate::telemetry::TRAIN_LOSS).set(record.loss as f64);
-        metrics::gauge!(crate::telemetry::TRAIN_VAL_ACC).set(val_acc.unwrap_or(0.0) as f64);
-        let score = monitor_value(&record, monitor);
-        history.push(record);
-        if let Some(score) = score {
-            if best.is_none_or(|(b, _)| score < b) {
-                best = Some((score, epoch));
-                if cfg.keep_best {
-                    best_head = Some(head.clone());
-                }
-            }
-            if let (Some(es), Some((_, best_epoch))) = (&cfg.early_stopping, &best)
-                && epoch - best_epoch >= es.patience
-            {
-                tracing::info!(
-                    "early stopping after epoch {epoch}: no better {:?} since epoch {best_epoch}",
-                    es.monitor
-                );
-                break;
-            }
+        let done = t.close_epoch(epoch);
+        let val = Trainer::validate(cfg, d, &mut t.head)?;
+        if t.record(cfg, done, val, None) {
+            break;
         }
     }
-    let train_seconds = started.elapsed().as_secs_f64();
-    let best_epoch = best.map(|(_, e)| e);
-    if let Some(h) = best_head {
-        head = h;
-    }
-
-    let out = &cfg.out_dir;
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    write_history(&out.join("history.csv"), &history).map_err(|e| format!("history.csv: {e}"))?;
-    crate::plot::curves(
-        &out.join("curves.png"),
-        &history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect::<Vec<_>>(),
-    )
-    .map_err(|e| format!("curves.png: {e}"))?;
-    head.save_safetensors(&out.join("head.safetensors")).map_err(|e| e.to_string())?;
-    let head_json = serde_json::json!({
-        "layers": layers, "input_shape": d.feature_shape, "classes": d.classes,
-        "class_mode": d.mode, "threads": threads, "seed": cfg.seed, "features_from": provenance,
-    });
-    std::fs::write(out.join("head.json"), serde_json::to_string_pretty(&head_json).unwrap_or_default())
-        .map_err(|e| format!("head.json: {e}"))?;
-
-    let last = history.last();
-    let (test_loss, test_acc) = if d.test.n > 0 {
-        let (l, a) = d.test.evaluate(&mut head, dim, outputs)?;
-        (Some(l), Some(a))
-    } else {
-        (None, None)
-    };
-    let (val_loss, val_acc) = if cfg.keep_best {
-        let b = best_epoch.and_then(|e| history.get(e - 1));
-        (b.and_then(|r| r.val_loss), b.and_then(|r| r.val_acc))
-    } else {
-        (last.and_then(|r| r.val_loss), last.and_then(|r| r.val_acc))
-    };
-    let metrics = serde_json::json!({
-        "epochs_run": history.len(), "best_epoch": best_epoch,
-        "loss": last.map(|r| r.loss), "acc": last.map(|r| r.acc),
-        "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-        "spilled_to_disk": d.train.spill.is_some(), "train_rows": d.train.n, "validation_rows": d.validation.n, "test_rows": d.test.n,
-        "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
-    });
-    std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
-        .map_err(|e| format!("metrics.json: {e}"))?;
-    Ok(metrics)
+    t.save(cfg, d, provenance)
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> std::io::Result<()> {

@@ -150,6 +150,15 @@ struct FeatureWriter {
     written: BTreeMap<String, usize>,
 }
 
+impl Drop for FeatureWriter {
+    /// A failed run (a full disk, another stage's error) never calls
+    /// `finish`: its staged files go here, so they neither litter the output
+    /// folder nor keep holding the space that ran out.
+    fn drop(&mut self) {
+        std::mem::take(&mut self.splits).into_values().for_each(|(f, _)| f.discard());
+    }
+}
+
 impl Stage for FeatureWriter {
     fn process(&mut self, item: Item, _out: &mut dyn Emit) -> Result<(), StageError> {
         let Payload::Features(f) = &item.payload else {

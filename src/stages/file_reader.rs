@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheHandle;
 use crate::item::{ClassMode, Item, ItemKind, Label, Meta, Payload};
-use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError};
+use crate::stage::{
+    BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +34,20 @@ pub struct FileReaderConfig {
     pub seed: u64,
     #[serde(default)]
     pub follow_links: bool,
+    /// Passes over the files; each ends with an end-of-epoch marker and,
+    /// with `shuffle`, has its own order drawn from (seed, epoch).
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
+    /// Augmented variants per image. 0: every epoch draws fresh
+    /// augmentation (the item's variant is its epoch). K > 0: each epoch
+    /// picks one of K fixed variants per image from (seed, epoch, image), so
+    /// a cache downstream computes at most K x images features, ever.
+    #[serde(default)]
+    pub variants: u32,
+}
+
+fn default_epochs() -> u32 {
+    1
 }
 
 fn default_extensions() -> Vec<String> {
@@ -56,10 +72,20 @@ impl StageConfig for FileReaderConfig {
         OptionDoc { name: "shuffle", ty: "bool", default: "false", help: "shuffle the file order" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "shuffle seed" },
         OptionDoc { name: "follow_links", ty: "bool", default: "false", help: "follow symbolic links" },
+        OptionDoc { name: "epochs", ty: "int", default: "1", help: "passes over the files, reshuffled each" },
+        OptionDoc {
+            name: "variants",
+            ty: "int",
+            default: "0 (fresh each epoch)",
+            help: "K fixed augmented variants per image; each epoch draws one",
+        },
     ];
 
     fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
+        if self.epochs == 0 {
+            errors.push(FieldError::new("epochs", "must be at least 1"));
+        }
         if !self.dir.is_dir() {
             errors.push(FieldError::new("dir", format!("{} is not a folder", self.dir.display())));
         } else {
@@ -74,7 +100,15 @@ impl StageConfig for FileReaderConfig {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let listing = list(self).map_err(StageError::fatal)?;
-        Ok(Built::Source(Box::new(FileReader { listing, probe: ctx.cache_probe.clone() })))
+        Ok(Built::Source(Box::new(FileReader {
+            listing,
+            probe: ctx.cache_probe.clone(),
+            epochs: self.epochs,
+            variants: self.variants,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            splits: self.splits.clone().into(),
+        })))
     }
 }
 
@@ -143,10 +177,6 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
     }
     if entries.is_empty() {
         return Err(format!("no images with extensions [{}] under {}", exts.join(", "), cfg.dir.display()));
-    }
-    if cfg.shuffle {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
-        entries.shuffle(&mut rng);
     }
     Ok(entries)
 }
@@ -217,44 +247,83 @@ fn walk(
 struct FileReader {
     listing: Vec<Entry>,
     probe: Option<CacheHandle>,
+    epochs: u32,
+    variants: u32,
+    shuffle: bool,
+    seed: u64,
+    splits: Arc<[String]>,
+}
+
+impl FileReader {
+    /// The listing's order in `epoch`: sorted, or shuffled from (seed,
+    /// epoch); epoch 0 uses the seed's own stream.
+    fn order(&self, epoch: u32) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.listing.len()).collect();
+        if self.shuffle {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(epoch as u64);
+            order.shuffle(&mut rng);
+        }
+        order
+    }
+
+    /// Which augmented variant of an image an epoch uses.
+    fn variant(&self, epoch: u32, content_hash: &[u8; 32]) -> u32 {
+        if self.variants == 0 {
+            return epoch;
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"convflow variant").update(&self.seed.to_le_bytes()).update(&epoch.to_le_bytes());
+        h.update(content_hash);
+        let draw = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or_default());
+        (draw % self.variants as u64) as u32
+    }
 }
 
 impl Source for FileReader {
     fn total(&self) -> Option<u64> {
-        Some(self.listing.len() as u64)
+        Some(self.listing.len() as u64 * self.epochs as u64)
     }
 
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
-        for (seq, entry) in std::mem::take(&mut self.listing).into_iter().enumerate() {
-            if ctx.signals.should_stop() {
+        let n = self.listing.len() as u64;
+        for epoch in 0..self.epochs {
+            if epoch > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            let bytes = match std::fs::read(&entry.path) {
-                Ok(b) => b,
-                Err(e) => {
-                    (ctx.skip)(StageError::item(&entry.path, format!("cannot read: {e}")));
-                    continue;
+            for (i, index) in self.order(epoch).into_iter().enumerate() {
+                if ctx.signals.should_stop() {
+                    return Ok(());
                 }
-            };
-            let content_hash = *blake3::hash(&bytes).as_bytes();
-            let meta = Meta {
-                path: Arc::from(entry.path.as_path()),
-                content_hash,
-                label: entry.label,
-                split: entry.split,
-                epoch: 0,
-                variant: 0,
-                seq: seq as u64,
-            };
-            let cached = match &self.probe {
-                Some(probe) => probe.get_counted(&content_hash).map_err(StageError::fatal)?,
-                None => None,
-            };
-            let payload = match cached {
-                Some(features) => Payload::Features(features),
-                None => Payload::Bytes(bytes.into()),
-            };
-            out.emit(Item { meta, payload })?;
+                let entry = &self.listing[index];
+                let bytes = match std::fs::read(&entry.path) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        (ctx.skip)(StageError::item(&entry.path, format!("cannot read: {e}")));
+                        continue;
+                    }
+                };
+                let content_hash = *blake3::hash(&bytes).as_bytes();
+                let meta = Meta {
+                    path: Arc::from(entry.path.as_path()),
+                    content_hash,
+                    label: entry.label.clone(),
+                    split: entry.split.clone(),
+                    epoch,
+                    variant: self.variant(epoch, &content_hash),
+                    seq: epoch as u64 * n + i as u64,
+                };
+                let cached = match &self.probe {
+                    Some(probe) => probe.get_counted(&meta).map_err(StageError::fatal)?,
+                    None => None,
+                };
+                let payload = match cached {
+                    Some(features) => Payload::Features(features),
+                    None => Payload::Bytes(bytes.into()),
+                };
+                out.emit(Item { meta, payload })?;
+            }
+            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last: epoch + 1 == self.epochs })?;
         }
         Ok(())
     }

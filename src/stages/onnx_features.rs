@@ -78,6 +78,11 @@ impl StageConfig for OnnxFeaturesConfig {
                 format!("{} not found (models/setup.sh produces the models)", self.model.display()),
             ));
         }
+        if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = crate::cache::check_dir(dir)
+        {
+            errors.push(FieldError::new("cache", format!("cannot keep a feature cache in {}: {e}", dir.display())));
+        }
         errors
     }
 
@@ -96,10 +101,16 @@ impl StageConfig for OnnxFeaturesConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let model =
+        let mut model =
             OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
         if let Some((h, w)) = ctx.image_size {
-            model.check_size(h, w).map_err(StageError::fatal)?;
+            let model_err = |e: String| StageError::fatal(format!("model {}: {e}", self.model.display()));
+            model.check_size(h, w).map_err(model_err)?;
+            model.probe(h, w).map_err(|e| {
+                model_err(format!(
+                    "cannot take the pipeline's {h}x{w} images: {e}; set the resize stage's `size` to a size it takes"
+                ))
+            })?;
         }
         let labels = ctx.metric_labels();
         labels.gauge_with(crate::telemetry::EXECUTION_PROVIDER, "provider", &model.provider.to_string()).set(1.0);
@@ -146,7 +157,8 @@ impl Stage for OnnxFeatures {
                 Payload::Features(f) => slots.push((m.meta, Some(f))),
                 Payload::Image(img) => {
                     let hit = match (&self.cache, self.lookup) {
-                        (Some(c), true) => c.get_counted(&m.meta.content_hash).map_err(StageError::fatal)?,
+                        (Some(c), true) => c.get_counted(&m.meta).map_err(StageError::fatal)?,
+                        (Some(c), false) if m.meta.epoch > 0 => c.recheck(&m.meta).map_err(StageError::fatal)?,
                         _ => None,
                     };
                     if hit.is_none() {
@@ -196,7 +208,7 @@ impl Stage for OnnxFeatures {
             }
             if let Some(cache) = &self.cache {
                 let entries: Vec<_> =
-                    todo.iter().filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0.content_hash, f))).collect();
+                    todo.iter().filter_map(|&s| slots[s].1.as_ref().map(|f| (&slots[s].0, f))).collect();
                 cache.put_many(&entries).map_err(StageError::fatal)?;
             }
         }

@@ -28,6 +28,7 @@ pub struct KindInfo {
     pub parallel: bool,
     pub affects_pixels: bool,
     pub passes_precomputed: bool,
+    pub random: bool,
     parse: ParseFn,
 }
 
@@ -73,6 +74,7 @@ impl Registry {
                 parallel: C::PARALLEL,
                 affects_pixels: C::AFFECTS_PIXELS,
                 passes_precomputed: C::PASSES_PRECOMPUTED,
+                random: C::RANDOM,
                 parse: parse_config::<C>,
             },
         );

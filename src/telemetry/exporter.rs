@@ -71,10 +71,12 @@ pub fn install_prometheus(listen: Option<SocketAddr>) -> anyhow::Result<MetricsE
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (recorder, serve) = {
                 let _guard = runtime.enter();
-                builder
-                    .with_http_listener(addr)
-                    .build()
-                    .map_err(|e| anyhow::anyhow!("metrics listener on {addr}: {e}"))?
+                builder.with_http_listener(addr).build().map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot serve metrics on {addr}: {e}; free it or choose another address \
+                             (`metrics: {{listen: ...}}` in the pipeline, or --metrics-listen)"
+                    )
+                })?
             };
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder)?;
