@@ -112,7 +112,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// `min_size`: (height, width) a JPEG may be scaled down to, at most.
+    /// `min_size`: (height, width) that a JPEG decoded at a reduced scale must still cover.
     pub fn new(max_pixels: u64, min_size: Option<(u32, u32)>) -> Result<Self, String> {
         let scaled = match min_size {
             Some(size) => Some((size, jpeg::ScaledJpeg::new()?)),
