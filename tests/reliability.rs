@@ -599,3 +599,49 @@ fn every_bad_image_is_skipped_and_listed_in_the_report_and_skipped_csv() {
     );
     assert_eq!(report["stages"][1]["item_errors"], expected.len());
 }
+
+// ---------------------------------------------------------------- fuzzing finds
+
+/// Inputs the fuzz targets (fuzz/fuzz_targets/) once crashed on, replayed
+/// through the same calls: each must give a result (an error is fine), never
+/// a panic. Add a new find to tests/fixtures/fuzz/<target>/.
+fn fuzz_finds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = common::root().join("tests/fixtures/fuzz").join(target);
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut finds: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    finds.sort();
+    finds
+}
+
+#[test]
+fn config_inputs_the_fuzzer_found_are_errors_with_positions_not_panics() {
+    let registry = convflow::stages::builtin_registry();
+    for (name, bytes) in fuzz_finds("config") {
+        let text = String::from_utf8(bytes).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let cfg = convflow::config::parse_str(&text, Path::new("fuzz.yaml"), &[])?;
+            convflow::graph::Graph::build(cfg, &registry).map(|g| g.to_dot())
+        });
+        let errors = match result {
+            Ok(Err(errors)) => errors.to_string(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("{name}: panicked on\n{text}"),
+        };
+        assert!(errors.starts_with("fuzz.yaml:"), "{name}: every error has a position:\n{errors}");
+    }
+}
+
+#[test]
+fn image_bytes_the_fuzzer_found_are_skipped_not_panics() {
+    for (name, bytes) in fuzz_finds("decode") {
+        let result = std::panic::catch_unwind(|| convflow::stages::decode::decode_image(&bytes, 1 << 20));
+        match result {
+            Ok(Ok(img)) => assert!(u64::from(img.width()) * u64::from(img.height()) <= 1 << 20, "{name}"),
+            Ok(Err(reason)) => assert!(!reason.is_empty(), "{name}"),
+            Err(_) => panic!("{name}: decode_image panicked"),
+        }
+    }
+}
