@@ -63,7 +63,7 @@ impl StageError {
     /// The reason goes on one log line and one `skipped.csv` row, so line
     /// breaks (some decoders end their messages with one) become spaces.
     pub fn item(path: &Path, reason: impl std::fmt::Display) -> Self {
-        let reason = reason.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        let reason = reason.to_string().trim().lines().map(str::trim_end).collect::<Vec<_>>().join(" ");
         StageError::Item { path: path.to_path_buf(), reason }
     }
     pub fn fatal(reason: impl std::fmt::Display) -> Self {

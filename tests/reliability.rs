@@ -122,83 +122,97 @@ fn assert_nothing_published(out: &Path) {
 
 // ---------------------------------------------------------------- SIGTERM
 
+/// A temporary folder with the demo data and the places a run uses (`mark`:
+/// the file a stalled run creates).
+struct Scratch {
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    out: PathBuf,
+    cache: PathBuf,
+    mark: PathBuf,
+}
+
+impl Scratch {
+    fn new(seed: u64) -> Scratch {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = demo(tmp.path(), seed);
+        let (out, cache, mark) = (tmp.path().join("out"), tmp.path().join("cache"), tmp.path().join("stalled"));
+        std::fs::create_dir_all(&out).unwrap();
+        Scratch { tmp, data, out, cache, mark }
+    }
+
+    fn pipe(&self) -> Pipe<'_> {
+        Pipe { data: &self.data, out: &self.out, cache: Some(&self.cache), size: 64, stall: Some(&self.mark) }
+    }
+
+    /// Starts `cmd`, waits until the stall holds it, sends `signals` 200 ms
+    /// apart; returns its output and how long it took to exit after the first.
+    fn signal(&self, mut cmd: Command, signals: &[&str]) -> (Output, Duration) {
+        let _ = std::fs::remove_file(&self.mark);
+        let child = cmd.spawn().unwrap();
+        wait_for("the stall", Duration::from_secs(60), || self.mark.exists());
+        let signalled = Instant::now();
+        for (k, signal) in signals.iter().enumerate() {
+            if k > 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            kill(&child, signal);
+        }
+        let o = child.wait_with_output().unwrap();
+        (o, signalled.elapsed())
+    }
+}
+
 #[test]
 fn sigterm_drains_flushes_the_cache_writes_the_report_and_exits_143() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = demo(tmp.path(), 11);
-    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
-    std::fs::create_dir_all(&out).unwrap();
-    let mark = tmp.path().join("stalled");
-    let pipe = Pipe { data: &data, out: &out, cache: Some(&cache), size: 64, stall: Some(&mark) };
-    let mut child = pipe.command("p.yaml").spawn().unwrap();
-    wait_for("the stall", Duration::from_secs(60), || mark.exists());
-    let signalled = Instant::now();
-    kill(&child, "TERM");
-    let status = child.wait().unwrap();
-    let drained_in = signalled.elapsed();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(143), "SIGTERM has its own exit code:\n{err}");
+    let s = Scratch::new(11);
+    let (o, drained_in) = s.signal(s.pipe().command("p.yaml"), &["TERM"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "SIGTERM has its own exit code:\n{err}");
     assert!(err.contains("stopped by SIGTERM"), "{err}");
     assert!(drained_in < Duration::from_secs(25), "drained within the deadline ({drained_in:?})");
 
-    let r = report(&out);
+    let r = report(&s.out);
     assert_eq!(r["interrupted"], true);
-    assert_nothing_published(&out);
+    assert_nothing_published(&s.out);
     let written = r["cache"]["writes"].as_u64().unwrap();
     assert!((51..160).contains(&written), "every item up to the stalled one is computed, not all ({written})");
-    let verify = FeatureCache::verify(&cache).unwrap();
+    let verify = FeatureCache::verify(&s.cache).unwrap();
     assert!(verify.is_clean(), "{verify:?}");
     assert_eq!(verify.entries, written, "every feature computed before the signal was flushed");
 
     // A normal run afterwards reuses all of it (the stalled item is a hit
     // now, so it flows past the exec stage without a stall).
-    let again = pipe.command("p.yaml").output().unwrap();
+    let again = s.pipe().command("p.yaml").output().unwrap();
     assert!(again.status.success(), "{}", stderr(&again));
-    let r = report(&out);
+    let r = report(&s.out);
     assert_eq!(r["interrupted"], false);
     assert_eq!(r["cache"]["hits"], written);
-    assert_eq!(rows(&out), [80, 40, 40]);
+    assert_eq!(rows(&s.out), [80, 40, 40]);
 }
 
 #[test]
 fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exits_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = demo(tmp.path(), 12);
-    let (out, cache) = (tmp.path().join("out"), tmp.path().join("cache"));
-    std::fs::create_dir_all(&out).unwrap();
-    let mark = tmp.path().join("stalled");
-    let pipe = Pipe { data: &data, out: &out, cache: Some(&cache), size: 64, stall: Some(&mark) };
-
+    let s = Scratch::new(12);
     // The stalled exec worker needs 5 s; the deadline is 0.5 s.
-    let mut cmd = pipe.command("p.yaml");
+    let mut cmd = s.pipe().command("p.yaml");
     cmd.args(["--drain-deadline", "0.5"]);
-    let child = cmd.spawn().unwrap();
-    wait_for("the stall", Duration::from_secs(60), || mark.exists());
-    let signalled = Instant::now();
-    kill(&child, "TERM");
-    let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
-    assert!(signalled.elapsed() < Duration::from_secs(4), "did not wait for the stalled stage");
+    let (o, took) = s.signal(cmd, &["TERM"]);
     let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(took < Duration::from_secs(4), "did not wait for the stalled stage ({took:?})");
     // Everything upstream of the stall is held back by it, so all are named.
     assert!(err.contains("stages still running after the 500ms drain deadline: files, decode, resize, stall"), "{err}");
-    assert!(FeatureCache::verify(&cache).unwrap().is_clean());
-    assert!(!out.join("train").exists());
+    assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+    assert!(!s.out.join("train").exists());
 
     // A second signal does not wait for the drain at all.
-    std::fs::remove_file(&mark).unwrap();
-    let child = pipe.command("p.yaml").spawn().unwrap();
-    wait_for("the stall", Duration::from_secs(60), || mark.exists());
-    let signalled = Instant::now();
-    kill(&child, "INT");
-    std::thread::sleep(Duration::from_millis(200));
-    kill(&child, "TERM");
-    let o = child.wait_with_output().unwrap();
+    let (o, took) = s.signal(s.pipe().command("p.yaml"), &["INT", "TERM"]);
     assert_eq!(o.status.code(), Some(143), "the second signal's own code: {}", stderr(&o));
     assert!(stderr(&o).contains("second signal (SIGTERM): exiting now"), "{}", stderr(&o));
-    assert!(signalled.elapsed() < Duration::from_secs(4));
-    assert!(FeatureCache::verify(&cache).unwrap().is_clean());
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+    drop(s.tmp);
 }
 
 // ---------------------------------------------------------------- a full disk
@@ -279,54 +293,49 @@ fn check_reuse(run: &mut Command, cache: &Path, out: &Path, committed: u64) {
 
 #[test]
 fn a_full_disk_under_the_cache_stops_the_run_naming_it_and_loses_nothing_committed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = demo(tmp.path(), 13);
-    let out = tmp.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
+    let s = Scratch::new(13);
+    let (tmp, out, cache) = (s.tmp.path(), &s.out, &s.cache);
 
     // Every file limited to 768 KiB; 256x256 inputs make 8x8x16 features
     // (4 KiB an entry), so the store reaches the limit first.
-    let cache = tmp.path().join("cache");
-    let pipe = Pipe { data: &data, out: &out, cache: Some(&cache), size: 256, stall: None };
+    let pipe = Pipe { size: 256, stall: None, ..s.pipe() };
     let mut run = pipe.command("p.yaml");
     let o = with_file_size_limit(&run, 768).output().unwrap();
-    let committed = check_cache_filled_up(&o, &cache, &out, "File too large (os error 27)");
-    check_reuse(&mut run, &cache, &out, committed);
+    let committed = check_cache_filled_up(&o, cache, out, "File too large (os error 27)");
+    check_reuse(&mut run, cache, out, committed);
 
     // A real full device (ENOSPC), where a tmpfs can be mounted; then the
     // device grows and the same pipeline completes.
-    let small = tmp.path().join("small");
+    let small = tmp.join("small");
     if let Some(fs) = Tmpfs::mount(&small, "size=1m") {
         let cache = small.join("cache");
         let pipe = Pipe { cache: Some(&cache), ..pipe };
         let mut run = pipe.command("p2.yaml");
-        std::fs::remove_dir_all(&out).unwrap();
-        std::fs::create_dir_all(&out).unwrap();
+        std::fs::remove_dir_all(out).unwrap();
+        std::fs::create_dir_all(out).unwrap();
         let o = run.output().unwrap();
-        let committed = check_cache_filled_up(&o, &cache, &out, "No space left on device (os error 28)");
+        let committed = check_cache_filled_up(&o, &cache, out, "No space left on device (os error 28)");
         fs.remount("size=16m");
-        check_reuse(&mut run, &cache, &out, committed);
+        check_reuse(&mut run, &cache, out, committed);
     }
 }
 
 #[test]
 fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_partial_files() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = demo(tmp.path(), 14);
-    let out = tmp.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
+    let s = Scratch::new(14);
+    let (tmp, out) = (s.tmp.path(), &s.out);
     // No cache: the train split's features.npy (80 x 4 KiB) is the first file past 200 KiB.
-    let pipe = Pipe { data: &data, out: &out, cache: None, size: 256, stall: None };
+    let pipe = Pipe { cache: None, size: 256, stall: None, ..s.pipe() };
     let run = pipe.command("p.yaml");
     let o = with_file_size_limit(&run, 200).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     let want = format!("error: stage `write` failed: writing {}: File too large", out.join(".train.partial").display());
     assert!(err.contains(&want), "names the output folder and the reason:\n{err}");
-    assert_nothing_published(&out);
-    assert_eq!(report(&out)["interrupted"], false, "the report of the failed run is written");
+    assert_nothing_published(out);
+    assert_eq!(report(out)["interrupted"], false, "the report of the failed run is written");
 
-    let small = tmp.path().join("small");
+    let small = tmp.join("small");
     if let Some(_fs) = Tmpfs::mount(&small, "size=400k") {
         let out = small.join("out");
         let pipe = Pipe { out: &out, ..pipe };
@@ -589,4 +598,50 @@ fn every_bad_image_is_skipped_and_listed_in_the_report_and_skipped_csv() {
         "every good image is kept"
     );
     assert_eq!(report["stages"][1]["item_errors"], expected.len());
+}
+
+// ---------------------------------------------------------------- fuzzing finds
+
+/// Inputs the fuzz targets (fuzz/fuzz_targets/) once crashed on, replayed
+/// through the same calls: each must give a result (an error is fine), never
+/// a panic. Add a new find to tests/fixtures/fuzz/<target>/.
+fn fuzz_finds(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = common::root().join("tests/fixtures/fuzz").join(target);
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut finds: Vec<(String, Vec<u8>)> = entries
+        .map(|e| e.unwrap().path())
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect();
+    finds.sort();
+    finds
+}
+
+#[test]
+fn config_inputs_the_fuzzer_found_are_errors_with_positions_not_panics() {
+    let registry = convflow::stages::builtin_registry();
+    for (name, bytes) in fuzz_finds("config") {
+        let text = String::from_utf8(bytes).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            let cfg = convflow::config::parse_str(&text, Path::new("fuzz.yaml"), &[])?;
+            convflow::graph::Graph::build(cfg, &registry).map(|g| g.to_dot())
+        });
+        let errors = match result {
+            Ok(Err(errors)) => errors.to_string(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("{name}: panicked on\n{text}"),
+        };
+        assert!(errors.starts_with("fuzz.yaml:"), "{name}: every error has a position:\n{errors}");
+    }
+}
+
+#[test]
+fn image_bytes_the_fuzzer_found_are_skipped_not_panics() {
+    for (name, bytes) in fuzz_finds("decode") {
+        let result = std::panic::catch_unwind(|| convflow::stages::decode::decode_image(&bytes, 1 << 20));
+        match result {
+            Ok(Ok(img)) => assert!(u64::from(img.width()) * u64::from(img.height()) <= 1 << 20, "{name}"),
+            Ok(Err(reason)) => assert!(!reason.is_empty(), "{name}"),
+            Err(_) => panic!("{name}: decode_image panicked"),
+        }
+    }
 }

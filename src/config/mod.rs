@@ -287,9 +287,10 @@ fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
     let sid = id.as_deref();
     let (kind, kind_pos) = match node.get("kind") {
         Some((_, v)) => match v.as_str() {
-            Some(s) => (s.to_string(), v.pos),
-            None => {
-                c.push(v.pos, sid, Some("kind"), "expected a string");
+            Some(s) if !s.is_empty() => (s.to_string(), v.pos),
+            // An empty kind is no kind: the graph leaves it to this error.
+            _ => {
+                c.push(v.pos, sid, Some("kind"), "expected a stage kind (`convflow stages` lists them)");
                 (String::new(), v.pos)
             }
         },

@@ -56,6 +56,9 @@ impl std::fmt::Display for Provider {
 
 const LIBRARY_NAME: &str = "libonnxruntime.so";
 
+/// 16384 x 16384: past this one image's float32 tensor alone is over 3 GB.
+const MAX_INPUT_PIXELS: usize = 1 << 28;
+
 /// Candidate library paths: `ORT_DYLIB_PATH`, then `models/lib/` under the
 /// working directory or any folder above it or above the executable.
 fn library_candidates() -> Vec<PathBuf> {
@@ -186,16 +189,19 @@ impl OnnxModel {
     }
 
     /// One black image of the pipeline's size through the model, before any
-    /// work: a size the model cannot take (a fixed reshape, too small for its
-    /// pooling) or an empty output is an error here rather than at the first
-    /// batch. Returns the output shape of one image.
-    pub fn probe(&mut self, height: u32, width: u32) -> Result<Vec<usize>, String> {
+    /// work: a size the model cannot take (a fixed reshape, a crop larger
+    /// than the image) or an empty output is an error here rather than at
+    /// the first batch, after decoding has begun.
+    pub fn probe(&mut self, height: u32, width: u32) -> Result<(), String> {
         let (h, w) = (height as usize, width as usize);
+        if h * w > MAX_INPUT_PIXELS {
+            return Err(format!("{height}x{width} is over {MAX_INPUT_PIXELS} pixels an image"));
+        }
         let (shape, data) = self.run(vec![0.0; h * w * 3], 1, h, w).map_err(|e| e.to_string())?;
         if shape.first() != Some(&1) || data.is_empty() {
             return Err(format!("one {height}x{width} image gives an output of shape {shape:?}"));
         }
-        Ok(shape[1..].to_vec())
+        Ok(())
     }
 
     /// Runs an NHWC batch; returns the output shape and data.
