@@ -114,7 +114,15 @@ fn ctrl_c_drains_flushes_the_cache_and_exits_130() {
     let data = tmp.path().join("data");
     convflow::demo::generate(&data, 8).unwrap();
     let (cache, out) = (tmp.path().join("cache"), tmp.path().join("out"));
-    let mut child = spawn_and_wait(extract(&data, &out, &cache), 1500);
+    // Interrupt once the first batch is committed and written (a fixed delay
+    // misses it on a loaded machine), with most of the run still ahead.
+    // The queues are full by then: allow the drain all the time a loaded machine needs.
+    let mut child = extract(&data, &out, &cache).args(["--drain-deadline", "300"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !out.join(".train.partial/paths.txt.partial").exists() {
+        assert!(std::time::Instant::now() < deadline, "no rows after 120 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
