@@ -31,8 +31,7 @@ pub mod exit {
 
 pub const DEMO_DATA: &str = ".convflow/demo-data";
 pub const DEFAULT_CACHE: &str = ".convflow/cache";
-/// Under Kubernetes' default 30 s grace period, so the report gets written.
-pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(25);
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     match s.trim().parse::<f64>() {
@@ -77,9 +76,9 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
         /// After Ctrl-C or SIGTERM, how long items in flight may take to
-        /// finish (keep it under a supervisor's kill timeout, e.g. Kubernetes'
-        /// 30 s grace period).
-        #[arg(long, value_name = "SECONDS", default_value = "25", value_parser = parse_seconds)]
+        /// finish (under a supervisor's kill timeout, e.g. Kubernetes' 30 s
+        /// grace period, to end with a message rather than a SIGKILL).
+        #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
         drain_deadline: Duration,
     },
     /// Check a pipeline and print every problem with its line:column.

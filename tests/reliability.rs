@@ -170,7 +170,7 @@ fn sigterm_drains_flushes_the_cache_writes_the_report_and_exits_143() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(143), "SIGTERM has its own exit code:\n{err}");
     assert!(err.contains("stopped by SIGTERM"), "{err}");
-    assert!(drained_in < Duration::from_secs(25), "drained within the deadline ({drained_in:?})");
+    assert!(drained_in < Duration::from_secs(30), "drained within the deadline ({drained_in:?})");
 
     let r = report(&s.out);
     assert_eq!(r["interrupted"], true);
