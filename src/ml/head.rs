@@ -14,14 +14,24 @@
 //! (the kernel and the optimizer slots are touched once a step), and the hot
 //! loops are compiled a second time for AVX2 and picked at run time.
 //!
+//! The book's first kernel and its RMSprop velocity are 16.8 MB, walked twice
+//! a step, so the rest is about memory: the kernel is stored in column panels
+//! that each pass reads front to back ([`Panel`]); RMSprop skips the rows
+//! whose input column is zero in the whole batch ([`Slots::stamps`]); each
+//! thread keeps to its own panels in every pass and makes its own sparse copy
+//! of the input ([`Sparse`]), so no cache line moves between cores; and the
+//! threads live as long as the head ([`team`]).
+//!
 //! # Determinism
 //!
 //! Work is split over threads by disjoint output columns (forward) and
-//! kernel rows (backward); every output element is summed by one thread in a
-//! fixed order, so results are bit-identical for a seed and any thread
-//! count. The sums use `mul_add` (one rounding), which the AVX2+FMA path
+//! kernel panel rows (backward); every output element is summed by one
+//! thread in a fixed order, so results are bit-identical for a seed and any
+//! thread count. The sums use `mul_add` (one rounding), which the AVX2+FMA path
 //! does in hardware and the portable path in software: both agree bit for
 //! bit, the portable one is just slow.
+
+mod team;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,15 +39,21 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use team::Team;
 
 /// The book's input: VGG16's 4x4x512 `block5_pool`, flattened NHWC.
 pub const BOOK_INPUT_DIM: usize = 4 * 4 * 512;
 
-/// Columns of one register tile in the hot loops: 8 AVX2 registers.
+/// Columns of one register tile in the hot loops (8 AVX2 registers), and of
+/// a kernel panel.
 const TILE: usize = 64;
 
-/// Kernel rows per forward block: 256 x 64 floats is 64 KiB, in L2.
-const K_BLOCK: usize = 64;
+/// Panel rows per forward block: 128 x 64 floats is 32 KiB, used by every
+/// row of the batch while it is in L1 / L2.
+const K_BLOCK: usize = 128;
+
+/// How many panel rows ahead the update pass asks for the kernel and slots.
+const PREFETCH_ROWS: usize = 8;
 
 /// Rows per forward chunk in `evaluate` / `predict`, to bound memory.
 const EVAL_CHUNK: usize = 100;
@@ -468,23 +484,26 @@ impl SparseRows {
     fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
         self.ptr.clear();
         self.ptr.push(0);
-        self.idx.clear();
-        self.val.clear();
-        // Branch-free compaction: write every entry, advance past nonzeros only.
+        let simd = avx2_fma();
         let mut p = 0;
         for r in 0..rows {
-            self.idx.resize(p + cols, 0);
-            self.val.resize(p + cols, 0.0);
-            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
-            let mut q = 0;
-            for (k, &v) in x[r * cols..(r + 1) * cols].iter().enumerate() {
-                idx[q] = k as u32;
-                val[q] = v;
-                q += usize::from(v != 0.0);
+            // Room for a whole row after the nonzeros so far, kept from call
+            // to call (no clearing): only the prefix up to `nnz` means anything.
+            if self.idx.len() < p + cols {
+                self.idx.resize(p + cols, 0);
+                self.val.resize(p + cols, 0.0);
             }
-            p += q;
-            self.idx.truncate(p);
-            self.val.truncate(p);
+            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
+            let x = &x[r * cols..(r + 1) * cols];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2 was detected on this CPU.
+                p += unsafe { compress_avx2(x, idx, val) };
+                self.ptr.push(p);
+                continue;
+            }
+            let _ = simd;
+            p += compress(x, 0, idx, val, 0);
             self.ptr.push(p);
         }
     }
@@ -494,13 +513,79 @@ impl SparseRows {
     }
 
     fn nnz(&self) -> usize {
-        self.val.len()
+        self.ptr.last().copied().unwrap_or(0)
+    }
+
+    /// Every nonzero's column, row after row.
+    fn indices(&self) -> &[u32] {
+        &self.idx[..self.nnz()]
     }
 
     fn row(&self, r: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.ptr[r], self.ptr[r + 1]);
         (&self.idx[a..b], &self.val[a..b])
     }
+}
+
+/// Writes the nonzeros of `x[k0..]` (index, value) to `idx`/`val` from `q` on;
+/// returns the new count. Branch-free: every entry is written, and only a
+/// nonzero advances past it.
+fn compress(x: &[f32], k0: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
+    for (k, &v) in x.iter().enumerate().skip(k0) {
+        idx[q] = k as u32;
+        val[q] = v;
+        q += usize::from(v != 0.0);
+    }
+    q
+}
+
+/// For each 8-bit mask, the lanes whose bit is set, in order, then zeros.
+#[cfg(target_arch = "x86_64")]
+static COMPRESS_LANES: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut lane, mut q) = (0, 0);
+        while lane < 8 {
+            if m & (1 << lane) != 0 {
+                t[m][q] = lane as u32;
+                q += 1;
+            }
+            lane += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
+/// [`compress`] eight entries at a time: the nonzero lanes are moved to the
+/// front with a lane permutation and all eight stored; the next store starts
+/// after the nonzeros, over the rest. The same entries, in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len().min(idx.len()).min(val.len());
+    let (mut q, mut k) = (0, 0);
+    let zero = _mm256_setzero_ps();
+    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let eight = _mm256_set1_epi32(8);
+    while k + 8 <= n {
+        // SAFETY: `k + 8 <= n` floats of `x`; `q <= k`, so the 8-wide stores
+        // at `q` stay inside `idx` and `val` (both at least `n` long).
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(k));
+            // Unordered-or-unequal: like `v != 0.0`, true for NaN, false for -0.0.
+            let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero)) as usize;
+            let perm = _mm256_loadu_si256(COMPRESS_LANES[m].as_ptr().cast());
+            _mm256_storeu_ps(val.as_mut_ptr().add(q), _mm256_permutevar8x32_ps(v, perm));
+            _mm256_storeu_si256(idx.as_mut_ptr().add(q).cast(), _mm256_permutevar8x32_epi32(lanes, perm));
+            q += m.count_ones() as usize;
+        }
+        lanes = _mm256_add_epi32(lanes, eight);
+        k += 8;
+    }
+    compress(&x[..n], k, idx, val, q)
 }
 
 /// The same nonzeros by column: each column's (row, value) list, rows ascending.
@@ -515,7 +600,7 @@ impl SparseCols {
     fn transpose(&mut self, x: &SparseRows, cols: usize) {
         self.ptr.clear();
         self.ptr.resize(cols + 1, 0);
-        for &k in &x.idx {
+        for &k in x.indices() {
             self.ptr[k as usize + 1] += 1;
         }
         for k in 0..cols {
@@ -541,18 +626,44 @@ impl SparseCols {
     }
 }
 
-/// Buffers reused from step to step.
-#[derive(Debug, Clone, Default)]
-struct Scratch {
-    /// Each layer's input as sparse rows (Dense layers only).
-    sparse: Vec<SparseRows>,
+/// A Dense layer's input as one thread sees it: its nonzeros by row (for the
+/// forward) and by column (for the kernel gradient). Each thread makes its own
+/// from the dense input rather than share one: the two cores of this machine
+/// do not share a cache, and rewriting lines the other core has read costs a
+/// cross-core invalidation per line, ten times the work itself.
+#[derive(Debug, Default)]
+struct Sparse {
+    rows: SparseRows,
     cols: SparseCols,
+    /// Whether `rows` holds the current input (the forward may have used fewer threads).
+    filled: bool,
+}
+
+impl Sparse {
+    fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.rows.fill(x, rows, cols);
+        self.filled = true;
+    }
+}
+
+/// Buffers reused from step to step. Nothing in them outlives a call, so a
+/// clone starts empty rather than copying megabytes.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Each Dense layer's input, sparse, one copy per thread (see [`Sparse`]).
+    sparse: Vec<Vec<Sparse>>,
     /// Output of each layer (for the last Dense: its logits).
     acts: Vec<Vec<f32>>,
     /// Multiplier of each dropout unit (0 or 1/(1-rate)), per layer.
     masks: Vec<Vec<f32>>,
     /// Sum of squares of each kernel panel row, for the L2 penalty.
     row_sq: Vec<f64>,
+}
+
+impl Clone for Scratch {
+    fn clone(&self) -> Scratch {
+        Scratch::default()
+    }
 }
 
 /// A dense head: the model, its weights, and the thread count its hot loops use.
@@ -562,7 +673,7 @@ pub struct Head {
     spec: Vec<LayerSpec>,
     layers: Vec<Layer>,
     loss: LossKind,
-    threads: usize,
+    team: Team,
     scratch: Scratch,
 }
 
@@ -588,17 +699,19 @@ impl Head {
                 LayerSpec::Dropout { rate } => layers.push(Layer::Dropout(rate)),
             }
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Head { input_dim, spec: spec.to_vec(), layers, loss, threads, scratch: Scratch::default() })
+        let team = Team::new(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(Head { input_dim, spec: spec.to_vec(), layers, loss, team, scratch: Scratch::default() })
     }
 
     /// Threads for the hot loops (default: the machine's). Results do not depend on it.
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+        if threads.max(1) != self.team.threads() {
+            self.team = Team::new(threads);
+        }
     }
 
     pub fn threads(&self) -> usize {
-        self.threads
+        self.team.threads()
     }
 
     pub fn input_dim(&self) -> usize {
@@ -703,7 +816,7 @@ impl Head {
         let last = scratch.acts.last().map(|v| &v[..]).unwrap_or(&[]);
         let (loss_sum, correct, dz) = loss_and_grad(self.loss, last, y, rows, true);
         let mut loss = loss_sum / rows as f64;
-        let penalty = self.backward(rows, dz, &mut scratch, &rule, opt, l2);
+        let penalty = self.backward(x, rows, dz, &mut scratch, &rule, opt, l2);
         loss += f64::from(l2) * penalty;
         self.scratch = scratch;
         Ok(BatchStats { loss: loss as f32, correct })
@@ -751,7 +864,7 @@ impl Head {
     fn forward<R: Rng>(&self, x: &[f32], rows: usize, s: &mut Scratch, mut rng: Option<&mut R>) {
         s.acts.resize_with(self.layers.len(), Vec::new);
         s.masks.resize_with(self.layers.len(), Vec::new);
-        s.sparse.resize_with(self.layers.len(), SparseRows::default);
+        s.sparse.resize_with(self.layers.len(), Vec::new);
         let nlayers = self.layers.len();
         for (l, layer) in self.layers.iter().enumerate() {
             let (before, rest) = s.acts.split_at_mut(l);
@@ -759,8 +872,7 @@ impl Head {
             let out = &mut rest[0];
             match layer {
                 Layer::Dense(d) => {
-                    s.sparse[l].fill(input, rows, d.fan_in);
-                    dense_forward(&s.sparse[l], d, self.threads, out);
+                    dense_forward(input, rows, d, &self.team, &mut s.sparse[l], out);
                     if l + 1 != nlayers {
                         activate(d.activation, out);
                     }
@@ -788,6 +900,7 @@ impl Head {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
+        x: &[f32],
         rows: usize,
         mut d: Vec<f32>,
         s: &mut Scratch,
@@ -799,7 +912,6 @@ impl Head {
         let nlayers = self.layers.len();
         let mut slot = 2 * self.denses().count();
         let mut penalty = 0.0;
-        let threads = self.threads;
         for l in (0..nlayers).rev() {
             match &mut self.layers[l] {
                 Layer::Dropout(_) => {
@@ -812,13 +924,14 @@ impl Head {
                         activation_backward(dense.activation, &s.acts[l], &mut d);
                     }
                     slot -= 2;
-                    s.cols.transpose(&s.sparse[l], dense.fan_in);
                     let d_in = if l > first_dense { input_gradient(&d, rows, dense) } else { Vec::new() };
                     let (ks, bs) = opt.slots.split_at_mut(slot + 1);
                     let kslots = &mut ks[slot];
                     let bslots = &mut bs[0];
                     let step = Step { rule: *rule, t: opt.iterations, lazy: opt.lazy && l2 == 0.0, l2x2: 2.0 * l2 };
-                    penalty += kernel_update(&s.cols, &d, dense, &step, kslots, threads, &mut s.row_sq);
+                    let input = if l == 0 { x } else { &s.acts[l - 1] };
+                    let (team, sparse) = (&self.team, &mut s.sparse[l]);
+                    penalty += kernel_update(input, rows, &d, dense, &step, kslots, team, sparse, &mut s.row_sq);
                     bias_update(&d, rows, dense, rule, bslots);
                     d = d_in;
                 }
@@ -1020,29 +1133,30 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// `out = x * kernel + bias` (`[rows, units]`), x sparse. Threads take
-/// disjoint runs of panels.
-fn dense_forward(x: &SparseRows, d: &Dense, threads: usize, out: &mut Vec<f32>) {
-    let (rows, n) = (x.rows(), d.units);
+/// `out = x * kernel + bias` (`[rows, units]`). Threads take disjoint runs
+/// of panels; each makes its own sparse copy of `x` in `sparse`.
+fn dense_forward(x: &[f32], rows: usize, d: &Dense, team: &Team, sparse: &mut Vec<Sparse>, out: &mut Vec<f32>) {
+    let n = d.units;
     out.clear();
     out.resize(rows * n, 0.0);
+    sparse.resize_with(team.threads(), Sparse::default);
+    sparse.iter_mut().for_each(|s| s.filled = false);
     let np = n.div_ceil(TILE);
-    let work = x.nnz() * n;
-    let t = if work < (1 << 18) { 1 } else { threads.min(np).max(1) };
+    // Typical inputs are about three quarters zeros.
+    let work = rows * d.fan_in / 4 * n;
+    let t = if work < (1 << 18) { 1 } else { team.threads().min(np) };
     if t == 1 {
-        forward_panels(x, d, 0, np, out);
+        sparse[0].fill(x, rows, d.fan_in);
+        forward_panels(&sparse[0].rows, d, 0, np, out);
         return;
     }
     let bounds: Vec<usize> = (0..=t).map(|i| np * i / t).collect();
     let cols: Vec<usize> = bounds.iter().map(|&p| (p * TILE).min(n)).collect();
     let mut parts: Vec<Vec<f32>> = cols.windows(2).map(|c| vec![0.0; rows * (c[1] - c[0])]).collect();
-    std::thread::scope(|scope| {
-        let (first, rest) = parts.split_at_mut(1);
-        for (i, part) in rest.iter_mut().enumerate() {
-            let (pa, pb) = (bounds[i + 1], bounds[i + 2]);
-            scope.spawn(move || forward_panels(x, d, pa, pb, part));
-        }
-        forward_panels(x, d, bounds[0], bounds[1], &mut first[0]);
+    let jobs: Vec<_> = parts.iter_mut().zip(bounds.windows(2)).zip(sparse.iter_mut()).collect();
+    team.run(jobs, |((part, b), sp)| {
+        sp.fill(x, rows, d.fan_in);
+        forward_panels(&sp.rows, d, b[0], b[1], part);
     });
     for (part, c) in parts.iter().zip(cols.windows(2)) {
         let w = c[1] - c[0];
@@ -1058,6 +1172,17 @@ fn avx2_fma() -> bool {
     return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// Asks for the cache lines of `v` ahead of their use; a hint, never a fault.
+#[inline(always)]
+fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: a prefetch reads nothing architecturally and cannot fault;
+        // the address is inside `v` anyway.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
+    }
 }
 
 /// Panels `pa..pb` of `x * kernel + bias` into `out`: `[rows, width]`, where
@@ -1083,8 +1208,12 @@ fn forward_panels_impl(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mu
     let base = pa * TILE;
     let width = (pb * TILE).min(d.units) - base;
     let rows = x.rows();
-    let k_end = x.idx.iter().copied().max().map_or(0, |k| k as usize + 1);
+    let k_end = x.indices().iter().copied().max().map_or(0, |k| k as usize + 1);
     let mut cursor = vec![0usize; rows];
+    let mut used = vec![false; k_end];
+    for &k in x.indices() {
+        used[k as usize] = true;
+    }
     out.fill(0.0);
     for p in d.panels().skip(pa).take(pb - pa) {
         let (w, tw, oc) = (&d.kernel[p.range(d.fan_in)], p.width, p.c0 - base);
@@ -1094,6 +1223,9 @@ fn forward_panels_impl(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mu
         // order (the tile is stored and reloaded between blocks).
         for kb in (0..k_end).step_by(K_BLOCK) {
             let kend = (kb + K_BLOCK) as u32;
+            for k in (kb + K_BLOCK..k_end.min(kb + 2 * K_BLOCK)).filter(|&k| used[k]) {
+                prefetch(&w[k * tw..(k + 1) * tw]);
+            }
             for r in 0..rows {
                 let (mut q, end) = (cursor[r], x.ptr[r + 1]);
                 let o = &mut out[r * width + oc..][..tw];
@@ -1175,20 +1307,23 @@ struct Step {
 /// applies the update to it in the same pass, panel by panel, so the kernel
 /// and its slots are read and written once, in order. Threads take disjoint
 /// runs of panel rows. Returns `sum(kernel^2)` before the update when `l2 > 0`.
+#[allow(clippy::too_many_arguments)]
 fn kernel_update(
-    x: &SparseCols,
+    x: &[f32],
+    rows: usize,
     dz: &[f32],
     d: &mut Dense,
     step: &Step,
     slots: &mut Slots,
-    threads: usize,
+    team: &Team,
+    sparse: &mut [Sparse],
     row_sq: &mut Vec<f64>,
 ) -> f64 {
     let (k, n) = (d.fan_in, d.units);
     let items = n.div_ceil(TILE) * k;
     row_sq.clear();
     row_sq.resize(if step.l2x2 > 0.0 { items } else { 0 }, 0.0);
-    let t = if k * n < (1 << 16) { 1 } else { threads.min(items).max(1) };
+    let t = if k * n < (1 << 16) { 1 } else { team.threads().min(items) };
     // Where panel row `i` (panel `i / k`, row `i % k`) starts in the kernel.
     let offset = |i: usize| {
         if i == items {
@@ -1198,33 +1333,33 @@ fn kernel_update(
         c0 * k + i % k * TILE.min(n - c0)
     };
     let bounds: Vec<usize> = (0..=t).map(|i| items * i / t).collect();
-    let job = KernelJob { x, dz, fan_in: k, n, step: *step };
-    let job = &job;
+    let job = KernelJob { dz, fan_in: k, n, step: *step };
     let mut w_rest = &mut d.kernel[..];
     let mut s1_rest = &mut slots.s1[..];
     let mut s2_rest = &mut slots.s2[..];
     let mut st_rest = &mut slots.stamps[..];
     let mut sq_rest = &mut row_sq[..];
-    std::thread::scope(|scope| {
-        for i in 0..t {
-            let (a, b) = (bounds[i], bounds[i + 1]);
-            let len = offset(b) - offset(a);
-            let (w, r) = std::mem::take(&mut w_rest).split_at_mut(len);
-            w_rest = r;
-            let (s1, r) = split_slot(std::mem::take(&mut s1_rest), len);
-            s1_rest = r;
-            let (s2, r) = split_slot(std::mem::take(&mut s2_rest), len);
-            s2_rest = r;
-            let (st, r) = std::mem::take(&mut st_rest).split_at_mut(b - a);
-            st_rest = r;
-            let (sq, r) = split_slot(std::mem::take(&mut sq_rest), b - a);
-            sq_rest = r;
-            if i + 1 == t {
-                job.run(a, w, s1, s2, st, sq);
-            } else {
-                scope.spawn(move || job.run(a, w, s1, s2, st, sq));
-            }
+    let mut parts = Vec::with_capacity(t);
+    for (b, sp) in bounds.windows(2).zip(sparse.iter_mut()) {
+        let len = offset(b[1]) - offset(b[0]);
+        let (w, r) = std::mem::take(&mut w_rest).split_at_mut(len);
+        w_rest = r;
+        let (s1, r) = split_slot(std::mem::take(&mut s1_rest), len);
+        s1_rest = r;
+        let (s2, r) = split_slot(std::mem::take(&mut s2_rest), len);
+        s2_rest = r;
+        let (st, r) = std::mem::take(&mut st_rest).split_at_mut(b[1] - b[0]);
+        st_rest = r;
+        let (sq, r) = split_slot(std::mem::take(&mut sq_rest), b[1] - b[0]);
+        sq_rest = r;
+        parts.push((sp, b[0], w, s1, s2, st, sq));
+    }
+    team.run(parts, |(sp, i0, w, s1, s2, st, sq)| {
+        if !sp.filled {
+            sp.fill(x, rows, k);
         }
+        sp.cols.transpose(&sp.rows, k);
+        job.run(&sp.cols, i0, w, s1, s2, st, sq);
     });
     row_sq.iter().sum()
 }
@@ -1236,7 +1371,6 @@ fn split_slot<T>(s: &mut [T], at: usize) -> (&mut [T], &mut [T]) {
 
 /// What every thread of [`kernel_update`] shares.
 struct KernelJob<'a> {
-    x: &'a SparseCols,
     dz: &'a [f32],
     fan_in: usize,
     n: usize,
@@ -1244,25 +1378,56 @@ struct KernelJob<'a> {
 }
 
 impl KernelJob<'_> {
-    /// Panel rows `i0..i0 + stamps.len()`; the slices start at the first of them.
-    fn run(&self, i0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], stamps: &mut [u64], sq: &mut [f64]) {
+    /// Panel rows `i0..i0 + stamps.len()`, whose inputs are the columns of
+    /// `x`; the slices start at the first of them.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
             // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { self.run_avx2(i0, w, s1, s2, stamps, sq) };
+            unsafe { self.run_avx2(x, i0, w, s1, s2, stamps, sq) };
             return;
         }
-        self.run_impl(i0, w, s1, s2, stamps, sq);
+        self.run_impl(x, i0, w, s1, s2, stamps, sq);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(&self, i0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], stamps: &mut [u64], sq: &mut [f64]) {
-        self.run_impl(i0, w, s1, s2, stamps, sq);
+    #[allow(clippy::too_many_arguments)]
+    fn run_avx2(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
+        self.run_impl(x, i0, w, s1, s2, stamps, sq);
     }
 
     #[inline(always)]
-    fn run_impl(&self, i0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], stamps: &mut [u64], sq: &mut [f64]) {
+    #[allow(clippy::too_many_arguments)]
+    fn run_impl(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
         let (k, n, step) = (self.fan_in, self.n, &self.step);
         let decay_rho = step.rule.deferrable_decay();
         let lazy = step.lazy && decay_rho.is_some();
@@ -1272,6 +1437,16 @@ impl KernelJob<'_> {
         let mut off = 0;
         for (j, stamp) in stamps.iter_mut().enumerate() {
             let i = i0 + j;
+            let ahead = off + PREFETCH_ROWS * TILE;
+            if ahead + TILE <= w.len() && (!lazy || !x.col((i + PREFETCH_ROWS) % k).0.is_empty()) {
+                prefetch(&w[ahead..ahead + TILE]);
+                if !s1.is_empty() {
+                    prefetch(&s1[ahead..ahead + TILE]);
+                }
+                if !s2.is_empty() {
+                    prefetch(&s2[ahead..ahead + TILE]);
+                }
+            }
             let c0 = i / k * TILE;
             let tw = TILE.min(n - c0);
             let range = off..off + tw;
@@ -1282,7 +1457,7 @@ impl KernelJob<'_> {
             if !sq.is_empty() {
                 sq[j] = wrow.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             }
-            let (nz_rows, nz_vals) = self.x.col(i % k);
+            let (nz_rows, nz_vals) = x.col(i % k);
             if nz_rows.is_empty() && lazy {
                 continue;
             }
@@ -1520,6 +1695,30 @@ mod tests {
         close(w[0], 0.905);
         close(w[1], 0.7695);
         close(one_param_steps(OptimizerSpec::sgd(0.1, 0.0, false), &[0.5])[0], 0.95);
+    }
+
+    #[test]
+    fn sparse_rows_keep_every_nonzero_in_order_on_each_code_path() {
+        let mut x = sparse_data(3, 1003, 0.7, 4);
+        x[5] = -0.0;
+        x[6] = f32::NAN;
+        x[1003 + 17] = f32::NEG_INFINITY;
+        let bits = |idx: &[u32], val: &[f32]| -> Vec<(u32, u32)> {
+            idx.iter().zip(val).map(|(&k, v)| (k, v.to_bits())).collect()
+        };
+        let mut s = SparseRows::default();
+        s.fill(&x, 3, 1003);
+        assert_eq!(s.rows(), 3);
+        for r in 0..3 {
+            let row = &x[r * 1003..(r + 1) * 1003];
+            let want: Vec<(u32, u32)> =
+                (0..1003).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
+            let (idx, val) = s.row(r);
+            assert_eq!(bits(idx, val), want, "row {r}, fill");
+            let (mut idx, mut val) = (vec![0; 1003], vec![0.0; 1003]);
+            let n = compress(row, 0, &mut idx, &mut val, 0);
+            assert_eq!(bits(&idx[..n], &val[..n]), want, "row {r}, portable");
+        }
     }
 
     #[test]
