@@ -58,6 +58,17 @@ fn synthesize(rows: usize, seed: u64) -> Split {
     Split { x, y, rows }
 }
 
+/// FNV-1a over the bits of every weight: equal digests mean bit-identical training.
+fn digest(head: &Head) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for (k, b) in (0..).map_while(|i| head.dense_weights(i)) {
+        for w in k.iter().chain(&b) {
+            h = (h ^ u64::from(w.to_bits())).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -134,7 +145,12 @@ fn main() {
             }
         }
         let secs = start.elapsed().as_secs_f64();
-        println!("  run {}: {secs:.3} s total, {:.3} s/epoch", rep + 1, secs / epochs as f64);
+        println!(
+            "  run {}: {secs:.3} s total, {:.3} s/epoch; weights digest {:016x}",
+            rep + 1,
+            secs / epochs as f64,
+            digest(&head)
+        );
         times.push(secs);
     }
     let m = median(times);

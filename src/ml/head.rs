@@ -14,14 +14,24 @@
 //! (the kernel and the optimizer slots are touched once a step), and the hot
 //! loops are compiled a second time for AVX2 and picked at run time.
 //!
+//! The book's first kernel and its RMSprop velocity are 16.8 MB, walked twice
+//! a step, so the rest is about memory: the kernel is stored in column panels
+//! that each pass reads front to back ([`Panel`]); RMSprop skips the rows
+//! whose input column is zero in the whole batch ([`Slots::stamps`]); each
+//! thread keeps to its own panels in every pass and makes its own sparse copy
+//! of the input ([`Sparse`]), so no cache line moves between cores; and the
+//! threads live as long as the head ([`team`]).
+//!
 //! # Determinism
 //!
 //! Work is split over threads by disjoint output columns (forward) and
-//! kernel rows (backward); every output element is summed by one thread in a
-//! fixed order, so results are bit-identical for a seed and any thread
-//! count. The sums use `mul_add` (one rounding), which the AVX2+FMA path
+//! kernel panel rows (backward); every output element is summed by one
+//! thread in a fixed order, so results are bit-identical for a seed and any
+//! thread count. The sums use `mul_add` (one rounding), which the AVX2+FMA path
 //! does in hardware and the portable path in software: both agree bit for
 //! bit, the portable one is just slow.
+
+mod team;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,15 +39,21 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use team::Team;
 
 /// The book's input: VGG16's 4x4x512 `block5_pool`, flattened NHWC.
 pub const BOOK_INPUT_DIM: usize = 4 * 4 * 512;
 
-/// Columns of one register tile in the hot loops: 8 AVX2 registers.
+/// Columns of one register tile in the hot loops (8 AVX2 registers), and of
+/// a kernel panel.
 const TILE: usize = 64;
 
-/// Kernel rows per forward block: 256 x 64 floats is 64 KiB, in L2.
-const K_BLOCK: usize = 64;
+/// Panel rows per forward block: 128 x 64 floats is 32 KiB, used by every
+/// row of the batch while it is in L1 / L2.
+const K_BLOCK: usize = 128;
+
+/// How many panel rows ahead the update pass asks for the kernel and slots.
+const PREFETCH_ROWS: usize = 8;
 
 /// Rows per forward chunk in `evaluate` / `predict`, to bound memory.
 const EVAL_CHUNK: usize = 100;
@@ -208,14 +224,34 @@ impl OptimizerSpec {
 pub struct Optimizer {
     spec: OptimizerSpec,
     iterations: u64,
-    /// Per parameter tensor (kernel, bias of each Dense in order): the first
-    /// and second slot (RMSprop: velocity; Adam: m, v; SGD: momentum).
-    slots: Vec<(AlignedVec, AlignedVec)>,
+    /// Per parameter tensor (kernel, bias of each Dense in order).
+    slots: Vec<Slots>,
+    /// Whether RMSprop may defer the decay of kernel rows with no gradient
+    /// (see [`Slots::stamps`]); off only in tests, to check it against the
+    /// plain update.
+    lazy: bool,
+}
+
+/// One parameter tensor's optimizer state, laid out like the tensor.
+#[derive(Debug, Clone, Default)]
+struct Slots {
+    /// RMSprop: velocity; Adam: m; SGD: momentum.
+    s1: AlignedVec,
+    /// Adam: v; empty otherwise.
+    s2: AlignedVec,
+    /// Kernels only, one per panel row (see [`Panel`]): the step up to which
+    /// that row of `s1` is current. RMSprop with a zero gradient leaves the
+    /// weights as they are and only multiplies the velocity by `rho`, so a
+    /// row whose input column is all zeros in a batch is skipped (no memory
+    /// traffic) and its owed `rho` factors are applied when a gradient next
+    /// reaches it. The velocity is read nowhere else, and the weights are
+    /// exact at every step.
+    stamps: Vec<u64>,
 }
 
 impl Optimizer {
     pub fn new(spec: OptimizerSpec) -> Optimizer {
-        Optimizer { spec, iterations: 0, slots: Vec::new() }
+        Optimizer { spec, iterations: 0, slots: Vec::new(), lazy: true }
     }
 
     pub fn spec(&self) -> &OptimizerSpec {
@@ -227,14 +263,23 @@ impl Optimizer {
         self.iterations
     }
 
-    fn ensure_slots(&mut self, sizes: &[usize]) -> Result<(), HeadError> {
+    /// `sizes`: each parameter tensor's length and how many stamped rows it has.
+    fn ensure_slots(&mut self, sizes: &[(usize, usize)]) -> Result<(), HeadError> {
         if self.slots.is_empty() {
             let two = matches!(self.spec, OptimizerSpec::Adam { .. });
-            self.slots =
-                sizes.iter().map(|&n| (AlignedVec::zeros(n), AlignedVec::zeros(if two { n } else { 0 }))).collect();
+            self.slots = sizes
+                .iter()
+                .map(|&(n, rows)| Slots {
+                    s1: AlignedVec::zeros(n),
+                    s2: AlignedVec::zeros(if two { n } else { 0 }),
+                    stamps: vec![0; rows],
+                })
+                .collect();
             return Ok(());
         }
-        if self.slots.len() != sizes.len() || self.slots.iter().zip(sizes).any(|(s, &n)| s.0.len() != n) {
+        if self.slots.len() != sizes.len()
+            || self.slots.iter().zip(sizes).any(|(s, &(n, rows))| s.s1.len() != n || s.stamps.len() != rows)
+        {
             return Err(HeadError::Shape("this optimizer's slots belong to a head of another shape".into()));
         }
         Ok(())
@@ -325,19 +370,28 @@ impl Rule {
         }
     }
 
-    /// The update for a zero gradient when it leaves `w` as it is (RMSprop:
-    /// `v = rho * v`, `w -= 0`), done without the square root and division.
-    /// Bit-identical to `apply` with `g = 0`.
-    #[inline(always)]
-    fn apply_zero(&self, s1: &mut [f32]) -> bool {
+    /// RMSprop's `rho`: with a zero gradient (and no L2 term) its update
+    /// leaves `w` as it is (`w -= lr * 0 / ...`) and only does `v *= rho`,
+    /// which can be deferred.
+    fn deferrable_decay(&self) -> Option<f32> {
         match *self {
-            Rule::Rmsprop { rho, .. } => {
-                for v in s1.iter_mut() {
-                    *v *= rho;
-                }
-                true
-            }
-            _ => false,
+            Rule::Rmsprop { rho, .. } => Some(rho),
+            _ => None,
+        }
+    }
+}
+
+/// Applies `steps` deferred zero-gradient RMSprop updates to a velocity row:
+/// `v *= rho` once per step, as the plain update would have done it (a single
+/// `v * rho.powi(steps)` would round differently).
+#[inline(always)]
+fn decay(v: &mut [f32], rho: f32, steps: u64) {
+    if steps == 0 || v.iter().all(|&x| x == 0.0) {
+        return;
+    }
+    for _ in 0..steps {
+        for x in v.iter_mut() {
+            *x *= rho;
         }
     }
 }
@@ -358,29 +412,58 @@ struct Dense {
     fan_in: usize,
     units: usize,
     activation: Activation,
-    /// `[fan_in, units]` row-major as Keras stores it, but with rows `ld`
-    /// floats apart (see [`row_stride`]); the padding stays 0.
+    /// `[fan_in, units]` stored as column panels (see [`Panel`]).
     kernel: AlignedVec,
-    ld: usize,
     bias: Vec<f32>,
 }
 
 impl Dense {
-    /// The kernel without row padding: `[fan_in, units]`.
+    fn panels(&self) -> impl Iterator<Item = Panel> + use<> {
+        panels(self.units)
+    }
+
+    /// The kernel as Keras stores it: `[fan_in, units]` row-major.
     fn kernel_compact(&self) -> Vec<f32> {
-        self.kernel.chunks_exact(self.ld).flat_map(|r| &r[..self.units]).copied().collect()
+        let mut out = vec![0.0; self.fan_in * self.units];
+        for p in self.panels() {
+            for (k, row) in self.kernel[p.range(self.fan_in)].chunks_exact(p.width).enumerate() {
+                out[k * self.units + p.c0..][..p.width].copy_from_slice(row);
+            }
+        }
+        out
+    }
+
+    /// Sets the kernel from `[fan_in, units]` row-major.
+    fn set_kernel(&mut self, kernel: &[f32]) {
+        for p in self.panels() {
+            for (k, row) in self.kernel[p.range(self.fan_in)].chunks_exact_mut(p.width).enumerate() {
+                row.copy_from_slice(&kernel[k * self.units + p.c0..][..p.width]);
+            }
+        }
     }
 }
 
-/// Kernel row stride: whole cache lines, and never a multiple of 512 bytes,
-/// whose rows would all fall in a few cache sets (a 1 KiB stride leaves the
-/// forward loop a quarter of L1).
-fn row_stride(units: usize) -> usize {
-    if units < 16 {
-        return units;
+/// Columns `c0..c0 + width` of a kernel, stored together as `[fan_in, width]`
+/// row-major from float `c0 * fan_in` on. Panels are [`TILE`] columns wide
+/// (the last one may be narrower): a forward or update pass over one panel
+/// reads it front to back, which the hardware prefetchers follow, where the
+/// rows of a plain `[fan_in, units]` kernel would be visited a tile at a time
+/// with a stride. A panel of a 256-unit layer is 64 floats a row, 256 bytes:
+/// whole cache lines.
+#[derive(Debug, Clone, Copy)]
+struct Panel {
+    c0: usize,
+    width: usize,
+}
+
+impl Panel {
+    fn range(&self, fan_in: usize) -> std::ops::Range<usize> {
+        self.c0 * fan_in..(self.c0 + self.width) * fan_in
     }
-    let ld = units.next_multiple_of(16);
-    if ld.is_multiple_of(128) { ld + 16 } else { ld }
+}
+
+fn panels(units: usize) -> impl Iterator<Item = Panel> {
+    (0..units).step_by(TILE).map(move |c0| Panel { c0, width: TILE.min(units - c0) })
 }
 
 #[derive(Debug, Clone)]
@@ -401,23 +484,26 @@ impl SparseRows {
     fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
         self.ptr.clear();
         self.ptr.push(0);
-        self.idx.clear();
-        self.val.clear();
-        // Branch-free compaction: write every entry, advance past nonzeros only.
+        let simd = avx2_fma();
         let mut p = 0;
         for r in 0..rows {
-            self.idx.resize(p + cols, 0);
-            self.val.resize(p + cols, 0.0);
-            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
-            let mut q = 0;
-            for (k, &v) in x[r * cols..(r + 1) * cols].iter().enumerate() {
-                idx[q] = k as u32;
-                val[q] = v;
-                q += usize::from(v != 0.0);
+            // Room for a whole row after the nonzeros so far, kept from call
+            // to call (no clearing): only the prefix up to `nnz` means anything.
+            if self.idx.len() < p + cols {
+                self.idx.resize(p + cols, 0);
+                self.val.resize(p + cols, 0.0);
             }
-            p += q;
-            self.idx.truncate(p);
-            self.val.truncate(p);
+            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
+            let x = &x[r * cols..(r + 1) * cols];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX2 was detected on this CPU.
+                p += unsafe { compress_avx2(x, idx, val) };
+                self.ptr.push(p);
+                continue;
+            }
+            let _ = simd;
+            p += compress(x, 0, idx, val, 0);
             self.ptr.push(p);
         }
     }
@@ -427,13 +513,79 @@ impl SparseRows {
     }
 
     fn nnz(&self) -> usize {
-        self.val.len()
+        self.ptr.last().copied().unwrap_or(0)
+    }
+
+    /// Every nonzero's column, row after row.
+    fn indices(&self) -> &[u32] {
+        &self.idx[..self.nnz()]
     }
 
     fn row(&self, r: usize) -> (&[u32], &[f32]) {
         let (a, b) = (self.ptr[r], self.ptr[r + 1]);
         (&self.idx[a..b], &self.val[a..b])
     }
+}
+
+/// Writes the nonzeros of `x[k0..]` (index, value) to `idx`/`val` from `q` on;
+/// returns the new count. Branch-free: every entry is written, and only a
+/// nonzero advances past it.
+fn compress(x: &[f32], k0: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
+    for (k, &v) in x.iter().enumerate().skip(k0) {
+        idx[q] = k as u32;
+        val[q] = v;
+        q += usize::from(v != 0.0);
+    }
+    q
+}
+
+/// For each 8-bit mask, the lanes whose bit is set, in order, then zeros.
+#[cfg(target_arch = "x86_64")]
+static COMPRESS_LANES: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut m = 0;
+    while m < 256 {
+        let (mut lane, mut q) = (0, 0);
+        while lane < 8 {
+            if m & (1 << lane) != 0 {
+                t[m][q] = lane as u32;
+                q += 1;
+            }
+            lane += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
+/// [`compress`] eight entries at a time: the nonzero lanes are moved to the
+/// front with a lane permutation and all eight stored; the next store starts
+/// after the nonzeros, over the rest. The same entries, in the same order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len().min(idx.len()).min(val.len());
+    let (mut q, mut k) = (0, 0);
+    let zero = _mm256_setzero_ps();
+    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let eight = _mm256_set1_epi32(8);
+    while k + 8 <= n {
+        // SAFETY: `k + 8 <= n` floats of `x`; `q <= k`, so the 8-wide stores
+        // at `q` stay inside `idx` and `val` (both at least `n` long).
+        unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(k));
+            // Unordered-or-unequal: like `v != 0.0`, true for NaN, false for -0.0.
+            let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero)) as usize;
+            let perm = _mm256_loadu_si256(COMPRESS_LANES[m].as_ptr().cast());
+            _mm256_storeu_ps(val.as_mut_ptr().add(q), _mm256_permutevar8x32_ps(v, perm));
+            _mm256_storeu_si256(idx.as_mut_ptr().add(q).cast(), _mm256_permutevar8x32_epi32(lanes, perm));
+            q += m.count_ones() as usize;
+        }
+        lanes = _mm256_add_epi32(lanes, eight);
+        k += 8;
+    }
+    compress(&x[..n], k, idx, val, q)
 }
 
 /// The same nonzeros by column: each column's (row, value) list, rows ascending.
@@ -448,7 +600,7 @@ impl SparseCols {
     fn transpose(&mut self, x: &SparseRows, cols: usize) {
         self.ptr.clear();
         self.ptr.resize(cols + 1, 0);
-        for &k in &x.idx {
+        for &k in x.indices() {
             self.ptr[k as usize + 1] += 1;
         }
         for k in 0..cols {
@@ -474,18 +626,44 @@ impl SparseCols {
     }
 }
 
-/// Buffers reused from step to step.
-#[derive(Debug, Clone, Default)]
-struct Scratch {
-    /// Each layer's input as sparse rows (Dense layers only).
-    sparse: Vec<SparseRows>,
+/// A Dense layer's input as one thread sees it: its nonzeros by row (for the
+/// forward) and by column (for the kernel gradient). Each thread makes its own
+/// from the dense input rather than share one: the two cores of this machine
+/// do not share a cache, and rewriting lines the other core has read costs a
+/// cross-core invalidation per line, ten times the work itself.
+#[derive(Debug, Default)]
+struct Sparse {
+    rows: SparseRows,
     cols: SparseCols,
+    /// Whether `rows` holds the current input (the forward may have used fewer threads).
+    filled: bool,
+}
+
+impl Sparse {
+    fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.rows.fill(x, rows, cols);
+        self.filled = true;
+    }
+}
+
+/// Buffers reused from step to step. Nothing in them outlives a call, so a
+/// clone starts empty rather than copying megabytes.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Each Dense layer's input, sparse, one copy per thread (see [`Sparse`]).
+    sparse: Vec<Vec<Sparse>>,
     /// Output of each layer (for the last Dense: its logits).
     acts: Vec<Vec<f32>>,
     /// Multiplier of each dropout unit (0 or 1/(1-rate)), per layer.
     masks: Vec<Vec<f32>>,
-    /// Sum of squares of each kernel row, for the L2 penalty.
+    /// Sum of squares of each kernel panel row, for the L2 penalty.
     row_sq: Vec<f64>,
+}
+
+impl Clone for Scratch {
+    fn clone(&self) -> Scratch {
+        Scratch::default()
+    }
 }
 
 /// A dense head: the model, its weights, and the thread count its hot loops use.
@@ -495,7 +673,7 @@ pub struct Head {
     spec: Vec<LayerSpec>,
     layers: Vec<Layer>,
     loss: LossKind,
-    threads: usize,
+    team: Team,
     scratch: Scratch,
 }
 
@@ -511,28 +689,29 @@ impl Head {
             match *s {
                 LayerSpec::Dense { units, activation } => {
                     let limit = (6.0 / (fan_in + units) as f64).sqrt() as f32;
-                    let ld = row_stride(units);
-                    let mut kernel = AlignedVec::zeros(fan_in * ld);
-                    for row in kernel.chunks_exact_mut(ld) {
-                        row[..units].iter_mut().for_each(|w| *w = rng.random_range(-limit..limit));
-                    }
-                    layers.push(Layer::Dense(Dense { fan_in, units, activation, kernel, ld, bias: vec![0.0; units] }));
+                    let init: Vec<f32> = (0..fan_in * units).map(|_| rng.random_range(-limit..limit)).collect();
+                    let kernel = AlignedVec::zeros(fan_in * units);
+                    let mut d = Dense { fan_in, units, activation, kernel, bias: vec![0.0; units] };
+                    d.set_kernel(&init);
+                    layers.push(Layer::Dense(d));
                     fan_in = units;
                 }
                 LayerSpec::Dropout { rate } => layers.push(Layer::Dropout(rate)),
             }
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok(Head { input_dim, spec: spec.to_vec(), layers, loss, threads, scratch: Scratch::default() })
+        let team = Team::new(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(Head { input_dim, spec: spec.to_vec(), layers, loss, team, scratch: Scratch::default() })
     }
 
     /// Threads for the hot loops (default: the machine's). Results do not depend on it.
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+        if threads.max(1) != self.team.threads() {
+            self.team = Team::new(threads);
+        }
     }
 
     pub fn threads(&self) -> usize {
-        self.threads
+        self.team.threads()
     }
 
     pub fn input_dim(&self) -> usize {
@@ -568,9 +747,7 @@ impl Head {
         if kernel.len() != d.fan_in * d.units || bias.len() != d.units {
             return Err(HeadError::Shape(format!("Dense {i} takes a [{}, {}] kernel", d.fan_in, d.units)));
         }
-        for (row, src) in d.kernel.chunks_exact_mut(d.ld).zip(kernel.chunks_exact(d.units)) {
-            row[..d.units].copy_from_slice(src);
-        }
+        d.set_kernel(kernel);
         d.bias.copy_from_slice(bias);
         Ok(())
     }
@@ -580,7 +757,9 @@ impl Head {
         if l2 == 0.0 {
             return 0.0;
         }
-        let s: f64 = self.denses().map(|d| d.kernel.iter().map(|&w| f64::from(w) * f64::from(w)).sum::<f64>()).sum();
+        // In Keras's order, `[in, out]` row-major: the f64 sum is the same to the bit.
+        let s: f64 =
+            self.denses().map(|d| d.kernel_compact().iter().map(|&w| f64::from(w) * f64::from(w)).sum::<f64>()).sum();
         (f64::from(l2) * s) as f32
     }
 
@@ -628,7 +807,8 @@ impl Head {
         if rows == 0 {
             return Err(HeadError::Shape("empty batch".into()));
         }
-        let sizes: Vec<usize> = self.denses().flat_map(|d| [d.kernel.len(), d.bias.len()]).collect();
+        let sizes: Vec<(usize, usize)> =
+            self.denses().flat_map(|d| [(d.kernel.len(), d.panels().count() * d.fan_in), (d.bias.len(), 0)]).collect();
         opt.ensure_slots(&sizes)?;
         let rule = opt.next_rule();
         let mut scratch = std::mem::take(&mut self.scratch);
@@ -636,7 +816,7 @@ impl Head {
         let last = scratch.acts.last().map(|v| &v[..]).unwrap_or(&[]);
         let (loss_sum, correct, dz) = loss_and_grad(self.loss, last, y, rows, true);
         let mut loss = loss_sum / rows as f64;
-        let penalty = self.backward(rows, dz, &mut scratch, &rule, opt, l2);
+        let penalty = self.backward(x, rows, dz, &mut scratch, &rule, opt, l2);
         loss += f64::from(l2) * penalty;
         self.scratch = scratch;
         Ok(BatchStats { loss: loss as f32, correct })
@@ -684,7 +864,7 @@ impl Head {
     fn forward<R: Rng>(&self, x: &[f32], rows: usize, s: &mut Scratch, mut rng: Option<&mut R>) {
         s.acts.resize_with(self.layers.len(), Vec::new);
         s.masks.resize_with(self.layers.len(), Vec::new);
-        s.sparse.resize_with(self.layers.len(), SparseRows::default);
+        s.sparse.resize_with(self.layers.len(), Vec::new);
         let nlayers = self.layers.len();
         for (l, layer) in self.layers.iter().enumerate() {
             let (before, rest) = s.acts.split_at_mut(l);
@@ -692,8 +872,7 @@ impl Head {
             let out = &mut rest[0];
             match layer {
                 Layer::Dense(d) => {
-                    s.sparse[l].fill(input, rows, d.fan_in);
-                    dense_forward(&s.sparse[l], d, self.threads, out);
+                    dense_forward(input, rows, d, &self.team, &mut s.sparse[l], out);
                     if l + 1 != nlayers {
                         activate(d.activation, out);
                     }
@@ -721,6 +900,7 @@ impl Head {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &mut self,
+        x: &[f32],
         rows: usize,
         mut d: Vec<f32>,
         s: &mut Scratch,
@@ -732,7 +912,6 @@ impl Head {
         let nlayers = self.layers.len();
         let mut slot = 2 * self.denses().count();
         let mut penalty = 0.0;
-        let threads = self.threads;
         for l in (0..nlayers).rev() {
             match &mut self.layers[l] {
                 Layer::Dropout(_) => {
@@ -745,12 +924,14 @@ impl Head {
                         activation_backward(dense.activation, &s.acts[l], &mut d);
                     }
                     slot -= 2;
-                    s.cols.transpose(&s.sparse[l], dense.fan_in);
                     let d_in = if l > first_dense { input_gradient(&d, rows, dense) } else { Vec::new() };
                     let (ks, bs) = opt.slots.split_at_mut(slot + 1);
                     let kslots = &mut ks[slot];
                     let bslots = &mut bs[0];
-                    penalty += kernel_update(&s.cols, &d, dense, rule, kslots, l2, threads, &mut s.row_sq);
+                    let step = Step { rule: *rule, t: opt.iterations, lazy: opt.lazy && l2 == 0.0, l2x2: 2.0 * l2 };
+                    let input = if l == 0 { x } else { &s.acts[l - 1] };
+                    let (team, sparse) = (&self.team, &mut s.sparse[l]);
+                    penalty += kernel_update(input, rows, &d, dense, &step, kslots, team, sparse, &mut s.row_sq);
                     bias_update(&d, rows, dense, rule, bslots);
                     d = d_in;
                 }
@@ -952,108 +1133,131 @@ fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// `out = x * kernel + bias` (`[rows, units]`), x sparse. Threads take
-/// disjoint column blocks.
-fn dense_forward(x: &SparseRows, d: &Dense, threads: usize, out: &mut Vec<f32>) {
-    let (rows, n) = (x.rows(), d.units);
+/// `out = x * kernel + bias` (`[rows, units]`). Threads take disjoint runs
+/// of panels; each makes its own sparse copy of `x` in `sparse`.
+fn dense_forward(x: &[f32], rows: usize, d: &Dense, team: &Team, sparse: &mut Vec<Sparse>, out: &mut Vec<f32>) {
+    let n = d.units;
     out.clear();
     out.resize(rows * n, 0.0);
-    let work = x.nnz() * n;
-    let t = if work < (1 << 18) { 1 } else { threads.min(n.div_ceil(TILE)).max(1) };
+    sparse.resize_with(team.threads(), Sparse::default);
+    sparse.iter_mut().for_each(|s| s.filled = false);
+    let np = n.div_ceil(TILE);
+    // Typical inputs are about three quarters zeros.
+    let work = rows * d.fan_in / 4 * n;
+    let t = if work < (1 << 18) { 1 } else { team.threads().min(np) };
     if t == 1 {
-        forward_cols(x, &d.kernel, d.ld, &d.bias, 0, n, out);
+        sparse[0].fill(x, rows, d.fan_in);
+        forward_panels(&sparse[0].rows, d, 0, np, out);
         return;
     }
-    // Blocks of whole tiles, so every column goes through the same tile kernel.
-    let tiles = n.div_ceil(TILE);
-    let bounds: Vec<usize> = (0..=t).map(|i| (tiles * i / t * TILE).min(n)).collect();
-    let mut parts: Vec<Vec<f32>> = bounds.windows(2).map(|w| vec![0.0; rows * (w[1] - w[0])]).collect();
-    std::thread::scope(|scope| {
-        let (first, rest) = parts.split_at_mut(1);
-        for (i, part) in rest.iter_mut().enumerate() {
-            let (c0, c1) = (bounds[i + 1], bounds[i + 2]);
-            scope.spawn(move || forward_cols(x, &d.kernel, d.ld, &d.bias, c0, c1, part));
-        }
-        forward_cols(x, &d.kernel, d.ld, &d.bias, bounds[0], bounds[1], &mut first[0]);
+    let bounds: Vec<usize> = (0..=t).map(|i| np * i / t).collect();
+    let cols: Vec<usize> = bounds.iter().map(|&p| (p * TILE).min(n)).collect();
+    let mut parts: Vec<Vec<f32>> = cols.windows(2).map(|c| vec![0.0; rows * (c[1] - c[0])]).collect();
+    let jobs: Vec<_> = parts.iter_mut().zip(bounds.windows(2)).zip(sparse.iter_mut()).collect();
+    team.run(jobs, |((part, b), sp)| {
+        sp.fill(x, rows, d.fan_in);
+        forward_panels(&sp.rows, d, b[0], b[1], part);
     });
-    for (i, part) in parts.iter().enumerate() {
-        let (c0, c1) = (bounds[i], bounds[i + 1]);
-        let w = c1 - c0;
+    for (part, c) in parts.iter().zip(cols.windows(2)) {
+        let w = c[1] - c[0];
         for r in 0..rows {
-            out[r * n + c0..r * n + c1].copy_from_slice(&part[r * w..(r + 1) * w]);
+            out[r * n + c[0]..r * n + c[1]].copy_from_slice(&part[r * w..(r + 1) * w]);
         }
     }
 }
 
-/// Columns `[c0, c1)` of `x * w + bias` into `out` (`[rows, c1 - c0]`);
-/// `n` is the row stride of `w`.
-fn forward_cols(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1: usize, out: &mut [f32]) {
+/// Whether the hot loops may take their AVX2 + FMA build (checked once, then cached by std).
+fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Asks for the cache lines of `v` ahead of their use; a hint, never a fault.
+#[inline(always)]
+fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in v.chunks(16) {
+        // SAFETY: a prefetch reads nothing architecturally and cannot fault;
+        // the address is inside `v` anyway.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
+    }
+}
+
+/// Panels `pa..pb` of `x * kernel + bias` into `out`: `[rows, width]`, where
+/// `width` is the number of columns of those panels.
+fn forward_panels(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
         // SAFETY: AVX2 and FMA were detected on this CPU just above.
-        unsafe { forward_cols_avx2(x, w, n, bias, c0, c1, out) };
+        unsafe { forward_panels_avx2(x, d, pa, pb, out) };
         return;
     }
-    forward_cols_impl(x, w, n, bias, c0, c1, out);
+    forward_panels_impl(x, d, pa, pb, out);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn forward_cols_avx2(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1: usize, out: &mut [f32]) {
-    forward_cols_impl(x, w, n, bias, c0, c1, out);
+fn forward_panels_avx2(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mut [f32]) {
+    forward_panels_impl(x, d, pa, pb, out);
 }
 
 #[inline(always)]
-fn forward_cols_impl(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usize, c1: usize, out: &mut [f32]) {
-    let width = c1 - c0;
+fn forward_panels_impl(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mut [f32]) {
+    let base = pa * TILE;
+    let width = (pb * TILE).min(d.units) - base;
     let rows = x.rows();
-    let k_end = x.idx.iter().copied().max().map_or(0, |k| k as usize + 1);
+    let k_end = x.indices().iter().copied().max().map_or(0, |k| k as usize + 1);
     let mut cursor = vec![0usize; rows];
+    let mut used = vec![false; k_end];
+    for &k in x.indices() {
+        used[k as usize] = true;
+    }
     out.fill(0.0);
-    let mut c = c0;
-    while c < c1 {
-        let tw = TILE.min(c1 - c);
+    for p in d.panels().skip(pa).take(pb - pa) {
+        let (w, tw, oc) = (&d.kernel[p.range(d.fan_in)], p.width, p.c0 - base);
         cursor.copy_from_slice(&x.ptr[..rows]);
-        // Blocks of kernel rows small enough to stay in cache while every
-        // row of the batch uses them. Each output still sums its terms in
-        // index order (the tile is stored and reloaded between blocks).
+        // Blocks of panel rows small enough to stay in L1 while every row of
+        // the batch uses them. Each output still sums its terms in index
+        // order (the tile is stored and reloaded between blocks).
         for kb in (0..k_end).step_by(K_BLOCK) {
             let kend = (kb + K_BLOCK) as u32;
+            for k in (kb + K_BLOCK..k_end.min(kb + 2 * K_BLOCK)).filter(|&k| used[k]) {
+                prefetch(&w[k * tw..(k + 1) * tw]);
+            }
             for r in 0..rows {
-                let (mut p, end) = (cursor[r], x.ptr[r + 1]);
-                let o = &mut out[r * width + (c - c0)..][..tw];
+                let (mut q, end) = (cursor[r], x.ptr[r + 1]);
+                let o = &mut out[r * width + oc..][..tw];
                 if tw == TILE {
                     let mut acc = [0.0f32; TILE];
-                    acc.copy_from_slice(&o[..TILE]);
-                    while p < end && x.idx[p] < kend {
-                        let v = x.val[p];
-                        let wr = &w[x.idx[p] as usize * n + c..][..TILE];
+                    acc.copy_from_slice(o);
+                    while q < end && x.idx[q] < kend {
+                        let v = x.val[q];
+                        let wr = &w[x.idx[q] as usize * TILE..][..TILE];
                         for j in 0..TILE {
                             acc[j] = v.mul_add(wr[j], acc[j]);
                         }
-                        p += 1;
+                        q += 1;
                     }
-                    o[..TILE].copy_from_slice(&acc);
+                    o.copy_from_slice(&acc);
                 } else {
-                    while p < end && x.idx[p] < kend {
-                        let v = x.val[p];
-                        let wr = &w[x.idx[p] as usize * n + c..][..tw];
+                    while q < end && x.idx[q] < kend {
+                        let v = x.val[q];
+                        let wr = &w[x.idx[q] as usize * tw..][..tw];
                         for j in 0..tw {
                             o[j] = v.mul_add(wr[j], o[j]);
                         }
-                        p += 1;
+                        q += 1;
                     }
                 }
-                cursor[r] = p;
+                cursor[r] = q;
             }
         }
+        let bias = &d.bias[p.c0..p.c0 + tw];
         for r in 0..rows {
-            let o = &mut out[r * width + (c - c0)..][..tw];
-            for j in 0..tw {
-                o[j] += bias[c + j];
-            }
+            out[r * width + oc..][..tw].iter_mut().zip(bias).for_each(|(o, b)| *o += b);
         }
-        c += tw;
     }
 }
 
@@ -1062,18 +1266,21 @@ fn forward_cols_impl(x: &SparseRows, w: &[f32], n: usize, bias: &[f32], c0: usiz
 fn input_gradient(dz: &[f32], rows: usize, d: &Dense) -> Vec<f32> {
     let (k, n) = (d.fan_in, d.units);
     let mut out = vec![0.0; rows * k];
-    for r in 0..rows {
-        let g = &dz[r * n..(r + 1) * n];
-        for (i, o) in out[r * k..(r + 1) * k].iter_mut().enumerate() {
-            let wr = &d.kernel[i * d.ld..][..n];
-            *o = g.iter().zip(wr).fold(0.0, |s, (&a, &b)| s + a * b);
+    let mut wr = vec![0.0; n];
+    for i in 0..k {
+        for p in d.panels() {
+            wr[p.c0..p.c0 + p.width].copy_from_slice(&d.kernel[p.c0 * k + i * p.width..][..p.width]);
+        }
+        for r in 0..rows {
+            let g = &dz[r * n..(r + 1) * n];
+            out[r * k + i] = g.iter().zip(&wr).fold(0.0, |s, (&a, &b)| s + a * b);
         }
     }
     out
 }
 
 /// Gradient of the bias (rows summed in order) and its update.
-fn bias_update(dz: &[f32], rows: usize, d: &mut Dense, rule: &Rule, slots: &mut (AlignedVec, AlignedVec)) {
+fn bias_update(dz: &[f32], rows: usize, d: &mut Dense, rule: &Rule, slots: &mut Slots) {
     let n = d.units;
     let mut g = vec![0.0f32; n];
     for r in 0..rows {
@@ -1081,140 +1288,200 @@ fn bias_update(dz: &[f32], rows: usize, d: &mut Dense, rule: &Rule, slots: &mut 
             *a += b;
         }
     }
-    rule.apply(&mut d.bias, &g, &mut slots.0, &mut slots.1, 0.0);
+    rule.apply(&mut d.bias, &g, &mut slots.s1, &mut slots.s2, 0.0);
+}
+
+/// One optimizer step, as every kernel row sees it.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    rule: Rule,
+    /// This step's number (`Optimizer::iterations`, counting it).
+    t: u64,
+    /// Whether rows with a zero gradient may be left for later (see [`Slots::stamps`]).
+    lazy: bool,
+    /// Twice the L2 factor: the penalty's gradient is `l2x2 * w`.
+    l2x2: f32,
 }
 
 /// Computes each kernel row's gradient `x[:, k]^T dz` (skipping zeros) and
-/// applies the update to it in the same pass. Threads take disjoint row
-/// blocks. Returns `sum(kernel^2)` before the update when `l2 > 0`.
+/// applies the update to it in the same pass, panel by panel, so the kernel
+/// and its slots are read and written once, in order. Threads take disjoint
+/// runs of panel rows. Returns `sum(kernel^2)` before the update when `l2 > 0`.
 #[allow(clippy::too_many_arguments)]
 fn kernel_update(
-    x: &SparseCols,
+    x: &[f32],
+    rows: usize,
     dz: &[f32],
     d: &mut Dense,
-    rule: &Rule,
-    slots: &mut (AlignedVec, AlignedVec),
-    l2: f32,
-    threads: usize,
+    step: &Step,
+    slots: &mut Slots,
+    team: &Team,
+    sparse: &mut [Sparse],
     row_sq: &mut Vec<f64>,
 ) -> f64 {
     let (k, n) = (d.fan_in, d.units);
+    let items = n.div_ceil(TILE) * k;
     row_sq.clear();
-    row_sq.resize(if l2 > 0.0 { k } else { 0 }, 0.0);
-    let t = if k * n < (1 << 16) { 1 } else { threads.min(k).max(1) };
-    let ld = d.ld;
-    let job = KernelJob { x, n, ld, dz, rule: *rule, l2x2: 2.0 * l2 };
-    if t == 1 {
-        job.run(0, &mut d.kernel, &mut slots.0, &mut slots.1, row_sq);
-    } else {
-        let bounds: Vec<usize> = (0..=t).map(|i| k * i / t).collect();
-        let mut w_rest = &mut d.kernel[..];
-        let mut s1_rest = &mut slots.0[..];
-        let mut s2_rest = &mut slots.1[..];
-        let mut sq_rest = &mut row_sq[..];
-        let job = &job;
-        std::thread::scope(|scope| {
-            for i in 0..t {
-                let len = bounds[i + 1] - bounds[i];
-                let (w, wr) = std::mem::take(&mut w_rest).split_at_mut(len * ld);
-                w_rest = wr;
-                let (s1, r1) = split_slot(std::mem::take(&mut s1_rest), len * ld);
-                s1_rest = r1;
-                let (s2, r2) = split_slot(std::mem::take(&mut s2_rest), len * ld);
-                s2_rest = r2;
-                let (sq, rq) = split_slot_f64(std::mem::take(&mut sq_rest), len);
-                sq_rest = rq;
-                let k0 = bounds[i];
-                if i + 1 == t {
-                    job.run(k0, w, s1, s2, sq);
-                } else {
-                    scope.spawn(move || job.run(k0, w, s1, s2, sq));
-                }
-            }
-        });
+    row_sq.resize(if step.l2x2 > 0.0 { items } else { 0 }, 0.0);
+    let t = if k * n < (1 << 16) { 1 } else { team.threads().min(items) };
+    // Where panel row `i` (panel `i / k`, row `i % k`) starts in the kernel.
+    let offset = |i: usize| {
+        if i == items {
+            return k * n;
+        }
+        let c0 = i / k * TILE;
+        c0 * k + i % k * TILE.min(n - c0)
+    };
+    let bounds: Vec<usize> = (0..=t).map(|i| items * i / t).collect();
+    let job = KernelJob { dz, fan_in: k, n, step: *step };
+    let mut w_rest = &mut d.kernel[..];
+    let mut s1_rest = &mut slots.s1[..];
+    let mut s2_rest = &mut slots.s2[..];
+    let mut st_rest = &mut slots.stamps[..];
+    let mut sq_rest = &mut row_sq[..];
+    let mut parts = Vec::with_capacity(t);
+    for (b, sp) in bounds.windows(2).zip(sparse.iter_mut()) {
+        let len = offset(b[1]) - offset(b[0]);
+        let (w, r) = std::mem::take(&mut w_rest).split_at_mut(len);
+        w_rest = r;
+        let (s1, r) = split_slot(std::mem::take(&mut s1_rest), len);
+        s1_rest = r;
+        let (s2, r) = split_slot(std::mem::take(&mut s2_rest), len);
+        s2_rest = r;
+        let (st, r) = std::mem::take(&mut st_rest).split_at_mut(b[1] - b[0]);
+        st_rest = r;
+        let (sq, r) = split_slot(std::mem::take(&mut sq_rest), b[1] - b[0]);
+        sq_rest = r;
+        parts.push((sp, b[0], w, s1, s2, st, sq));
     }
+    team.run(parts, |(sp, i0, w, s1, s2, st, sq)| {
+        if !sp.filled {
+            sp.fill(x, rows, k);
+        }
+        sp.cols.transpose(&sp.rows, k);
+        job.run(&sp.cols, i0, w, s1, s2, st, sq);
+    });
     row_sq.iter().sum()
 }
 
 /// Splits an optimizer slot that may be empty (unused by the rule).
-fn split_slot(s: &mut [f32], at: usize) -> (&mut [f32], &mut [f32]) {
-    if s.is_empty() { (&mut [], &mut []) } else { s.split_at_mut(at) }
-}
-
-fn split_slot_f64(s: &mut [f64], at: usize) -> (&mut [f64], &mut [f64]) {
+fn split_slot<T>(s: &mut [T], at: usize) -> (&mut [T], &mut [T]) {
     if s.is_empty() { (&mut [], &mut []) } else { s.split_at_mut(at) }
 }
 
 /// What every thread of [`kernel_update`] shares.
 struct KernelJob<'a> {
-    x: &'a SparseCols,
-    n: usize,
-    /// Row stride of the kernel and of its optimizer slots.
-    ld: usize,
     dz: &'a [f32],
-    rule: Rule,
-    l2x2: f32,
+    fan_in: usize,
+    n: usize,
+    step: Step,
 }
 
 impl KernelJob<'_> {
-    /// Kernel rows `k0..k0 + w.len() / ld`.
-    fn run(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
+    /// Panel rows `i0..i0 + stamps.len()`, whose inputs are the columns of
+    /// `x`; the slices start at the first of them.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if avx2_fma() {
             // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { self.run_avx2(k0, w, s1, s2, sq) };
+            unsafe { self.run_avx2(x, i0, w, s1, s2, stamps, sq) };
             return;
         }
-        self.run_impl(k0, w, s1, s2, sq);
+        self.run_impl(x, i0, w, s1, s2, stamps, sq);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
-        self.run_impl(k0, w, s1, s2, sq);
+    #[allow(clippy::too_many_arguments)]
+    fn run_avx2(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
+        self.run_impl(x, i0, w, s1, s2, stamps, sq);
     }
 
     #[inline(always)]
-    fn run_impl(&self, k0: usize, w: &mut [f32], s1: &mut [f32], s2: &mut [f32], sq: &mut [f64]) {
-        let (n, ld) = (self.n, self.ld);
-        let empty =
-            |s: &mut [f32], a: usize, b: usize| -> std::ops::Range<usize> { if s.is_empty() { 0..0 } else { a..b } };
-        for (i, wrow) in w.chunks_exact_mut(ld).enumerate() {
-            let wrow = &mut wrow[..n];
-            let (nz_rows, nz_vals) = self.x.col(k0 + i);
-            let r1 = empty(s1, i * ld, i * ld + n);
-            let r2 = empty(s2, i * ld, i * ld + n);
+    #[allow(clippy::too_many_arguments)]
+    fn run_impl(
+        &self,
+        x: &SparseCols,
+        i0: usize,
+        w: &mut [f32],
+        s1: &mut [f32],
+        s2: &mut [f32],
+        stamps: &mut [u64],
+        sq: &mut [f64],
+    ) {
+        let (k, n, step) = (self.fan_in, self.n, &self.step);
+        let decay_rho = step.rule.deferrable_decay();
+        let lazy = step.lazy && decay_rho.is_some();
+        let part = |s: &mut [f32], r: std::ops::Range<usize>| -> std::ops::Range<usize> {
+            if s.is_empty() { 0..0 } else { r }
+        };
+        let mut off = 0;
+        for (j, stamp) in stamps.iter_mut().enumerate() {
+            let i = i0 + j;
+            let ahead = off + PREFETCH_ROWS * TILE;
+            if ahead + TILE <= w.len() && (!lazy || !x.col((i + PREFETCH_ROWS) % k).0.is_empty()) {
+                prefetch(&w[ahead..ahead + TILE]);
+                if !s1.is_empty() {
+                    prefetch(&s1[ahead..ahead + TILE]);
+                }
+                if !s2.is_empty() {
+                    prefetch(&s2[ahead..ahead + TILE]);
+                }
+            }
+            let c0 = i / k * TILE;
+            let tw = TILE.min(n - c0);
+            let range = off..off + tw;
+            off += tw;
+            let wrow = &mut w[range.clone()];
+            let (r1, r2) = (part(s1, range.clone()), part(s2, range));
             let (s1row, s2row) = (&mut s1[r1], &mut s2[r2]);
             if !sq.is_empty() {
-                sq[i] = wrow.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+                sq[j] = wrow.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
             }
-            if nz_rows.is_empty() && self.l2x2 == 0.0 && self.rule.apply_zero(s1row) {
+            let (nz_rows, nz_vals) = x.col(i % k);
+            if nz_rows.is_empty() && lazy {
                 continue;
             }
-            let mut c = 0;
-            while c < n {
-                let tw = TILE.min(n - c);
-                let mut acc = [0.0f32; TILE];
-                if tw == TILE {
-                    for (&r, &v) in nz_rows.iter().zip(nz_vals) {
-                        let dr = &self.dz[r as usize * n + c..][..TILE];
-                        for j in 0..TILE {
-                            acc[j] = v.mul_add(dr[j], acc[j]);
-                        }
-                    }
-                } else {
-                    for (&r, &v) in nz_rows.iter().zip(nz_vals) {
-                        let dr = &self.dz[r as usize * n + c..][..tw];
-                        for j in 0..tw {
-                            acc[j] = v.mul_add(dr[j], acc[j]);
-                        }
+            if let Some(rho) = decay_rho {
+                decay(s1row, rho, step.t - 1 - *stamp);
+            }
+            *stamp = step.t;
+            let mut acc = [0.0f32; TILE];
+            if tw == TILE {
+                for (&r, &v) in nz_rows.iter().zip(nz_vals) {
+                    let dr = &self.dz[r as usize * n + c0..][..TILE];
+                    for c in 0..TILE {
+                        acc[c] = v.mul_add(dr[c], acc[c]);
                     }
                 }
-                let part = |s: &mut [f32]| -> std::ops::Range<usize> { if s.is_empty() { 0..0 } else { c..c + tw } };
-                let (p1, p2) = (part(s1row), part(s2row));
-                self.rule.apply(&mut wrow[c..c + tw], &acc[..tw], &mut s1row[p1], &mut s2row[p2], self.l2x2);
-                c += tw;
+            } else {
+                for (&r, &v) in nz_rows.iter().zip(nz_vals) {
+                    let dr = &self.dz[r as usize * n + c0..][..tw];
+                    for c in 0..tw {
+                        acc[c] = v.mul_add(dr[c], acc[c]);
+                    }
+                }
             }
+            step.rule.apply(wrow, &acc[..tw], s1row, s2row, step.l2x2);
         }
     }
 }
@@ -1398,13 +1665,13 @@ mod tests {
 
     fn one_param_steps(spec: OptimizerSpec, grads: &[f32]) -> Vec<f32> {
         let mut opt = Optimizer::new(spec);
-        opt.ensure_slots(&[1]).unwrap();
+        opt.ensure_slots(&[(1, 0)]).unwrap();
         let mut w = [1.0f32];
         let mut out = Vec::new();
         for &g in grads {
             let rule = opt.next_rule();
-            let (s1, s2) = &mut opt.slots[0];
-            rule.apply(&mut w, &[g], s1, s2, 0.0);
+            let s = &mut opt.slots[0];
+            rule.apply(&mut w, &[g], &mut s.s1, &mut s.s2, 0.0);
             out.push(w[0]);
         }
         out
@@ -1431,14 +1698,84 @@ mod tests {
     }
 
     #[test]
-    fn rmsprop_zero_gradient_shortcut_is_exact() {
+    fn sparse_rows_keep_every_nonzero_in_order_on_each_code_path() {
+        let mut x = sparse_data(3, 1003, 0.7, 4);
+        x[5] = -0.0;
+        x[6] = f32::NAN;
+        x[1003 + 17] = f32::NEG_INFINITY;
+        let bits = |idx: &[u32], val: &[f32]| -> Vec<(u32, u32)> {
+            idx.iter().zip(val).map(|(&k, v)| (k, v.to_bits())).collect()
+        };
+        let mut s = SparseRows::default();
+        s.fill(&x, 3, 1003);
+        assert_eq!(s.rows(), 3);
+        for r in 0..3 {
+            let row = &x[r * 1003..(r + 1) * 1003];
+            let want: Vec<(u32, u32)> =
+                (0..1003).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
+            let (idx, val) = s.row(r);
+            assert_eq!(bits(idx, val), want, "row {r}, fill");
+            let (mut idx, mut val) = (vec![0; 1003], vec![0.0; 1003]);
+            let n = compress(row, 0, &mut idx, &mut val, 0);
+            assert_eq!(bits(&idx[..n], &val[..n]), want, "row {r}, portable");
+        }
+    }
+
+    #[test]
+    fn rmsprop_zero_gradient_only_decays_the_velocity() {
         let rule = Rule::Rmsprop { lr: 0.01, rho: 0.9, one_minus_rho: 1.0 - 0.9, eps: 1e-7 };
         let mut w = [0.3f32, -0.7, 0.0];
         let mut v = [0.2f32, 1e-9, 0.0];
         let (w2, mut v2) = (w, v);
-        rule.apply(&mut w, &[0.0; 3], &mut v, &mut [], 0.0);
-        assert!(rule.apply_zero(&mut v2));
+        for _ in 0..3 {
+            rule.apply(&mut w, &[0.0; 3], &mut v, &mut [], 0.0);
+        }
+        decay(&mut v2, 0.9, 3);
         assert_eq!((w, v), (w2, v2));
+    }
+
+    /// Applies every deferred decay, so the slots read as the plain update leaves them.
+    fn settle(head: &Head, opt: &mut Optimizer) {
+        let OptimizerSpec::Rmsprop { rho, .. } = opt.spec else { return };
+        let t = opt.iterations;
+        for (d, slots) in head.denses().zip(opt.slots.iter_mut().step_by(2)) {
+            let mut off = 0;
+            for (i, stamp) in slots.stamps.iter_mut().enumerate() {
+                let tw = TILE.min(d.units - i / d.fan_in * TILE);
+                decay(&mut slots.s1[off..off + tw], rho, t - *stamp);
+                *stamp = t;
+                off += tw;
+            }
+        }
+    }
+
+    #[test]
+    fn deferred_rmsprop_decay_matches_the_plain_update() {
+        let (din, rows) = (1000, 4);
+        let layers = [dense(70, Activation::Relu), LayerSpec::Dropout { rate: 0.5 }, dense(1, Activation::Sigmoid)];
+        let run = |lazy: bool, threads: usize| {
+            let mut head = Head::new(din, &layers, 5).unwrap();
+            head.set_threads(threads);
+            let mut opt = Optimizer::new(OptimizerSpec::rmsprop(1e-2));
+            opt.lazy = lazy;
+            for step in 0..12 {
+                let x = sparse_data(rows, din, 0.7, 200 + step);
+                let y: Vec<f32> = (0..rows).map(|r| ((r + step as usize) % 2) as f32).collect();
+                // A step with an L2 term has a gradient everywhere: it settles every row.
+                let l2 = if step == 7 { 1e-3 } else { 0.0 };
+                head.train_batch(&x, &y, rows, &mut opt, l2, &mut rng(step)).unwrap();
+            }
+            let behind = opt.slots[0].stamps.iter().filter(|&&s| s < opt.iterations).count();
+            settle(&head, &mut opt);
+            (params(&head), opt.slots.iter().map(|s| s.s1.to_vec()).collect::<Vec<_>>(), behind)
+        };
+        let (p, v, behind) = run(false, 1);
+        assert_eq!(behind, 0);
+        for threads in [1, 3] {
+            let (lp, lv, behind) = run(true, threads);
+            assert!(behind > 100, "rows with all-zero input columns were deferred: {behind}");
+            assert!(lp == p && lv == v, "{threads} threads: deferred decay differs from the plain update");
+        }
     }
 
     fn train_steps(threads: usize, spec: OptimizerSpec, l2: f32) -> Head {
