@@ -63,14 +63,6 @@ stages:
     }
 }
 
-fn history_without_seconds(out: &Path) -> Vec<String> {
-    std::fs::read_to_string(out.join("history.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-        .collect()
-}
-
 fn metrics(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
 }
@@ -85,7 +77,7 @@ fn a_streaming_trainer_learns_one_epoch_per_marker_identically_whatever_the_work
 
     let yaml = streaming_yaml(&data, &one, &cache, 1, "");
     let report = common::run_yaml(&common::write_pipeline(tmp.path(), "one.yaml", &yaml)).unwrap();
-    let history = history_without_seconds(&one);
+    let history = common::history_without_seconds(&one);
     assert_eq!(history.len(), 7, "a header and one line per source epoch: {history:?}");
     assert!(history[1..].iter().all(|l| l.split(',').nth(4).is_some_and(|v| !v.is_empty())), "validated each epoch");
     let m = metrics(&one);
@@ -102,7 +94,7 @@ fn a_streaming_trainer_learns_one_epoch_per_marker_identically_whatever_the_work
 
     let yaml = streaming_yaml(&data, &two, &cache, 2, "");
     common::run_yaml(&common::write_pipeline(tmp.path(), "two.yaml", &yaml)).unwrap();
-    assert_eq!(history, history_without_seconds(&two), "workers: 2 trains exactly as workers: 1");
+    assert_eq!(history, common::history_without_seconds(&two), "workers: 2 trains exactly as workers: 1");
 }
 
 #[test]
@@ -122,7 +114,7 @@ fn early_stopping_stops_the_source_and_keeps_the_stopping_epochs_weights() {
     assert!(run < 500, "early stopping ended training: {m}");
     let emitted = report.stages.iter().find(|s| s.id == "train_files").unwrap().items_out;
     assert!(emitted < 80 * 500, "the source stopped re-emitting: {emitted} items");
-    assert_eq!(history_without_seconds(&out).len() as u64, run + 1);
+    assert_eq!(common::history_without_seconds(&out).len() as u64, run + 1);
 }
 
 #[test]
@@ -151,7 +143,7 @@ fn augmented_variants_are_inferred_once_each_and_train_identically_whatever_the_
     // 6 epochs draw from 3 variants of each of 80 images: at most 240 distinct
     // inputs, and more than the 80 of a run without augmentation.
     assert!(inferred > 80 && inferred <= 240, "{inferred} train images inferred");
-    let history = history_without_seconds(&one);
+    let history = common::history_without_seconds(&one);
     assert_eq!(history.len(), 7);
 
     // A second run with two workers per stage: every variant is a cache
@@ -159,12 +151,12 @@ fn augmented_variants_are_inferred_once_each_and_train_identically_whatever_the_
     let yaml = augmented_yaml(&data, &two, &cache, 2, "", Some(3));
     let report = common::run_yaml(&common::write_pipeline(tmp.path(), "two.yaml", &yaml)).unwrap();
     assert_eq!(common::detail(&report, "train_features", "images_inferred"), 0, "all variants cached");
-    assert_eq!(history, history_without_seconds(&two), "workers: 2 and cached features train exactly alike");
+    assert_eq!(history, common::history_without_seconds(&two), "workers: 2 and cached features train exactly alike");
 
     // Fresh augmentation every epoch (variants: 0) infers every epoch's images anew.
     let fresh = tmp.path().join("fresh");
     let yaml = augmented_yaml(&data, &fresh, &tmp.path().join("cache2"), 2, "", Some(0));
     let report = common::run_yaml(&common::write_pipeline(tmp.path(), "fresh.yaml", &yaml)).unwrap();
     assert_eq!(common::detail(&report, "train_features", "images_inferred"), 80 * 6);
-    assert_ne!(history, history_without_seconds(&fresh));
+    assert_ne!(history, common::history_without_seconds(&fresh));
 }

@@ -32,14 +32,6 @@ stages:
     )
 }
 
-fn history_without_seconds(out: &Path) -> Vec<String> {
-    std::fs::read_to_string(out.join("history.csv"))
-        .unwrap()
-        .lines()
-        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
-        .collect()
-}
-
 #[test]
 fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
     let tmp = tempfile::tempdir().unwrap();
@@ -63,10 +55,10 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
     );
     assert!(metrics["val_acc"].as_f64().unwrap() >= 0.9, "the synthetic classes are easy: {metrics}");
 
-    let history = history_without_seconds(&a);
+    let history = common::history_without_seconds(&a);
     assert_eq!(history[0], "epoch,loss,acc,val_loss,val_acc");
     assert_eq!(history.len(), 16);
-    assert_eq!(history, history_without_seconds(&b), "same seed and threads -> identical history");
+    assert_eq!(history, common::history_without_seconds(&b), "same seed and threads -> identical history");
     let load = |d: &Path| convflow::ml::head::Head::load_safetensors(&d.join("head.safetensors")).unwrap();
     let (ha, hb) = (load(&a), load(&b));
     for i in 0..2 {
@@ -80,7 +72,7 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(spilled.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["spilled_to_disk"], true);
-    assert_eq!(history, history_without_seconds(&spilled));
+    assert_eq!(history, common::history_without_seconds(&spilled));
     assert_eq!(m["test_acc"], metrics["test_acc"]);
 
     let png = image::open(a.join("curves.png")).unwrap();

@@ -145,3 +145,12 @@ pub fn detail(report: &convflow::runtime::RunReport, stage: &str, key: &str) -> 
         .map(|d| d[key].clone())
         .unwrap_or_default()
 }
+
+/// history.csv's lines without the seconds column (the only one that may differ between identical runs).
+pub fn history_without_seconds(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("history.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
