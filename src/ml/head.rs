@@ -472,9 +472,14 @@ enum Layer {
     Dropout(f32),
 }
 
-/// Rows as (index, value) lists of their nonzeros.
+/// Rows as (index, value) lists of their nonzeros, cut into blocks of
+/// [`K_BLOCK`] columns: block after block, each row's nonzeros among that
+/// block's columns, rows in order. The forward walks it in exactly this
+/// order, and turning it into columns touches one block's worth at a time.
 #[derive(Debug, Clone, Default)]
 struct SparseRows {
+    rows: usize,
+    /// Where (block `b`, row `r`)'s entries start: `ptr[b * rows + r]`; one more at the end.
     ptr: Vec<usize>,
     idx: Vec<u32>,
     val: Vec<f32>,
@@ -482,57 +487,67 @@ struct SparseRows {
 
 impl SparseRows {
     fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.rows = rows;
         self.ptr.clear();
         self.ptr.push(0);
         let simd = avx2_fma();
         let mut p = 0;
-        for r in 0..rows {
-            // Room for a whole row after the nonzeros so far, kept from call
-            // to call (no clearing): only the prefix up to `nnz` means anything.
-            if self.idx.len() < p + cols {
-                self.idx.resize(p + cols, 0);
-                self.val.resize(p + cols, 0.0);
-            }
-            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
-            let x = &x[r * cols..(r + 1) * cols];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: AVX2 was detected on this CPU.
-                p += unsafe { compress_avx2(x, idx, val) };
+        for k0 in (0..cols).step_by(K_BLOCK) {
+            let width = K_BLOCK.min(cols - k0);
+            for r in 0..rows {
+                // Room for a whole segment after the nonzeros so far, kept from
+                // call to call (no clearing): only the prefix up to `nnz` means anything.
+                if self.idx.len() < p + width {
+                    self.idx.resize(p + width, 0);
+                    self.val.resize(p + width, 0.0);
+                }
+                let (idx, val) = (&mut self.idx[p..p + width], &mut self.val[p..p + width]);
+                let x = &x[r * cols + k0..][..width];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2 was detected on this CPU.
+                    p += unsafe { compress_avx2(x, k0 as u32, idx, val) };
+                    self.ptr.push(p);
+                    continue;
+                }
+                let _ = simd;
+                p += compress(x, k0 as u32, 0, idx, val, 0);
                 self.ptr.push(p);
-                continue;
             }
-            let _ = simd;
-            p += compress(x, 0, idx, val, 0);
-            self.ptr.push(p);
         }
     }
 
     fn rows(&self) -> usize {
-        self.ptr.len() - 1
+        self.rows
+    }
+
+    fn blocks(&self) -> usize {
+        (self.ptr.len() - 1).checked_div(self.rows).unwrap_or(0)
     }
 
     fn nnz(&self) -> usize {
         self.ptr.last().copied().unwrap_or(0)
     }
 
-    /// Every nonzero's column, row after row.
+    /// Every nonzero's column, block after block.
     fn indices(&self) -> &[u32] {
         &self.idx[..self.nnz()]
     }
 
-    fn row(&self, r: usize) -> (&[u32], &[f32]) {
-        let (a, b) = (self.ptr[r], self.ptr[r + 1]);
-        (&self.idx[a..b], &self.val[a..b])
+    /// Row `r`'s nonzeros in block `b`.
+    fn segment(&self, b: usize, r: usize) -> (&[u32], &[f32]) {
+        let i = b * self.rows + r;
+        let (a, e) = (self.ptr[i], self.ptr[i + 1]);
+        (&self.idx[a..e], &self.val[a..e])
     }
 }
 
-/// Writes the nonzeros of `x[k0..]` (index, value) to `idx`/`val` from `q` on;
-/// returns the new count. Branch-free: every entry is written, and only a
-/// nonzero advances past it.
-fn compress(x: &[f32], k0: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
-    for (k, &v) in x.iter().enumerate().skip(k0) {
-        idx[q] = k as u32;
+/// Writes the nonzeros of `x[from..]` to `idx`/`val` from `q` on, as
+/// (`base` + index in `x`, value); returns the new count. Branch-free: every
+/// entry is written, and only a nonzero advances past it.
+fn compress(x: &[f32], base: u32, from: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
+    for (k, &v) in x.iter().enumerate().skip(from) {
+        idx[q] = base + k as u32;
         val[q] = v;
         q += usize::from(v != 0.0);
     }
@@ -563,12 +578,13 @@ static COMPRESS_LANES: [[u32; 8]; 256] = {
 /// after the nonzeros, over the rest. The same entries, in the same order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
+fn compress_avx2(x: &[f32], base: u32, idx: &mut [u32], val: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
     let n = x.len().min(idx.len()).min(val.len());
     let (mut q, mut k) = (0, 0);
     let zero = _mm256_setzero_ps();
-    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let b = base as i32;
+    let mut lanes = _mm256_setr_epi32(b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7);
     let eight = _mm256_set1_epi32(8);
     while k + 8 <= n {
         // SAFETY: `k + 8 <= n` floats of `x`; `q <= k`, so the 8-wide stores
@@ -585,7 +601,7 @@ fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
         lanes = _mm256_add_epi32(lanes, eight);
         k += 8;
     }
-    compress(&x[..n], k, idx, val, q)
+    compress(&x[..n], base, k, idx, val, q)
 }
 
 /// The same nonzeros by column: each column's (row, value) list, rows ascending.
@@ -594,6 +610,8 @@ struct SparseCols {
     ptr: Vec<usize>,
     row: Vec<u32>,
     val: Vec<f32>,
+    /// Each column's next free entry, while transposing.
+    next: Vec<usize>,
 }
 
 impl SparseCols {
@@ -608,14 +626,18 @@ impl SparseCols {
         }
         self.row.resize(x.nnz(), 0);
         self.val.resize(x.nnz(), 0.0);
-        let mut next = self.ptr[..cols].to_vec();
-        for r in 0..x.rows() {
-            let (idx, val) = x.row(r);
-            for (&k, &v) in idx.iter().zip(val) {
-                let p = &mut next[k as usize];
-                self.row[*p] = r as u32;
-                self.val[*p] = v;
-                *p += 1;
+        self.next.clear();
+        self.next.extend_from_slice(&self.ptr[..cols]);
+        // Block by block, so the writes stay within one block's columns.
+        for b in 0..x.blocks() {
+            for r in 0..x.rows() {
+                let (idx, val) = x.segment(b, r);
+                for (&k, &v) in idx.iter().zip(val) {
+                    let p = &mut self.next[k as usize];
+                    self.row[*p] = r as u32;
+                    self.val[*p] = v;
+                    *p += 1;
+                }
             }
         }
     }
@@ -1208,50 +1230,42 @@ fn forward_panels_impl(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mu
     let base = pa * TILE;
     let width = (pb * TILE).min(d.units) - base;
     let rows = x.rows();
-    let k_end = x.indices().iter().copied().max().map_or(0, |k| k as usize + 1);
-    let mut cursor = vec![0usize; rows];
-    let mut used = vec![false; k_end];
+    let mut used = vec![false; d.fan_in];
     for &k in x.indices() {
         used[k as usize] = true;
     }
     out.fill(0.0);
     for p in d.panels().skip(pa).take(pb - pa) {
         let (w, tw, oc) = (&d.kernel[p.range(d.fan_in)], p.width, p.c0 - base);
-        cursor.copy_from_slice(&x.ptr[..rows]);
         // Blocks of panel rows small enough to stay in L1 while every row of
         // the batch uses them. Each output still sums its terms in index
         // order (the tile is stored and reloaded between blocks).
-        for kb in (0..k_end).step_by(K_BLOCK) {
-            let kend = (kb + K_BLOCK) as u32;
-            for k in (kb + K_BLOCK..k_end.min(kb + 2 * K_BLOCK)).filter(|&k| used[k]) {
+        for b in 0..x.blocks() {
+            let next = ((b + 1) * K_BLOCK).min(d.fan_in)..((b + 2) * K_BLOCK).min(d.fan_in);
+            for k in next.filter(|&k| used[k]) {
                 prefetch(&w[k * tw..(k + 1) * tw]);
             }
             for r in 0..rows {
-                let (mut q, end) = (cursor[r], x.ptr[r + 1]);
+                let (idx, val) = x.segment(b, r);
                 let o = &mut out[r * width + oc..][..tw];
                 if tw == TILE {
                     let mut acc = [0.0f32; TILE];
                     acc.copy_from_slice(o);
-                    while q < end && x.idx[q] < kend {
-                        let v = x.val[q];
-                        let wr = &w[x.idx[q] as usize * TILE..][..TILE];
+                    for (&k, &v) in idx.iter().zip(val) {
+                        let wr = &w[k as usize * TILE..][..TILE];
                         for j in 0..TILE {
                             acc[j] = v.mul_add(wr[j], acc[j]);
                         }
-                        q += 1;
                     }
                     o.copy_from_slice(&acc);
                 } else {
-                    while q < end && x.idx[q] < kend {
-                        let v = x.val[q];
-                        let wr = &w[x.idx[q] as usize * tw..][..tw];
+                    for (&k, &v) in idx.iter().zip(val) {
+                        let wr = &w[k as usize * tw..][..tw];
                         for j in 0..tw {
                             o[j] = v.mul_add(wr[j], o[j]);
                         }
-                        q += 1;
                     }
                 }
-                cursor[r] = q;
             }
         }
         let bias = &d.bias[p.c0..p.c0 + tw];
@@ -1699,25 +1713,34 @@ mod tests {
 
     #[test]
     fn sparse_rows_keep_every_nonzero_in_order_on_each_code_path() {
-        let mut x = sparse_data(3, 1003, 0.7, 4);
+        let cols = 2 * K_BLOCK + 19;
+        let mut x = sparse_data(3, cols, 0.7, 4);
         x[5] = -0.0;
         x[6] = f32::NAN;
-        x[1003 + 17] = f32::NEG_INFINITY;
+        x[cols + 17] = f32::NEG_INFINITY;
         let bits = |idx: &[u32], val: &[f32]| -> Vec<(u32, u32)> {
             idx.iter().zip(val).map(|(&k, v)| (k, v.to_bits())).collect()
         };
         let mut s = SparseRows::default();
-        s.fill(&x, 3, 1003);
-        assert_eq!(s.rows(), 3);
+        s.fill(&x, 3, cols);
+        assert_eq!((s.rows(), s.blocks()), (3, 3));
+        let mut t = SparseCols::default();
+        t.transpose(&s, cols);
         for r in 0..3 {
-            let row = &x[r * 1003..(r + 1) * 1003];
+            let row = &x[r * cols..(r + 1) * cols];
             let want: Vec<(u32, u32)> =
-                (0..1003).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
-            let (idx, val) = s.row(r);
-            assert_eq!(bits(idx, val), want, "row {r}, fill");
-            let (mut idx, mut val) = (vec![0; 1003], vec![0.0; 1003]);
-            let n = compress(row, 0, &mut idx, &mut val, 0);
+                (0..cols).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
+            let got: Vec<(u32, u32)> = (0..3).flat_map(|b| bits(s.segment(b, r).0, s.segment(b, r).1)).collect();
+            assert_eq!(got, want, "row {r}, fill");
+            let (mut idx, mut val) = (vec![0; cols], vec![0.0; cols]);
+            let n = compress(row, 0, 0, &mut idx, &mut val, 0);
             assert_eq!(bits(&idx[..n], &val[..n]), want, "row {r}, portable");
+        }
+        for k in 0..cols {
+            let want: Vec<(u32, u32)> =
+                (0..3).filter(|&r| x[r * cols + k] != 0.0).map(|r| (r as u32, x[r * cols + k].to_bits())).collect();
+            let (rows, vals) = t.col(k);
+            assert_eq!(bits(rows, vals), want, "column {k}");
         }
     }
 
