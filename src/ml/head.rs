@@ -52,9 +52,6 @@ const TILE: usize = 64;
 /// row of the batch while it is in L1 / L2.
 const K_BLOCK: usize = 128;
 
-/// How many panel rows ahead the update pass asks for the kernel and slots.
-const PREFETCH_ROWS: usize = 8;
-
 /// Rows per forward chunk in `evaluate` / `predict`, to bound memory.
 const EVAL_CHUNK: usize = 100;
 
@@ -1485,16 +1482,6 @@ impl KernelJob<'_> {
         let mut off = 0;
         for (j, stamp) in stamps.iter_mut().enumerate() {
             let i = i0 + j;
-            let ahead = off + PREFETCH_ROWS * TILE;
-            if ahead + TILE <= w.len() && (!lazy || !x.col((i + PREFETCH_ROWS) % k).0.is_empty()) {
-                prefetch(&w[ahead..ahead + TILE]);
-                if !s1.is_empty() {
-                    prefetch(&s1[ahead..ahead + TILE]);
-                }
-                if !s2.is_empty() {
-                    prefetch(&s2[ahead..ahead + TILE]);
-                }
-            }
             let c0 = i / k * TILE;
             let tw = TILE.min(n - c0);
             let range = off..off + tw;
