@@ -52,9 +52,6 @@ const TILE: usize = 64;
 /// row of the batch while it is in L1 / L2.
 const K_BLOCK: usize = 128;
 
-/// How many panel rows ahead the update pass asks for the kernel and slots.
-const PREFETCH_ROWS: usize = 8;
-
 /// Rows per forward chunk in `evaluate` / `predict`, to bound memory.
 const EVAL_CHUNK: usize = 100;
 
@@ -334,7 +331,7 @@ impl Rule {
                 let v = &mut s1[..n];
                 for j in 0..n {
                     let gj = if L2 { g[j] + l2x2 * w[j] } else { g[j] };
-                    let vj = rho * v[j] + one_minus_rho * (gj * gj);
+                    let vj = flush_velocity(rho * v[j] + one_minus_rho * (gj * gj));
                     v[j] = vj;
                     w[j] -= lr * gj / (vj + eps).sqrt();
                 }
@@ -382,18 +379,29 @@ impl Rule {
 }
 
 /// Applies `steps` deferred zero-gradient RMSprop updates to a velocity row:
-/// `v *= rho` once per step, as the plain update would have done it (a single
-/// `v * rho.powi(steps)` would round differently).
+/// `v *= rho` once per step, flushed as [`flush_velocity`] says, as the
+/// plain update would have done it (a single `v * rho.powi(steps)` would
+/// round differently).
 #[inline(always)]
 fn decay(v: &mut [f32], rho: f32, steps: u64) {
-    if steps == 0 || v.iter().all(|&x| x == 0.0) {
-        return;
-    }
-    for _ in 0..steps {
+    for i in 0..steps {
+        if i % 8 == 0 && v.iter().all(|&x| x == 0.0) {
+            return;
+        }
         for x in v.iter_mut() {
-            *x *= rho;
+            *x = flush_velocity(*x * rho);
         }
     }
+}
+
+/// A velocity below the smallest normal float is stored as 0, as TensorFlow's
+/// CPU kernels (which run with subnormals flushed) leave it. Arithmetic on
+/// subnormals is slow here (a quarter of the update's time, from the rows that
+/// go idle and decay), and it never reaches the weights: the update divides
+/// by `sqrt(v + eps)`, and `v + eps` rounds to `eps` for any `v` that small.
+#[inline(always)]
+fn flush_velocity(v: f32) -> f32 {
+    if v < f32::MIN_POSITIVE { 0.0 } else { v }
 }
 
 /// What one training step saw, before its update (as Keras reports it).
@@ -472,67 +480,84 @@ enum Layer {
     Dropout(f32),
 }
 
-/// Rows as (index, value) lists of their nonzeros.
+/// Rows as (index, value) lists of their nonzeros, cut into blocks of
+/// [`K_BLOCK`] columns: block after block, each row's nonzeros among that
+/// block's columns, rows in order. The forward walks it in exactly this
+/// order, and turning it into columns touches one block's worth at a time.
 #[derive(Debug, Clone, Default)]
 struct SparseRows {
+    rows: usize,
+    /// Where (block `b`, row `r`)'s entries start: `ptr[b * rows + r]`; one more at the end.
     ptr: Vec<usize>,
     idx: Vec<u32>,
     val: Vec<f32>,
 }
 
 impl SparseRows {
-    fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
+    /// `foreign`: `x` was written by another thread, which will write it
+    /// again before the next step (see [`compress_avx2`]).
+    fn fill(&mut self, x: &[f32], rows: usize, cols: usize, foreign: bool) {
+        self.rows = rows;
         self.ptr.clear();
         self.ptr.push(0);
         let simd = avx2_fma();
         let mut p = 0;
-        for r in 0..rows {
-            // Room for a whole row after the nonzeros so far, kept from call
-            // to call (no clearing): only the prefix up to `nnz` means anything.
-            if self.idx.len() < p + cols {
-                self.idx.resize(p + cols, 0);
-                self.val.resize(p + cols, 0.0);
-            }
-            let (idx, val) = (&mut self.idx[p..p + cols], &mut self.val[p..p + cols]);
-            let x = &x[r * cols..(r + 1) * cols];
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: AVX2 was detected on this CPU.
-                p += unsafe { compress_avx2(x, idx, val) };
+        for k0 in (0..cols).step_by(K_BLOCK) {
+            let width = K_BLOCK.min(cols - k0);
+            for r in 0..rows {
+                // Room for a whole segment after the nonzeros so far, kept from
+                // call to call (no clearing): only the prefix up to `nnz` means anything.
+                if self.idx.len() < p + width {
+                    self.idx.resize(p + width, 0);
+                    self.val.resize(p + width, 0.0);
+                }
+                let (idx, val) = (&mut self.idx[p..p + width], &mut self.val[p..p + width]);
+                let x = &x[r * cols + k0..][..width];
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: AVX2 was detected on this CPU.
+                    p += unsafe { compress_avx2(x, k0 as u32, idx, val, foreign) };
+                    self.ptr.push(p);
+                    continue;
+                }
+                let _ = simd;
+                p += compress(x, k0 as u32, 0, idx, val, 0);
                 self.ptr.push(p);
-                continue;
             }
-            let _ = simd;
-            p += compress(x, 0, idx, val, 0);
-            self.ptr.push(p);
         }
     }
 
     fn rows(&self) -> usize {
-        self.ptr.len() - 1
+        self.rows
+    }
+
+    fn blocks(&self) -> usize {
+        (self.ptr.len() - 1).checked_div(self.rows).unwrap_or(0)
     }
 
     fn nnz(&self) -> usize {
         self.ptr.last().copied().unwrap_or(0)
     }
 
-    /// Every nonzero's column, row after row.
+    /// Every nonzero's column, block after block.
     fn indices(&self) -> &[u32] {
         &self.idx[..self.nnz()]
     }
 
-    fn row(&self, r: usize) -> (&[u32], &[f32]) {
-        let (a, b) = (self.ptr[r], self.ptr[r + 1]);
-        (&self.idx[a..b], &self.val[a..b])
+    /// Row `r`'s nonzeros in block `b`.
+    fn segment(&self, b: usize, r: usize) -> (&[u32], &[f32]) {
+        let i = b * self.rows + r;
+        let (a, e) = (self.ptr[i], self.ptr[i + 1]);
+        (&self.idx[a..e], &self.val[a..e])
     }
 }
 
-/// Writes the nonzeros of `x[k0..]` (index, value) to `idx`/`val` from `q` on;
-/// returns the new count. Branch-free: every entry is written, and only a
-/// nonzero advances past it.
-fn compress(x: &[f32], k0: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
-    for (k, &v) in x.iter().enumerate().skip(k0) {
-        idx[q] = k as u32;
+/// Writes the nonzeros of `x[from..]` to `idx`/`val` from `q` on, as
+/// (`base` + index in `x`, value); returns the new count. Branch-free: every
+/// entry is written, and only a nonzero advances past it.
+fn compress(x: &[f32], base: u32, from: usize, idx: &mut [u32], val: &mut [f32], mut q: usize) -> usize {
+    for (k, &v) in x.iter().enumerate().skip(from) {
+        idx[q] = base + k as u32;
         val[q] = v;
         q += usize::from(v != 0.0);
     }
@@ -561,15 +586,26 @@ static COMPRESS_LANES: [[u32; 8]; 256] = {
 /// [`compress`] eight entries at a time: the nonzero lanes are moved to the
 /// front with a lane permutation and all eight stored; the next store starts
 /// after the nonzeros, over the rest. The same entries, in the same order.
+/// `foreign`: see [`SparseRows::fill`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
+fn compress_avx2(x: &[f32], base: u32, idx: &mut [u32], val: &mut [f32], foreign: bool) -> usize {
     use std::arch::x86_64::*;
     let n = x.len().min(idx.len()).min(val.len());
     let (mut q, mut k) = (0, 0);
     let zero = _mm256_setzero_ps();
-    let mut lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let b = base as i32;
+    let mut lanes = _mm256_setr_epi32(b, b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 7);
     let eight = _mm256_set1_epi32(8);
+    if foreign {
+        // Read another core's freshly written lines as non-temporal, so that
+        // they do not linger in this core's caches: when that core rewrites
+        // them for the next batch, it then need not invalidate copies here
+        // first (which cost the caller up to 0.3 ms a step).
+        for line in x.chunks(16) {
+            _mm_prefetch::<_MM_HINT_NTA>(line.as_ptr().cast());
+        }
+    }
     while k + 8 <= n {
         // SAFETY: `k + 8 <= n` floats of `x`; `q <= k`, so the 8-wide stores
         // at `q` stay inside `idx` and `val` (both at least `n` long).
@@ -585,7 +621,7 @@ fn compress_avx2(x: &[f32], idx: &mut [u32], val: &mut [f32]) -> usize {
         lanes = _mm256_add_epi32(lanes, eight);
         k += 8;
     }
-    compress(&x[..n], k, idx, val, q)
+    compress(&x[..n], base, k, idx, val, q)
 }
 
 /// The same nonzeros by column: each column's (row, value) list, rows ascending.
@@ -594,6 +630,8 @@ struct SparseCols {
     ptr: Vec<usize>,
     row: Vec<u32>,
     val: Vec<f32>,
+    /// Each column's next free entry, while transposing.
+    next: Vec<usize>,
 }
 
 impl SparseCols {
@@ -608,14 +646,18 @@ impl SparseCols {
         }
         self.row.resize(x.nnz(), 0);
         self.val.resize(x.nnz(), 0.0);
-        let mut next = self.ptr[..cols].to_vec();
-        for r in 0..x.rows() {
-            let (idx, val) = x.row(r);
-            for (&k, &v) in idx.iter().zip(val) {
-                let p = &mut next[k as usize];
-                self.row[*p] = r as u32;
-                self.val[*p] = v;
-                *p += 1;
+        self.next.clear();
+        self.next.extend_from_slice(&self.ptr[..cols]);
+        // Block by block, so the writes stay within one block's columns.
+        for b in 0..x.blocks() {
+            for r in 0..x.rows() {
+                let (idx, val) = x.segment(b, r);
+                for (&k, &v) in idx.iter().zip(val) {
+                    let p = &mut self.next[k as usize];
+                    self.row[*p] = r as u32;
+                    self.val[*p] = v;
+                    *p += 1;
+                }
             }
         }
     }
@@ -640,8 +682,8 @@ struct Sparse {
 }
 
 impl Sparse {
-    fn fill(&mut self, x: &[f32], rows: usize, cols: usize) {
-        self.rows.fill(x, rows, cols);
+    fn fill(&mut self, x: &[f32], rows: usize, cols: usize, foreign: bool) {
+        self.rows.fill(x, rows, cols, foreign);
         self.filled = true;
     }
 }
@@ -872,7 +914,8 @@ impl Head {
             let out = &mut rest[0];
             match layer {
                 Layer::Dense(d) => {
-                    dense_forward(input, rows, d, &self.team, &mut s.sparse[l], out);
+                    let training = rng.is_some();
+                    dense_forward(input, rows, d, &self.team, &mut s.sparse[l], out, training);
                     if l + 1 != nlayers {
                         activate(d.activation, out);
                     }
@@ -1135,7 +1178,16 @@ fn argmax(v: &[f32]) -> usize {
 
 /// `out = x * kernel + bias` (`[rows, units]`). Threads take disjoint runs
 /// of panels; each makes its own sparse copy of `x` in `sparse`.
-fn dense_forward(x: &[f32], rows: usize, d: &Dense, team: &Team, sparse: &mut Vec<Sparse>, out: &mut Vec<f32>) {
+/// `training`: `x` is a batch that the caller refills before the next step.
+fn dense_forward(
+    x: &[f32],
+    rows: usize,
+    d: &Dense,
+    team: &Team,
+    sparse: &mut Vec<Sparse>,
+    out: &mut Vec<f32>,
+    training: bool,
+) {
     let n = d.units;
     out.clear();
     out.resize(rows * n, 0.0);
@@ -1146,7 +1198,7 @@ fn dense_forward(x: &[f32], rows: usize, d: &Dense, team: &Team, sparse: &mut Ve
     let work = rows * d.fan_in / 4 * n;
     let t = if work < (1 << 18) { 1 } else { team.threads().min(np) };
     if t == 1 {
-        sparse[0].fill(x, rows, d.fan_in);
+        sparse[0].fill(x, rows, d.fan_in, false);
         forward_panels(&sparse[0].rows, d, 0, np, out);
         return;
     }
@@ -1155,7 +1207,8 @@ fn dense_forward(x: &[f32], rows: usize, d: &Dense, team: &Team, sparse: &mut Ve
     let mut parts: Vec<Vec<f32>> = cols.windows(2).map(|c| vec![0.0; rows * (c[1] - c[0])]).collect();
     let jobs: Vec<_> = parts.iter_mut().zip(bounds.windows(2)).zip(sparse.iter_mut()).collect();
     team.run(jobs, |((part, b), sp)| {
-        sp.fill(x, rows, d.fan_in);
+        // Part 0 runs on the calling thread, which wrote `x`.
+        sp.fill(x, rows, d.fan_in, training && b[0] > 0);
         forward_panels(&sp.rows, d, b[0], b[1], part);
     });
     for (part, c) in parts.iter().zip(cols.windows(2)) {
@@ -1208,50 +1261,42 @@ fn forward_panels_impl(x: &SparseRows, d: &Dense, pa: usize, pb: usize, out: &mu
     let base = pa * TILE;
     let width = (pb * TILE).min(d.units) - base;
     let rows = x.rows();
-    let k_end = x.indices().iter().copied().max().map_or(0, |k| k as usize + 1);
-    let mut cursor = vec![0usize; rows];
-    let mut used = vec![false; k_end];
+    let mut used = vec![false; d.fan_in];
     for &k in x.indices() {
         used[k as usize] = true;
     }
     out.fill(0.0);
     for p in d.panels().skip(pa).take(pb - pa) {
         let (w, tw, oc) = (&d.kernel[p.range(d.fan_in)], p.width, p.c0 - base);
-        cursor.copy_from_slice(&x.ptr[..rows]);
         // Blocks of panel rows small enough to stay in L1 while every row of
         // the batch uses them. Each output still sums its terms in index
         // order (the tile is stored and reloaded between blocks).
-        for kb in (0..k_end).step_by(K_BLOCK) {
-            let kend = (kb + K_BLOCK) as u32;
-            for k in (kb + K_BLOCK..k_end.min(kb + 2 * K_BLOCK)).filter(|&k| used[k]) {
+        for b in 0..x.blocks() {
+            let next = ((b + 1) * K_BLOCK).min(d.fan_in)..((b + 2) * K_BLOCK).min(d.fan_in);
+            for k in next.filter(|&k| used[k]) {
                 prefetch(&w[k * tw..(k + 1) * tw]);
             }
             for r in 0..rows {
-                let (mut q, end) = (cursor[r], x.ptr[r + 1]);
+                let (idx, val) = x.segment(b, r);
                 let o = &mut out[r * width + oc..][..tw];
                 if tw == TILE {
                     let mut acc = [0.0f32; TILE];
                     acc.copy_from_slice(o);
-                    while q < end && x.idx[q] < kend {
-                        let v = x.val[q];
-                        let wr = &w[x.idx[q] as usize * TILE..][..TILE];
+                    for (&k, &v) in idx.iter().zip(val) {
+                        let wr = &w[k as usize * TILE..][..TILE];
                         for j in 0..TILE {
                             acc[j] = v.mul_add(wr[j], acc[j]);
                         }
-                        q += 1;
                     }
                     o.copy_from_slice(&acc);
                 } else {
-                    while q < end && x.idx[q] < kend {
-                        let v = x.val[q];
-                        let wr = &w[x.idx[q] as usize * tw..][..tw];
+                    for (&k, &v) in idx.iter().zip(val) {
+                        let wr = &w[k as usize * tw..][..tw];
                         for j in 0..tw {
                             o[j] = v.mul_add(wr[j], o[j]);
                         }
-                        q += 1;
                     }
                 }
-                cursor[r] = q;
             }
         }
         let bias = &d.bias[p.c0..p.c0 + tw];
@@ -1356,7 +1401,7 @@ fn kernel_update(
     }
     team.run(parts, |(sp, i0, w, s1, s2, st, sq)| {
         if !sp.filled {
-            sp.fill(x, rows, k);
+            sp.fill(x, rows, k, i0 > 0);
         }
         sp.cols.transpose(&sp.rows, k);
         job.run(&sp.cols, i0, w, s1, s2, st, sq);
@@ -1367,6 +1412,65 @@ fn kernel_update(
 /// Splits an optimizer slot that may be empty (unused by the rule).
 fn split_slot<T>(s: &mut [T], at: usize) -> (&mut [T], &mut [T]) {
     if s.is_empty() { (&mut [], &mut []) } else { s.split_at_mut(at) }
+}
+
+/// `sum over (r, v) of v * dz[r * n..][..TILE]`, rows in order, each term
+/// with one rounding (`mul_add`): one kernel panel row's gradient.
+#[inline(always)]
+fn gradient_tile(rows: &[u32], vals: &[f32], dz: &[f32], n: usize) -> [f32; TILE] {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: AVX2 and FMA were detected on this CPU just above.
+        return unsafe { gradient_tile_avx2(rows, vals, dz, n) };
+    }
+    gradient_tile_portable(rows, vals, dz, n)
+}
+
+#[inline(always)]
+fn gradient_tile_portable(rows: &[u32], vals: &[f32], dz: &[f32], n: usize) -> [f32; TILE] {
+    let mut g = [0.0f32; TILE];
+    for (&r, &v) in rows.iter().zip(vals) {
+        let dr = &dz[r as usize * n..][..TILE];
+        for c in 0..TILE {
+            g[c] = v.mul_add(dr[c], g[c]);
+        }
+    }
+    g
+}
+
+/// [`gradient_tile`] with its eight sums held in named registers: written as
+/// an array, they were kept partly in memory (an array passed on by slice),
+/// and the store and reload lengthened every sum's chain, making the kernel
+/// gradient three times slower than its arithmetic.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gradient_tile_avx2(rows: &[u32], vals: &[f32], dz: &[f32], n: usize) -> [f32; TILE] {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_setzero_ps(); 8];
+    for (&r, &v) in rows.iter().zip(vals) {
+        let d: &[f32; TILE] = match dz[r as usize * n..].first_chunk() {
+            Some(d) => d,
+            None => continue,
+        };
+        let v = _mm256_set1_ps(v);
+        // SAFETY: `d` holds TILE = 64 floats, eight loads of eight.
+        unsafe {
+            a[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr()), a[0]);
+            a[1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(8)), a[1]);
+            a[2] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(16)), a[2]);
+            a[3] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(24)), a[3]);
+            a[4] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(32)), a[4]);
+            a[5] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(40)), a[5]);
+            a[6] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(48)), a[6]);
+            a[7] = _mm256_fmadd_ps(v, _mm256_loadu_ps(d.as_ptr().add(56)), a[7]);
+        }
+    }
+    let mut g = [0.0f32; TILE];
+    for (chunk, a) in g.chunks_exact_mut(8).zip(a) {
+        // SAFETY: `chunk` holds 8 floats.
+        unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), a) };
+    }
+    g
 }
 
 /// What every thread of [`kernel_update`] shares.
@@ -1437,16 +1541,6 @@ impl KernelJob<'_> {
         let mut off = 0;
         for (j, stamp) in stamps.iter_mut().enumerate() {
             let i = i0 + j;
-            let ahead = off + PREFETCH_ROWS * TILE;
-            if ahead + TILE <= w.len() && (!lazy || !x.col((i + PREFETCH_ROWS) % k).0.is_empty()) {
-                prefetch(&w[ahead..ahead + TILE]);
-                if !s1.is_empty() {
-                    prefetch(&s1[ahead..ahead + TILE]);
-                }
-                if !s2.is_empty() {
-                    prefetch(&s2[ahead..ahead + TILE]);
-                }
-            }
             let c0 = i / k * TILE;
             let tw = TILE.min(n - c0);
             let range = off..off + tw;
@@ -1465,23 +1559,19 @@ impl KernelJob<'_> {
                 decay(s1row, rho, step.t - 1 - *stamp);
             }
             *stamp = step.t;
-            let mut acc = [0.0f32; TILE];
             if tw == TILE {
-                for (&r, &v) in nz_rows.iter().zip(nz_vals) {
-                    let dr = &self.dz[r as usize * n + c0..][..TILE];
-                    for c in 0..TILE {
-                        acc[c] = v.mul_add(dr[c], acc[c]);
-                    }
-                }
+                let g = gradient_tile(nz_rows, nz_vals, &self.dz[c0..], n);
+                step.rule.apply(wrow, &g, s1row, s2row, step.l2x2);
             } else {
+                let mut g = [0.0f32; TILE];
                 for (&r, &v) in nz_rows.iter().zip(nz_vals) {
                     let dr = &self.dz[r as usize * n + c0..][..tw];
                     for c in 0..tw {
-                        acc[c] = v.mul_add(dr[c], acc[c]);
+                        g[c] = v.mul_add(dr[c], g[c]);
                     }
                 }
+                step.rule.apply(wrow, &g[..tw], s1row, s2row, step.l2x2);
             }
-            step.rule.apply(wrow, &acc[..tw], s1row, s2row, step.l2x2);
         }
     }
 }
@@ -1699,25 +1789,51 @@ mod tests {
 
     #[test]
     fn sparse_rows_keep_every_nonzero_in_order_on_each_code_path() {
-        let mut x = sparse_data(3, 1003, 0.7, 4);
+        let cols = 2 * K_BLOCK + 19;
+        let mut x = sparse_data(3, cols, 0.7, 4);
         x[5] = -0.0;
         x[6] = f32::NAN;
-        x[1003 + 17] = f32::NEG_INFINITY;
+        x[cols + 17] = f32::NEG_INFINITY;
         let bits = |idx: &[u32], val: &[f32]| -> Vec<(u32, u32)> {
             idx.iter().zip(val).map(|(&k, v)| (k, v.to_bits())).collect()
         };
         let mut s = SparseRows::default();
-        s.fill(&x, 3, 1003);
-        assert_eq!(s.rows(), 3);
+        s.fill(&x, 3, cols, true);
+        assert_eq!((s.rows(), s.blocks()), (3, 3));
+        let mut t = SparseCols::default();
+        t.transpose(&s, cols);
         for r in 0..3 {
-            let row = &x[r * 1003..(r + 1) * 1003];
+            let row = &x[r * cols..(r + 1) * cols];
             let want: Vec<(u32, u32)> =
-                (0..1003).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
-            let (idx, val) = s.row(r);
-            assert_eq!(bits(idx, val), want, "row {r}, fill");
-            let (mut idx, mut val) = (vec![0; 1003], vec![0.0; 1003]);
-            let n = compress(row, 0, &mut idx, &mut val, 0);
+                (0..cols).filter(|&k| row[k] != 0.0).map(|k| (k as u32, row[k].to_bits())).collect();
+            let got: Vec<(u32, u32)> = (0..3).flat_map(|b| bits(s.segment(b, r).0, s.segment(b, r).1)).collect();
+            assert_eq!(got, want, "row {r}, fill");
+            let (mut idx, mut val) = (vec![0; cols], vec![0.0; cols]);
+            let n = compress(row, 0, 0, &mut idx, &mut val, 0);
             assert_eq!(bits(&idx[..n], &val[..n]), want, "row {r}, portable");
+        }
+        for k in 0..cols {
+            let want: Vec<(u32, u32)> =
+                (0..3).filter(|&r| x[r * cols + k] != 0.0).map(|r| (r as u32, x[r * cols + k].to_bits())).collect();
+            let (rows, vals) = t.col(k);
+            assert_eq!(bits(rows, vals), want, "column {k}");
+        }
+    }
+
+    #[test]
+    fn gradient_tile_is_the_same_on_each_code_path() {
+        let (rows, n) = (9, 3 * TILE);
+        let dz = sparse_data(rows, n, 0.3, 8).iter().map(|v| v - 1.0).collect::<Vec<f32>>();
+        let r: Vec<u32> = vec![0, 2, 3, 7, 8];
+        let v: Vec<f32> = vec![0.5, 1e-3, 3.0, -2.0, 7.5];
+        let bits = |g: [f32; TILE]| g.map(f32::to_bits);
+        for c0 in [0, TILE, 2 * TILE] {
+            let want = gradient_tile_portable(&r, &v, &dz[c0..], n);
+            assert_eq!(bits(gradient_tile(&r, &v, &dz[c0..], n)), bits(want));
+            let manual: Vec<f32> = (0..TILE)
+                .map(|j| r.iter().zip(&v).fold(0.0f32, |a, (&r, &v)| v.mul_add(dz[r as usize * n + c0 + j], a)))
+                .collect();
+            assert_eq!(want.to_vec(), manual);
         }
     }
 
@@ -1732,6 +1848,12 @@ mod tests {
         }
         decay(&mut v2, 0.9, 3);
         assert_eq!((w, v), (w2, v2));
+        // Below the smallest normal float a velocity is 0, however it got there.
+        let mut v = [1.5e-38f32, 1.2e-38, 3.0];
+        rule.apply(&mut [0.0; 3], &[0.0, 1e-30, 0.0], &mut v, &mut [], 0.0);
+        assert_eq!(v, [1.5e-38f32 * 0.9, 0.0, 3.0f32 * 0.9]);
+        decay(&mut v, 0.9, 2);
+        assert_eq!(v, [0.0, 0.0, 3.0f32 * 0.9 * 0.9 * 0.9]);
     }
 
     /// Applies every deferred decay, so the slots read as the plain update leaves them.
