@@ -1,52 +1,39 @@
-//! The `augment` warp with the book's augmentation (rotation 40, shifts
-//! 0.2, shear 0.2, zoom 0.2, horizontal flip, fill nearest) on real photos:
-//! median microseconds per 150x150 warp (Keras's path: resize first) and per
-//! fused warp (full-size photo straight to 150x150), SIMD and scalar; one
-//! thread's decode + resize + augment rate; and how far the fused output is
-//! from resize-then-augment. Each call is timed alone and medians are
-//! reported, so preemption by other jobs on a shared machine drops out.
+//! Per-image cost of the `augment` stage with the book's augmentation
+//! (rotation 40, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip, fill
+//! nearest), 150x150 target, on the book's photos. Criterion benches, one
+//! image and one fresh draw per iteration (so the time is per image and the
+//! throughput images/s):
+//!   augment/warp_150/{simd,scalar}   - draw + warp of a 150x150 image
+//!                                      (Keras's path: resize first)
+//!   augment/fused_150/{simd,scalar}  - `size: [150, 150]`: the full-size
+//!                                      photo straight to 150x150, one warp
+//!   augment/decode_resize_augment_150 - the training branch's whole work on
+//!                                      one image: decode, resize, augment
+//!   augment/decode_fused_150          - decode, fused augment
+//! Before them it prints how far the fused output is from resize-then-augment
+//! for the same draws (mean absolute difference in levels of 255), beside how
+//! far Keras's own resize filters are from each other.
 //!
-//!   cargo bench --bench augment
+//!   cargo bench --bench augment [-- FILTER]
 //!
-//! Env: CONVFLOW_AUGMENT_DATA (a folder with cats/ and dogs/; default the
-//! book's train split beside the checkout; 50 synthetic 500x375 pictures
-//! when absent), CONVFLOW_AUGMENT_IMAGES (50), CONVFLOW_AUGMENT_REPEATS (20).
+//! Images: ~50 photos (CONVFLOW_BENCH_IMAGES) of CONVFLOW_BENCH_DATA, else the
+//! book's training split beside the checkout, else the fixture images.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+mod common;
+
+use std::hint::black_box;
 
 use convflow::augment::{AugmentOptions, Kernel, apply_transform_with};
 use convflow::stages::decode::decode_image;
 use convflow::stages::resize::{Filter, Resize};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use image::RgbImage;
 
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
+const HASH: [u8; 32] = [0; 32];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// The first `n / 2` files of each class, as encoded bytes.
-fn photos(dir: &Path, n: usize) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for class in ["cats", "dogs"] {
-        let Ok(entries) = std::fs::read_dir(dir.join(class)) else { continue };
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        files.sort();
-        out.extend(files.iter().take(n / 2).filter_map(|p| std::fs::read(p).ok()));
-    }
-    out
-}
-
-fn synthetic(i: usize) -> RgbImage {
-    RgbImage::from_fn(500, 375, |x, y| {
-        let v = |a: f32| (127.5 + 127.5 * a.sin()) as u8;
-        let (x, y, k) = (x as f32, y as f32, i as f32);
-        image::Rgb([v(x / (9.0 + k) + y / 23.0), v(y / 7.0 + k), v((x - y) / 15.0)])
-    })
 }
 
 fn mad(a: &RgbImage, b: &RgbImage) -> f64 {
@@ -54,113 +41,80 @@ fn mad(a: &RgbImage, b: &RgbImage) -> f64 {
     a.as_raw().iter().zip(b.as_raw()).map(|(p, q)| f64::from(p.abs_diff(*q))).sum::<f64>() / n
 }
 
-/// Median over images of the median time of one call of `f(image, repeat)`.
-/// Each call is timed alone: on a machine shared with other jobs, a call
-/// now and then spans a preemption, and medians drop those.
-fn per_image_us(images: &[RgbImage], repeats: u32, mut f: impl FnMut(&RgbImage, u32) -> RgbImage) -> f64 {
-    let times = images
-        .iter()
-        .map(|img| {
-            let each = (0..repeats)
-                .map(|r| {
-                    let start = Instant::now();
-                    std::hint::black_box(f(img, r));
-                    start.elapsed().as_secs_f64() * 1e6
-                })
-                .collect();
-            median(each)
-        })
-        .collect();
-    median(times)
+/// Draw number `i` for `img` and warp it.
+fn augment(opts: &AugmentOptions, img: &RgbImage, i: usize, kernel: Kernel) -> RgbImage {
+    let t = opts.transform_for(img, 0, i as u32, &HASH);
+    apply_transform_with(img, &t, opts.fill(), opts.size(), kernel)
 }
 
-/// Median microseconds of `f` over the items.
-fn each_us<T>(items: &[T], mut f: impl FnMut(usize, &T)) -> f64 {
-    median(
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                let start = Instant::now();
-                f(i, x);
-                start.elapsed().as_secs_f64() * 1e6
-            })
-            .collect(),
-    )
-}
-
-fn main() {
-    let n: usize = env_num("CONVFLOW_AUGMENT_IMAGES", 50);
-    let repeats: u32 = env_num("CONVFLOW_AUGMENT_REPEATS", 20);
-    let dir = std::env::var_os("CONVFLOW_AUGMENT_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cats_and_dogs_small/train"));
-    let encoded = photos(&dir, n);
-    let (full, source): (Vec<RgbImage>, String) = if encoded.is_empty() {
-        ((0..n).map(synthetic).collect(), "synthetic 500x375 pictures".into())
-    } else {
-        let imgs = encoded.iter().filter_map(|b| decode_image(b, u64::MAX).ok()).collect();
-        (imgs, format!("photos from {}", dir.display()))
-    };
-    let mut resize = Resize::new(150, 150, Filter::Nearest);
-    let small: Vec<RgbImage> = full.iter().map(|img| resize.apply(img.clone()).unwrap_or_default()).collect();
-    let fused = AugmentOptions::book();
-    let plain = AugmentOptions { size: None, ..fused.clone() };
-    let hash = [0u8; 32];
-    let warp = |opts: &AugmentOptions, kernel: Kernel| {
-        let opts = opts.clone();
-        move |img: &RgbImage, r: u32| {
-            let t = opts.transform_for(img, r, 0, &hash);
-            apply_transform_with(img, &t, opts.fill(), opts.size(), kernel)
-        }
-    };
-    let mean_px = full.iter().map(|i| f64::from(i.width() * i.height())).sum::<f64>() / full.len() as f64;
-    println!(
-        "augment (draw + warp), book parameters, {} {source} (mean {:.0} pixels); median over images of the median call over {repeats} draws:",
-        full.len(),
-        mean_px
-    );
-    let plain_simd = per_image_us(&small, repeats, warp(&plain, Kernel::Auto));
-    let plain_scalar = per_image_us(&small, repeats, warp(&plain, Kernel::Scalar));
-    let fused_simd = per_image_us(&full, repeats, warp(&fused, Kernel::Auto));
-    let fused_scalar = per_image_us(&full, repeats, warp(&fused, Kernel::Scalar));
-    println!("  150x150 warp (after resize)       {plain_simd:8.1} us   scalar {plain_scalar:8.1} us");
-    println!("  fused full-size -> 150x150 warp   {fused_simd:8.1} us   scalar {fused_scalar:8.1} us");
-
-    if !encoded.is_empty() {
-        let decode_us = each_us(&encoded, |_, b| {
-            std::hint::black_box(decode_image(b, u64::MAX).ok());
-        });
-        let resize_us = each_us(&full, |_, img| {
-            std::hint::black_box(resize.apply(img.clone()).ok());
-        });
-        let copy_us = each_us(&full, |_, img| {
-            std::hint::black_box(img.clone());
-        });
-        let two = decode_us + (resize_us - copy_us) + plain_simd;
-        let one = decode_us + fused_simd;
-        println!("  decode (median)                   {decode_us:8.1} us   resize {:8.1} us", resize_us - copy_us);
-        println!("  one thread, decode + resize + augment   {:7.0} images/s", 1e6 / two);
-        println!("  one thread, decode + fused augment      {:7.0} images/s", 1e6 / one);
-        println!("  (Keras ImageDataGenerator, one process here: 356 images/s)");
-    }
-
-    // The same draw both ways: how much the fused warp differs from
-    // Keras's path, next to how much Keras's own resize filters differ.
+/// The fused warp against Keras's path (resize, then warp), same draws.
+fn print_fused_distance(full: &[RgbImage], small: &[RgbImage], fused: &AugmentOptions, plain: &AugmentOptions) {
     let mut bilinear = Resize::new(150, 150, Filter::Bilinear);
-    let (mut fused_vs_nearest, mut fused_vs_bilinear, mut nearest_vs_bilinear) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, (big, small)) in full.iter().zip(&small).enumerate() {
-        let t = fused.transform_for(big, i as u32, 0, &hash);
-        let one = apply_transform_with(big, &t, fused.fill(), fused.size(), Kernel::Auto);
+    let (mut vs_nearest, mut vs_bilinear, mut nearest_vs_bilinear) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (big, small)) in full.iter().zip(small).enumerate() {
+        let one = augment(fused, big, i, Kernel::Auto);
+        let t = fused.transform_for(big, 0, i as u32, &HASH);
         let two = apply_transform_with(small, &t, plain.fill(), None, Kernel::Auto);
-        let smooth = bilinear.apply(big.clone()).unwrap_or_default();
+        let smooth = bilinear.apply(big.clone()).expect("resizes");
         let three = apply_transform_with(&smooth, &t, plain.fill(), None, Kernel::Auto);
-        fused_vs_nearest.push(mad(&one, &two));
-        fused_vs_bilinear.push(mad(&one, &three));
+        vs_nearest.push(mad(&one, &two));
+        vs_bilinear.push(mad(&one, &three));
         nearest_vs_bilinear.push(mad(&two, &three));
     }
-    println!("  MAD (median over images, levels of 255) of augmented outputs, same draw:");
-    println!("    fused vs resize (nearest, Keras's default) then augment  {:5.2}", median(fused_vs_nearest));
-    println!("    fused vs resize (bilinear) then augment                  {:5.2}", median(fused_vs_bilinear));
-    println!("    resize nearest vs resize bilinear, both then augment     {:5.2}", median(nearest_vs_bilinear));
+    println!("augment: MAD (median over {} images, levels of 255) of augmented outputs, same draw:", full.len());
+    println!("  fused vs resize (nearest, Keras's default) then augment  {:5.2}", median(vs_nearest));
+    println!("  fused vs resize (bilinear) then augment                  {:5.2}", median(vs_bilinear));
+    println!("  resize nearest vs resize bilinear, both then augment     {:5.2}", median(nearest_vs_bilinear));
 }
+
+fn benches(c: &mut Criterion) {
+    let n = std::env::var("CONVFLOW_BENCH_IMAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let photos = common::photos(&common::data_dir(), n);
+    let bytes: Vec<&[u8]> = photos.iter().map(|(_, b)| b.as_slice()).collect();
+    let full: Vec<RgbImage> = bytes.iter().map(|b| decode_image(b, u64::MAX).expect("decodes")).collect();
+    let mut resize = Resize::new(150, 150, Filter::Nearest);
+    let small: Vec<RgbImage> = full.iter().map(|img| resize.apply(img.clone()).expect("resizes")).collect();
+    let fused = AugmentOptions::book();
+    let plain = AugmentOptions { size: None, ..fused.clone() };
+    print_fused_distance(&full, &small, &fused, &plain);
+
+    let mut g = c.benchmark_group("augment");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    for (kernel, name) in [(Kernel::Auto, "simd"), (Kernel::Scalar, "scalar")] {
+        g.bench_function(format!("warp_150/{name}"), |b| {
+            b.iter(|| {
+                i += 1;
+                black_box(augment(&plain, &small[i % small.len()], i, kernel))
+            })
+        });
+        g.bench_function(format!("fused_150/{name}"), |b| {
+            b.iter(|| {
+                i += 1;
+                black_box(augment(&fused, &full[i % full.len()], i, kernel))
+            })
+        });
+    }
+    g.bench_function("decode_resize_augment_150", |b| {
+        b.iter(|| {
+            i += 1;
+            let img = resize.apply(decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes")).expect("resizes");
+            black_box(augment(&plain, &img, i, Kernel::Auto))
+        })
+    });
+    g.bench_function("decode_fused_150", |b| {
+        b.iter(|| {
+            i += 1;
+            let img = decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes");
+            black_box(augment(&fused, &img, i, Kernel::Auto))
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = augment_benches;
+    config = Criterion::default().sample_size(30).measurement_time(std::time::Duration::from_secs(4));
+    targets = benches
+}
+criterion_main!(augment_benches);

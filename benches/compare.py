@@ -12,7 +12,7 @@ Rows (medians of alternating repeats; every ratio from the same run):
                                end vs bare model vs the plain Python loop
   warm-cache rerun             pipelines/extract_features.yaml twice on a
                                hard-linked subset; the second run is timed
-  dense head, 30 epochs        cargo bench --bench head vs Keras (or numpy)
+  dense head, 30 epochs        cargo bench --bench head -- 30_epochs (criterion) vs Keras (or numpy)
   compute floor                13.2 GFLOP per image against the best measured
                                sgemm rate (numpy's BLAS, ONNX Runtime's MLAS)
 
@@ -302,10 +302,11 @@ def head(t, args, python, tf_ok, tmp):
     peer_name = "Keras (tensorflow-cpu), model.fit" if tf_ok else "numpy (tensorflow-cpu did not install)"
     for rep in range(args.head_repeats):
         try:
-            out = run(["cargo", "bench", "--bench", "head"], env={"CONVFLOW_HEAD_FEATURES": str(feats),
-                                                                 "CONVFLOW_HEAD_REPEATS": "1"}, timeout=1800)
-            m = re.search(r"median ([0-9.]+) s for", out)
-            cf.append(float(m.group(1)) if m else None)
+            # criterion's head/30_epochs: 10 samples of one whole run each; their median.
+            run(["cargo", "bench", "--bench", "head", "--", "30_epochs"], env={"CONVFLOW_HEAD_FEATURES": str(feats)},
+                timeout=1800)
+            sample = json.loads((ROOT / "target/criterion/head/30_epochs/new/sample.json").read_text())
+            cf.append(statistics.median(t / i / 1e9 for t, i in zip(sample["times"], sample["iters"])))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             errors.setdefault("cf", str(e))
         try:

@@ -10,8 +10,7 @@
 //! (CONVFLOW_BENCH_IMAGES, default 50) of the book's training set
 //! (CONVFLOW_BENCH_DATA; the fixture images when the shared data is absent),
 //! so criterion's time is per image and its throughput is images/s.
-//! The augment stage's per-image bench belongs beside its stage
-//! (benches/augment.rs, owned with it); it can reuse `common::photos`.
+//! The augment stage's per-image costs are in benches/augment.rs.
 
 mod common;
 
