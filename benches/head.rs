@@ -116,7 +116,7 @@ fn epoch(d: &Data, head: &mut Head, opt: &mut Optimizer, order: &mut [usize], ep
     let mut rng = ChaCha8Rng::seed_from_u64(d.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
     let mut xb = vec![0.0f32; BATCH * BOOK_INPUT_DIM];
-    let mut yb = vec![0.0f32; BATCH];
+    let mut yb = [0.0f32; BATCH];
     let (mut loss_sum, mut correct) = (0.0f64, 0.0f64);
     for chunk in order.chunks(BATCH) {
         let n = chunk.len();
