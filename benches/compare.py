@@ -313,7 +313,7 @@ def head(t, args, python, tf_ok, tmp):
             peer.append(py_rate(python, script, [feats])["seconds"])
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             errors.setdefault("peer", str(e))
-    t.add(b, "convflow (cargo bench --bench head, all cores)", "s", cf, better="lower", baseline=True,
+    t.add(b, "convflow (cargo bench --bench head -- 30_epochs, all cores)", "s", cf, better="lower", baseline=True,
           note=errors.get("cf", ""))
     t.add(b, peer_name, "s", peer, better="lower", note=errors.get("peer", ""))
 
