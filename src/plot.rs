@@ -30,15 +30,17 @@ fn register_font() -> Result<(), String> {
 /// One row per epoch: (epoch, loss, acc, val_loss, val_acc).
 pub type Epoch = (usize, f32, f32, Option<f32>, Option<f32>);
 
+/// A panel: what it plots, the training value and the validation value of an epoch.
+type Panel = (&'static str, fn(&Epoch) -> f32, fn(&Epoch) -> Option<f32>);
+
 pub fn curves(path: &Path, history: &[Epoch]) -> Result<(), String> {
     register_font()?;
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(600);
-    let panels: [(_, &str, fn(&Epoch) -> f32, fn(&Epoch) -> Option<f32>); 2] =
-        [(left, "accuracy", |e| e.2, |e| e.4), (right, "loss", |e| e.1, |e| e.3)];
+    let panels: [Panel; 2] = [("accuracy", |e| e.2, |e| e.4), ("loss", |e| e.1, |e| e.3)];
     let epochs = history.len().max(1) as f32;
-    for (area, what, train, val) in panels {
+    for (area, (what, train, val)) in [left, right].into_iter().zip(panels) {
         let values: Vec<f32> = history.iter().map(train).chain(history.iter().filter_map(val)).collect();
         let (lo, hi) = values.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         let pad = ((hi - lo) * 0.05).max(1e-3);

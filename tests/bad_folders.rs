@@ -78,6 +78,6 @@ fn a_non_utf8_file_name_is_read_and_written_back_exactly() {
     jpeg(&data.join("dogs").join(name));
     common::run_yaml(&pipeline(tmp.path(), &data, false)).unwrap();
     let paths = std::fs::read(tmp.path().join("out/paths.txt")).unwrap();
-    let last = paths.split(|&b| b == b'\n').filter(|l| !l.is_empty()).last().unwrap();
+    let last = paths.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap();
     assert_eq!(Path::new(OsStr::from_bytes(last)), data.join("dogs").join(name), "paths.txt holds the exact bytes");
 }
