@@ -1397,14 +1397,14 @@ fn kernel_update(
         st_rest = r;
         let (sq, r) = split_slot(std::mem::take(&mut sq_rest), b[1] - b[0]);
         sq_rest = r;
-        parts.push((sp, b[0], w, s1, s2, st, sq));
+        parts.push((sp, KernelPart { i0: b[0], w, s1, s2, stamps: st, sq }));
     }
-    team.run(parts, |(sp, i0, w, s1, s2, st, sq)| {
+    team.run(parts, |(sp, part)| {
         if !sp.filled {
-            sp.fill(x, rows, k, i0 > 0);
+            sp.fill(x, rows, k, part.i0 > 0);
         }
         sp.cols.transpose(&sp.rows, k);
-        job.run(&sp.cols, i0, w, s1, s2, st, sq);
+        job.run(&sp.cols, part);
     });
     row_sq.iter().sum()
 }
@@ -1481,57 +1481,39 @@ struct KernelJob<'a> {
     step: Step,
 }
 
+/// One thread's share of the kernel update: panel rows `i0..i0 + stamps.len()`
+/// and the slices of the kernel, the optimizer slots, the rows' update stamps
+/// and (with L2) their squared norms, each starting at row `i0`.
+struct KernelPart<'a> {
+    i0: usize,
+    w: &'a mut [f32],
+    s1: &'a mut [f32],
+    s2: &'a mut [f32],
+    stamps: &'a mut [u64],
+    sq: &'a mut [f64],
+}
+
 impl KernelJob<'_> {
-    /// Panel rows `i0..i0 + stamps.len()`, whose inputs are the columns of
-    /// `x`; the slices start at the first of them.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        x: &SparseCols,
-        i0: usize,
-        w: &mut [f32],
-        s1: &mut [f32],
-        s2: &mut [f32],
-        stamps: &mut [u64],
-        sq: &mut [f64],
-    ) {
+    /// Updates `part`, whose inputs are the columns of `x`.
+    fn run(&self, x: &SparseCols, part: KernelPart<'_>) {
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
             // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { self.run_avx2(x, i0, w, s1, s2, stamps, sq) };
+            unsafe { self.run_avx2(x, part) };
             return;
         }
-        self.run_impl(x, i0, w, s1, s2, stamps, sq);
+        self.run_impl(x, part);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn run_avx2(
-        &self,
-        x: &SparseCols,
-        i0: usize,
-        w: &mut [f32],
-        s1: &mut [f32],
-        s2: &mut [f32],
-        stamps: &mut [u64],
-        sq: &mut [f64],
-    ) {
-        self.run_impl(x, i0, w, s1, s2, stamps, sq);
+    fn run_avx2(&self, x: &SparseCols, part: KernelPart<'_>) {
+        self.run_impl(x, part);
     }
 
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn run_impl(
-        &self,
-        x: &SparseCols,
-        i0: usize,
-        w: &mut [f32],
-        s1: &mut [f32],
-        s2: &mut [f32],
-        stamps: &mut [u64],
-        sq: &mut [f64],
-    ) {
+    fn run_impl(&self, x: &SparseCols, part: KernelPart<'_>) {
+        let KernelPart { i0, w, s1, s2, stamps, sq } = part;
         let (k, n, step) = (self.fan_in, self.n, &self.step);
         let decay_rho = step.rule.deferrable_decay();
         let lazy = step.lazy && decay_rho.is_some();
