@@ -52,8 +52,8 @@ fn print_fused_distance(full: &[RgbImage], small: &[RgbImage], fused: &AugmentOp
     let mut bilinear = Resize::new(150, 150, Filter::Bilinear);
     let (mut vs_nearest, mut vs_bilinear, mut nearest_vs_bilinear) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (big, small)) in full.iter().zip(small).enumerate() {
-        let one = augment(fused, big, i, Kernel::Auto);
         let t = fused.transform_for(big, 0, i as u32, &HASH);
+        let one = apply_transform_with(big, &t, fused.fill(), fused.size(), Kernel::Auto);
         let two = apply_transform_with(small, &t, plain.fill(), None, Kernel::Auto);
         let smooth = bilinear.apply(big.clone()).expect("resizes");
         let three = apply_transform_with(&smooth, &t, plain.fill(), None, Kernel::Auto);
