@@ -57,6 +57,7 @@ impl Source for CountSource {
                 split: None,
                 epoch: 0,
                 variant: 0,
+                view: 0,
                 seq: i,
             };
             out.emit(Item { meta, payload: Payload::Bytes(bytes.clone()) })?;

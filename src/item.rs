@@ -67,6 +67,10 @@ pub struct Meta {
     /// fixed variants of each image (the augmentation-aware cache); 0
     /// otherwise. Random draws derive from (seed, epoch, variant, content hash).
     pub variant: u32,
+    /// Which fixed view of the image this is (the `views` stage): 0 as it
+    /// is, 1 mirrored left-right, 2 upside down, 3 both. Validation and test
+    /// predictions are averaged over the views of one image.
+    pub view: u8,
     /// Position in the source's output order.
     pub seq: u64,
 }

@@ -434,6 +434,7 @@ fn exec_throughput() {
                     split: None,
                     epoch: 0,
                     variant: 0,
+                    view: 0,
                     seq,
                 },
                 payload: Payload::Image(img),

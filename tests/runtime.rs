@@ -51,6 +51,7 @@ impl Source for NumbersSource {
                 split: None,
                 epoch: 0,
                 variant: 0,
+                view: 0,
                 seq: i,
             };
             out.emit(Item { meta, payload: Payload::Bytes(Arc::from(vec![0u8; 4])) })?;

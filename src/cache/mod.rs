@@ -219,14 +219,21 @@ pub struct CacheHandle {
 }
 
 impl CacheHandle {
-    /// Context + image identity. Variant 0 keeps the plain content hash, so
-    /// the first variant and non-augmented flows share one key scheme.
+    /// Context + image identity. Variant 0, view 0 keeps the plain content
+    /// hash, so the first variant and non-augmented flows share one key scheme.
     fn key(&self, meta: &Meta) -> [u8; 32] {
         let mut k = [0u8; 32];
         k[..16].copy_from_slice(&self.context);
-        if self.by_variant && meta.variant != 0 {
+        let variant = self.by_variant && meta.variant != 0;
+        if variant || meta.view != 0 {
             let mut h = blake3::Hasher::new();
-            h.update(&meta.content_hash).update(&meta.variant.to_le_bytes());
+            h.update(&meta.content_hash);
+            if variant {
+                h.update(&meta.variant.to_le_bytes());
+            }
+            if meta.view != 0 {
+                h.update(b"view").update(&[meta.view]);
+            }
             k[16..].copy_from_slice(&h.finalize().as_bytes()[..16]);
         } else {
             k[16..].copy_from_slice(&meta.content_hash[..16]);
@@ -355,6 +362,7 @@ mod tests {
             split: None,
             epoch: 0,
             variant,
+            view: 0,
             seq: 0,
         }
     }
@@ -398,6 +406,27 @@ mod tests {
         assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (2, 1));
         assert!(aug.recheck(&meta(7, 1)).unwrap().is_some());
         assert_eq!((counters.hits.load(Ordering::Relaxed), counters.misses.load(Ordering::Relaxed)), (3, 0));
+    }
+
+    #[test]
+    fn each_view_has_its_own_features_and_view_0_keeps_the_plain_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(FeatureCache::open(dir.path()).unwrap());
+        for by_variant in [false, true] {
+            let ctx = cache.context(&format!("views {by_variant}"), by_variant).unwrap();
+            let mirrored = Meta { view: 1, ..meta(7, 0) };
+            assert_eq!(ctx.key(&meta(7, 0))[16..], [7u8; 16], "view 0: the plain content hash");
+            assert_ne!(ctx.key(&mirrored), ctx.key(&meta(7, 0)));
+            assert_ne!(ctx.key(&mirrored), ctx.key(&Meta { view: 2, ..meta(7, 0) }));
+            let (f0, f1) = (Features { shape: vec![1], data: vec![0.5] }, Features { shape: vec![1], data: vec![1.5] });
+            ctx.put_many(&[(&meta(7, 0), &f0), (&mirrored, &f1)]).unwrap();
+            assert_eq!(ctx.get_counted(&meta(7, 0)).unwrap(), Some(f0));
+            assert_eq!(ctx.get_counted(&mirrored).unwrap(), Some(f1));
+        }
+        let aug = cache.context("augmented", true).unwrap();
+        let view_of_variant = |v| Meta { view: 1, ..meta(7, v) };
+        assert_ne!(aug.key(&view_of_variant(1)), aug.key(&view_of_variant(2)), "augmented variants stay apart");
+        assert_ne!(aug.key(&view_of_variant(1)), aug.key(&meta(7, 1)));
     }
 
     #[test]

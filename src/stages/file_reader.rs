@@ -311,6 +311,7 @@ impl Source for FileReader {
                     split: entry.split.clone(),
                     epoch,
                     variant: self.variant(epoch, &content_hash),
+                    view: 0,
                     seq: epoch as u64 * n + i as u64,
                 };
                 let cached = match &self.probe {

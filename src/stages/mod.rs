@@ -11,6 +11,7 @@ pub mod head_predict;
 pub mod onnx_features;
 pub mod registry;
 pub mod resize;
+pub mod views;
 
 pub use registry::{KindInfo, OptionsError, Registry};
 
@@ -21,6 +22,7 @@ pub fn builtin_registry() -> Registry {
         .register::<decode::DecodeConfig>()
         .register::<resize::ResizeConfig>()
         .register::<augment::AugmentConfig>()
+        .register::<views::ViewsConfig>()
         .register::<batch::BatchConfig>()
         .register::<onnx_features::OnnxFeaturesConfig>()
         .register::<feature_writer::FeatureWriterConfig>()
