@@ -1165,6 +1165,34 @@ fn loss_and_grad(loss: LossKind, logits: &[f32], y: &[f32], rows: usize, grad: b
     (total, correct, dz)
 }
 
+/// Loss summed over rows and correct count of probabilities (not logits),
+/// such as the mean of several predictions for one image. As Keras does for
+/// probabilities, they are clipped to [1e-7, 1 - 1e-7] before the log.
+pub fn score_probabilities(loss: LossKind, p: &[f32], y: &[f32], rows: usize) -> (f64, f64) {
+    const EPS: f64 = 1e-7;
+    let c = p.len() / rows.max(1);
+    let (mut total, mut correct) = (0.0f64, 0.0f64);
+    for (p, t) in p.chunks_exact(c).zip(y.chunks_exact(c)) {
+        match loss {
+            LossKind::BinaryCrossentropy => {
+                let (mut row_loss, mut row_ok) = (0.0f64, 0usize);
+                for (&p, &t) in p.iter().zip(t) {
+                    let (q, t64) = (f64::from(p).clamp(EPS, 1.0 - EPS), f64::from(t));
+                    row_loss -= t64 * q.ln() + (1.0 - t64) * (1.0 - q).ln();
+                    row_ok += usize::from(f32::from(u8::from(p > 0.5)) == t);
+                }
+                total += row_loss / c as f64;
+                correct += row_ok as f64 / c as f64;
+            }
+            LossKind::CategoricalCrossentropy => {
+                total -= p.iter().zip(t).map(|(&p, &t)| f64::from(t) * f64::from(p).clamp(EPS, 1.0).ln()).sum::<f64>();
+                correct += f64::from(u8::from(argmax(p) == argmax(t)));
+            }
+        }
+    }
+    (total, correct)
+}
+
 /// First index of the maximum, as `argmax` in Keras's `categorical_accuracy`.
 fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
@@ -1733,6 +1761,29 @@ mod tests {
             loss_and_grad(LossKind::CategoricalCrossentropy, &[1000.0, 0.0, -1000.0], &[0.0, 1.0, 0.0], 1, true);
         assert!((l - 1000.0).abs() < 1e-3, "{l}");
         assert_eq!(c, 0.0);
+    }
+
+    #[test]
+    fn scores_of_probabilities_agree_with_those_of_logits() {
+        for (kind, logits, y) in [
+            (LossKind::BinaryCrossentropy, vec![2.0, -1.0, 0.3, -0.2], vec![1.0, 1.0, 0.0, 0.0]),
+            (
+                LossKind::CategoricalCrossentropy,
+                vec![2.0, -1.0, 0.5, 0.1, 0.2, -3.0],
+                vec![1.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+            ),
+        ] {
+            let rows = if kind == LossKind::BinaryCrossentropy { 4 } else { 2 };
+            let mut p = Vec::new();
+            probabilities(kind, &logits, logits.len() / rows, &mut p);
+            let (l, c, _) = loss_and_grad(kind, &logits, &y, rows, false);
+            let (lp, cp) = score_probabilities(kind, &p, &y, rows);
+            assert!((l - lp).abs() < 1e-5, "{kind:?}: {l} vs {lp}");
+            assert_eq!(c, cp, "{kind:?}");
+        }
+        let (l, c) = score_probabilities(LossKind::BinaryCrossentropy, &[1.0, 0.5], &[0.0, 1.0], 2);
+        assert!((l - (-(1e-7f64).ln() + std::f64::consts::LN_2)).abs() < 1e-6, "clipped, not infinite: {l}");
+        assert_eq!(c, 0.0, "p = 0.5 is not > 0.5");
     }
 
     fn one_param_steps(spec: OptimizerSpec, grads: &[f32]) -> Vec<f32> {

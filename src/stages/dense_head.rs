@@ -8,6 +8,7 @@
 //! `head.safetensors` + `head.json` (weights and what they need), and
 //! `metrics.json`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -227,9 +228,33 @@ struct Rows {
     spill: Option<std::fs::File>,
     y: Vec<f32>,
     n: usize,
+    /// Which image each row is a view of (`views` stage), and which view.
+    image: Vec<u32>,
+    view: Vec<u8>,
+    images: HashMap<Arc<Path>, u32>,
+}
+
+/// Scores of a split whose images came as several views: the predictions
+/// averaged over each image's views, and those of view 0 alone.
+struct ViewScores {
+    averaged: (f32, f32),
+    one_view: (f32, f32),
+    views_per_image: f64,
 }
 
 impl Rows {
+    /// Records that the next row is view `view` of the image at `path`.
+    fn push_view(&mut self, path: &Arc<Path>, view: u8) {
+        let next = self.images.len() as u32;
+        self.image.push(*self.images.entry(path.clone()).or_insert(next));
+        self.view.push(view);
+    }
+
+    /// Some image came as more than one view.
+    fn has_views(&self) -> bool {
+        self.images.len() < self.n
+    }
+
     fn push(&mut self, row: &[f32]) -> std::io::Result<()> {
         match &mut self.spill {
             Some(f) => {
@@ -278,7 +303,12 @@ impl Rows {
     /// Mean loss and accuracy over all rows, a chunk at a time (the same
     /// chunks whether the rows are in memory or spilled, so both give
     /// identical numbers).
+    /// With several views of an image, each image counts once, scored by
+    /// its views' mean probabilities (test-time augmentation).
     fn evaluate(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<(f32, f32), String> {
+        if self.has_views() {
+            return self.evaluate_views(head, dim, outputs).map(|s| s.averaged);
+        }
         let (mut loss, mut acc) = (0.0f64, 0.0f64);
         let mut x = Vec::new();
         for start in (0..self.n).step_by(EVAL_ROWS) {
@@ -291,6 +321,45 @@ impl Rows {
             acc += a as f64 * n as f64;
         }
         Ok(((loss / self.n as f64) as f32, (acc / self.n as f64) as f32))
+    }
+}
+
+impl Rows {
+    fn evaluate_views(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<ViewScores, String> {
+        let images = self.images.len();
+        let mut sum = vec![0.0f64; images * outputs];
+        let mut count = vec![0u32; images];
+        let mut y = vec![0.0f32; images * outputs];
+        let (mut first, mut first_y) = (Vec::new(), Vec::new());
+        let mut x = Vec::new();
+        for start in (0..self.n).step_by(EVAL_ROWS) {
+            let n = EVAL_ROWS.min(self.n - start);
+            x.clear();
+            self.gather(start..start + n, dim, &mut x).map_err(|e| format!("reading spilled features: {e}"))?;
+            let p = head.predict(&x, n).map_err(|e| e.to_string())?;
+            for (r, p) in (start..start + n).zip(p.chunks_exact(outputs)) {
+                let g = self.image[r] as usize;
+                sum[g * outputs..(g + 1) * outputs].iter_mut().zip(p).for_each(|(s, &p)| *s += f64::from(p));
+                count[g] += 1;
+                let label = &self.y[r * outputs..(r + 1) * outputs];
+                y[g * outputs..(g + 1) * outputs].copy_from_slice(label);
+                if self.view[r] == 0 {
+                    first.extend_from_slice(p);
+                    first_y.extend_from_slice(label);
+                }
+            }
+        }
+        let mean: Vec<f32> = sum.iter().enumerate().map(|(i, &s)| (s / f64::from(count[i / outputs])) as f32).collect();
+        let score = |p: &[f32], y: &[f32]| {
+            let rows = p.len() / outputs;
+            let (l, c) = crate::ml::head::score_probabilities(head.loss_kind(), p, y, rows);
+            ((l / rows.max(1) as f64) as f32, (c / rows.max(1) as f64) as f32)
+        };
+        Ok(ViewScores {
+            averaged: score(&mean, &y),
+            one_view: score(&first, &first_y),
+            views_per_image: self.n as f64 / images as f64,
+        })
     }
 }
 
@@ -529,13 +598,23 @@ impl Trainer {
         } else {
             (last.and_then(|r| r.val_loss), last.and_then(|r| r.val_acc))
         };
-        let metrics = serde_json::json!({
+        let mut metrics = serde_json::json!({
             "epochs_run": history.len(), "best_epoch": best_epoch,
             "loss": last.map(|r| r.loss), "acc": last.map(|r| r.acc),
             "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
             "spilled_to_disk": d.train.spill.is_some(), "train_rows": self.last_epoch_rows, "validation_rows": d.validation.n, "test_rows": d.test.n,
             "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
         });
+        // Test-time augmentation: the figures above average each image's
+        // views; these are view 0 (the image as it is) alone, for comparison.
+        for (name, rows) in [("val", &d.validation), ("test", &d.test)] {
+            if rows.has_views() {
+                let s = rows.evaluate_views(&mut self.head, d.dim, self.outputs)?;
+                metrics[format!("{name}_loss_one_view")] = s.one_view.0.into();
+                metrics[format!("{name}_acc_one_view")] = s.one_view.1.into();
+                metrics[format!("{name}_views_per_image")] = s.views_per_image.into();
+            }
+        }
         std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
             .map_err(|e| format!("metrics.json: {e}"))?;
         Ok(metrics)
@@ -677,6 +756,7 @@ impl Stage for DenseHead {
             ));
         };
         rows.push(&f.data).map_err(|e| StageError::fatal(format!("spilling features: {e}")))?;
+        rows.push_view(&item.meta.path, item.meta.view);
         rows.y.extend(y);
         rows.n += 1;
         let held = (d.train.x.len() + d.validation.x.len() + d.test.x.len()) as u64 * 4;

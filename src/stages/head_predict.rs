@@ -1,5 +1,7 @@
 //! `head_predict`: labels images with a head trained by `dense_head`,
 //! writing `predictions.csv` (path, probability per class, predicted class).
+//! The views of one image (the `views` stage) make one line, with their
+//! mean probabilities.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -117,9 +119,18 @@ impl HeadPredict {
             }
         };
         let outputs = self.head.output_dim();
-        for ((path, _), p) in self.pending.drain(..).zip(probs.chunks(outputs)) {
+        let mut rows = self.pending.drain(..).map(|(path, _)| path).zip(probs.chunks(outputs)).peekable();
+        while let Some((path, p)) = rows.next() {
+            // Consecutive rows of one path are views of one image (the
+            // `views` stage): one line, with their mean probabilities.
+            let (mut sum, mut views): (Vec<f64>, usize) = (p.iter().map(|&v| f64::from(v)).collect(), 1);
+            while let Some((_, q)) = rows.next_if(|(next, _)| *next == path) {
+                sum.iter_mut().zip(q).for_each(|(s, &v)| *s += f64::from(v));
+                views += 1;
+            }
+            let p: Vec<f32> = sum.iter().map(|s| (s / views as f64) as f32).collect();
             // A single sigmoid unit is P(class 1); spell out both columns.
-            let per_class: Vec<f32> = if outputs == 1 { vec![1.0 - p[0], p[0]] } else { p.to_vec() };
+            let per_class: Vec<f32> = if outputs == 1 { vec![1.0 - p[0], p[0]] } else { p };
             let best = per_class.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
             let cols: Vec<String> = per_class.iter().map(|v| format!("{v:.6}")).collect();
             let name = self.classes.get(best).cloned().unwrap_or_default();
@@ -145,10 +156,12 @@ impl Stage for HeadPredict {
                 self.head.input_dim()
             )));
         }
-        self.pending.push((item.meta.path.to_path_buf(), f.data));
-        if self.pending.len() >= CHUNK {
+        // A chunk never ends inside the views of one image: they arrive together.
+        let same_image = self.pending.last().is_some_and(|(p, _)| **p == *item.meta.path);
+        if self.pending.len() >= CHUNK && !same_image {
             self.flush()?;
         }
+        self.pending.push((item.meta.path.to_path_buf(), f.data));
         Ok(())
     }
 
