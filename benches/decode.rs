@@ -3,6 +3,10 @@
 //!   decode/min_size_150      - `min_size: 150`: libjpeg-turbo at the smallest DCT scale >= 150x150
 //!   resize_150/<filter>/...  - `resize` from a full decode and from a scaled one
 //!   decode_resize_150/...    - both, what the pipeline's two stages cost one image
+//!   decode_resize_150/min_size_150/nearest/2_threads - the same on two threads
+//!                              sharing the photos, nothing else: the most a
+//!                              two-core machine can get out of these two
+//!                              stages, the ceiling for `decode_resize.yaml`
 //!
 //!   cargo bench --bench decode [-- FILTER]
 //!
@@ -80,6 +84,31 @@ fn benches(c: &mut Criterion) {
             i += 1;
             let img = scaled.decode(bytes[i % bytes.len()]).expect("decodes");
             black_box(resize.apply(img).expect("resizes"))
+        })
+    });
+    g.finish();
+
+    // Every photo once per iteration, split between two threads that each
+    // keep their decoder and resizer, as the pipeline's workers do.
+    let mut g = c.benchmark_group("decode_resize_150");
+    g.throughput(Throughput::Elements(bytes.len() as u64));
+    let mut workers: Vec<(Decoder, Resize)> = (0..2)
+        .map(|_| {
+            (Decoder::new(u64::MAX, Some((150, 150))).expect("libjpeg decoder"), Resize::new(150, 150, Filter::Nearest))
+        })
+        .collect();
+    g.bench_function("min_size_150/nearest/2_threads", |b| {
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for (t, (decoder, resize)) in workers.iter_mut().enumerate() {
+                    let bytes = &bytes;
+                    s.spawn(move || {
+                        for b in bytes.iter().skip(t).step_by(2) {
+                            black_box(resize.apply(decoder.decode(b).expect("decodes")).expect("resizes"));
+                        }
+                    });
+                }
+            })
         })
     });
     g.finish();
