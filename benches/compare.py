@@ -5,7 +5,9 @@ and builds convflow); run it through that.
 
 Rows (medians of alternating repeats; every ratio from the same run):
   decode + resize 150x150      convflow (decode min_size / full decode) vs Keras
-                               ImageDataGenerator (the book's code) vs tf.data
+                               ImageDataGenerator (the book's code) vs tf.data,
+                               and the ceiling: the same decode + resize on two
+                               bare threads (cargo bench --bench decode -- 2_threads)
   + the book's augmentation    the same three, with rotation 40, shifts 0.2,
                                shear 0.2, zoom 0.2, horizontal flip, fill nearest
   VGG16 features               cargo bench --bench extraction: convflow end to
@@ -81,6 +83,16 @@ def convflow_rate(pipeline, sets, report_dir):
     images = r["stages"][-1]["items_in"]
     return {"images_per_second": images / (r["wall_seconds"] - r["setup_seconds"]),
             "cpu_ms_per_image": 1000 * cpu / images}
+
+
+def ceiling_rate(train, n):
+    """images/s of `cargo bench --bench decode -- 2_threads`: the n photos,
+    already in memory, decoded (min_size 150) and resized on two threads
+    that do nothing else; criterion's median time per pass over them."""
+    run(["cargo", "bench", "--bench", "decode", "--", "2_threads"],
+        env={"CONVFLOW_BENCH_DATA": str(train), "CONVFLOW_BENCH_IMAGES": str(n)}, timeout=900)
+    est = ROOT / "target/criterion/decode_resize_150/min_size_150_nearest_2_threads/new/estimates.json"
+    return {"images_per_second": n / (json.loads(est.read_text())["median"]["point_estimate"] / 1e9)}
 
 
 def py_rate(python, script, args, env=None):
@@ -186,7 +198,7 @@ def images_and_augment(t, args, python, tf_ok, tmp):
     augment = has_augment_stage()
     decode_yaml = ROOT / "benches/pipelines/decode_resize.yaml"
     augment_yaml = ROOT / "benches/pipelines/decode_augment.yaml"
-    vals = {k: [] for k in ("cf_fast", "cf_full", "keras", "tf", "cf_aug", "keras_aug", "tf_aug")}
+    vals = {k: [] for k in ("cf_fast", "cf_full", "ceiling", "keras", "tf", "cf_aug", "keras_aug", "tf_aug")}
     errors = {}
 
     def attempt(key, fn):
@@ -197,11 +209,13 @@ def images_and_augment(t, args, python, tf_ok, tmp):
             log(f"{key} failed: {e}")
 
     base = {"data_dir": train}
+    n = sum(1 for p in train.rglob("*") if p.is_file())
     for rep in range(args.repeats):
         log(f"decode/augment repeat {rep + 1}/{args.repeats}")
         attempt("cf_fast", lambda: convflow_rate(decode_yaml, dict(base, min_size=150), tmp))
         attempt("keras", lambda: py_rate(python, "keras_idg.py", [train]))
         attempt("cf_full", lambda: convflow_rate(decode_yaml, dict(base, min_size="null"), tmp))
+        attempt("ceiling", lambda: ceiling_rate(train, n))
         if tf_ok:
             attempt("tf", lambda: py_rate(python, "tf_data.py", [train]))
         if augment:
@@ -215,11 +229,12 @@ def images_and_augment(t, args, python, tf_ok, tmp):
         t.add(benchmark, system, "images/s", [v["images_per_second"] for v in vals[key]], baseline=baseline,
               note=note, cpu=[v.get("cpu_ms_per_image") for v in vals[key]])
 
-    n = sum(1 for p in train.rglob("*") if p.is_file())
     no_tf = None if tf_ok else "tensorflow-cpu did not install"
     b1 = f"decode + resize to 150x150 ({n} images, batches of 20)"
     add(b1, "convflow, decode `min_size: 150` (DCT-scaled JPEG decode), 2 workers", "cf_fast", baseline=True)
     add(b1, "convflow, full decode (exact, the default), 2 workers", "cf_full")
+    add(b1, "ceiling: the same decode + resize on two bare threads, photos in memory, nothing else "
+        "(`cargo bench --bench decode -- 2_threads`)", "ceiling")
     add(b1, "Keras ImageDataGenerator (keras-preprocessing 1.1.2, the book's code), 1 process", "keras")
     add(b1, "tf.data + Keras preprocessing layers (parallel map, prefetch)", "tf", missing=no_tf)
     b2 = f"decode + resize + the book's augmentation ({n} images)"

@@ -44,6 +44,6 @@ if [ "$TF" = yes ] && ! "$PY" -c 'import tensorflow' 2>/dev/null; then TF=no; fi
 
 log "building convflow and the benches (release)"
 cargo build --release >&2
-cargo bench --no-run --bench extraction --bench head >&2 2>&1 | tail -n 2 >&2
+cargo bench --no-run --bench extraction --bench head --bench decode >&2 2>&1 | tail -n 2 >&2
 
 exec "$PY" benches/compare.py --out "$OUT" --data "$DATA" --python "$PY" --tf "$TF" "$@"
