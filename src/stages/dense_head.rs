@@ -302,9 +302,9 @@ impl Rows {
 
     /// Mean loss and accuracy over all rows, a chunk at a time (the same
     /// chunks whether the rows are in memory or spilled, so both give
-    /// identical numbers).
-    /// With several views of an image, each image counts once, scored by
-    /// its views' mean probabilities (test-time augmentation).
+    /// identical numbers). With several views of an image, each image
+    /// counts once, scored by its views' mean probabilities (test-time
+    /// augmentation).
     fn evaluate(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<(f32, f32), String> {
         if self.has_views() {
             return self.evaluate_views(head, dim, outputs).map(|s| s.averaged);
@@ -322,9 +322,9 @@ impl Rows {
         }
         Ok(((loss / self.n as f64) as f32, (acc / self.n as f64) as f32))
     }
-}
 
-impl Rows {
+    /// Loss and accuracy of each image's mean probability over its views,
+    /// and of view 0 alone.
     fn evaluate_views(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<ViewScores, String> {
         let images = self.images.len();
         let mut sum = vec![0.0f64; images * outputs];
