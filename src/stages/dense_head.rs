@@ -234,11 +234,17 @@ struct Rows {
     images: HashMap<Arc<Path>, u32>,
 }
 
-/// Scores of a split whose images came as several views: the predictions
-/// averaged over each image's views, and those of view 0 alone.
-struct ViewScores {
-    averaged: (f32, f32),
-    one_view: (f32, f32),
+/// Mean loss and accuracy of a split; when its images came as several
+/// views, those of view 0 alone beside them.
+struct Scores {
+    loss: f32,
+    acc: f32,
+    one_view: Option<OneView>,
+}
+
+struct OneView {
+    loss: f32,
+    acc: f32,
     views_per_image: f64,
 }
 
@@ -305,9 +311,9 @@ impl Rows {
     /// identical numbers). With several views of an image, each image
     /// counts once, scored by its views' mean probabilities (test-time
     /// augmentation).
-    fn evaluate(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<(f32, f32), String> {
+    fn evaluate(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<Scores, String> {
         if self.has_views() {
-            return self.evaluate_views(head, dim, outputs).map(|s| s.averaged);
+            return self.evaluate_views(head, dim, outputs);
         }
         let (mut loss, mut acc) = (0.0f64, 0.0f64);
         let mut x = Vec::new();
@@ -320,12 +326,12 @@ impl Rows {
             loss += l as f64 * n as f64;
             acc += a as f64 * n as f64;
         }
-        Ok(((loss / self.n as f64) as f32, (acc / self.n as f64) as f32))
+        Ok(Scores { loss: (loss / self.n as f64) as f32, acc: (acc / self.n as f64) as f32, one_view: None })
     }
 
     /// Loss and accuracy of each image's mean probability over its views,
     /// and of view 0 alone.
-    fn evaluate_views(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<ViewScores, String> {
+    fn evaluate_views(&self, head: &mut Head, dim: usize, outputs: usize) -> Result<Scores, String> {
         let images = self.images.len();
         let mut sum = vec![0.0f64; images * outputs];
         let mut count = vec![0u32; images];
@@ -355,11 +361,9 @@ impl Rows {
             let (l, c) = crate::ml::head::score_probabilities(head.loss_kind(), p, y, rows);
             ((l / rows.max(1) as f64) as f32, (c / rows.max(1) as f64) as f32)
         };
-        Ok(ViewScores {
-            averaged: score(&mean, &y),
-            one_view: score(&first, &first_y),
-            views_per_image: self.n as f64 / images as f64,
-        })
+        let ((loss, acc), one) = (score(&mean, &y), score(&first, &first_y));
+        let views_per_image = self.n as f64 / images as f64;
+        Ok(Scores { loss, acc, one_view: Some(OneView { loss: one.0, acc: one.1, views_per_image }) })
     }
 }
 
@@ -502,8 +506,8 @@ impl Trainer {
             return Ok((None, None));
         }
         let outputs = head.output_dim();
-        let (l, a) = d.validation.evaluate(head, d.dim, outputs)?;
-        Ok((Some(l + cfg.l2 * head.l2_penalty(1.0)), Some(a)))
+        let s = d.validation.evaluate(head, d.dim, outputs)?;
+        Ok((Some(s.loss + cfg.l2 * head.l2_penalty(1.0)), Some(s.acc)))
     }
 
     /// Records an epoch validated with `snapshot` (the weights at its end;
@@ -586,12 +590,8 @@ impl Trainer {
             .map_err(|e| format!("head.json: {e}"))?;
 
         let last = history.last();
-        let (test_loss, test_acc) = if d.test.n > 0 {
-            let (l, a) = d.test.evaluate(&mut self.head, d.dim, self.outputs)?;
-            (Some(l), Some(a))
-        } else {
-            (None, None)
-        };
+        let test = if d.test.n > 0 { Some(d.test.evaluate(&mut self.head, d.dim, self.outputs)?) } else { None };
+        let (test_loss, test_acc) = (test.as_ref().map(|s| s.loss), test.as_ref().map(|s| s.acc));
         let (val_loss, val_acc) = if cfg.keep_best {
             let b = best_epoch.and_then(|e| history.iter().find(|r| r.epoch == e));
             (b.and_then(|r| r.val_loss), b.and_then(|r| r.val_acc))
@@ -607,12 +607,17 @@ impl Trainer {
         });
         // Test-time augmentation: the figures above average each image's
         // views; these are view 0 (the image as it is) alone, for comparison.
-        for (name, rows) in [("val", &d.validation), ("test", &d.test)] {
-            if rows.has_views() {
-                let s = rows.evaluate_views(&mut self.head, d.dim, self.outputs)?;
-                metrics[format!("{name}_loss_one_view")] = s.one_view.0.into();
-                metrics[format!("{name}_acc_one_view")] = s.one_view.1.into();
-                metrics[format!("{name}_views_per_image")] = s.views_per_image.into();
+        // Validation's come from the history, so its one-view figures need a pass of their own.
+        let val_one = if d.validation.has_views() {
+            d.validation.evaluate(&mut self.head, d.dim, self.outputs)?.one_view
+        } else {
+            None
+        };
+        for (name, one) in [("val", val_one), ("test", test.and_then(|s| s.one_view))] {
+            if let Some(one) = one {
+                metrics[format!("{name}_loss_one_view")] = one.loss.into();
+                metrics[format!("{name}_acc_one_view")] = one.acc.into();
+                metrics[format!("{name}_views_per_image")] = one.views_per_image.into();
             }
         }
         std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
