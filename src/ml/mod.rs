@@ -1,8 +1,16 @@
-//! Model-side math with no pipeline in sight: input preprocessing and the
-//! ONNX Runtime session. Testable alone.
+//! Model-side math with no pipeline in sight, testable alone.
+//!
+//! - Frozen inference: [`onnx`] (the ONNX Runtime session) and
+//!   [`preprocess`] (its input conventions).
+//! - What trainers share: [`activation`], [`loss`] and [`optimizer`] (Keras's
+//!   names, defaults and formulas).
+//! - Trainers: [`head`], the dense head on cached features.
 
+pub mod activation;
 pub mod head;
+pub mod loss;
 pub mod onnx;
+pub mod optimizer;
 pub mod preprocess;
 
 pub use onnx::{Device, OnnxModel, Provider};
