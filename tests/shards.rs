@@ -33,6 +33,7 @@ fn pipeline(root: &Path, data: &Path) -> PathBuf {
 params:
   out_dir: out
   cache_dir: cache
+  shared_cache: \"\"
   size: 64
 report: ${{out_dir}}/report.json
 stages:
@@ -59,6 +60,7 @@ stages:
     device: cpu
     intra_threads: 1
     cache: ${{cache_dir}}
+    shared_cache: ${{shared_cache}}
   - id: write
     kind: feature_writer
     input: features
@@ -252,4 +254,65 @@ fn shard_auto_reads_the_engine_index_and_names_what_is_missing() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(root.join("plan/parts/part-00001-of-00002/part.json").exists());
     assert!(!root.join("plan/parts/part-00000-of-00002").exists(), "only the engine's index ran");
+}
+
+fn report_of(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_second_sharded_run_is_all_shared_tier_hits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = make_data(root);
+    let file = pipeline(root, &data);
+    let file = file.to_str().unwrap();
+    std::fs::create_dir(root.join("shared")).unwrap();
+    let shared = format!("shared_cache={}", root.join("shared").display());
+
+    // A tier that cannot be reached stops the run before any work.
+    let (code, err) = fails(root, &["run", file, "--set", "shared_cache=/no/such/tier", "--set", "out_dir=never"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("shared_cache") && err.contains("/no/such/tier"), "{err}");
+    assert!(!root.join("never").exists() && !root.join("cache").exists(), "nothing ran");
+
+    for (run, plan) in [("a", "plan-a"), ("b", "plan-b")] {
+        ok(root, &["-q", "plan", file, "--shards", "2", "--out", plan]);
+        for i in 0..2 {
+            let cache = format!("cache_dir=cache-{run}-{i}");
+            let out = format!("out_dir=out-{run}");
+            ok(
+                root,
+                &[
+                    "-q",
+                    "run",
+                    file,
+                    "--shard",
+                    &format!("{i}/2"),
+                    "--plan",
+                    plan,
+                    "--set",
+                    &cache,
+                    "--set",
+                    &shared,
+                    "--set",
+                    &out,
+                ],
+            );
+        }
+        ok(root, &["-q", "merge", file, "--plan", plan, "--set", &format!("out_dir=out-{run}")]);
+    }
+    let (a, b) = (report_of(&root.join("out-a/report.json")), report_of(&root.join("out-b/report.json")));
+    assert!(a["cache"]["shared"]["writes"].as_u64().unwrap() >= 9, "run a published what it computed: {a}");
+    // Run b, on fresh local stores: nothing computed, everything from the tier
+    // (the one miss is the file that does not decode, never computed at all).
+    assert_eq!(b["cache"]["misses"], 1, "{b}");
+    assert_eq!(b["cache"]["writes"], 0, "{b}");
+    assert!(b["cache"]["shared"]["hits"].as_u64().unwrap() >= 9, "{b}");
+    assert_eq!(b["cache"]["shared"]["errors"], 0, "{b}");
+    for f in ["train/features.npy", "validation/features.npy", "train/paths.txt"] {
+        assert!(
+            std::fs::read(root.join("out-a").join(f)).unwrap() == std::fs::read(root.join("out-b").join(f)).unwrap()
+        );
+    }
 }

@@ -42,6 +42,7 @@ pub fn run_shard(
             return Ok(ExitCode::from(exit::INVALID));
         }
     };
+    let started = std::time::Instant::now();
     let plan = Plan::load(plan_dir)?;
     let staging = match part::prepare(&mut graph, &plan, plan_dir, index, count)? {
         Prepared::Done(dir) => {
@@ -52,14 +53,22 @@ pub fn run_shard(
         }
         Prepared::Run(staging) => staging,
     };
+    let prepared = started.elapsed();
     let code = run(&graph)?;
     if code != ExitCode::SUCCESS {
         // The staging folder goes with `staging`: nothing half-done is published.
         return Ok(code);
     }
+    let ran = started.elapsed();
     let dir = staging.publish()?;
     if !quiet {
-        println!("shard {index}/{count}: published {}", dir.display());
+        println!(
+            "shard {index}/{count}: published {} (plan and range {:.3} s, run {:.3} s, publish {:.3} s)",
+            dir.display(),
+            prepared.as_secs_f64(),
+            (ran - prepared).as_secs_f64(),
+            (started.elapsed() - ran).as_secs_f64()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
