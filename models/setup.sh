@@ -203,6 +203,9 @@ else
     "tests/observability.rs will fail until they are installed"
 fi
 
+# --- 3. scale-out tooling: kubectl, kubernetes-validate (tests/deploy.rs) ----
+"$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
+
 log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/tiny_vgg.onnx"
 [ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"
 exit 0

@@ -80,6 +80,34 @@ enum Command {
         /// grace period, to end with a message rather than a SIGKILL).
         #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
         drain_deadline: Duration,
+        /// Run one shard of a plan: I/N, or `auto` / `auto/N` to read the
+        /// array engine's index (Slurm, Kubernetes, AWS / GCP Batch).
+        #[arg(long, value_name = "I/N|auto|auto/N", requires = "plan")]
+        shard: Option<crate::shard::ShardSpec>,
+        /// The folder `convflow plan` wrote (its manifest; the parts go there).
+        #[arg(long, value_name = "DIR")]
+        plan: Option<PathBuf>,
+    },
+    /// List a pipeline's input once into DIR for N shards (`run --shard`).
+    Plan {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// Number of shards (engines: many more than GPUs).
+        #[arg(long)]
+        shards: u64,
+        /// The plan folder, shared by every worker and the merge.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Check every part of a plan and write the outputs one process would have.
+    Merge {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long, value_name = "DIR")]
+        plan: PathBuf,
+        /// Write the merged report here too, besides any `report:` in the file.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
     /// Check a pipeline and print every problem with its line:column.
     Validate {
@@ -188,17 +216,31 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             Err(e) => invalid(&e),
         }),
-        Command::Run { pipeline, report, metrics_listen, drain_deadline } => {
+        Command::Run { pipeline, report, metrics_listen, drain_deadline, shard, plan } => {
             match load_with_metrics(&pipeline, registry) {
                 Ok((g, mut metrics)) => {
                     if metrics_listen.is_some() {
                         metrics.listen = metrics_listen;
                     }
-                    run_graph(&g, report.as_deref(), &metrics, drain_deadline, cli.quiet)
+                    match (shard, plan) {
+                        (Some(spec), Some(plan)) => {
+                            let run = |g: &Graph| run_graph(g, report.as_deref(), &metrics, drain_deadline, cli.quiet);
+                            crate::shard::cli::run_shard(g, spec, &plan, cli.quiet, run)
+                        }
+                        _ => run_graph(&g, report.as_deref(), &metrics, drain_deadline, cli.quiet),
+                    }
                 }
                 Err(e) => Ok(invalid(&e)),
             }
         }
+        Command::Plan { pipeline, shards, out } => match load(&pipeline, registry) {
+            Ok(g) => crate::shard::cli::plan(&g, shards, &out, cli.quiet),
+            Err(e) => Ok(invalid(&e)),
+        },
+        Command::Merge { pipeline, plan, report } => match load(&pipeline, registry) {
+            Ok(g) => crate::shard::cli::merge(&g, &plan, report.as_deref(), cli.quiet),
+            Err(e) => Ok(invalid(&e)),
+        },
         Command::Demo { set } => {
             let n = crate::demo::generate(Path::new(DEMO_DATA), 42)?;
             if !cli.quiet {

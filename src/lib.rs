@@ -22,6 +22,7 @@
 //! - [`npy`]: streaming `.npy` output.
 //! - [`plot`]: the training curves picture.
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
+//! - [`shard`]: sharded runs on array engines: plan, parts, merge.
 //! - [`cli`]: the `convflow` command, reusable with a custom registry.
 
 pub mod augment;
@@ -35,6 +36,7 @@ pub mod ml;
 pub mod npy;
 pub mod plot;
 pub mod runtime;
+pub mod shard;
 pub mod stage;
 pub mod stages;
 pub mod telemetry;

@@ -64,6 +64,22 @@ impl NpyWriter {
         Ok(())
     }
 
+    /// Appends whole rows already in `<f4` little-endian bytes (another
+    /// array's data section), as `push` would have written them.
+    pub fn push_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let row_bytes = 4 * self.row_shape.iter().product::<usize>();
+        if row_bytes == 0 || !bytes.len().is_multiple_of(row_bytes) {
+            return Err(std::io::Error::other(format!(
+                "{} bytes are not whole rows of {:?}",
+                bytes.len(),
+                self.row_shape
+            )));
+        }
+        self.file.write_all(bytes)?;
+        self.rows += bytes.len() / row_bytes;
+        Ok(())
+    }
+
     /// Writes the final header, syncs and renames into place.
     pub fn finish(mut self) -> std::io::Result<usize> {
         self.file.seek(SeekFrom::Start(0))?;
@@ -78,6 +94,39 @@ impl NpyWriter {
     pub fn discard(self) {
         let _ = std::fs::remove_file(&self.partial);
     }
+}
+
+/// The shape and data offset of a C-order float32 `.npy` file, from its
+/// header alone (the merge streams the data after it).
+pub fn read_header(path: &Path) -> std::io::Result<(Vec<usize>, u64)> {
+    use std::io::Read;
+    let bad = |m: &str| std::io::Error::other(format!("{}: {m}", path.display()));
+    let mut f = File::open(path)?;
+    let mut prefix = [0u8; 10];
+    f.read_exact(&mut prefix).map_err(|_| bad("not an npy file"))?;
+    if &prefix[..6] != b"\x93NUMPY" {
+        return Err(bad("not an npy file"));
+    }
+    let hlen = u16::from_le_bytes([prefix[8], prefix[9]]) as usize;
+    let mut dict = vec![0u8; hlen];
+    f.read_exact(&mut dict).map_err(|_| bad("truncated header"))?;
+    let dict = std::str::from_utf8(&dict).map_err(|_| bad("bad header"))?;
+    if !dict.contains("'<f4'") || dict.contains("'fortran_order': True") {
+        return Err(bad("expected a C-order float32 array"));
+    }
+    let shape_text =
+        dict.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).ok_or_else(|| bad("no shape"))?;
+    let shape = shape_text
+        .split(',')
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| d.trim().parse().map_err(|_| bad("bad shape")))
+        .collect::<Result<Vec<usize>, _>>()?;
+    let len = f.metadata()?.len();
+    let offset = 10 + hlen as u64;
+    if len - offset.min(len) != 4 * shape.iter().product::<usize>() as u64 {
+        return Err(bad("data length does not match the shape"));
+    }
+    Ok((shape, offset))
 }
 
 /// Reads a float32 `.npy` written by [`NpyWriter`] (or numpy): shape and data.

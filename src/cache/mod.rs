@@ -7,6 +7,8 @@
 //! batch being committed and never damages what is there. Every value
 //! carries its own checksum so `convflow cache verify` can prove it.
 
+pub mod shared;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +36,9 @@ pub enum CacheError {
 pub struct CacheSpec {
     pub dir: PathBuf,
     pub key: String,
+    /// The shared tier behind the local store: `s3://BUCKET/PREFIX` or a
+    /// shared folder ([`shared`]).
+    pub shared: Option<String>,
 }
 
 pub struct FeatureCache {
@@ -136,7 +141,13 @@ impl FeatureCache {
             txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
             Ok(())
         })?;
-        Ok(CacheHandle { cache: self.clone(), context, by_variant, counters: Arc::new(CacheCounters::default()) })
+        Ok(CacheHandle {
+            cache: self.clone(),
+            context,
+            by_variant,
+            counters: Arc::new(CacheCounters::default()),
+            shared: None,
+        })
     }
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
@@ -216,6 +227,8 @@ pub struct CacheHandle {
     context: [u8; 16],
     by_variant: bool,
     pub counters: Arc<CacheCounters>,
+    /// The shared tier behind the local store, if the pipeline names one.
+    shared: Option<Arc<shared::SharedTier>>,
 }
 
 impl CacheHandle {
@@ -241,12 +254,57 @@ impl CacheHandle {
         k
     }
 
+    /// Looks behind the local store with `tier`: a miss there is answered
+    /// from the shared tier, and what is computed is published to it.
+    pub fn with_shared(mut self, tier: Arc<shared::SharedTier>) -> CacheHandle {
+        self.shared = Some(tier);
+        self
+    }
+
+    pub fn shared(&self) -> Option<&Arc<shared::SharedTier>> {
+        self.shared.as_ref()
+    }
+
     fn lookup(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
         let path = &self.cache.path;
-        let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
-        let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
-        let value = table.get(&self.key(meta)[..]).map_err(|e| store_err(path, e))?;
-        Ok(value.and_then(|v| decode_value(v.value())))
+        let key = self.key(meta);
+        let local = {
+            let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
+            let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
+            let value = table.get(&key[..]).map_err(|e| store_err(path, e))?;
+            value.and_then(|v| decode_value(v.value()))
+        };
+        if local.is_some() {
+            return Ok(local);
+        }
+        let Some(tier) = &self.shared else { return Ok(None) };
+        let Some(bytes) = tier.get(&key) else { return Ok(None) };
+        let Some(found) = decode_value(&bytes) else {
+            tracing::warn!(
+                "shared cache tier {}: object for {} fails its checksum; recomputing",
+                tier.url(),
+                hex(&key)
+            );
+            return Ok(None);
+        };
+        tier.counters.hits.fetch_add(1, Ordering::Relaxed);
+        self.keep_local(&key, &bytes);
+        Ok(Some(found))
+    }
+
+    /// Copies a shared-tier hit into the local store without a sync of its
+    /// own (the shared tier still has it if a crash loses it), so a rerun on
+    /// this machine does not ask the network again.
+    fn keep_local(&self, key: &[u8; 32], value: &[u8]) {
+        let write = || -> Result<(), String> {
+            let mut txn = self.cache.db.begin_write().map_err(|e| e.to_string())?;
+            txn.set_durability(redb::Durability::None).map_err(|e| e.to_string())?;
+            txn.open_table(FEATURES).map_err(|e| e.to_string())?.insert(&key[..], value).map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        };
+        if let Err(e) = write() {
+            tracing::warn!("{}: cannot keep a shared-tier hit locally: {e}", self.cache.path.display());
+        }
     }
 
     /// Looks an image up and counts a hit or a miss. A value that fails its
@@ -276,14 +334,19 @@ impl CacheHandle {
         if entries.is_empty() {
             return Ok(());
         }
+        let encoded: Vec<([u8; 32], Vec<u8>)> = entries.iter().map(|(m, f)| (self.key(m), encode_value(f))).collect();
         self.cache.write(|txn| {
             let mut table = txn.open_table(FEATURES)?;
-            for (meta, features) in entries {
-                table.insert(&self.key(meta)[..], &encode_value(features)[..])?;
+            for (key, value) in &encoded {
+                table.insert(&key[..], &value[..])?;
             }
             Ok(())
         })?;
         self.counters.writes.fetch_add(entries.len() as u64, Ordering::Relaxed);
+        // Committed locally first: a failing shared tier loses nothing.
+        if let Some(tier) = &self.shared {
+            tier.put_many(encoded);
+        }
         Ok(())
     }
 }

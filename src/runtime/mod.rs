@@ -148,11 +148,28 @@ struct CachePlan {
 
 fn plan_caches(graph: &Graph) -> Result<CachePlan, RunError> {
     let mut open: HashMap<PathBuf, Arc<FeatureCache>> = HashMap::new();
+    let mut tiers: HashMap<String, Arc<crate::cache::shared::SharedTier>> = HashMap::new();
     let mut plan = CachePlan { handles: HashMap::new(), probes: HashMap::new(), probed: Vec::new() };
     for (i, stage) in graph.stages.iter().enumerate() {
         let build_err = |message: String| RunError::Build { stage: stage.id().to_string(), message };
         let Some(spec) = stage.config.cache().map_err(|e| build_err(format!("{}: {}", e.field, e.message)))? else {
             continue;
+        };
+        // The shared tier first: one that cannot be reached is an error
+        // before anything, the local store included, is touched.
+        let tier = match &spec.shared {
+            None => None,
+            Some(url) => Some(match tiers.get(url) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Arc::new(
+                        crate::cache::shared::SharedTier::open(url)
+                            .map_err(|e| build_err(format!("field `shared_cache`: {e}")))?,
+                    );
+                    tiers.insert(url.clone(), t.clone());
+                    t
+                }
+            }),
         };
         let cache = match open.get(&spec.dir) {
             Some(c) => c.clone(),
@@ -169,7 +186,10 @@ fn plan_caches(graph: &Graph) -> Result<CachePlan, RunError> {
             pixel_stages.iter().map(|s| format!("{} {}", s.info.kind, s.config.canonical_json())).collect();
         let description = format!("{} | {}", spec.key, upstream.join(" | "));
         let by_variant = pixel_stages.iter().any(|s| s.info.random);
-        let handle = cache.context(&description, by_variant).map_err(|e| build_err(e.to_string()))?;
+        let mut handle = cache.context(&description, by_variant).map_err(|e| build_err(e.to_string()))?;
+        if let Some(tier) = tier {
+            handle = handle.with_shared(tier);
+        }
         if let Some(source) = probe_source(graph, i) {
             plan.probes.insert(source, handle.clone());
             plan.probed.push(i);

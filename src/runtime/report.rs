@@ -53,6 +53,8 @@ pub struct CacheReport {
     pub misses: u64,
     pub writes: u64,
     pub hit_pct: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<crate::cache::shared::SharedReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -132,6 +134,7 @@ pub(super) fn build(
             misses,
             writes: sum(|c| c.writes.load(Ordering::Relaxed)),
             hit_pct: pct(hits as f64, (hits + misses) as f64),
+            shared: crate::cache::shared::SharedReport::of(caches.values()),
         }
     });
 
@@ -221,6 +224,9 @@ impl RunReport {
                 "cache: {} hits, {} misses ({:.1}% hits), {} written",
                 c.hits, c.misses, c.hit_pct, c.writes
             );
+            if let Some(s) = &c.shared {
+                let _ = writeln!(out, "{}", s.line());
+            }
         }
         if let Some(b) = &self.bottleneck {
             let _ = writeln!(out, "{b}");

@@ -44,6 +44,10 @@ pub struct FileReaderConfig {
     /// a cache downstream computes at most K x images features, ever.
     #[serde(default)]
     pub variants: u32,
+    /// Set by `convflow run --shard`, not written by hand: read this range
+    /// of a plan's manifest instead of listing `dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::ShardInput>,
 }
 
 fn default_epochs() -> u32 {
@@ -84,6 +88,7 @@ impl StageConfig for FileReaderConfig {
             default: "0 (fresh each epoch)",
             help: "K fixed augmented variants per image; each epoch draws one",
         },
+        OptionDoc { name: "shard", ty: "-", default: "(none)", help: "set by `convflow run --shard`: a plan's range" },
     ];
 
     fn check(&self) -> Vec<FieldError> {
@@ -104,7 +109,14 @@ impl StageConfig for FileReaderConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let listing = list(self).map_err(StageError::fatal)?;
+        let listing = match &self.shard {
+            Some(input) => crate::shard::plan::read_listing(input)
+                .map_err(StageError::fatal)?
+                .into_iter()
+                .map(|(path, label, split)| Entry { path, label, split, problem: None })
+                .collect(),
+            None => list(self).map_err(StageError::fatal)?,
+        };
         Ok(Built::Source(Box::new(FileReader {
             listing,
             probe: ctx.cache_probe.clone(),
@@ -188,6 +200,13 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         return Err(format!("no images with extensions [{}] under {}", exts.join(", "), cfg.dir.display()));
     }
     Ok(entries)
+}
+
+/// The listing `convflow plan` writes into its manifest, in emission order.
+/// A dangling link stays in it: the shard that reads it skips and lists it
+/// (`cannot read: ...`).
+pub(crate) fn listing(cfg: &FileReaderConfig) -> Result<Vec<crate::shard::plan::Listed>, String> {
+    Ok(list(cfg)?.into_iter().map(|e| (e.path, e.label, e.split)).collect())
 }
 
 /// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder

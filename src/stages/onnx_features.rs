@@ -29,6 +29,10 @@ pub struct OnnxFeaturesConfig {
     /// Feature cache folder; empty or absent = no cache.
     #[serde(default)]
     pub cache: Option<PathBuf>,
+    /// Shared tier behind `cache` (`s3://BUCKET/PREFIX` or a shared folder),
+    /// for the workers of a sharded run; empty or absent = none.
+    #[serde(default)]
+    pub shared_cache: Option<String>,
 }
 
 impl OnnxFeaturesConfig {
@@ -68,6 +72,12 @@ impl StageConfig for OnnxFeaturesConfig {
         },
         OptionDoc { name: "spinning", ty: "bool", default: "false", help: "let idle ORT threads spin-wait" },
         OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
+        OptionDoc {
+            name: "shared_cache",
+            ty: "url",
+            default: "(none)",
+            help: "shared tier behind cache: s3://BUCKET/PREFIX or a shared folder",
+        },
     ];
 
     fn check(&self) -> Vec<FieldError> {
@@ -88,6 +98,9 @@ impl StageConfig for OnnxFeaturesConfig {
 
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
         let Some(dir) = self.cache.clone().filter(|d| !d.as_os_str().is_empty()) else {
+            if self.shared_cache.as_deref().is_some_and(|s| !s.is_empty()) {
+                return Err(FieldError::new("shared_cache", "needs a local `cache` folder in front of it"));
+            }
             return Ok(None);
         };
         let bytes = std::fs::read(&self.model)
@@ -97,7 +110,8 @@ impl StageConfig for OnnxFeaturesConfig {
             blake3::hash(&bytes).to_hex(),
             self.preprocess
         );
-        Ok(Some(CacheSpec { dir, key }))
+        let shared = self.shared_cache.clone().filter(|s| !s.is_empty());
+        Ok(Some(CacheSpec { dir, key, shared }))
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
