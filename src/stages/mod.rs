@@ -11,6 +11,7 @@ pub mod head_predict;
 pub mod onnx_features;
 pub mod registry;
 pub mod resize;
+pub mod trainer;
 pub mod views;
 
 pub use registry::{KindInfo, OptionsError, Registry};
