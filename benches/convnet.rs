@@ -1,5 +1,5 @@
 //! One training step (forward, backward, RMSprop) of the convnet layers at
-//! batch 20, the figures behind the choice of training backend (the
+//! batch 20 (64 for MNIST), the figures behind the choice of training backend (the
 //! trainable-convolutions issue):
 //!   convnet/block5     - VGG16's block5 on [20, 9, 9, 512]: three 3x3
 //!                        convs of 512 channels (same), the pool, the book's
@@ -7,6 +7,9 @@
 //!                        about 61 GFLOP (the first conv needs no input gradient)
 //!   convnet/cats_dogs  - the book's 150x150 cats-vs-dogs convnet (5.2),
 //!                        about 28 GFLOP
+//!   convnet/mnist      - the book's MNIST convnet (5.1) at its batch of 64:
+//!                        images/s to set beside Keras's
+//!                        (benches/peer/keras_convnet.py)
 //! Before criterion's samples it prints the median of a few steps in
 //! GFLOP/s, to set beside the machine's sgemm rate (benches/peer/sgemm.py).
 //!
@@ -24,8 +27,6 @@ use convflow::ml::optimizer::OptimizerSpec;
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-const BATCH: usize = 20;
 
 fn conv(filters: usize, padding: Padding) -> LayerSpec {
     LayerSpec::Conv2d {
@@ -59,6 +60,23 @@ fn block5() -> ([usize; 3], Vec<LayerSpec>) {
     )
 }
 
+fn mnist() -> ([usize; 3], Vec<LayerSpec>) {
+    let v = Padding::Valid;
+    (
+        [28, 28, 1],
+        vec![
+            conv(32, v),
+            pool(),
+            conv(64, v),
+            pool(),
+            conv(64, v),
+            LayerSpec::Flatten,
+            dense(64, Activation::Relu),
+            dense(10, Activation::Softmax),
+        ],
+    )
+}
+
 fn cats_dogs() -> ([usize; 3], Vec<LayerSpec>) {
     let v = Padding::Valid;
     (
@@ -82,7 +100,7 @@ fn cats_dogs() -> ([usize; 3], Vec<LayerSpec>) {
 /// FLOP of one training step: 2 per multiply-add, three products per layer
 /// (forward, weight gradient, input gradient) except the first layer's
 /// input gradient, which nobody needs.
-fn step_flop(m: &Convnet) -> f64 {
+fn step_flop(m: &Convnet, batch: usize) -> f64 {
     let mut total = 0.0;
     for (i, l) in m.layers().iter().enumerate() {
         let macs = match (l.conv, &l.spec) {
@@ -92,7 +110,7 @@ fn step_flop(m: &Convnet) -> f64 {
         };
         total += macs * if i == 0 { 2.0 } else { 3.0 };
     }
-    2.0 * total * BATCH as f64
+    2.0 * total * batch as f64
 }
 
 struct Case {
@@ -101,19 +119,28 @@ struct Case {
     x: Vec<f32>,
     y: Vec<f32>,
     rng: ChaCha8Rng,
+    batch: usize,
 }
 
 impl Case {
-    fn new(input: [usize; 3], layers: &[LayerSpec], threads: usize) -> Case {
+    fn new(input: [usize; 3], layers: &[LayerSpec], batch: usize, threads: usize) -> Case {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let x = (0..BATCH * input.iter().product::<usize>()).map(|_| rng.random_range(0.0f32..1.0)).collect();
-        let y = (0..BATCH).map(|i| (i % 2) as f32).collect();
+        let x = (0..batch * input.iter().product::<usize>()).map(|_| rng.random_range(0.0f32..1.0)).collect();
+        let classes = match layers.last() {
+            Some(LayerSpec::Dense { units, .. }) => *units,
+            _ => 1,
+        };
+        let y = if classes == 1 {
+            (0..batch).map(|i| (i % 2) as f32).collect()
+        } else {
+            (0..batch * classes).map(|i| f32::from(u8::from(i % classes == (i / classes) % classes))).collect()
+        };
         let model = Convnet::new(input, layers, 0, threads).expect("the bench's layers are valid");
-        Case { model, opt: ConvOptimizer::new(OptimizerSpec::rmsprop(1e-4)), x, y, rng }
+        Case { model, opt: ConvOptimizer::new(OptimizerSpec::rmsprop(1e-4)), x, y, rng, batch }
     }
 
     fn step(&mut self) {
-        self.model.train_batch(&self.x, &self.y, BATCH, &mut self.opt, &mut self.rng).expect("shapes fit");
+        self.model.train_batch(&self.x, &self.y, self.batch, &mut self.opt, &mut self.rng).expect("shapes fit");
     }
 }
 
@@ -124,9 +151,11 @@ fn bench(c: &mut Criterion) {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let mut group = c.benchmark_group("convnet");
     group.sampling_mode(SamplingMode::Flat).sample_size(10).measurement_time(Duration::from_secs(20));
-    for (name, (input, layers)) in [("block5", block5()), ("cats_dogs", cats_dogs())] {
-        let mut case = Case::new(input, &layers, threads);
-        let flop = step_flop(&case.model);
+    for (name, (input, layers), batch) in
+        [("block5", block5(), 20), ("cats_dogs", cats_dogs(), 20), ("mnist", mnist(), 64)]
+    {
+        let mut case = Case::new(input, &layers, batch, threads);
+        let flop = step_flop(&case.model, batch);
         case.step();
         let mut times: Vec<f64> = (0..5)
             .map(|_| {
@@ -138,10 +167,11 @@ fn bench(c: &mut Criterion) {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         println!(
-            "convnet/{name}: {:.1} GFLOP per step, median {:.3} s = {:.1} GFLOP/s ({threads} threads)",
+            "convnet/{name}: {:.1} GFLOP per step of {batch}, median {:.3} s = {:.1} GFLOP/s, {:.0} images/s ({threads} threads)",
             flop / 1e9,
             median,
-            flop / median / 1e9
+            flop / median / 1e9,
+            batch as f64 / median
         );
         group.bench_function(name, |b| b.iter(|| case.step()));
     }

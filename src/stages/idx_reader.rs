@@ -128,12 +128,12 @@ impl StageConfig for IdxReaderConfig {
             let split: Arc<str> = Arc::from(s.name.as_str());
             let pixels: Arc<[u8]> = pixels.into();
             let end = s.limit.map_or(dims[0], |l| (s.skip + l).min(dims[0]));
-            for i in s.skip.min(end)..end {
-                all_labels.push(labels[i]);
+            for (i, &label) in labels.iter().enumerate().take(end).skip(s.skip) {
+                all_labels.push(label);
                 entries.push(Entry {
                     pixels: pixels.clone(),
                     offset: i * len,
-                    label: labels[i],
+                    label,
                     split: split.clone(),
                     path: Arc::from(PathBuf::from(format!("{}#{i}", s.images.display())).as_path()),
                 });

@@ -156,6 +156,7 @@ pub struct ConvScratch {
 
 /// `y[rows*out_pixels, filters] = im2col(x) * kernel + bias`. `keep`: the
 /// columns stay in `cache` for [`backward`].
+#[allow(clippy::too_many_arguments)]
 pub fn forward(
     g: &ConvGeometry,
     kernel: &[f32],

@@ -91,6 +91,7 @@ pub fn matmul(
 /// (a weight gradient: inputs^T x output gradients, summed over `k` rows).
 /// `k` is cut into `threads` fixed parts summed in order (see the module
 /// doc); `scratch` holds the partial products between calls.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_tn_split(
     m: usize,
     n: usize,
