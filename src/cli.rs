@@ -114,6 +114,12 @@ enum Command {
         #[command(flatten)]
         pipeline: PipelineArgs,
     },
+    /// Print every trainer's model as Keras's `model.summary()` does:
+    /// layer, output shape, parameters, totals.
+    Summary {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
     /// Print the pipeline graph as Graphviz DOT.
     Graph {
         #[command(flatten)]
@@ -185,6 +191,31 @@ pub fn main(registry: Registry) -> ExitCode {
     }
 }
 
+/// `convflow summary`: each trainer's table; a trainer whose shapes cannot
+/// be known is an error naming it.
+fn summary(g: &Graph) -> ExitCode {
+    let mut printed = 0;
+    let mut failed = false;
+    for (i, s) in g.stages.iter().enumerate() {
+        let size = g.ancestors(i).into_iter().rev().find_map(|j| g.stages[j].config.image_size());
+        match s.config.model_summary(s.id(), size) {
+            None => {}
+            Some(Ok(text)) => {
+                print!("{}{text}", if printed > 0 { "\n" } else { "" });
+                printed += 1;
+            }
+            Some(Err(e)) => {
+                eprintln!("{}: stage `{}`: {e}", g.file.display(), s.id());
+                failed = true;
+            }
+        }
+    }
+    if printed == 0 && !failed {
+        println!("{}: no trainer with a summary", g.file.display());
+    }
+    if failed { ExitCode::from(exit::INVALID) } else { ExitCode::SUCCESS }
+}
+
 fn load(args: &PipelineArgs, registry: &Registry) -> Result<Graph, ConfigErrors> {
     load_with_metrics(args, registry).map(|(g, _)| g)
 }
@@ -207,6 +238,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
                 println!("{}: ok ({} stages)", pipeline.file.display(), g.stages.len());
                 ExitCode::SUCCESS
             }
+            Err(e) => invalid(&e),
+        }),
+        Command::Summary { pipeline } => Ok(match load(&pipeline, registry) {
+            Ok(g) => summary(&g),
             Err(e) => invalid(&e),
         }),
         Command::Graph { pipeline } => Ok(match load(&pipeline, registry) {

@@ -231,6 +231,13 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
+
+    /// For a trainer: its model as Keras's `model.summary()` prints it
+    /// (`convflow summary`), given the image size fixed upstream, if any.
+    /// `None`: not a trainer with a summary.
+    fn model_summary(&self, _stage_id: &str, _image_size: Option<(u32, u32)>) -> Option<Result<String, String>> {
+        None
+    }
 }
 
 /// Type-erased [`StageConfig`], as stored in a validated graph.
@@ -241,6 +248,7 @@ pub trait AnyStageConfig: Send + Sync {
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
     /// Canonical JSON of the options, defaults filled in (for cache keys).
     fn canonical_json(&self) -> String;
+    fn model_summary(&self, stage_id: &str, image_size: Option<(u32, u32)>) -> Option<Result<String, String>>;
 }
 
 impl<C: StageConfig> AnyStageConfig for C {
@@ -258,6 +266,9 @@ impl<C: StageConfig> AnyStageConfig for C {
     }
     fn canonical_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+    fn model_summary(&self, stage_id: &str, image_size: Option<(u32, u32)>) -> Option<Result<String, String>> {
+        StageConfig::model_summary(self, stage_id, image_size)
     }
 }
 

@@ -83,8 +83,13 @@ impl Graph {
             match info.parse(s.options.to_json()) {
                 Ok(config) => {
                     for fe in config.check() {
-                        let pos =
-                            s.options.key_pos(fe.field.split(['.', '[']).next().unwrap_or_default()).unwrap_or(s.pos);
+                        // A field inside a list (`layers[3]`) points at its element.
+                        let pos = if fe.field.contains('[') {
+                            Some(s.options.find(&fe.field).pos)
+                        } else {
+                            s.options.key_pos(fe.field.split(['.', '[']).next().unwrap_or_default())
+                        }
+                        .unwrap_or(s.pos);
                         err(pos, &s.id, Some(&fe.field), fe.message);
                     }
                     typed.push(Some((info.clone(), config)));

@@ -4,9 +4,11 @@
 //!   [`preprocess`] (its input conventions).
 //! - What trainers share: [`activation`], [`loss`] and [`optimizer`] (Keras's
 //!   names, defaults and formulas).
-//! - Trainers: [`head`], the dense head on cached features.
+//! - Trainers: [`head`], the dense head on cached features; [`convnet`], the
+//!   trainable layers of a convnet (and of a fine-tuned block).
 
 pub mod activation;
+pub mod convnet;
 pub mod head;
 pub mod loss;
 pub mod onnx;

@@ -2,15 +2,18 @@
 
 pub mod augment;
 pub mod batch;
+pub mod convnet;
 pub mod decode;
 pub mod dense_head;
 pub mod exec;
 pub mod feature_writer;
 pub mod file_reader;
 pub mod head_predict;
+pub mod idx_reader;
 pub mod onnx_features;
 pub mod registry;
 pub mod resize;
+pub mod trainer;
 pub mod views;
 
 pub use registry::{KindInfo, OptionsError, Registry};
@@ -27,6 +30,8 @@ pub fn builtin_registry() -> Registry {
         .register::<onnx_features::OnnxFeaturesConfig>()
         .register::<feature_writer::FeatureWriterConfig>()
         .register::<dense_head::DenseHeadConfig>()
+        .register::<convnet::ConvnetConfig>()
+        .register::<idx_reader::IdxReaderConfig>()
         .register::<head_predict::HeadPredictConfig>()
         .register::<exec::ExecConfig>();
     r

@@ -1,0 +1,71 @@
+"""One training epoch of the book's two from-scratch convnets in Keras on
+TensorFlow's CPU backend, on images already in memory (random pixels of
+the real shapes: speed does not depend on their content), to set beside
+convflow's `convnet` layers (`cargo bench --bench convnet`, and the
+`images_per_second` of a run's report):
+
+  mnist      28x28x1, 60,000 images, batch 64, RMSprop, categorical (5.1)
+  cats_dogs  150x150x3, 2,000 images, batch 20, RMSprop lr 1e-4, binary (5.2)
+
+Prints one JSON line per model: images/s of the epoch after a warm-up
+epoch (threads: TF's defaults, all cores).
+
+    .bench-venv/bin/python benches/peer/keras_convnet.py [mnist|cats_dogs]
+
+Env: CONVFLOW_KERAS_IMAGES caps the images per epoch (a quick check).
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import keras
+from keras import layers
+
+
+def mnist():
+    m = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(64, 3, activation="relu"),
+        layers.Flatten(), layers.Dense(64, activation="relu"), layers.Dense(10, activation="softmax"),
+    ])
+    m.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).random((60000, 28, 28, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(np.arange(60000) % 10, 10)
+    return m, x, y, 64
+
+
+def cats_dogs():
+    m = keras.Sequential([
+        keras.Input((150, 150, 3)),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Flatten(), layers.Dense(512, activation="relu"), layers.Dense(1, activation="sigmoid"),
+    ])
+    m.compile(optimizer=keras.optimizers.RMSprop(1e-4), loss="binary_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).random((2000, 150, 150, 3), dtype=np.float32)
+    y = (np.arange(2000) % 2).astype(np.float32)
+    return m, x, y, 20
+
+
+def main():
+    which = sys.argv[1:] or ["mnist", "cats_dogs"]
+    for name in which:
+        m, x, y, batch = {"mnist": mnist, "cats_dogs": cats_dogs}[name]()
+        cap = int(os.environ.get("CONVFLOW_KERAS_IMAGES", len(x)))
+        x, y = x[:cap], y[:cap]
+        m.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # warm-up: graph tracing
+        t = time.perf_counter()
+        m.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+        s = time.perf_counter() - t
+        print(json.dumps({"model": name, "images": len(x), "batch": batch, "seconds": round(s, 3),
+                          "images_per_second": round(len(x) / s, 1), "params": m.count_params()}))
+
+
+if __name__ == "__main__":
+    main()

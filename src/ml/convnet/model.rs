@@ -1,0 +1,418 @@
+//! The layer stack: weights, forward and backward passes over a batch, one
+//! training step. Data is NHWC float32, batch first; each layer's output
+//! is kept during a training step for the backward pass.
+//!
+//! Everything runs on the model's own thread pool, so `threads` is the
+//! whole of its parallelism, and the sums it makes are cut the same way on
+//! every run: the same seed and thread count give the same weights, bit
+//! for bit.
+
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::conv2d::{self, ConvCache, ConvScratch};
+use super::matmul::{Layout, matmul, matmul_tn_split};
+use super::optimizer::ConvOptimizer;
+use super::spec::{LayerSpec, Resolved, Shape, resolve};
+use super::{ConvnetError, dropout, init, pooling};
+use crate::ml::activation::{Activation, activation_backward, sigmoid};
+use crate::ml::loss::{LossKind, loss_and_grad};
+
+/// What a training step saw before its update, as Keras reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the batch.
+    pub loss: f32,
+    /// Correct predictions (Keras's accuracy for the loss, summed over rows).
+    pub correct: f64,
+}
+
+/// One layer's weights (`kernel`, `bias`), when it has any.
+#[derive(Debug, Clone)]
+struct Params {
+    kernel: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+/// Per-layer state of a training step.
+#[derive(Debug, Default, Clone)]
+struct Work {
+    conv: ConvCache,
+    conv_scratch: ConvScratch,
+    argmax: Vec<u32>,
+    mask: Vec<f32>,
+    split: Vec<f32>,
+}
+
+pub struct Convnet {
+    input: [usize; 3],
+    layers: Vec<Resolved>,
+    params: Vec<Option<Params>>,
+    loss: LossKind,
+    threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+    /// `acts[i]`: the input of layer i (`acts[0]`: the batch), `acts[n]`: the logits.
+    acts: Vec<Vec<f32>>,
+    work: Vec<Work>,
+}
+
+/// A copy of the weights only: the per-step buffers (hundreds of MB for
+/// 150x150 images) start empty, so an epoch's snapshot costs its weights.
+impl Clone for Convnet {
+    fn clone(&self) -> Convnet {
+        let n = self.layers.len();
+        Convnet {
+            input: self.input,
+            layers: self.layers.clone(),
+            params: self.params.clone(),
+            loss: self.loss,
+            threads: self.threads,
+            pool: self.pool.clone(),
+            acts: vec![Vec::new(); n + 1],
+            work: vec![Work::default(); n],
+        }
+    }
+}
+
+impl std::fmt::Debug for Convnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Convnet").field("input", &self.input).field("layers", &self.layers).finish_non_exhaustive()
+    }
+}
+
+fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>, ConvnetError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("convnet-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| ConvnetError::Spec(format!("cannot start {threads} math threads: {e}")))
+}
+
+impl Convnet {
+    /// A model for images of `input` = [height, width, channels], with
+    /// Keras's initialisation (glorot_uniform kernels, zero biases) from `seed`.
+    pub fn new(input: [usize; 3], specs: &[LayerSpec], seed: u64, threads: usize) -> Result<Convnet, ConvnetError> {
+        let (layers, loss) = resolve(input, specs)?;
+        let params = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match (l.spec, l.conv) {
+                (LayerSpec::Conv2d { filters, .. }, Some(g)) => {
+                    let rf = g.kh * g.kw;
+                    Some(Params {
+                        kernel: init::glorot_uniform(g.patch() * filters, rf * g.in_c, rf * filters, seed, i),
+                        bias: vec![0.0; filters],
+                    })
+                }
+                (LayerSpec::Dense { units, .. }, _) => {
+                    let d = l.input.len();
+                    Some(Params { kernel: init::glorot_uniform(d * units, d, units, seed, i), bias: vec![0.0; units] })
+                }
+                _ => None,
+            })
+            .collect();
+        let n = layers.len();
+        Ok(Convnet {
+            input,
+            layers,
+            params,
+            loss,
+            threads: threads.max(1),
+            pool: thread_pool(threads)?,
+            acts: vec![Vec::new(); n + 1],
+            work: vec![Work::default(); n],
+        })
+    }
+
+    pub fn input_shape(&self) -> [usize; 3] {
+        self.input
+    }
+
+    pub fn layers(&self) -> &[Resolved] {
+        &self.layers
+    }
+
+    pub fn loss_kind(&self) -> LossKind {
+        self.loss
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.layers.last().map(|l| l.output.len()).unwrap_or(0)
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.layers.iter().map(|l| l.params).sum()
+    }
+
+    /// Every parameter tensor by Keras name (`conv2d/kernel`, `dense_1/bias`)
+    /// with its Keras shape, in layer order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+        let mut out = Vec::new();
+        for (l, p) in self.layers.iter().zip(&self.params) {
+            let Some(p) = p else { continue };
+            let kshape = match (l.conv, l.output) {
+                (Some(g), _) => vec![g.kh, g.kw, g.in_c, g.filters],
+                (None, Shape::Flat(u)) => vec![l.input.len(), u],
+                _ => continue,
+            };
+            out.push((format!("{}/kernel", l.name), kshape, p.kernel.as_slice()));
+            out.push((format!("{}/bias", l.name), vec![p.bias.len()], p.bias.as_slice()));
+        }
+        out
+    }
+
+    /// Replaces one tensor by name (see [`Convnet::tensors`]).
+    pub fn set_tensor(&mut self, name: &str, values: &[f32]) -> Result<(), ConvnetError> {
+        for (l, p) in self.layers.iter().zip(&mut self.params) {
+            let Some(p) = p else { continue };
+            let target = if name == format!("{}/kernel", l.name) {
+                &mut p.kernel
+            } else if name == format!("{}/bias", l.name) {
+                &mut p.bias
+            } else {
+                continue;
+            };
+            if target.len() != values.len() {
+                return Err(ConvnetError::Shape(format!(
+                    "{name}: {} values given, the layer has {}",
+                    values.len(),
+                    target.len()
+                )));
+            }
+            target.copy_from_slice(values);
+            return Ok(());
+        }
+        Err(ConvnetError::Shape(format!("no tensor named {name}")))
+    }
+
+    fn check(&self, x: &[f32], y: Option<&[f32]>, rows: usize) -> Result<(), ConvnetError> {
+        let per = self.input.iter().product::<usize>();
+        if x.len() != rows * per {
+            return Err(ConvnetError::Shape(format!("{} input values for {rows} images of {:?}", x.len(), self.input)));
+        }
+        if let Some(y) = y
+            && y.len() != rows * self.output_dim()
+        {
+            return Err(ConvnetError::Shape(format!(
+                "{} labels for {rows} rows of {} outputs",
+                y.len(),
+                self.output_dim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Forward pass of `rows` images; the logits end in `self.acts[n]`.
+    /// `rng`: training (dropout on, the backward pass's state kept).
+    fn forward<R: Rng>(&mut self, x: &[f32], rows: usize, mut rng: Option<&mut R>) {
+        let n = self.layers.len();
+        let threads = self.threads;
+        self.acts[0].clear();
+        self.acts[0].extend_from_slice(x);
+        for i in 0..n {
+            let (before, after) = self.acts.split_at_mut(i + 1);
+            let (xin, y) = (&before[i], &mut after[0]);
+            let l = &self.layers[i];
+            let w = &mut self.work[i];
+            let last = i + 1 == n;
+            match l.spec {
+                LayerSpec::Conv2d { activation, .. } => {
+                    let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
+                    conv2d::forward(g, &p.kernel, &p.bias, xin, rows, y, &mut w.conv, threads);
+                    activate(activation, y, last);
+                }
+                LayerSpec::MaxPooling2d { .. } => {
+                    let Some(g) = l.pool.as_ref() else { continue };
+                    pooling::forward(g, xin, rows, y, &mut w.argmax);
+                }
+                LayerSpec::Flatten => {
+                    // NHWC is already Keras's flatten order: a copy, no permutation.
+                    y.clear();
+                    y.extend_from_slice(xin);
+                }
+                LayerSpec::Dropout { rate } => {
+                    y.clear();
+                    y.extend_from_slice(xin);
+                    if let Some(rng) = rng.as_deref_mut()
+                        && rate > 0.0
+                    {
+                        dropout::forward(rate, y, &mut w.mask, rng);
+                    }
+                }
+                LayerSpec::Dense { units, activation } => {
+                    let Some(p) = self.params[i].as_ref() else { continue };
+                    let d = l.input.len();
+                    y.clear();
+                    for _ in 0..rows {
+                        y.extend_from_slice(&p.bias);
+                    }
+                    matmul(rows, units, d, xin, Layout::N, &p.kernel, Layout::N, y, true, threads);
+                    activate(activation, y, last);
+                }
+            }
+        }
+    }
+
+    /// Backward pass from `dz` (gradient of the mean loss w.r.t. the
+    /// logits): each parameter tensor's gradient, in [`Convnet::tensors`] order.
+    fn backward(&mut self, dz: Vec<f32>, rows: usize) -> Vec<Vec<f32>> {
+        let n = self.layers.len();
+        let threads = self.threads;
+        let mut grads: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; n];
+        let mut d = dz;
+        let mut dx = Vec::new();
+        for i in (0..n).rev() {
+            let l = &self.layers[i];
+            let w = &mut self.work[i];
+            let (xin, yout) = (&self.acts[i], &self.acts[i + 1]);
+            let first = i == 0;
+            match l.spec {
+                LayerSpec::Conv2d { activation, .. } => {
+                    let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
+                    if i + 1 != n {
+                        activation_backward(activation, yout, &mut d);
+                    }
+                    let mut dk = vec![0.0; p.kernel.len()];
+                    let mut db = vec![0.0; p.bias.len()];
+                    conv2d::backward(
+                        g,
+                        &p.kernel,
+                        &d,
+                        rows,
+                        &w.conv,
+                        &mut dk,
+                        &mut db,
+                        (!first).then_some(&mut dx),
+                        &mut w.conv_scratch,
+                        threads,
+                    );
+                    grads[i] = Some((dk, db));
+                    std::mem::swap(&mut d, &mut dx);
+                }
+                LayerSpec::MaxPooling2d { .. } => {
+                    let Some(g) = l.pool.as_ref() else { continue };
+                    pooling::backward(g, &d, &w.argmax, rows, &mut dx);
+                    std::mem::swap(&mut d, &mut dx);
+                }
+                LayerSpec::Flatten => {}
+                LayerSpec::Dropout { rate } => {
+                    if rate > 0.0 {
+                        dropout::backward(&w.mask, &mut d);
+                    }
+                }
+                LayerSpec::Dense { units, activation } => {
+                    let Some(p) = self.params[i].as_ref() else { continue };
+                    if i + 1 != n {
+                        activation_backward(activation, yout, &mut d);
+                    }
+                    let din = l.input.len();
+                    let mut dk = vec![0.0; p.kernel.len()];
+                    matmul_tn_split(din, units, rows, xin, &d, &mut dk, threads, &mut w.split);
+                    let mut db = vec![0.0; units];
+                    conv2d::bias_gradient(&d, units, &mut db);
+                    if !first {
+                        dx.clear();
+                        dx.resize(rows * din, 0.0);
+                        matmul(rows, din, units, &d, Layout::N, &p.kernel, Layout::T, &mut dx, false, threads);
+                        std::mem::swap(&mut d, &mut dx);
+                    }
+                    grads[i] = Some((dk, db));
+                }
+            }
+        }
+        grads.into_iter().flatten().flat_map(|(k, b)| [k, b]).collect()
+    }
+
+    /// The gradient of the batch-mean loss w.r.t. every parameter tensor, and
+    /// what the batch scored (before any update).
+    pub fn gradients<R: Rng + Send>(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        rng: &mut R,
+    ) -> Result<(StepStats, Vec<Vec<f32>>), ConvnetError> {
+        self.check(x, Some(y), rows)?;
+        let pool = self.pool.clone();
+        Ok(pool.install(|| {
+            self.forward(x, rows, Some(rng));
+            let logits = &self.acts[self.layers.len()];
+            let (loss, correct, dz) = loss_and_grad(self.loss, logits, y, rows, true);
+            let grads = self.backward(dz, rows);
+            (StepStats { loss: (loss / rows.max(1) as f64) as f32, correct }, grads)
+        }))
+    }
+
+    /// One training step: forward, backward, optimizer update.
+    pub fn train_batch<R: Rng + Send>(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        opt: &mut ConvOptimizer,
+        rng: &mut R,
+    ) -> Result<StepStats, ConvnetError> {
+        let (stats, grads) = self.gradients(x, y, rows, rng)?;
+        let pool = self.pool.clone();
+        pool.install(|| {
+            let mut params: Vec<&mut Vec<f32>> =
+                self.params.iter_mut().flatten().flat_map(|p| [&mut p.kernel, &mut p.bias]).collect();
+            opt.step(&mut params, &grads);
+        });
+        Ok(stats)
+    }
+
+    /// Summed loss and correct count over `rows` (inference: no dropout).
+    pub fn evaluate(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<(f64, f64), ConvnetError> {
+        self.check(x, Some(y), rows)?;
+        let pool = self.pool.clone();
+        Ok(pool.install(|| {
+            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            let (loss, correct, _) = loss_and_grad(self.loss, &self.acts[self.layers.len()], y, rows, false);
+            (loss, correct)
+        }))
+    }
+
+    /// Probabilities (sigmoid or softmax of the last layer), `[rows, outputs]`.
+    pub fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, ConvnetError> {
+        self.check(x, None, rows)?;
+        let pool = self.pool.clone();
+        let loss = self.loss;
+        let c = self.output_dim();
+        Ok(pool.install(|| {
+            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            let z = &self.acts[self.layers.len()];
+            match loss {
+                LossKind::BinaryCrossentropy => z.iter().map(|&v| sigmoid(v)).collect(),
+                LossKind::CategoricalCrossentropy => z.chunks_exact(c).flat_map(softmax).collect(),
+            }
+        }))
+    }
+}
+
+fn softmax(z: &[f32]) -> Vec<f32> {
+    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = z.iter().map(|&v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+/// A hidden layer's activation, in place. The last layer's sigmoid or
+/// softmax is left to the loss, which works from the logits.
+fn activate(a: Activation, v: &mut [f32], last: bool) {
+    if last {
+        return;
+    }
+    match a {
+        Activation::Relu => v.iter_mut().for_each(|x| *x = x.max(0.0)),
+        Activation::Sigmoid => v.iter_mut().for_each(|x| *x = sigmoid(*x)),
+        Activation::Tanh => v.iter_mut().for_each(|x| *x = x.tanh()),
+        Activation::Linear | Activation::Softmax => {}
+    }
+}

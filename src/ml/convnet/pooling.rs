@@ -1,0 +1,91 @@
+//! `MaxPooling2D` as Keras's default (`strides = pool_size`, `padding =
+//! 'valid'`): the output is `floor((size - pool) / stride) + 1`, so the last
+//! row/column of an odd map is never read (9 -> 4, 15 -> 7, 11 -> 5 in
+//! chapter 5). The forward pass keeps each output's argmax, and the
+//! backward pass sends the gradient there alone; of equal values the first
+//! in row-major order wins, as TensorFlow's kernel does.
+
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolGeometry {
+    pub in_h: usize,
+    pub in_w: usize,
+    pub c: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl PoolGeometry {
+    /// `None` when the window does not fit the map (pooling a 1x1 map by 2).
+    pub fn new(input: [usize; 3], pool: [usize; 2], strides: [usize; 2]) -> Option<PoolGeometry> {
+        let [in_h, in_w, c] = input;
+        let ([ph, pw], [sh, sw]) = (pool, strides);
+        if ph == 0 || pw == 0 || sh == 0 || sw == 0 || in_h < ph || in_w < pw {
+            return None;
+        }
+        Some(PoolGeometry { in_h, in_w, c, ph, pw, sh, sw, out_h: (in_h - ph) / sh + 1, out_w: (in_w - pw) / sw + 1 })
+    }
+
+    pub fn in_len(&self) -> usize {
+        self.in_h * self.in_w * self.c
+    }
+
+    pub fn out_len(&self) -> usize {
+        self.out_h * self.out_w * self.c
+    }
+
+    fn image_forward(&self, x: &[f32], y: &mut [f32], arg: &mut [u32]) {
+        let c = self.c;
+        for oy in 0..self.out_h {
+            for ox in 0..self.out_w {
+                let o = (oy * self.out_w + ox) * c;
+                let first = ((oy * self.sh) * self.in_w + ox * self.sw) * c;
+                y[o..o + c].copy_from_slice(&x[first..first + c]);
+                for (a, i) in arg[o..o + c].iter_mut().zip(first..) {
+                    *a = i as u32;
+                }
+                for dy in 0..self.ph {
+                    for dx in 0..self.pw {
+                        let s = ((oy * self.sh + dy) * self.in_w + ox * self.sw + dx) * c;
+                        for ch in 0..c {
+                            // Strictly greater: the first maximum keeps the gradient.
+                            if x[s + ch] > y[o + ch] {
+                                y[o + ch] = x[s + ch];
+                                arg[o + ch] = (s + ch) as u32;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Pools `rows` images; `arg` gets, per output, the index of its input
+/// inside its own image.
+pub fn forward(g: &PoolGeometry, x: &[f32], rows: usize, y: &mut Vec<f32>, arg: &mut Vec<u32>) {
+    y.resize(rows * g.out_len(), 0.0);
+    arg.resize(rows * g.out_len(), 0);
+    y.par_chunks_mut(g.out_len())
+        .zip(arg.par_chunks_mut(g.out_len()))
+        .zip(x.par_chunks(g.in_len()))
+        .for_each(|((y, arg), x)| g.image_forward(x, y, arg));
+}
+
+/// Routes `dy` back to the argmax of each window.
+pub fn backward(g: &PoolGeometry, dy: &[f32], arg: &[u32], rows: usize, dx: &mut Vec<f32>) {
+    dx.clear();
+    dx.resize(rows * g.in_len(), 0.0);
+    dx.par_chunks_mut(g.in_len()).zip(dy.par_chunks(g.out_len())).zip(arg.par_chunks(g.out_len())).for_each(
+        |((dx, dy), arg)| {
+            for (&a, &d) in arg.iter().zip(dy) {
+                dx[a as usize] += d;
+            }
+        },
+    );
+}

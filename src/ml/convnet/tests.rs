@@ -1,0 +1,326 @@
+//! Finite-difference gradient checks of every layer, the optimizer step
+//! against Keras's formula, the book's parameter counts, determinism.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::conv2d::Padding;
+use super::spec::{Pair, resolve};
+use super::*;
+use crate::ml::activation::Activation;
+use crate::ml::optimizer::OptimizerSpec;
+
+fn conv(filters: usize, k: usize, s: usize, padding: Padding, activation: Activation) -> LayerSpec {
+    LayerSpec::Conv2d { filters, kernel_size: Pair::One(k), strides: Pair::One(s), padding, activation }
+}
+fn pool(p: usize) -> LayerSpec {
+    LayerSpec::MaxPooling2d { pool_size: Pair::One(p), strides: None }
+}
+fn dense(units: usize, activation: Activation) -> LayerSpec {
+    LayerSpec::Dense { units, activation }
+}
+
+fn data(input: [usize; 3], rows: usize, classes: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x = (0..rows * input.iter().product::<usize>()).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let y = if classes == 1 {
+        (0..rows).map(|r| (r % 2) as f32).collect()
+    } else {
+        let mut y = vec![0.0; rows * classes];
+        for r in 0..rows {
+            y[r * classes + r % classes] = 1.0;
+        }
+        y
+    };
+    (x, y)
+}
+
+/// The batch-mean loss with dropout masks drawn from `seed` (the same
+/// masks at every call).
+fn loss(m: &mut Convnet, x: &[f32], y: &[f32], rows: usize, seed: u64) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (s, _) = m.gradients(x, y, rows, &mut rng).unwrap();
+    f64::from(s.loss)
+}
+
+/// Central differences against the analytic gradient, for up to `per`
+/// entries of every tensor.
+/// `eps`: small enough that no ReLU or pooling argmax changes side within ±eps.
+fn gradient_check(input: [usize; 3], specs: &[LayerSpec], classes: usize, rows: usize, eps: f32) {
+    let mut m = Convnet::new(input, specs, 7, 2).unwrap();
+    // Non-zero biases so that no ReLU sits exactly at its kink.
+    let names: Vec<(String, usize)> = m.tensors().iter().map(|(n, _, v)| (n.clone(), v.len())).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (name, len) in &names {
+        if name.ends_with("/bias") {
+            let b: Vec<f32> = (0..*len).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+            m.set_tensor(name, &b).unwrap();
+        }
+    }
+    let (x, y) = data(input, rows, classes, 11);
+    let mut r = ChaCha8Rng::seed_from_u64(99);
+    let (_, grads) = m.gradients(&x, &y, rows, &mut r).unwrap();
+    assert_eq!(grads.len(), names.len());
+    let mut checked = 0;
+    for ((name, len), g) in names.iter().zip(&grads) {
+        let values: Vec<f32> = m.tensors().into_iter().find(|(n, _, _)| n == name).unwrap().2.to_vec();
+        let step = (len / 12).max(1);
+        for j in (0..*len).step_by(step) {
+            let mut v = values.clone();
+            v[j] = values[j] + eps;
+            m.set_tensor(name, &v).unwrap();
+            let up = loss(&mut m, &x, &y, rows, 99);
+            v[j] = values[j] - eps;
+            m.set_tensor(name, &v).unwrap();
+            let down = loss(&mut m, &x, &y, rows, 99);
+            m.set_tensor(name, &values).unwrap();
+            let numeric = (up - down) / (2.0 * f64::from(eps));
+            let analytic = f64::from(g[j]);
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 + 2e-2 * analytic.abs(),
+                "{name}[{j}]: numeric {numeric:.6} vs analytic {analytic:.6}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20);
+}
+
+#[test]
+fn conv2d_valid_and_same_with_strides_on_odd_sizes_match_finite_differences() {
+    let specs = [
+        conv(3, 3, 1, Padding::Valid, Activation::Tanh), // 9x7 -> 7x5
+        conv(4, 3, 2, Padding::Same, Activation::Tanh),  // 7x5 -> 4x3 (odd total padding)
+        conv(2, 2, 1, Padding::Same, Activation::Tanh),  // even kernel: the extra pad goes bottom/right
+        LayerSpec::Flatten,
+        dense(3, Activation::Softmax),
+    ];
+    gradient_check([9, 7, 2], &specs, 3, 3, 1e-2);
+}
+
+#[test]
+fn max_pooling_of_odd_sizes_and_relu_match_finite_differences() {
+    let specs = [
+        conv(3, 2, 1, Padding::Valid, Activation::Relu), // 10x12 -> 9x11
+        pool(2),                                         // 9x11 -> 4x5: last row and column dropped
+        conv(2, 1, 1, Padding::Valid, Activation::Tanh),
+        pool(3), // 4x5 -> 1x1
+        LayerSpec::Flatten,
+        dense(1, Activation::Sigmoid),
+    ];
+    gradient_check([10, 12, 1], &specs, 1, 4, 1e-3);
+}
+
+#[test]
+fn flatten_dropout_and_dense_match_finite_differences() {
+    let specs = [
+        conv(2, 3, 1, Padding::Same, Activation::Tanh),
+        LayerSpec::Flatten,
+        LayerSpec::Dropout { rate: 0.4 },
+        dense(5, Activation::Relu),
+        LayerSpec::Dropout { rate: 0.3 },
+        dense(2, Activation::Softmax),
+    ];
+    gradient_check([5, 5, 3], &specs, 2, 5, 1e-3);
+}
+
+#[test]
+fn pooling_drops_the_odd_edge_as_keras_valid() {
+    for (size, want) in [(9, 4), (15, 7), (11, 5), (2, 1)] {
+        let g = pooling::PoolGeometry::new([size, size, 1], [2, 2], [2, 2]).unwrap();
+        assert_eq!((g.out_h, g.out_w), (want, want));
+    }
+    assert!(pooling::PoolGeometry::new([1, 1, 8], [2, 2], [2, 2]).is_none());
+    // Ties: the first maximum in row-major order takes the gradient.
+    let g = pooling::PoolGeometry::new([3, 3, 1], [2, 2], [2, 2]).unwrap();
+    let x = [1.0, 5.0, 9.0, 5.0, 2.0, 9.0, 9.0, 9.0, 9.0];
+    let (mut y, mut arg) = (Vec::new(), Vec::new());
+    pooling::forward(&g, &x, 1, &mut y, &mut arg);
+    assert_eq!((y, arg.clone()), (vec![5.0], vec![1]));
+    let mut dx = Vec::new();
+    pooling::backward(&g, &[2.5], &arg, 1, &mut dx);
+    assert_eq!(dx, vec![0.0, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+}
+
+#[test]
+fn dropout_keeps_one_minus_rate_scaled_by_its_inverse() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut x = vec![1.0f32; 100_000];
+    let mut mask = Vec::new();
+    dropout::forward(0.5, &mut x, &mut mask, &mut rng);
+    let kept = x.iter().filter(|&&v| v != 0.0).count() as f64 / x.len() as f64;
+    assert!((kept - 0.5).abs() < 0.01, "kept {kept}");
+    assert!(x.iter().all(|&v| v == 0.0 || v == 2.0));
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64;
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+}
+
+#[test]
+fn rmsprop_step_is_keras_formula() {
+    // One dense unit, so the step can be written out by hand.
+    let specs = [LayerSpec::Flatten, dense(1, Activation::Sigmoid)];
+    let mut m = Convnet::new([1, 1, 2], &specs, 0, 1).unwrap();
+    m.set_tensor("dense/kernel", &[0.5, -0.25]).unwrap();
+    let (x, y) = (vec![1.0f32, 2.0], vec![1.0f32]);
+    let (lr, rho, eps) = (1e-3f32, 0.9f32, 1e-7f32);
+    let mut opt = ConvOptimizer::new(OptimizerSpec::Rmsprop { learning_rate: lr, rho, epsilon: eps });
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut w = [0.5f32, -0.25, 0.0];
+    let mut v = [0.0f32; 3];
+    for _ in 0..3 {
+        // d loss / d z = sigmoid(z) - y for binary cross-entropy.
+        let z = w[0] * x[0] + w[1] * x[1] + w[2];
+        let dz = 1.0 / (1.0 + (-z).exp()) - y[0];
+        let g = [dz * x[0], dz * x[1], dz];
+        for j in 0..3 {
+            // keras/optimizers/rmsprop.py: v = rho v + (1 - rho) g^2; w -= lr g / sqrt(v + eps)
+            v[j] = rho * v[j] + (1.0 - rho) * g[j] * g[j];
+            w[j] -= lr * g[j] / (v[j] + eps).sqrt();
+        }
+        m.train_batch(&x, &y, 1, &mut opt, &mut rng).unwrap();
+    }
+    let t = m.tensors();
+    let got = [t[0].2[0], t[0].2[1], t[1].2[0]];
+    for j in 0..3 {
+        assert!((got[j] - w[j]).abs() <= 1e-6, "w[{j}]: {} vs {}", got[j], w[j]);
+    }
+    assert_eq!(opt.iterations(), 3);
+}
+
+fn mnist_book() -> Vec<LayerSpec> {
+    vec![
+        conv(32, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(64, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(64, 3, 1, Padding::Valid, Activation::Relu),
+        LayerSpec::Flatten,
+        dense(64, Activation::Relu),
+        dense(10, Activation::Softmax),
+    ]
+}
+
+#[test]
+fn the_books_two_summaries_count_every_parameter() {
+    let (layers, _) = resolve([28, 28, 1], &mnist_book()).unwrap();
+    let p: Vec<usize> = layers.iter().map(|l| l.params).collect();
+    assert_eq!(p, vec![320, 0, 18_496, 0, 36_928, 0, 36_928, 650]);
+    assert_eq!(p.iter().sum::<usize>(), 93_322);
+    let text = spec::summary("mnist", [28, 28, 1], &layers);
+    assert!(text.contains("conv2d_2 (Conv2D)") && text.contains("(None, 3, 3, 64)"), "{text}");
+    assert!(text.contains("Total params: 93,322"), "{text}");
+
+    let cats = [
+        conv(32, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(64, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(128, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(128, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        LayerSpec::Flatten,
+        dense(512, Activation::Relu),
+        dense(1, Activation::Sigmoid),
+    ];
+    let (layers, _) = resolve([150, 150, 3], &cats).unwrap();
+    let shapes: Vec<String> = layers.iter().map(|l| l.output.keras()).collect();
+    assert_eq!(shapes[7], "(None, 7, 7, 128)");
+    assert_eq!(shapes[8], "(None, 6272)");
+    assert_eq!(layers.iter().map(|l| l.params).sum::<usize>(), 3_453_121);
+}
+
+#[test]
+fn layer_lists_that_cannot_be_built_are_refused_by_index() {
+    let e = resolve([1, 1, 4], &[pool(2), LayerSpec::Flatten, dense(1, Activation::Sigmoid)]).unwrap_err();
+    assert!(matches!(e, ConvnetError::Layer { index: 0, .. }), "{e}");
+    let e = resolve([8, 8, 1], &[conv(2, 3, 1, Padding::Valid, Activation::Relu), dense(1, Activation::Sigmoid)])
+        .unwrap_err();
+    assert!(matches!(&e, ConvnetError::Layer { index: 1, message } if message.contains("flatten")), "{e}");
+    let e = resolve([8, 8, 1], &[LayerSpec::Flatten, dense(3, Activation::Relu)]).unwrap_err();
+    assert!(matches!(e, ConvnetError::Spec(_)), "{e}");
+}
+
+#[test]
+fn same_seed_and_threads_give_bit_identical_weights() {
+    let run = || {
+        let mut m = Convnet::new([28, 28, 1], &mnist_book(), 5, 2).unwrap();
+        let mut opt = ConvOptimizer::new(OptimizerSpec::rmsprop(1e-3));
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (x, y) = data([28, 28, 1], 16, 10, 2);
+        for _ in 0..3 {
+            m.train_batch(&x, &y, 16, &mut opt, &mut rng).unwrap();
+        }
+        m.tensors()
+            .into_iter()
+            .flat_map(|(_, _, v)| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn glorot_uniform_kernels_and_zero_biases() {
+    let m = Convnet::new([28, 28, 1], &mnist_book(), 5, 1).unwrap();
+    for (name, shape, v) in m.tensors() {
+        if name.ends_with("/bias") {
+            assert!(v.iter().all(|&b| b == 0.0), "{name}");
+            continue;
+        }
+        let (fan_in, fan_out) = match shape.as_slice() {
+            [kh, kw, i, o] => (kh * kw * i, kh * kw * o),
+            [i, o] => (*i, *o),
+            _ => unreachable!(),
+        };
+        let limit = (6.0 / (fan_in + fan_out) as f32).sqrt();
+        let max = v.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
+        assert!(max <= limit && max > 0.9 * limit, "{name}: max {max} limit {limit}");
+    }
+}
+
+#[test]
+fn safetensors_round_trip_rebuilds_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let mut m = Convnet::new([28, 28, 1], &mnist_book(), 5, 1).unwrap();
+    m.save_safetensors(&path).unwrap();
+    let mut back = Convnet::load_safetensors(&path, 1).unwrap();
+    let (x, _) = data([28, 28, 1], 3, 10, 4);
+    assert_eq!(m.predict(&x, 3).unwrap(), back.predict(&x, 3).unwrap());
+}
+
+#[test]
+fn matches_the_numpy_reference() {
+    let text = include_str!("../../../tests/fixtures/convnet/reference.json");
+    let r: serde_json::Value = serde_json::from_str(text).unwrap();
+    let vec = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|f| f.as_f64().unwrap() as f32).collect()
+    };
+    let specs = [
+        conv(3, 3, 1, Padding::Valid, Activation::Relu),
+        pool(2),
+        conv(4, 2, 1, Padding::Same, Activation::Tanh),
+        LayerSpec::Flatten,
+        dense(3, Activation::Softmax),
+    ];
+    let mut m = Convnet::new([7, 6, 2], &specs, 0, 2).unwrap();
+    for (name, v) in r["tensors"].as_object().unwrap() {
+        m.set_tensor(name, &vec(v)).unwrap();
+    }
+    let (x, y) = (vec(&r["x"]), vec(&r["y"]));
+    let p = m.predict(&x, 2).unwrap();
+    for (a, b) in p.iter().zip(vec(&r["probabilities"])) {
+        assert!((a - b).abs() < 1e-5, "probability {a} vs {b}");
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (stats, grads) = m.gradients(&x, &y, 2, &mut rng).unwrap();
+    assert!((f64::from(stats.loss) - r["loss"].as_f64().unwrap()).abs() < 1e-5);
+    let names: Vec<String> = m.tensors().into_iter().map(|(n, _, _)| n).collect();
+    for (name, g) in names.iter().zip(&grads) {
+        let want = vec(&r["gradients"][name]);
+        assert_eq!(want.len(), g.len(), "{name}");
+        for (j, (a, b)) in g.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-5, "{name}[{j}]: {a} vs {b}");
+        }
+    }
+}
