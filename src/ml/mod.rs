@@ -1,12 +1,14 @@
 //! Model-side math with no pipeline in sight, testable alone.
 //!
-//! - Frozen inference: [`onnx`] (the ONNX Runtime session) and
-//!   [`preprocess`] (its input conventions).
+//! - Frozen inference: [`onnx`] (the ONNX Runtime session),
+//!   [`preprocess`] (its input conventions) and [`cuda`] (what its CUDA
+//!   provider needs).
 //! - What trainers share: [`activation`], [`loss`] and [`optimizer`] (Keras's
 //!   names, defaults and formulas).
 //! - Trainers: [`head`], the dense head on cached features.
 
 pub mod activation;
+pub mod cuda;
 pub mod head;
 pub mod loss;
 pub mod onnx;
