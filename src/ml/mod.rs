@@ -1,14 +1,16 @@
 //! Model-side math with no pipeline in sight, testable alone.
 //!
-//! - Frozen inference: [`onnx`] (the ONNX Runtime session) and
-//!   [`preprocess`] (its input conventions).
+//! - Frozen inference: [`onnx`] (the ONNX Runtime session),
+//!   [`preprocess`] (its input conventions) and [`cuda`] (what its CUDA
+//!   provider needs).
 //! - What trainers share: [`activation`], [`loss`] and [`optimizer`] (Keras's
 //!   names, defaults and formulas).
 //! - Trainers: [`head`], the dense head on cached features; [`convnet`], the
-//!   trainable layers of a convnet (and of a fine-tuned block).
+//!   trainable layers of a convnet.
 
 pub mod activation;
 pub mod convnet;
+pub mod cuda;
 pub mod head;
 pub mod loss;
 pub mod onnx;

@@ -77,6 +77,9 @@ fn library_candidates() -> Vec<PathBuf> {
 
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 
+/// The library [`environment`] loaded, for what sits beside it (the CUDA provider).
+static LIBRARY_PATH: OnceLock<PathBuf> = OnceLock::new();
+
 /// Loads the library once per process.
 pub fn environment() -> Result<&'static Environment, OnnxError> {
     let result = ENVIRONMENT.get_or_init(|| {
@@ -87,6 +90,7 @@ pub fn environment() -> Result<&'static Environment, OnnxError> {
         };
         let lib_err =
             |e: &dyn std::fmt::Display| OnnxError::Library { path: path.clone(), message: e.to_string() }.to_string();
+        let _ = LIBRARY_PATH.set(path.clone());
         let builder = ort::init_from(path).map_err(|e| lib_err(&e))?;
         builder.with_name("convflow").build().map_err(|e| lib_err(&e))
     });
@@ -120,20 +124,24 @@ impl OnnxModel {
                 .and_then(|b| Ok(b.with_intra_op_spinning(spinning)?))
                 .map_err(|e| model_err(&e))
         };
-        let cuda_available = ort::ep::CUDA::is_available().unwrap_or(false);
         let (session, provider, fallback_warning) = match device {
             Device::Cpu => (base()?.commit_from_file(path).map_err(|e| model_err(&e))?, Provider::Cpu, None),
             Device::Cuda | Device::Auto => {
-                let attempt = if cuda_available {
-                    base()?
+                // What is missing is named before ONNX Runtime tries (and,
+                // for some missing libraries, only logs why it fell back).
+                let ready = LIBRARY_PATH.get().map_or(Ok(()), |lib| super::cuda::prepare(lib)).and_then(|()| {
+                    match ort::ep::CUDA::is_available() {
+                        Ok(true) => Ok(()),
+                        _ => Err("ONNX Runtime does not list the CUDA execution provider as available".to_string()),
+                    }
+                });
+                let attempt = ready.and_then(|()| {
+                    base()
+                        .map_err(|e| e.to_string())?
                         .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
                         .map_err(|e| e.to_string())
                         .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
-                } else {
-                    Err("this ONNX Runtime build has no CUDA execution provider \
-                         (install onnxruntime-gpu: CONVFLOW_ORT=gpu models/setup.sh)"
-                        .to_string())
-                };
+                });
                 match (attempt, device) {
                     (Ok(s), _) => (s, Provider::Cuda, None),
                     (Err(e), Device::Cuda) => return Err(model_err(&format!("device: cuda requested but {e}"))),
