@@ -97,9 +97,9 @@ impl ShardSpec {
     /// The shard's (index, count), reading the environment through `env`
     /// for `auto` (a function, so tests need not touch the process's own).
     pub fn resolve(self, env: &dyn Fn(&str) -> Option<String>) -> Result<(u64, u64), ShardError> {
-        let ShardSpec::Auto { count: given } = self else {
-            let ShardSpec::Fixed { index, count } = self else { unreachable!("two variants") };
-            return Ok((index, count));
+        let given = match self {
+            ShardSpec::Fixed { index, count } => return Ok((index, count)),
+            ShardSpec::Auto { count } => count,
         };
         let Some(&(engine, index_var, count_var)) = ENGINES.iter().find(|(_, i, _)| env(i).is_some()) else {
             let names: Vec<&str> = ENGINES.iter().map(|(_, i, _)| *i).collect();
