@@ -98,7 +98,11 @@ enum Command {
         pipeline: PipelineArgs,
     },
     /// List stage kinds with their options and defaults.
-    Stages,
+    Stages {
+        /// As Markdown: the page docs/stages.md.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Inspect the feature cache.
     Cache {
         #[command(subcommand)]
@@ -197,8 +201,8 @@ fn load_with_metrics(args: &PipelineArgs, registry: &Registry) -> Result<(Graph,
 
 fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Stages => {
-            print!("{}", registry.describe());
+        Command::Stages { markdown } => {
+            print!("{}", if markdown { registry.describe_markdown() } else { registry.describe() });
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { pipeline } => Ok(match load(&pipeline, registry) {

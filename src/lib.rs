@@ -6,14 +6,17 @@
 //! - [`config`]: YAML -> typed config; `${param}` substitution, `--set`
 //!   overrides; every problem with file:line:col, stage id and field.
 //! - [`graph`]: the validated DAG: ids, edges, item kinds, topological order.
-//! - [`runtime`]: builds actors from the graph, bounded edges, worker pools,
+//! - [`runtime`]: a run in phases (plan the caches, build the actors, wire
+//!   the bounded edges, start the threads, supervise), worker pools,
 //!   ordering, shutdown, and the run report.
 //! - [`stage`]: the stage API (what a built-in or user stage implements).
 //! - [`stages`]: one file per built-in stage, and the registry.
 //! - [`item`]: the items that flow along edges.
 //! - [`augment`]: Keras `ImageDataGenerator` augmentation as one affine
 //!   warp (pure; the `augment` stage and `augment-preview` use it).
-//! - [`ml`]: the ONNX Runtime session and input preprocessing.
+//! - [`ml`]: model math with no pipeline in sight: frozen inference through
+//!   ONNX Runtime (`ml::onnx`), what every trainer shares (`ml::activation`,
+//!   `ml::loss`, `ml::optimizer`) and the dense head (`ml::head`).
 //! - [`cache`]: the content-addressed, crash-safe feature store.
 //! - [`telemetry`]: metric names, per-stage counters, logging.
 //! - [`npy`]: streaming `.npy` output.

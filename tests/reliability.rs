@@ -596,6 +596,9 @@ fn every_bad_image_is_skipped_and_listed_in_the_report_and_skipped_csv() {
     for row in &csv {
         assert_eq!(row[1], "decode", "{row:?}");
         assert!(!row[2].is_empty() && row[0].starts_with(&data.display().to_string()), "{row:?}");
+        if row[0].contains("truncated") {
+            assert!(row[2].starts_with("truncated"), "a file cut short says so: {row:?}");
+        }
     }
     let bomb = csv.iter().find(|r| r[0].ends_with("bomb.gif")).unwrap();
     assert!(bomb[2].contains("65535x65535 is over max_pixels"), "refused from its header: {bomb:?}");

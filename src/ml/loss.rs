@@ -3,8 +3,12 @@
 
 use super::activation::sigmoid;
 
-// TEMPORARY SHIM (pre-merge): head's LossKind
-pub use super::head::LossKind;
+/// Which loss the last layer implies: sigmoid -> binary, softmax -> categorical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossKind {
+    BinaryCrossentropy,
+    CategoricalCrossentropy,
+}
 
 pub fn probabilities(loss: LossKind, logits: &[f32], c: usize, out: &mut Vec<f32>) {
     match loss {

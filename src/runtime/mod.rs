@@ -280,13 +280,36 @@ enum Actor {
     Pool(Vec<Box<dyn crate::stage::Stage>>),
 }
 
-/// Runs the graph to completion (or interrupt) and returns the report.
+/// Runs the graph to completion (or interrupt) and returns the report, in
+/// five phases: plan the caches, build every stage (so a bad config or a
+/// missing model stops before any work), wire the bounded edges, start one
+/// thread per actor, supervise them to the end; then report.
 pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let caches = plan_caches(graph)?;
+    let actors = build_actors(graph, options, &caches)?;
+    let edges = wire_edges(graph);
+    let setup = started.elapsed();
+    let shared = Arc::new(Shared {
+        signals: options.signals.clone(),
+        skipped: Mutex::new(Vec::new()),
+        failure: Mutex::new(None),
+        summaries: Mutex::new(HashMap::new()),
+    });
+    let mut instruments = Instruments::new(graph, options, &caches, &edges, &actors);
+    let running = start_actors(graph, actors, edges, &instruments, &shared)?;
+    supervise(graph, options, running, &mut instruments)?;
 
-    // Build every stage before starting any thread: a missing model or a
-    // bad folder stops the run before any work.
+    let report = report::build(graph, &instruments.stats, &shared, &caches.handles, started.elapsed(), setup);
+    let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
+    match failure {
+        Some((stage, message)) => Err(RunError::Stage { stage, message, report: Box::new(report) }),
+        None => Ok(report),
+    }
+}
+
+/// Builds every copy of every stage before any thread starts.
+fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Result<Vec<Actor>, RunError> {
     let mut actors = Vec::new();
     for (i, stage) in graph.stages.iter().enumerate() {
         let copies = if stage.info.is_source() { 1 } else { stage.spec.workers };
@@ -329,99 +352,145 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         };
         actors.push(actor);
     }
+    Ok(actors)
+}
 
-    // One bounded input channel per consuming stage; all its inputs send to it.
-    let mut senders: Vec<Option<Sender<Envelope>>> = Vec::new();
-    let mut receivers: Vec<Option<Receiver<Envelope>>> = Vec::new();
+/// One bounded input channel per consuming stage; all its inputs send to it.
+/// Sources have neither end.
+struct Edges {
+    senders: Vec<Option<Sender<Envelope>>>,
+    receivers: Vec<Option<Receiver<Envelope>>>,
+}
+
+fn wire_edges(graph: &Graph) -> Edges {
+    let mut edges = Edges { senders: Vec::new(), receivers: Vec::new() };
     for stage in &graph.stages {
         if stage.info.is_source() {
-            senders.push(None);
-            receivers.push(None);
+            edges.senders.push(None);
+            edges.receivers.push(None);
         } else {
             let (tx, rx) = bounded(stage.spec.channel_capacity.unwrap_or(graph.channel_capacity));
-            senders.push(Some(tx));
-            receivers.push(Some(rx));
+            edges.senders.push(Some(tx));
+            edges.receivers.push(Some(rx));
         }
+    }
+    edges
+}
+
+/// What watches the run: per-stage counters, the Prometheus series (each
+/// present from the start, reading 0 rather than missing) and the progress
+/// display of the sources and sinks.
+struct Instruments {
+    stats: Vec<Arc<StageStats>>,
+    labels: Vec<StageLabels>,
+    fills: Vec<metrics::Gauge>,
+    cache_metrics: CacheMetrics,
+    time_metrics: TimeMetrics,
+    progress: Progress,
+}
+
+impl Instruments {
+    fn new(graph: &Graph, options: &RunOptions, caches: &CachePlan, edges: &Edges, actors: &[Actor]) -> Instruments {
+        let stats: Vec<Arc<StageStats>> = graph.stages.iter().map(|_| Arc::new(StageStats::default())).collect();
+        let labels: Vec<StageLabels> =
+            graph.stages.iter().map(|s| StageLabels::new(&graph.name, s.id(), options.metrics)).collect();
+        let fills: Vec<metrics::Gauge> = labels
+            .iter()
+            .zip(&edges.senders)
+            .map(|(l, tx)| if tx.is_some() { l.gauge(telemetry::CHANNEL_FILL) } else { metrics::Gauge::noop() })
+            .collect();
+        for (i, tx) in edges.senders.iter().enumerate() {
+            if let Some(tx) = tx {
+                labels[i].gauge(telemetry::CHANNEL_CAPACITY).set(tx.capacity().unwrap_or(0) as f64);
+                fills[i].set(0.0);
+            }
+            labels[i].counter(telemetry::ITEMS_IN).absolute(0);
+            labels[i].counter(telemetry::ITEMS_OUT).absolute(0);
+        }
+        let cache_metrics = CacheMetrics::new(&caches.handles, &labels);
+        cache_metrics.sync();
+        let time_metrics = TimeMetrics::new(&stats, &labels);
+        time_metrics.sync();
+        let mut tracked = Vec::new();
+        let totals: Vec<Option<u64>> =
+            actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
+        for (i, stage) in graph.stages.iter().enumerate() {
+            if let Some(n) = totals[i] {
+                labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
+            }
+            let role = if stage.info.is_source() {
+                Role::Source
+            } else if stage.outputs.is_empty() {
+                Role::Sink
+            } else {
+                continue;
+            };
+            let total = match role {
+                Role::Source => totals[i],
+                Role::Sink => graph
+                    .ancestors(i)
+                    .into_iter()
+                    .filter(|&j| graph.stages[j].info.is_source())
+                    .map(|j| totals[j])
+                    .sum::<Option<u64>>(),
+            };
+            tracked.push(Tracked { stage: stage.id().to_string(), role, total, stats: stats[i].clone() });
+        }
+        let progress = Progress::new(options.progress, tracked);
+        Instruments { stats, labels, fills, cache_metrics, time_metrics, progress }
     }
 
-    let setup = started.elapsed();
-    let shared = Arc::new(Shared {
-        signals: options.signals.clone(),
-        skipped: Mutex::new(Vec::new()),
-        failure: Mutex::new(None),
-        summaries: Mutex::new(HashMap::new()),
-    });
-    let stats: Vec<Arc<StageStats>> = graph.stages.iter().map(|_| Arc::new(StageStats::default())).collect();
-    let labels: Vec<StageLabels> =
-        graph.stages.iter().map(|s| StageLabels::new(&graph.name, s.id(), options.metrics)).collect();
-    let fills: Vec<metrics::Gauge> = labels
-        .iter()
-        .zip(&senders)
-        .map(|(l, tx)| if tx.is_some() { l.gauge(telemetry::CHANNEL_FILL) } else { metrics::Gauge::noop() })
-        .collect();
-    for (i, tx) in senders.iter().enumerate() {
-        if let Some(tx) = tx {
-            labels[i].gauge(telemetry::CHANNEL_CAPACITY).set(tx.capacity().unwrap_or(0) as f64);
-            fills[i].set(0.0);
-        }
-        // Series that exist from the start read 0 rather than missing.
-        labels[i].counter(telemetry::ITEMS_IN).absolute(0);
-        labels[i].counter(telemetry::ITEMS_OUT).absolute(0);
+    fn sync(&mut self) {
+        self.progress.tick();
+        self.cache_metrics.sync();
+        self.time_metrics.sync();
     }
-    let cache_metrics = CacheMetrics::new(&caches.handles, &labels);
-    cache_metrics.sync();
-    let time_metrics = TimeMetrics::new(&stats, &labels);
-    time_metrics.sync();
-    let mut tracked = Vec::new();
-    let totals: Vec<Option<u64>> =
-        actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
-    for (i, stage) in graph.stages.iter().enumerate() {
-        if let Some(n) = totals[i] {
-            labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
-        }
-        let role = if stage.info.is_source() {
-            Role::Source
-        } else if stage.outputs.is_empty() {
-            Role::Sink
-        } else {
-            continue;
-        };
-        let total = match role {
-            Role::Source => totals[i],
-            Role::Sink => graph
-                .ancestors(i)
-                .into_iter()
-                .filter(|&j| graph.stages[j].info.is_source())
-                .map(|j| totals[j])
-                .sum::<Option<u64>>(),
-        };
-        tracked.push(Tracked { stage: stage.id().to_string(), role, total, stats: stats[i].clone() });
-    }
-    let mut progress = Progress::new(options.progress, tracked);
-    let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<usize>();
+}
+
+/// The actors' threads, and the channel on which each says it has ended.
+struct Running {
+    handles: Vec<Option<std::thread::JoinHandle<()>>>,
+    exited: Receiver<usize>,
+}
+
+/// Starts one thread per actor. The edges are consumed: once every sender
+/// is held by an actor alone, channels close as stages finish.
+fn start_actors(
+    graph: &Graph,
+    actors: Vec<Actor>,
+    mut edges: Edges,
+    inst: &Instruments,
+    shared: &Arc<Shared>,
+) -> Result<Running, RunError> {
+    let (exit_tx, exited) = crossbeam_channel::unbounded::<usize>();
     let mut handles = Vec::new();
     for (i, actor) in actors.into_iter().enumerate() {
         let stage = &graph.stages[i];
-        let l = &labels[i];
+        let l = &inst.labels[i];
         let out = Emitter {
-            senders: stage.outputs.iter().filter_map(|&j| senders[j].clone()).collect(),
-            stats: stats[i].clone(),
+            senders: stage.outputs.iter().filter_map(|&j| edges.senders[j].clone()).collect(),
+            stats: inst.stats[i].clone(),
             metrics: EmitMetrics {
                 items_out: l.counter(telemetry::ITEMS_OUT),
-                fills: stage.outputs.iter().filter(|&&j| senders[j].is_some()).map(|&j| fills[j].clone()).collect(),
+                fills: stage
+                    .outputs
+                    .iter()
+                    .filter(|&&j| edges.senders[j].is_some())
+                    .map(|&j| inst.fills[j].clone())
+                    .collect(),
             },
         };
         let run = Arc::new(StageRun {
             id: stage.id().to_string(),
             labels: l.clone(),
             items_in: l.counter(telemetry::ITEMS_IN),
-            fill: fills[i].clone(),
+            fill: inst.fills[i].clone(),
             on_error: stage.spec.on_error,
             passes_precomputed: stage.info.passes_precomputed,
             shared: shared.clone(),
-            stats: stats[i].clone(),
+            stats: inst.stats[i].clone(),
         });
-        let rx = receivers[i].take();
+        let rx = edges.receivers[i].take();
         let exit_tx = exit_tx.clone();
         let handle = std::thread::Builder::new()
             .name(stage.id().to_string())
@@ -441,30 +510,30 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
             })?;
         handles.push(Some(handle));
     }
-    // Only actors hold senders now, so channels close as stages finish.
-    drop(senders);
-    drop(exit_tx);
+    Ok(Running { handles, exited })
+}
 
-    // Wait for every actor; after an interrupt, only until the deadline.
+/// Waits for every actor; after an interrupt, only until the drain deadline,
+/// then names the stages still running.
+fn supervise(graph: &Graph, options: &RunOptions, mut r: Running, inst: &mut Instruments) -> Result<(), RunError> {
     let mut running = graph.stages.len();
     let mut deadline: Option<Instant> = None;
     while running > 0 {
-        progress.tick();
-        cache_metrics.sync();
-        time_metrics.sync();
+        inst.sync();
         if deadline.is_none() && options.signals.should_stop() {
             deadline = Some(Instant::now() + options.drain_deadline);
         }
-        match exit_rx.recv_timeout(Duration::from_millis(100)) {
+        match r.exited.recv_timeout(Duration::from_millis(100)) {
             Ok(i) => {
-                if let Some(h) = handles[i].take() {
+                if let Some(h) = r.handles[i].take() {
                     let _ = h.join();
                 }
                 running -= 1;
             }
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if deadline.is_some_and(|d| Instant::now() > d) {
-                    let stages: Vec<&str> = handles
+                    let stages: Vec<&str> = r
+                        .handles
                         .iter()
                         .enumerate()
                         .filter(|(_, h)| h.is_some())
@@ -476,16 +545,10 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
     }
-
-    progress.finish();
-    cache_metrics.sync();
-    time_metrics.sync();
-    let report = report::build(graph, &stats, &shared, &caches.handles, started.elapsed(), setup);
-    let failure = shared.failure.lock().ok().and_then(|mut f| f.take());
-    match failure {
-        Some((stage, message)) => Err(RunError::Stage { stage, message, report: Box::new(report) }),
-        None => Ok(report),
-    }
+    inst.progress.finish();
+    inst.cache_metrics.sync();
+    inst.time_metrics.sync();
+    Ok(())
 }
 
 /// Writes the report as JSON, creating the folder, and `skipped.csv`

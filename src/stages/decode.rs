@@ -15,6 +15,7 @@
 //! 4.0). Off by default, so the default stays the exact full decode the
 //! book's code path sees.
 
+mod complete;
 mod jpeg;
 
 use std::io::Cursor;
@@ -39,6 +40,12 @@ pub struct DecodeConfig {
     /// existed stay valid.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "size_or_side")]
     pub min_size: Option<[u32; 2]>,
+    /// PIL's `ImageFile.LOAD_TRUNCATED_IMAGES`: decode a JPEG cut short,
+    /// its missing rows filled in, instead of skipping it. Off by default: a
+    /// truncated file is a bad file. Absent from the canonical options when
+    /// off, so existing cache keys stay valid.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub load_truncated_images: bool,
 }
 
 /// `[h, w]`, or `n` for `[n, n]` (so a scalar `${param}` can set it, or `null` unset it).
@@ -78,6 +85,12 @@ impl StageConfig for DecodeConfig {
             default: "null (full decode)",
             help: "decode JPEGs at the smallest 1/2, 1/4, 1/8 scale still this big (faster, smoother pixels)",
         },
+        OptionDoc {
+            name: "load_truncated_images",
+            ty: "bool",
+            default: "false",
+            help: "PIL's LOAD_TRUNCATED_IMAGES: decode JPEGs cut short (missing rows filled) instead of skipping them",
+        },
     ];
     const PARALLEL: bool = true;
     const AFFECTS_PIXELS: bool = true;
@@ -95,7 +108,9 @@ impl StageConfig for DecodeConfig {
     }
 
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let decoder = Decoder::new(self.max_pixels, self.min_size.map(|[h, w]| (h, w))).map_err(StageError::fatal)?;
+        let decoder = Decoder::new(self.max_pixels, self.min_size.map(|[h, w]| (h, w)))
+            .map_err(StageError::fatal)?
+            .load_truncated_images(self.load_truncated_images);
         Ok(Built::Stage(Box::new(Decode { decoder })))
     }
 }
@@ -107,6 +122,7 @@ struct Decode {
 /// The decode stage's work on one worker, also usable on its own (benches).
 pub struct Decoder {
     max_pixels: u64,
+    load_truncated: bool,
     /// (height, width) and the decompressor that honours it.
     scaled: Option<((u32, u32), jpeg::ScaledJpeg)>,
 }
@@ -118,18 +134,27 @@ impl Decoder {
             Some(size) => Some((size, jpeg::ScaledJpeg::new()?)),
             None => None,
         };
-        Ok(Decoder { max_pixels, scaled })
+        Ok(Decoder { max_pixels, load_truncated: false, scaled })
+    }
+
+    /// PIL's `LOAD_TRUNCATED_IMAGES` (see [`DecodeConfig`]).
+    pub fn load_truncated_images(mut self, on: bool) -> Self {
+        self.load_truncated = on;
+        self
     }
 
     /// Like [`decode_image`], with the DCT-domain scaling when `min_size` is set.
     pub fn decode(&mut self, bytes: &[u8]) -> Result<RgbImage, String> {
+        if !self.load_truncated {
+            complete::check(bytes)?;
+        }
         if let Some(((min_h, min_w), jpeg)) = &mut self.scaled
             && bytes.starts_with(&[0xFF, 0xD8, 0xFF])
             && let Some(img) = decode_scaled(jpeg, bytes, *min_h, *min_w, self.max_pixels)
         {
             return Ok(img);
         }
-        decode_image(bytes, self.max_pixels)
+        decode_any(bytes, self.max_pixels)
     }
 }
 
@@ -172,16 +197,27 @@ fn decode_scaled(
     Some(dynamic.into_rgb8())
 }
 
-/// Decodes one file's bytes; the error says why, for the skipped list.
+/// Decodes one file's bytes; the error says why, for the skipped list. A
+/// file cut short is an error ("truncated: ...").
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
+    complete::check(bytes)?;
+    decode_any(bytes, max_pixels)
+}
+
+/// [`decode_image`] without the completeness check: what a decoder makes of
+/// the bytes, a JPEG cut short included.
+fn decode_any(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
+    }
+    if bytes.starts_with(&[0x00, 0x05, 0x16, 0x07]) {
+        return Err("an AppleDouble file (macOS metadata, `._` name), not an image".into());
     }
     let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| e.to_string())?;
     if reader.format().is_none() {
         return Err("not a recognised image format".into());
     }
-    let mut decoder = reader.into_decoder().map_err(|e| format!("cannot decode: {e}"))?;
+    let mut decoder = reader.into_decoder().map_err(decode_error)?;
     let (w, h) = decoder.dimensions();
     if (w as u64) * (h as u64) > max_pixels {
         return Err(format!("{w}x{h} is over max_pixels ({max_pixels})"));
@@ -190,7 +226,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
         return Err("image has no pixels".into());
     }
     let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode: {e}"))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
@@ -198,6 +234,18 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
     })
+}
+
+/// The decoder's error as a reason; a file that ends early says "truncated".
+fn decode_error(e: image::ImageError) -> String {
+    let eof = match &e {
+        image::ImageError::IoError(io) => io.kind() == std::io::ErrorKind::UnexpectedEof,
+        other => {
+            let m = other.to_string().to_ascii_lowercase();
+            m.contains("eof") || m.contains("end of file") || m.contains("unexpected end") || m.contains("truncat")
+        }
+    };
+    if eof { format!("truncated: the file ends early ({e})") } else { format!("cannot decode: {e}") }
 }
 
 impl Stage for Decode {
@@ -314,7 +362,7 @@ mod tests {
     fn bad_files_get_the_outcome_and_messages_of_the_full_path() {
         let good = photo(400, 300);
         let bad_fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad");
-        // The truncated photo: libjpeg warns and the default decoder fills in grey, as before.
+        // Every one is refused the same way on both paths; a photo cut short as truncated.
         let mut cases: Vec<Vec<u8>> = vec![
             Vec::new(),
             b"not an image".to_vec(),
@@ -333,5 +381,121 @@ mod tests {
         }
         let err = Decoder::new(1000, Some((10, 10))).unwrap().decode(&good).unwrap_err();
         assert!(err.contains("400x300 is over max_pixels (1000)"), "{err}");
+    }
+
+    fn fixture(rel: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/tests/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    }
+
+    /// Every format convflow reads, cut at several points from just after
+    /// the header to one byte short, is refused as truncated on the default
+    /// path and the `min_size` path alike.
+    #[test]
+    fn files_cut_short_are_truncated_on_every_path_and_format() {
+        let mut files: Vec<(String, Vec<u8>)> = vec![("photo.jpg".into(), photo(400, 300))];
+        for f in [
+            "images/cats/cat.1.jpg",
+            "images/cats/progressive.jpg",
+            "images/dogs/cmyk.jpg",
+            "images/dogs/rotated.jpg",
+            "images/cats/cat.2.png",
+            "images/cats/alpha.png",
+            "images/dogs/deep.png",
+            "formats/cats/palette.gif",
+            "formats/cats/anim.gif",
+            "formats/cats/plain.bmp",
+            "formats/cats/lzw.tif",
+            "formats/dogs/plain.tif",
+            "formats/dogs/lossy.webp",
+            "formats/dogs/lossless.webp",
+        ] {
+            files.push((f.into(), fixture(f)));
+        }
+        let mut scaled = Decoder::new(178_956_970, Some((16, 16))).unwrap();
+        let mut failures = Vec::new();
+        for (name, bytes) in &files {
+            decode_image(bytes, u64::MAX).unwrap_or_else(|e| panic!("{name} whole: {e}"));
+            // A GIF's first frame is the image (as in PIL): cut after it, it
+            // is whole. Its last bytes can be the LZW end code and padding,
+            // which no decoder needs for the pixels, so it is not cut one short.
+            let gif = name.ends_with(".gif");
+            let n = if gif { first_gif_frame_end(bytes) } else { bytes.len() };
+            let cuts = [n / 4, n / 2, 3 * n / 4, 9 * n / 10, n - 1];
+            for &cut in &cuts[..if gif { 4 } else { 5 }] {
+                for (path, got) in
+                    [("default", decode_image(&bytes[..cut], u64::MAX)), ("min_size", scaled.decode(&bytes[..cut]))]
+                {
+                    match got {
+                        Err(e) if e.starts_with("truncated") => {}
+                        other => failures
+                            .push(format!("{name} cut at {cut}/{n}, {path}: {:?}", other.map(|i| i.dimensions()))),
+                    }
+                }
+            }
+        }
+        assert!(failures.is_empty(), "not refused as truncated:\n{}", failures.join("\n"));
+    }
+
+    /// Where a GIF's first image ends: after its image descriptor, local
+    /// colour table and LZW data sub-blocks.
+    fn first_gif_frame_end(b: &[u8]) -> usize {
+        let mut i = 13 + if b[10] & 0x80 != 0 { 3 << ((b[10] & 7) + 1) } else { 0 };
+        let sub_blocks = |mut i: usize| {
+            while b[i] != 0 {
+                i += b[i] as usize + 1;
+            }
+            i + 1
+        };
+        loop {
+            match b[i] {
+                0x21 => i = sub_blocks(i + 2),
+                0x2C => {
+                    let local = if b[i + 9] & 0x80 != 0 { 3 << ((b[i + 9] & 7) + 1) } else { 0 };
+                    return sub_blocks(i + 10 + local + 1);
+                }
+                other => panic!("unexpected GIF block {other:#x} at {i}"),
+            }
+        }
+    }
+
+    #[test]
+    fn gif_frames_after_the_first_are_not_needed_as_in_pil() {
+        let anim = fixture("formats/cats/anim.gif");
+        let end = first_gif_frame_end(&anim);
+        assert!(end < anim.len() - 10, "the fixture has a second frame");
+        assert_eq!(decode_image(&anim[..end], u64::MAX).unwrap(), decode_image(&anim, u64::MAX).unwrap());
+        assert!(decode_image(&anim[..end * 9 / 10], u64::MAX).unwrap_err().starts_with("truncated"));
+    }
+
+    #[test]
+    fn load_truncated_images_decodes_a_jpeg_cut_short_as_pil_does() {
+        let bytes = photo(400, 300);
+        let cut = &bytes[..bytes.len() / 2];
+        for min_size in [None, Some((150, 150))] {
+            let mut d = Decoder::new(178_956_970, min_size).unwrap().load_truncated_images(true);
+            let img = d.decode(cut).unwrap();
+            assert_eq!(img.dimensions(), (400, 300), "the full size, the missing rows filled in");
+            let mut strict = Decoder::new(178_956_970, min_size).unwrap();
+            assert!(strict.decode(cut).unwrap_err().starts_with("truncated"));
+        }
+        let on: DecodeConfig = serde_json::from_value(serde_json::json!({"load_truncated_images": true})).unwrap();
+        assert!(serde_json::to_string(&on).unwrap().contains("load_truncated_images"), "a different cache key");
+    }
+
+    #[test]
+    fn a_corrupt_png_checksum_an_appledouble_file_and_a_one_pixel_image() {
+        let mut png = fixture("images/cats/cat.2.png");
+        let last_idat_byte = png.len() - 12 - 5;
+        png[last_idat_byte] ^= 0x55;
+        let err = decode_image(&png, u64::MAX).unwrap_err();
+        assert!(err.contains("CRC mismatch in the IDAT chunk"), "{err}");
+        let mut apple = vec![0x00, 0x05, 0x16, 0x07, 0, 2, 0, 0];
+        apple.extend([0u8; 80]);
+        assert!(decode_image(&apple, u64::MAX).unwrap_err().contains("AppleDouble"));
+        let one = RgbImage::from_pixel(1, 1, image::Rgb([10, 20, 30]));
+        let mut jpg = Vec::new();
+        JpegEncoder::new_with_quality(&mut jpg, 95).encode_image(&one).unwrap();
+        assert_eq!(decode_image(&jpg, u64::MAX).unwrap().dimensions(), (1, 1));
+        assert_eq!(scaled(150, 150).decode(&jpg).unwrap().dimensions(), (1, 1));
     }
 }

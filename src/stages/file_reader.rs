@@ -71,7 +71,12 @@ impl StageConfig for FileReaderConfig {
         },
         OptionDoc { name: "shuffle", ty: "bool", default: "false", help: "shuffle the file order" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "shuffle seed" },
-        OptionDoc { name: "follow_links", ty: "bool", default: "false", help: "follow symbolic links" },
+        OptionDoc {
+            name: "follow_links",
+            ty: "bool",
+            default: "false",
+            help: "walk linked folders below the class folders (linked files are always read, as in Keras)",
+        },
         OptionDoc { name: "epochs", ty: "int", default: "1", help: "passes over the files, reshuffled each" },
         OptionDoc {
             name: "variants",
@@ -116,6 +121,9 @@ struct Entry {
     path: PathBuf,
     label: Option<Label>,
     split: Option<Arc<str>>,
+    /// Why this listed file cannot be read (a dangling symbolic link): it is
+    /// skipped and listed with the reason when its turn comes.
+    problem: Option<&'static str>,
 }
 
 /// Lists every file up front (paths only: small even for millions) so the
@@ -128,7 +136,7 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
     };
     let mut class_names: Vec<String> = Vec::new();
     for (_, root) in &roots {
-        for name in subfolders(root, cfg.follow_links)? {
+        for name in subfolders(root)? {
             if !class_names.contains(&name) {
                 class_names.push(name);
             }
@@ -163,8 +171,9 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
             let mut files = Vec::new();
             walk(&folder, &exts, cfg.follow_links, !flat, &mut files, &mut Vec::new())?;
             files.sort();
-            entries.extend(files.into_iter().map(|path| Entry {
+            entries.extend(files.into_iter().map(|(path, problem)| Entry {
                 path,
+                problem,
                 label: match (index, mode) {
                     (Some(index), ClassMode::Binary | ClassMode::Categorical) => {
                         Some(Label { index, classes: classes.clone(), mode })
@@ -181,12 +190,14 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
     Ok(entries)
 }
 
-fn subfolders(root: &Path, follow_links: bool) -> Result<Vec<String>, String> {
+/// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder
+/// is one whatever `follow_links` says (that governs the folders below).
+fn subfolders(root: &Path) -> Result<Vec<String>, String> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
     for entry in rd.flatten() {
         let is_dir = match entry.file_type() {
-            Ok(t) if t.is_symlink() => follow_links && entry.path().is_dir(),
+            Ok(t) if t.is_symlink() => entry.path().is_dir(),
             Ok(t) => t.is_dir(),
             Err(_) => false,
         };
@@ -200,6 +211,11 @@ fn subfolders(root: &Path, follow_links: bool) -> Result<Vec<String>, String> {
 /// Deepest folder nesting walked (a guard for pathological trees).
 const MAX_DEPTH: usize = 32;
 
+/// Files with one of `exts`, as Keras lists them: a symbolic link to a file
+/// is read like any file; one to a folder is walked only with `follow`
+/// (Keras's `follow_links`); a dangling one with an image extension is kept
+/// with its problem, to be skipped and listed rather than lost without a word.
+///
 /// `stack` holds the real paths of the folders being walked (its length is
 /// the depth), so a symbolic link back to one of them is named as a loop
 /// instead of recursing forever.
@@ -208,7 +224,7 @@ fn walk(
     exts: &[String],
     follow: bool,
     recurse: bool,
-    out: &mut Vec<PathBuf>,
+    out: &mut Vec<(PathBuf, Option<&'static str>)>,
     stack: &mut Vec<PathBuf>,
 ) -> Result<(), String> {
     if stack.len() > MAX_DEPTH {
@@ -223,21 +239,26 @@ fn walk(
     for entry in rd.flatten() {
         let path = entry.path();
         let Ok(t) = entry.file_type() else { continue };
-        let (is_dir, is_file) = if t.is_symlink() {
-            if !follow {
-                continue;
-            }
-            (path.is_dir(), path.is_file())
-        } else {
-            (t.is_dir(), t.is_file())
-        };
-        if is_dir && recurse {
-            walk(&path, exts, follow, recurse, out, stack)?;
-        } else if is_file {
+        let has_ext = || {
             let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-            if exts.contains(&ext) {
-                out.push(path);
+            exts.contains(&ext)
+        };
+        if t.is_symlink() {
+            if path.is_dir() {
+                if follow && recurse {
+                    walk(&path, exts, follow, recurse, out, stack)?;
+                }
+            } else if path.is_file() {
+                if has_ext() {
+                    out.push((path, None));
+                }
+            } else if has_ext() {
+                out.push((path, Some("dangling symbolic link: its target does not exist")));
             }
+        } else if t.is_dir() && recurse {
+            walk(&path, exts, follow, recurse, out, stack)?;
+        } else if t.is_file() && has_ext() {
+            out.push((path, None));
         }
     }
     stack.pop();
@@ -296,6 +317,10 @@ impl Source for FileReader {
                     return Ok(());
                 }
                 let entry = &self.listing[index];
+                if let Some(problem) = entry.problem {
+                    (ctx.skip)(StageError::item(&entry.path, problem));
+                    continue;
+                }
                 let bytes = match std::fs::read(&entry.path) {
                     Ok(b) => b,
                     Err(e) => {
