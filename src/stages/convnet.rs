@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::trainer::{Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage};
+use super::trainer::{Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
 use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
@@ -175,26 +175,9 @@ impl StageConfig for ConvnetConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        if self.epochs == Some(0) {
-            errors.push(FieldError::new("epochs", "must be at least 1"));
-        }
-        if self.streaming && self.epochs.is_some() {
-            errors.push(FieldError::new(
-                "epochs",
-                "with streaming: true the training source's `epochs` sets the number of epochs; remove this",
-            ));
-        }
-        if self.batch_size == 0 {
-            errors.push(FieldError::new("batch_size", "must be at least 1"));
-        }
+        let mut errors = check_training(self.epochs, self.streaming, self.batch_size, self.early_stopping.as_ref());
         if !(self.rescale.is_finite() && self.rescale > 0.0) {
             errors.push(FieldError::new("rescale", "must be a positive number"));
-        }
-        if let Some(es) = &self.early_stopping
-            && es.patience == 0
-        {
-            errors.push(FieldError::new("early_stopping", "patience must be at least 1"));
         }
         // Without a declared shape, a stand-in one still catches the
         // structural mistakes (dense on a map, conv2d on a vector); the sizes

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage};
+use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::head::{Head, LayerSpec, Optimizer, OptimizerSpec};
 use crate::ml::loss::LossKind;
@@ -147,24 +147,7 @@ impl StageConfig for DenseHeadConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        if self.epochs == Some(0) {
-            errors.push(FieldError::new("epochs", "must be at least 1"));
-        }
-        if self.streaming && self.epochs.is_some() {
-            errors.push(FieldError::new(
-                "epochs",
-                "with streaming: true the training source's `epochs` sets the number of epochs; remove this",
-            ));
-        }
-        if self.batch_size == 0 {
-            errors.push(FieldError::new("batch_size", "must be at least 1"));
-        }
-        if let Some(es) = &self.early_stopping
-            && es.patience == 0
-        {
-            errors.push(FieldError::new("early_stopping", "patience must be at least 1"));
-        }
+        let errors = check_training(self.epochs, self.streaming, self.batch_size, self.early_stopping.as_ref());
         errors
     }
 

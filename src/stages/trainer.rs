@@ -40,6 +40,34 @@ fn default_monitor() -> Monitor {
     Monitor::ValLoss
 }
 
+/// The option checks every trainer shares: epochs, streaming, batch size,
+/// early stopping.
+pub fn check_training(
+    epochs: Option<usize>,
+    streaming: bool,
+    batch_size: usize,
+    early_stopping: Option<&EarlyStopping>,
+) -> Vec<crate::stage::FieldError> {
+    use crate::stage::FieldError;
+    let mut errors = Vec::new();
+    if epochs == Some(0) {
+        errors.push(FieldError::new("epochs", "must be at least 1"));
+    }
+    if streaming && epochs.is_some() {
+        errors.push(FieldError::new(
+            "epochs",
+            "with streaming: true the training source's `epochs` sets the number of epochs; remove this",
+        ));
+    }
+    if batch_size == 0 {
+        errors.push(FieldError::new("batch_size", "must be at least 1"));
+    }
+    if early_stopping.is_some_and(|es| es.patience == 0) {
+        errors.push(FieldError::new("early_stopping", "patience must be at least 1"));
+    }
+    errors
+}
+
 /// The options every trainer has, as its config gives them.
 #[derive(Debug, Clone)]
 pub struct Common {
