@@ -19,83 +19,14 @@
 
 use std::time::{Duration, Instant};
 
-use convflow::ml::activation::Activation;
-use convflow::ml::convnet::conv2d::Padding;
-use convflow::ml::convnet::spec::Pair;
+mod common;
+
+use common::convnets::{block5, cats_dogs, mnist};
 use convflow::ml::convnet::{ConvOptimizer, Convnet, LayerSpec};
 use convflow::ml::optimizer::OptimizerSpec;
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn conv(filters: usize, padding: Padding) -> LayerSpec {
-    LayerSpec::Conv2d {
-        filters,
-        kernel_size: Pair::One(3),
-        strides: Pair::One(1),
-        padding,
-        activation: Activation::Relu,
-    }
-}
-fn pool() -> LayerSpec {
-    LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None }
-}
-fn dense(units: usize, activation: Activation) -> LayerSpec {
-    LayerSpec::Dense { units, activation }
-}
-
-fn block5() -> ([usize; 3], Vec<LayerSpec>) {
-    let s = Padding::Same;
-    (
-        [9, 9, 512],
-        vec![
-            conv(512, s),
-            conv(512, s),
-            conv(512, s),
-            pool(),
-            LayerSpec::Flatten,
-            dense(256, Activation::Relu),
-            dense(1, Activation::Sigmoid),
-        ],
-    )
-}
-
-fn mnist() -> ([usize; 3], Vec<LayerSpec>) {
-    let v = Padding::Valid;
-    (
-        [28, 28, 1],
-        vec![
-            conv(32, v),
-            pool(),
-            conv(64, v),
-            pool(),
-            conv(64, v),
-            LayerSpec::Flatten,
-            dense(64, Activation::Relu),
-            dense(10, Activation::Softmax),
-        ],
-    )
-}
-
-fn cats_dogs() -> ([usize; 3], Vec<LayerSpec>) {
-    let v = Padding::Valid;
-    (
-        [150, 150, 3],
-        vec![
-            conv(32, v),
-            pool(),
-            conv(64, v),
-            pool(),
-            conv(128, v),
-            pool(),
-            conv(128, v),
-            pool(),
-            LayerSpec::Flatten,
-            dense(512, Activation::Relu),
-            dense(1, Activation::Sigmoid),
-        ],
-    )
-}
 
 /// FLOP of one training step: 2 per multiply-add, three products per layer
 /// (forward, weight gradient, input gradient) except the first layer's

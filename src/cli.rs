@@ -197,8 +197,11 @@ fn summary(g: &Graph) -> ExitCode {
     let mut printed = 0;
     let mut failed = false;
     for (i, s) in g.stages.iter().enumerate() {
-        let size = g.ancestors(i).into_iter().rev().find_map(|j| g.stages[j].config.image_size());
-        match s.config.model_summary(s.id(), size) {
+        let up = g.ancestors(i).into_iter().rev();
+        let size = up.clone().find_map(|j| g.stages[j].config.image_size());
+        let channels = up.clone().find_map(|j| g.stages[j].config.image_channels()).unwrap_or(3);
+        let upstream = size.map(|(h, w)| [h as usize, w as usize, channels as usize]);
+        match s.config.model_summary(s.id(), upstream) {
             None => {}
             Some(Ok(text)) => {
                 print!("{}{text}", if printed > 0 { "\n" } else { "" });

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 /// What an edge carries. Each stage kind declares which kinds it takes and
@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub enum ItemKind {
     /// Encoded file contents (JPEG, PNG, ...), already hashed.
     Bytes,
-    /// A decoded 8-bit RGB image, height x width x 3.
+    /// A decoded 8-bit image: RGB (height x width x 3) or, after
+    /// `decode: {color_mode: grayscale}`, one channel (height x width x 1).
     Image,
     /// Several items grouped for one model call, in source order.
     Batch,
@@ -85,6 +86,8 @@ pub struct Features {
 pub enum Payload {
     Bytes(Arc<[u8]>),
     Image(RgbImage),
+    /// An 8-bit one-channel image (`color_mode: grayscale`); of kind `image`.
+    Gray(GrayImage),
     Batch(Vec<Item>),
     Features(Features),
 }
@@ -99,7 +102,7 @@ impl Item {
     pub fn kind(&self) -> ItemKind {
         match self.payload {
             Payload::Bytes(_) => ItemKind::Bytes,
-            Payload::Image(_) => ItemKind::Image,
+            Payload::Image(_) | Payload::Gray(_) => ItemKind::Image,
             Payload::Batch(_) => ItemKind::Batch,
             Payload::Features(_) => ItemKind::Features,
         }

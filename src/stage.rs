@@ -153,6 +153,8 @@ pub struct BuildContext<'a> {
     pub worker: usize,
     /// The image size (height, width) produced upstream, when a stage fixes it.
     pub image_size: Option<(u32, u32)>,
+    /// The channels of the images produced upstream, when a stage fixes them.
+    pub image_channels: Option<u32>,
     /// The feature cache opened for this stage, when it declared one.
     pub cache: Option<CacheHandle>,
     /// For sources: look items up in a downstream stage's cache before
@@ -225,6 +227,11 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
         None
     }
 
+    /// The channels of the images this stage produces, if it fixes them (`decode`: 3 or 1).
+    fn image_channels(&self) -> Option<u32> {
+        None
+    }
+
     /// The cache this stage reads and fills, if any.
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
         Ok(None)
@@ -233,9 +240,9 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
 
     /// For a trainer: its model as Keras's `model.summary()` prints it
-    /// (`convflow summary`), given the image size fixed upstream, if any.
-    /// `None`: not a trainer with a summary.
-    fn model_summary(&self, _stage_id: &str, _image_size: Option<(u32, u32)>) -> Option<Result<String, String>> {
+    /// (`convflow summary`), given the image shape `[height, width,
+    /// channels]` fixed upstream, if any. `None`: not a trainer with a summary.
+    fn model_summary(&self, _stage_id: &str, _upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
         None
     }
 }
@@ -244,11 +251,12 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
 pub trait AnyStageConfig: Send + Sync {
     fn check(&self) -> Vec<FieldError>;
     fn image_size(&self) -> Option<(u32, u32)>;
+    fn image_channels(&self) -> Option<u32>;
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError>;
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
     /// Canonical JSON of the options, defaults filled in (for cache keys).
     fn canonical_json(&self) -> String;
-    fn model_summary(&self, stage_id: &str, image_size: Option<(u32, u32)>) -> Option<Result<String, String>>;
+    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>>;
 }
 
 impl<C: StageConfig> AnyStageConfig for C {
@@ -257,6 +265,9 @@ impl<C: StageConfig> AnyStageConfig for C {
     }
     fn image_size(&self) -> Option<(u32, u32)> {
         StageConfig::image_size(self)
+    }
+    fn image_channels(&self) -> Option<u32> {
+        StageConfig::image_channels(self)
     }
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
         StageConfig::cache(self)
@@ -267,8 +278,8 @@ impl<C: StageConfig> AnyStageConfig for C {
     fn canonical_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
-    fn model_summary(&self, stage_id: &str, image_size: Option<(u32, u32)>) -> Option<Result<String, String>> {
-        StageConfig::model_summary(self, stage_id, image_size)
+    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
+        StageConfig::model_summary(self, stage_id, upstream)
     }
 }
 

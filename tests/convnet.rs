@@ -163,3 +163,113 @@ fn layer_lists_that_cannot_be_built_are_file_line_col_errors() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("dense.yaml:15:9") && err.contains("flatten"), "{err}");
 }
+
+/// Digits with a validation split and dropout, for the checkpoint test.
+fn resumable_yaml(out: &Path) -> String {
+    format!(
+        "name: resumable_mnist
+stages:
+  - id: digits
+    kind: idx_reader
+    splits:
+      - {{name: train, images: models/mnist/train-images-idx3-ubyte, labels: models/mnist/train-labels-idx1-ubyte, limit: 500}}
+      - {{name: validation, images: models/mnist/t10k-images-idx3-ubyte, labels: models/mnist/t10k-labels-idx1-ubyte, skip: 200, limit: 100}}
+      - {{name: test, images: models/mnist/t10k-images-idx3-ubyte, labels: models/mnist/t10k-labels-idx1-ubyte, limit: 200}}
+    shuffle: true
+    epochs: 8
+  - id: net
+    kind: convnet
+    input: digits
+    out_dir: {out}
+    streaming: true
+    rescale: 0.00392156862745098
+    threads: 2
+    keep_best: true
+    layers:
+      - {{kind: conv2d, filters: 8, kernel_size: 3, activation: relu}}
+      - {{kind: max_pooling2d}}
+      - {{kind: flatten}}
+      - {{kind: dropout, rate: 0.3}}
+      - {{kind: dense, units: 10, activation: softmax}}
+    batch_size: 25
+",
+        out = out.display()
+    )
+}
+
+/// The epoch recorded in a checkpoint's safetensors header, if one is there.
+fn checkpoint_epoch(out: &Path) -> Option<u64> {
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    header["__metadata__"]["epoch"].as_str()?.parse().ok()
+}
+
+fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
+    let m = convflow::ml::convnet::Convnet::load_safetensors(&out.join("model.safetensors"), 1).unwrap();
+    m.tensors().into_iter().map(|(n, _, v)| (n, v.to_vec())).collect()
+}
+
+fn metrics(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_training_killed_mid_run_resumes_to_the_uninterrupted_result() {
+    let Some(_) = mnist() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let o = run_in_root(&common::write_pipeline(dir.path(), "whole.yaml", &resumable_yaml(&whole)));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!whole.join("checkpoint.safetensors").exists(), "a finished training deletes its checkpoint");
+    assert_eq!(metrics(&whole)["resumed_from_epoch"], serde_json::Value::Null);
+
+    // kill -9 once a checkpoint of epoch 2 or later is down.
+    let cut = dir.path().join("cut");
+    let p = common::write_pipeline(dir.path(), "cut.yaml", &resumable_yaml(&cut));
+    let mut child = common::bin().args(["run", "-q"]).arg(&p).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let killed_at = loop {
+        if let Some(e) = checkpoint_epoch(&cut).filter(|&e| e >= 2) {
+            child.kill().unwrap();
+            break e;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint of epoch 2 within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    child.wait().unwrap();
+    assert!(!cut.join("metrics.json").exists(), "killed before the end");
+    let at = checkpoint_epoch(&cut).unwrap();
+    assert!((killed_at..8).contains(&at), "killed at epoch {killed_at}, checkpoint {at}");
+
+    // A pipeline of other options (here only out_dir) does not take it up.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::copy(cut.join("checkpoint.safetensors"), other.join("checkpoint.safetensors")).unwrap();
+    let o = common::bin()
+        .args(["run"])
+        .arg(common::write_pipeline(dir.path(), "other.yaml", &resumable_yaml(&other)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("written by a pipeline with other options"), "{log}");
+    assert_eq!(metrics(&other)["resumed_from_epoch"], serde_json::Value::Null);
+
+    // The same command again: it resumes after the checkpoint's epoch and
+    // ends exactly where the uninterrupted run did.
+    let o = common::bin().args(["run"]).arg(&p).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains(&format!("resuming after epoch {at}")), "{log}");
+    assert_eq!(metrics(&cut)["resumed_from_epoch"], at);
+    assert!(!cut.join("checkpoint.safetensors").exists());
+    for out in [&cut, &other] {
+        assert_eq!(common::history_without_seconds(out), common::history_without_seconds(&whole), "{}", out.display());
+        assert_eq!(weights(out), weights(&whole), "{}: weights", out.display());
+        for key in ["best_epoch", "val_acc", "test_acc", "test_loss"] {
+            assert_eq!(metrics(out)[key], metrics(&whole)[key], "{}: {key}", out.display());
+        }
+    }
+}

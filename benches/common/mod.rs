@@ -1,6 +1,8 @@
 //! Helpers shared by the criterion benches: the images they run on.
 #![allow(dead_code)]
 
+pub mod convnets;
+
 use std::path::{Path, PathBuf};
 
 pub fn root() -> PathBuf {

@@ -7,8 +7,9 @@ convflow's `convnet` layers (`cargo bench --bench convnet`, and the
   mnist      28x28x1, 60,000 images, batch 64, RMSprop, categorical (5.1)
   cats_dogs  150x150x3, 2,000 images, batch 20, RMSprop lr 1e-4, binary (5.2)
 
-Prints one JSON line per model: images/s of the epoch after a warm-up
-epoch (threads: TF's defaults, all cores).
+Prints one JSON line per model: images/s of one epoch after a warm-up of a
+few steps (threads: TF's defaults, all cores). `benches/convnet_epoch.rs` is
+convflow's side; `benches/convnet_vs_keras.sh` runs both.
 
     .bench-venv/bin/python benches/peer/keras_convnet.py [mnist|cats_dogs]
 
@@ -59,7 +60,9 @@ def main():
         m, x, y, batch = {"mnist": mnist, "cats_dogs": cats_dogs}[name]()
         cap = int(os.environ.get("CONVFLOW_KERAS_IMAGES", len(x)))
         x, y = x[:cap], y[:cap]
-        m.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # warm-up: graph tracing
+        # Warm-up: trace the step for a full batch and for the epoch's last, partial one.
+        warm = batch * 5 + len(x) % batch
+        m.fit(x[:warm], y[:warm], batch_size=batch, epochs=1, verbose=0)
         t = time.perf_counter()
         m.fit(x, y, batch_size=batch, epochs=1, verbose=0)
         s = time.perf_counter() - t

@@ -23,7 +23,7 @@ pub mod options;
 pub mod preview;
 pub mod warp;
 
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 pub use draw::DrawKey;
 pub use fill::{Fill, FillMode};
@@ -108,5 +108,21 @@ impl AugmentOptions {
     pub fn augment(&self, img: &RgbImage, epoch: u32, variant: u32, content_hash: &[u8; 32]) -> RgbImage {
         let t = self.transform_for(img, epoch, variant, content_hash);
         apply_transform(img, &t, self.fill(), self.size())
+    }
+
+    /// [`AugmentOptions::augment`] for a one-channel image. It is warped as
+    /// the RGB image of three equal channels and one channel kept: every
+    /// step treats channels alike (one bilinear weight per pixel, one
+    /// channel shift for all channels clipped to the image's own range, one
+    /// brightness factor, one `cval`), so this is exactly the gray result,
+    /// with the same draws as an RGB image of that content.
+    pub fn augment_gray(&self, img: &GrayImage, epoch: u32, variant: u32, content_hash: &[u8; 32]) -> GrayImage {
+        let rgb = RgbImage::from_fn(img.width(), img.height(), |x, y| {
+            let v = img.get_pixel(x, y)[0];
+            image::Rgb([v, v, v])
+        });
+        let out = self.augment(&rgb, epoch, variant, content_hash);
+        GrayImage::from_raw(out.width(), out.height(), out.as_raw().iter().step_by(3).copied().collect())
+            .expect("one byte per pixel")
     }
 }

@@ -226,6 +226,10 @@ fn image_size(graph: &Graph, i: usize) -> Option<(u32, u32)> {
     graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_size())
 }
 
+fn image_channels(graph: &Graph, i: usize) -> Option<u32> {
+    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_channels())
+}
+
 /// The cache counters live in the cache handles (plain atomics the cache
 /// code bumps); they are copied into the metrics while the run goes and
 /// once more at its end, so the last values equal the report's.
@@ -347,6 +351,7 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
                 metrics: options.metrics,
                 worker,
                 image_size: image_size(graph, i),
+                image_channels: image_channels(graph, i),
                 cache: caches.handles.get(&i).cloned(),
                 cache_probe: caches.probes.get(&i).cloned(),
                 cache_probed_upstream: caches.probed.contains(&i),

@@ -76,16 +76,17 @@ struct Augment {
 
 impl Stage for Augment {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
-        let Payload::Image(img) = &item.payload else {
-            return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name())));
-        };
         let m = &item.meta;
         // The source folds the epoch into the variant (variant = epoch when
         // every epoch draws fresh, one of K fixed variants otherwise), so the
         // draw depends on the variant alone and a cached variant's features
         // are right in whichever epoch it is drawn again.
-        let augmented = self.options.augment(img, 0, m.variant, &m.content_hash);
-        out.emit(Item { meta: item.meta, payload: Payload::Image(augmented) })?;
+        let payload = match &item.payload {
+            Payload::Image(img) => Payload::Image(self.options.augment(img, 0, m.variant, &m.content_hash)),
+            Payload::Gray(img) => Payload::Gray(self.options.augment_gray(img, 0, m.variant, &m.content_hash)),
+            _ => return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name()))),
+        };
+        out.emit(Item { meta: item.meta, payload })?;
         Ok(())
     }
 }

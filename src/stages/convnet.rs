@@ -5,8 +5,9 @@
 //! epochs streamed through the graph (an `augment` stage in front works
 //! unchanged).
 //!
-//! Takes 8-bit images (RGB: 3 channels) or `[h, w, c]` tensors (the 1-channel
-//! digits of `idx_reader`), each multiplied by `rescale`. The input shape is
+//! Takes 8-bit images (RGB: 3 channels; after `decode: {color_mode:
+//! grayscale}`, 1) or `[h, w, c]` tensors (the 1-channel digits of
+//! `idx_reader`), each multiplied by `rescale`. The input shape is
 //! that of the first image; `input_shape` (Keras's argument of the first
 //! layer) declares it, so that `convflow validate` and `convflow summary`
 //! know every layer's shape, and an image of another shape stops the run.
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::trainer::checkpoint::ModelState;
 use super::trainer::{Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
@@ -193,22 +195,23 @@ impl StageConfig for ConvnetConfig {
         errors
     }
 
-    fn model_summary(&self, stage_id: &str, image_size: Option<(u32, u32)>) -> Option<Result<String, String>> {
-        // Resized RGB images upstream, unless the shape is declared.
-        let upstream = image_size.map(|(h, w)| [h as usize, w as usize, 3]);
+    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
+        // The images resized upstream, unless the shape is declared.
         Some(self.summary(stage_id, self.input_shape.or(upstream)))
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         // An image size fixed upstream (resize) that the declared shape
         // contradicts stops the run here, before any image is read.
-        if let (Some((h, w)), Some([ih, iw, ic])) = (ctx.image_size, self.input_shape)
-            && (h as usize, w as usize) != (ih, iw)
-        {
-            return Err(StageError::fatal(format!(
-                "convnet `{}`: images arrive as [{h}, {w}, 3] (resized upstream) but input_shape is [{ih}, {iw}, {ic}]",
-                ctx.stage_id
-            )));
+        if let (Some((h, w)), Some(want)) = (ctx.image_size, self.input_shape) {
+            // Channels are checked here when a stage upstream fixes them (decode), else at the first image.
+            let got = [h as usize, w as usize, ctx.image_channels.map_or(want[2], |c| c as usize)];
+            if got != want {
+                return Err(StageError::fatal(format!(
+                    "convnet `{}`: images arrive as {got:?} (resized upstream) but input_shape is {want:?}",
+                    ctx.stage_id
+                )));
+            }
         }
         Ok(Built::Stage(Box::new(TrainerStage::new(Kind { cfg: self.clone(), stage: ctx.stage_id.to_string() }, ctx))))
     }
@@ -222,6 +225,10 @@ struct Kind {
 
 impl TrainerKind for Kind {
     type M = ConvModel;
+
+    fn options(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or_default()
+    }
 
     fn common(&self) -> Common {
         let c = &self.cfg;
@@ -270,6 +277,10 @@ impl TrainerKind for Kind {
         match &item.payload {
             Payload::Image(img) => {
                 let shape = vec![img.height() as usize, img.width() as usize, 3];
+                Ok((img.as_raw().iter().map(|&p| f32::from(p) * s).collect(), shape))
+            }
+            Payload::Gray(img) => {
+                let shape = vec![img.height() as usize, img.width() as usize, 1];
                 Ok((img.as_raw().iter().map(|&p| f32::from(p) * s).collect(), shape))
             }
             Payload::Features(f) if f.shape.len() == 3 => {
@@ -393,5 +404,41 @@ impl Model for ConvModel {
 
     fn l2_penalty(&self) -> f32 {
         0.0
+    }
+
+    /// Each weight tensor by its Keras name; with the optimizer, its two
+    /// slots as `<name>/slot1`, `<name>/slot2`.
+    fn state(&self, opt: Option<&ConvOptimizer>) -> Option<ModelState> {
+        let weights = self.0.tensors();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+            weights.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), v.to_vec())).collect();
+        if let Some(opt) = opt {
+            for ((name, shape, _), (s1, s2)) in weights.iter().zip(opt.slots()) {
+                tensors.push((format!("{name}/slot1"), shape.clone(), s1.clone()));
+                tensors.push((format!("{name}/slot2"), shape.clone(), s2.clone()));
+            }
+        }
+        Some(ModelState { iterations: opt.map(|o| o.iterations()).unwrap_or(0), tensors })
+    }
+
+    fn set_state(&mut self, opt: Option<&mut ConvOptimizer>, state: &ModelState) -> Result<(), String> {
+        let names: Vec<String> = self.0.tensors().into_iter().map(|(n, _, _)| n).collect();
+        for name in &names {
+            self.0.set_tensor(name, state.get(name)?).map_err(|e| e.to_string())?;
+        }
+        // Before its first step an optimizer has no slots (they start at zero then).
+        if let Some(opt) = opt
+            && state.iterations > 0
+        {
+            let mut slots = Vec::new();
+            for name in &names {
+                slots.push((
+                    state.get(&format!("{name}/slot1"))?.to_vec(),
+                    state.get(&format!("{name}/slot2"))?.to_vec(),
+                ));
+            }
+            opt.restore(state.iterations, slots);
+        }
+        Ok(())
     }
 }

@@ -2,6 +2,11 @@
 //! grayscale, CMYK, 16-bit and alpha images become plain RGB (alpha is
 //! dropped, as PIL's `convert('RGB')` does for Keras).
 //!
+//! `color_mode: grayscale` (Keras's `load_img(color_mode='grayscale')`)
+//! makes one-channel images instead, with PIL's `convert('L')` luma
+//! (ITU-R 601-2, in PIL's fixed point), so a gray file keeps its exact
+//! values and a colour one gets the numbers Keras would feed its model.
+//!
 //! With `min_size` (the size a later `resize` makes), JPEGs are decoded by
 //! libjpeg-turbo at the smallest DCT scale (1/2, 1/4, 1/8) whose result still
 //! covers it, as PIL's `Image.draft` does: on the book's photos for a 150x150
@@ -21,7 +26,7 @@ mod jpeg;
 use std::io::Cursor;
 
 use image::metadata::Orientation;
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::item::{Item, ItemKind, Payload};
@@ -46,6 +51,36 @@ pub struct DecodeConfig {
     /// off, so existing cache keys stay valid.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub load_truncated_images: bool,
+    /// Keras's `color_mode`: `rgb` (3 channels) or `grayscale` (1). Absent
+    /// from the canonical options when `rgb`, so existing cache keys stay valid.
+    #[serde(default, skip_serializing_if = "ColorMode::is_rgb")]
+    pub color_mode: ColorMode,
+}
+
+/// The channels a decoded image has, in Keras's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorMode {
+    #[default]
+    Rgb,
+    Grayscale,
+}
+
+impl ColorMode {
+    fn is_rgb(&self) -> bool {
+        *self == ColorMode::Rgb
+    }
+}
+
+/// PIL's `convert('L')` of an RGB image: `L = R*299/1000 + G*587/1000 +
+/// B*114/1000` in its 16-bit fixed point, rounded. A gray pixel (v, v, v)
+/// stays v, so gray files keep their values.
+pub fn to_gray(img: &RgbImage) -> GrayImage {
+    let luma = img
+        .as_raw()
+        .chunks_exact(3)
+        .map(|p| ((u32::from(p[0]) * 19595 + u32::from(p[1]) * 38470 + u32::from(p[2]) * 7471 + 0x8000) >> 16) as u8);
+    GrayImage::from_raw(img.width(), img.height(), luma.collect()).expect("one byte per pixel")
 }
 
 /// `[h, w]`, or `n` for `[n, n]` (so a scalar `${param}` can set it, or `null` unset it).
@@ -69,7 +104,8 @@ fn default_max_pixels() -> u64 {
 
 impl StageConfig for DecodeConfig {
     const KIND: &'static str = "decode";
-    const SUMMARY: &'static str = "decodes JPEG, PNG, GIF, BMP, WebP, TIFF to RGB; applies EXIF orientation";
+    const SUMMARY: &'static str =
+        "decodes JPEG, PNG, GIF, BMP, WebP, TIFF to RGB (or grayscale); applies EXIF orientation";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Bytes];
     const EMITS: Option<ItemKind> = Some(ItemKind::Image);
     const OPTIONS: &'static [OptionDoc] = &[
@@ -91,6 +127,12 @@ impl StageConfig for DecodeConfig {
             default: "false",
             help: "PIL's LOAD_TRUNCATED_IMAGES: decode JPEGs cut short (missing rows filled) instead of skipping them",
         },
+        OptionDoc {
+            name: "color_mode",
+            ty: "rgb|grayscale",
+            default: "rgb",
+            help: "Keras's color_mode: 3-channel images, or 1-channel with PIL's convert('L') luma",
+        },
     ];
     const PARALLEL: bool = true;
     const AFFECTS_PIXELS: bool = true;
@@ -107,16 +149,24 @@ impl StageConfig for DecodeConfig {
         errors
     }
 
+    fn image_channels(&self) -> Option<u32> {
+        Some(match self.color_mode {
+            ColorMode::Rgb => 3,
+            ColorMode::Grayscale => 1,
+        })
+    }
+
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let decoder = Decoder::new(self.max_pixels, self.min_size.map(|[h, w]| (h, w)))
             .map_err(StageError::fatal)?
             .load_truncated_images(self.load_truncated_images);
-        Ok(Built::Stage(Box::new(Decode { decoder })))
+        Ok(Built::Stage(Box::new(Decode { decoder, color_mode: self.color_mode })))
     }
 }
 
 struct Decode {
     decoder: Decoder,
+    color_mode: ColorMode,
 }
 
 /// The decode stage's work on one worker, also usable on its own (benches).
@@ -254,7 +304,11 @@ impl Stage for Decode {
             return Err(StageError::fatal(format!("expected bytes, got {}", item.kind().name())));
         };
         let img = self.decoder.decode(bytes).map_err(|e| StageError::item(&item.meta.path, e))?;
-        out.emit(Item { meta: item.meta, payload: Payload::Image(img) })?;
+        let payload = match self.color_mode {
+            ColorMode::Rgb => Payload::Image(img),
+            ColorMode::Grayscale => Payload::Gray(to_gray(&img)),
+        };
+        out.emit(Item { meta: item.meta, payload })?;
         Ok(())
     }
 }

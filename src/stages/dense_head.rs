@@ -159,6 +159,10 @@ impl StageConfig for DenseHeadConfig {
 impl TrainerKind for DenseHeadConfig {
     type M = HeadModel;
 
+    fn options(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn common(&self) -> Common {
         Common {
             out_dir: self.out_dir.clone(),

@@ -21,12 +21,14 @@
 //!    `{"seq": 17, "path": "data/train/cats/cat.3.jpg", "hash": "<64 hex: blake3 of the file>",
 //!      "label": 0, "class": "cats", "split": "train", "epoch": 0,
 //!      "kind": "image", "shape": [150, 150, 3], "dtype": "uint8", "nbytes": 67500}`
-//!    then the pixels (HxWx3 RGB, row-major). `label`, `class` and `split` are `null` when unknown.
+//!    then the pixels (HxWx3 RGB, row-major; HxWx1 after `decode: {color_mode: grayscale}`).
+//!    `label`, `class` and `split` are `null` when unknown.
 //! 3. The worker answers each request, in order, with one *answer*:
 //!    `{"seq": 17, "ok": true, "shape": [H, W, 3], "dtype": "uint8", "nbytes": H*W*3}` + the pixels, or
 //!    `{"seq": 17, "ok": false, "error": "ValueError: ..."}` (no payload).
 //!    `seq` echoes the request's, `nbytes` must equal the shape's size times the dtype's (`uint8` 1,
-//!    `float32` 4). An image stage takes only `uint8` `[H, W, 3]` back (any H, W >= 1).
+//!    `float32` 4). An image stage takes only `uint8` `[H, W, C]` back (any H, W >= 1), C the
+//!    request's channel count.
 //! 4. convflow closes the worker's stdin at the end of the run; the worker exits on end of input.
 //!
 //! What happens when it goes wrong, per item (an item error: skipped and
@@ -55,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::item::{Item, ItemKind, Meta, Payload};
@@ -521,8 +523,9 @@ fn request_head(meta: &Meta, shape: [usize; 3]) -> Vec<u8> {
     head
 }
 
-/// An `ok: true` answer's pixels, if they are a uint8 HxWx3 image.
-fn answer_image(frame: Frame) -> Result<RgbImage, String> {
+/// An `ok: true` answer's pixels, if they are a uint8 HxWxC image of the
+/// request's channel count `channels` (3: RGB, 1: gray).
+fn answer_image(frame: Frame, channels: u64) -> Result<Payload, String> {
     let h = &frame.header;
     let dtype = h.get("dtype").and_then(|v| v.as_str()).unwrap_or("(none)");
     let shape: Option<Vec<u64>> =
@@ -530,10 +533,10 @@ fn answer_image(frame: Frame) -> Result<RgbImage, String> {
     let described =
         || format!("{} {}", dtype, h.get("shape").map(|s| s.to_string()).unwrap_or_else(|| "(no shape)".into()));
     let (height, width) = match (dtype, shape.as_deref()) {
-        ("uint8", Some(&[height, width, 3])) if height > 0 && width > 0 => (height, width),
-        _ => return Err(format!("worker answered {}; an image stage needs uint8 [H, W, 3]", described())),
+        ("uint8", Some(&[height, width, c])) if height > 0 && width > 0 && c == channels => (height, width),
+        _ => return Err(format!("worker answered {}; an image stage needs uint8 [H, W, {channels}]", described())),
     };
-    let need = height * width * 3;
+    let need = height * width * channels;
     if frame.payload.len() as u64 != need {
         return Err(format!(
             "worker answered {} with {} bytes; that shape needs {need}",
@@ -544,7 +547,12 @@ fn answer_image(frame: Frame) -> Result<RgbImage, String> {
     let (Ok(w), Ok(hh)) = (u32::try_from(width), u32::try_from(height)) else {
         return Err(format!("worker answered {}: too large", described()));
     };
-    RgbImage::from_raw(w, hh, frame.payload).ok_or_else(|| format!("worker answered {}: bad buffer", described()))
+    let bad = || format!("worker answered {}: bad buffer", described());
+    if channels == 1 {
+        GrayImage::from_raw(w, hh, frame.payload).map(Payload::Gray).ok_or_else(bad)
+    } else {
+        RgbImage::from_raw(w, hh, frame.payload).map(Payload::Image).ok_or_else(bad)
+    }
 }
 
 impl Exec {
@@ -609,16 +617,17 @@ impl Exec {
 impl Stage for Exec {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
         let Item { meta, payload } = item;
-        let Payload::Image(img) = payload else {
-            return Err(StageError::fatal("expected an image"));
+        let (shape, pixels) = match payload {
+            Payload::Image(img) => ([img.height() as usize, img.width() as usize, 3], img.into_raw()),
+            Payload::Gray(img) => ([img.height() as usize, img.width() as usize, 1], img.into_raw()),
+            _ => return Err(StageError::fatal("expected an image")),
         };
-        let shape = [img.height() as usize, img.width() as usize, 3];
         let head = request_head(&meta, shape);
         let timeout = self.timeout();
         let w = self.worker()?;
         if let Some(tx) = &w.requests {
             // Fails only when the writer stopped (worker gone); the reader says why.
-            let _ = tx.send((head, img.into_raw()));
+            let _ = tx.send((head, pixels));
         }
         let answer = match w.answers.recv_timeout(timeout) {
             Ok(Ok(frame)) => frame,
@@ -642,12 +651,12 @@ impl Stage for Exec {
                 return Err(self.lost(&meta.path, Lost::Garbage(format!("answer header has no `ok`: {header}"))));
             }
         }
-        let img = answer_image(answer).map_err(|e| {
+        let payload = answer_image(answer, shape[2] as u64).map_err(|e| {
             self.counts.bad_outputs += 1;
             StageError::item(&meta.path, e)
         })?;
         self.counts.items += 1;
-        out.emit(Item { meta, payload: Payload::Image(img) })?;
+        out.emit(Item { meta, payload })?;
         Ok(())
     }
 
@@ -681,8 +690,15 @@ mod tests {
             frame(r#"{"seq": 3, "ok": true, "shape": [1, 2, 3], "dtype": "uint8", "nbytes": 6}"#, &[1, 2, 3, 4, 5, 6]);
         let f = read_frame(&mut BufReader::new(&bytes[..])).ok().unwrap();
         assert_eq!(f.payload, [1, 2, 3, 4, 5, 6]);
-        let img = answer_image(f).unwrap();
+        let Ok(Payload::Image(img)) = answer_image(f, 3) else { panic!("an RGB image") };
         assert_eq!(img.dimensions(), (2, 1));
+        let gray = frame(r#"{"seq": 3, "ok": true, "shape": [1, 2, 1], "dtype": "uint8", "nbytes": 2}"#, &[7, 8]);
+        let f = read_frame(&mut BufReader::new(&gray[..])).ok().unwrap();
+        let Ok(Payload::Gray(img)) = answer_image(f, 1) else { panic!("a gray image") };
+        assert_eq!(img.as_raw(), &[7, 8]);
+        let f = read_frame(&mut BufReader::new(&bytes[..])).ok().unwrap();
+        let err = answer_image(f, 1).unwrap_err();
+        assert!(err.contains("needs uint8 [H, W, 1]"), "an RGB answer to a gray request: {err}");
 
         let Err(Lost::Garbage(why)) = read_frame(&mut BufReader::new(&b"hello, world\n"[..])) else { panic!() };
         assert!(why.contains("hello, world"), "{why}");
@@ -692,7 +708,7 @@ mod tests {
         assert_eq!(why, "end of output");
 
         let wrong = frame(r#"{"seq": 3, "ok": true, "shape": [1, 2], "dtype": "uint8", "nbytes": 2}"#, &[0, 0]);
-        let err = answer_image(read_frame(&mut BufReader::new(&wrong[..])).ok().unwrap()).unwrap_err();
+        let err = answer_image(read_frame(&mut BufReader::new(&wrong[..])).ok().unwrap(), 3).unwrap_err();
         assert!(err.contains("uint8 [1,2]") && err.contains("needs uint8 [H, W, 3]"), "{err}");
     }
 }

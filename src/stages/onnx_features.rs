@@ -194,6 +194,12 @@ impl Stage for OnnxFeatures {
                     }
                     slots.push((m.meta, hit));
                 }
+                Payload::Gray(_) => {
+                    return Err(StageError::fatal(format!(
+                        "{}: a one-channel image (decode `color_mode: grayscale`); the model takes RGB: decode with `color_mode: rgb`",
+                        m.meta.path.display()
+                    )));
+                }
                 _ => {
                     return Err(StageError::fatal(format!(
                         "a batch may hold images or features, not {}",

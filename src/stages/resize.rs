@@ -4,7 +4,7 @@
 
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::item::{Item, ItemKind, Payload};
@@ -101,23 +101,39 @@ impl Resize {
             return Ok(img);
         }
         let (w, h) = img.dimensions();
-        let src = FirImage::from_vec_u8(w, h, img.into_raw(), PixelType::U8x3).map_err(|e| e.to_string())?;
-        let mut dst = FirImage::new(self.width, self.height, PixelType::U8x3);
+        let raw = self.resize_raw(w, h, img.into_raw(), PixelType::U8x3)?;
+        RgbImage::from_raw(self.width, self.height, raw).ok_or_else(|| "resize produced a wrong buffer".into())
+    }
+
+    /// [`Resize::apply`] for a one-channel image: the same filter on its one channel.
+    pub fn apply_gray(&mut self, img: GrayImage) -> Result<GrayImage, String> {
+        if img.dimensions() == (self.width, self.height) {
+            return Ok(img);
+        }
+        let (w, h) = img.dimensions();
+        let raw = self.resize_raw(w, h, img.into_raw(), PixelType::U8)?;
+        GrayImage::from_raw(self.width, self.height, raw).ok_or_else(|| "resize produced a wrong buffer".into())
+    }
+
+    fn resize_raw(&mut self, w: u32, h: u32, raw: Vec<u8>, pixel: PixelType) -> Result<Vec<u8>, String> {
+        let src = FirImage::from_vec_u8(w, h, raw, pixel).map_err(|e| e.to_string())?;
+        let mut dst = FirImage::new(self.width, self.height, pixel);
         self.resizer
             .resize(&src, &mut dst, &ResizeOptions::new().resize_alg(self.filter.algorithm()))
             .map_err(|e| e.to_string())?;
-        RgbImage::from_raw(self.width, self.height, dst.into_vec())
-            .ok_or_else(|| "resize produced a wrong buffer".into())
+        Ok(dst.into_vec())
     }
 }
 
 impl Stage for Resize {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
-        let Payload::Image(img) = item.payload else {
-            return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name())));
+        let resized = match item.payload {
+            Payload::Image(img) => self.apply(img).map(Payload::Image),
+            Payload::Gray(img) => self.apply_gray(img).map(Payload::Gray),
+            _ => return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name()))),
         };
-        let resized = self.apply(img).map_err(|e| StageError::item(&item.meta.path, e))?;
-        out.emit(Item { meta: item.meta, payload: Payload::Image(resized) })?;
+        let payload = resized.map_err(|e| StageError::item(&item.meta.path, e))?;
+        out.emit(Item { meta: item.meta, payload })?;
         Ok(())
     }
 }

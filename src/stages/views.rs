@@ -5,8 +5,8 @@
 //! probabilities over the views of an image. Each view has its own cache
 //! key, so the mirrored features are computed once.
 
-use image::RgbImage;
 use image::imageops::{flip_horizontal, flip_vertical};
+use image::{ImageBuffer, Pixel};
 use serde::{Deserialize, Serialize};
 
 use crate::item::{Item, ItemKind, Payload};
@@ -64,8 +64,11 @@ impl ViewsConfig {
     }
 }
 
-/// The pixels of `view` of `img`.
-pub fn view_of(img: &RgbImage, view: u8) -> RgbImage {
+/// The pixels of `view` of `img` (RGB or gray).
+pub fn view_of<P: Pixel + 'static>(
+    img: &ImageBuffer<P, Vec<P::Subpixel>>,
+    view: u8,
+) -> ImageBuffer<P, Vec<P::Subpixel>> {
     match view {
         1 => flip_horizontal(img),
         2 => flip_vertical(img),
@@ -76,9 +79,9 @@ pub fn view_of(img: &RgbImage, view: u8) -> RgbImage {
 
 impl Stage for Views {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
-        let Payload::Image(img) = &item.payload else {
+        if !matches!(item.payload, Payload::Image(_) | Payload::Gray(_)) {
             return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name())));
-        };
+        }
         if item.meta.view != 0 {
             return Err(StageError::fatal(format!(
                 "{}: already view {} of its image (two views stages in a row?)",
@@ -89,7 +92,11 @@ impl Stage for Views {
         let mirrors: Vec<Item> = (self.config.views().into_iter().skip(1))
             .map(|view| Item {
                 meta: crate::item::Meta { view, ..item.meta.clone() },
-                payload: Payload::Image(view_of(img, view)),
+                payload: match &item.payload {
+                    Payload::Gray(img) => Payload::Gray(view_of(img, view)),
+                    Payload::Image(img) => Payload::Image(view_of(img, view)),
+                    _ => unreachable!("checked above"),
+                },
             })
             .collect();
         out.emit(item)?;
@@ -103,6 +110,7 @@ impl Stage for Views {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::RgbImage;
 
     #[test]
     fn views_follow_the_options_and_mirror_the_pixels() {

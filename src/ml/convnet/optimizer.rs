@@ -33,6 +33,19 @@ impl ConvOptimizer {
         self.iterations
     }
 
+    /// The slots per parameter tensor, in the model's tensor order (empty
+    /// before the first step).
+    pub fn slots(&self) -> &[(Vec<f32>, Vec<f32>)] {
+        &self.slots
+    }
+
+    /// Puts back a state taken with [`ConvOptimizer::slots`] and
+    /// [`ConvOptimizer::iterations`] (a checkpoint).
+    pub fn restore(&mut self, iterations: u64, slots: Vec<(Vec<f32>, Vec<f32>)>) {
+        self.iterations = iterations;
+        self.slots = slots;
+    }
+
     /// The rule of step `t` (1-based), as Keras resolves its scalars.
     pub fn rule(spec: &OptimizerSpec, t: u64) -> Rule {
         match *spec {

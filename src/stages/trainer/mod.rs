@@ -4,7 +4,11 @@
 //! split at the end, and the outputs (`history.csv`, `curves.png`,
 //! `metrics.json`, the weights and their description). A trainer kind
 //! says only how an item becomes a row of its model's input and how its
-//! model is made and saved ([`TrainerKind`]).
+//! model is made and saved ([`TrainerKind`]). A model that can give its
+//! training state ([`Model::state`]) is checkpointed after every epoch
+//! and resumes from there ([`checkpoint`]).
+
+pub mod checkpoint;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::item::{ClassMode, Item};
 use crate::ml::loss::LossKind;
 use crate::stage::{BuildContext, Emit, EpochEnd, RunSignals, Stage, StageError};
+use checkpoint::{Checkpoint, ModelState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -106,6 +111,16 @@ pub trait Model: Clone + Send + 'static {
     fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String>;
     /// The L2 penalty at `l2 = 1` (sum of squared kernel weights), added to the validation loss.
     fn l2_penalty(&self) -> f32;
+    /// The weights and, with `opt`, the optimizer's state, for a
+    /// checkpoint. `None`, the default: this model keeps no checkpoints
+    /// (the dense head trains in seconds).
+    fn state(&self, _opt: Option<&Self::Opt>) -> Option<ModelState> {
+        None
+    }
+    /// Puts back what [`Model::state`] gave (the optimizer's part when `opt` is given).
+    fn set_state(&mut self, _opt: Option<&mut Self::Opt>, _state: &ModelState) -> Result<(), String> {
+        Err("this model keeps no checkpoints".into())
+    }
 }
 
 /// A fresh model for the data, with what its description records.
@@ -121,6 +136,9 @@ pub struct NewModel<M: Model> {
 pub trait TrainerKind: Send + 'static {
     type M: Model;
     fn common(&self) -> Common;
+    /// Every option of the stage, as configured: with the stages upstream,
+    /// what a checkpoint must have been written under to be resumed.
+    fn options(&self) -> serde_json::Value;
     /// The model for data whose rows have `d.feature_shape` (known from the first item).
     fn new_model(&self, d: &Data) -> Result<NewModel<Self::M>, String>;
     /// One item as a row of the model's input, with its shape.
@@ -150,7 +168,8 @@ impl<K: TrainerKind> TrainerStage<K> {
             .upstream
             .iter()
             .map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options }))
-            .collect();
+            .collect::<Vec<_>>();
+        let fingerprint = checkpoint::fingerprint(&kind.options(), &provenance);
         let stream = cfg.streaming.then(|| Stream {
             trainer: None,
             x: Vec::new(),
@@ -161,6 +180,7 @@ impl<K: TrainerKind> TrainerStage<K> {
             validation_complete: false,
             pending: Vec::new(),
             stopped: false,
+            resumed_through: 0,
         });
         TrainerStage {
             kind,
@@ -171,6 +191,7 @@ impl<K: TrainerKind> TrainerStage<K> {
             spilled: false,
             stream,
             signals: ctx.signals.clone(),
+            fingerprint,
         }
     }
 }
@@ -350,16 +371,19 @@ pub struct TrainerStage<K: TrainerKind> {
     /// `streaming: true`: the training state between items.
     stream: Option<Stream<K::M>>,
     signals: Arc<RunSignals>,
+    /// Of this stage's options and those upstream (see [`checkpoint`]).
+    fingerprint: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct EpochRecord {
-    epoch: usize,
-    loss: f32,
-    acc: f32,
-    val_loss: Option<f32>,
-    val_acc: Option<f32>,
-    seconds: f64,
+/// One line of `history.csv`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub loss: f32,
+    pub acc: f32,
+    pub val_loss: Option<f32>,
+    pub val_acc: Option<f32>,
+    pub seconds: f64,
 }
 
 /// Shuffle (collected mode) and dropout both derive from (seed, epoch): reruns repeat.
@@ -386,6 +410,9 @@ struct Trainer<M: Model> {
     epoch_started: Instant,
     /// Rows the last finished epoch trained on.
     last_epoch_rows: usize,
+    /// Resumed from a checkpoint of this epoch; the training seconds before.
+    resumed_from: Option<usize>,
+    seconds_before: f64,
 }
 
 /// One epoch's training figures, before validation.
@@ -423,7 +450,54 @@ impl<M: Model> Trainer<M> {
             rows: 0,
             epoch_started: Instant::now(),
             last_epoch_rows: 0,
+            resumed_from: None,
+            seconds_before: 0.0,
         })
+    }
+
+    /// Continues from `cfg.out_dir`'s checkpoint when there is one of these
+    /// options (`fingerprint`); returns the epochs it had finished (0: none)
+    /// and whether early stopping had ended the training.
+    fn resume(&mut self, cfg: &Common, fingerprint: &str) -> Result<(usize, bool), String> {
+        if self.head.state(None).is_none() {
+            return Ok((0, false));
+        }
+        let path = cfg.out_dir.join(checkpoint::FILE);
+        let Some(c) = Checkpoint::load(&path)? else { return Ok((0, false)) };
+        if c.fingerprint != fingerprint {
+            tracing::warn!(
+                "{}: written by a pipeline with other options; training from epoch 1 (it will be replaced)",
+                path.display()
+            );
+            return Ok((0, false));
+        }
+        self.head.set_state(Some(&mut self.opt), &c.model).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(best) = &c.best_model {
+            let mut h = self.head.clone();
+            h.set_state(None, best).map_err(|e| format!("{}: {e}", path.display()))?;
+            self.best_head = Some(h);
+        }
+        (self.history, self.best, self.seconds_before) = (c.history, c.best, c.train_seconds);
+        self.resumed_from = Some(c.epoch);
+        tracing::info!("{}: resuming after epoch {}", path.display(), c.epoch);
+        Ok((c.epoch, c.stopped))
+    }
+
+    /// Writes the state at the end of `epoch` (no-op for models without checkpoints).
+    fn checkpoint(&self, cfg: &Common, fingerprint: &str, epoch: usize, stopped: bool) -> Result<(), String> {
+        let Some(model) = self.head.state(Some(&self.opt)) else { return Ok(()) };
+        std::fs::create_dir_all(&cfg.out_dir).map_err(|e| format!("{}: {e}", cfg.out_dir.display()))?;
+        Checkpoint {
+            fingerprint: fingerprint.to_string(),
+            epoch,
+            history: self.history.clone(),
+            best: self.best,
+            stopped,
+            train_seconds: self.seconds_before + self.started.elapsed().as_secs_f64(),
+            model,
+            best_model: self.best_head.as_ref().and_then(|h| h.state(None)),
+        }
+        .save(&cfg.out_dir.join(checkpoint::FILE))
     }
 
     fn train_batch(&mut self, x: &[f32], y: &[f32], n: usize, l2: f32, rng: &mut ChaCha8Rng) -> Result<(), String> {
@@ -513,7 +587,7 @@ impl<M: Model> Trainer<M> {
         d: &Data,
         provenance: &[serde_json::Value],
     ) -> Result<serde_json::Value, String> {
-        let train_seconds = self.started.elapsed().as_secs_f64();
+        let train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
         let best_epoch = self.best.map(|(_, e)| e);
         if let Some(h) = self.best_head.take() {
             self.head = h;
@@ -548,6 +622,7 @@ impl<M: Model> Trainer<M> {
             "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
             "spilled_to_disk": d.train.spill.is_some(), "train_rows": self.last_epoch_rows, "validation_rows": d.validation.n, "test_rows": d.test.n,
             "train_seconds": (train_seconds * 1000.0).round() / 1000.0,
+            "resumed_from_epoch": self.resumed_from,
         });
         // Test-time augmentation: the figures above average each image's
         // views; these are view 0 (the image as it is) alone, for comparison.
@@ -566,6 +641,11 @@ impl<M: Model> Trainer<M> {
         }
         std::fs::write(out.join("metrics.json"), serde_json::to_string_pretty(&metrics).unwrap_or_default() + "\n")
             .map_err(|e| format!("metrics.json: {e}"))?;
+        // Finished: nothing is left to resume.
+        match std::fs::remove_file(out.join(checkpoint::FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("{}: {e}", checkpoint::FILE)),
+            _ => {}
+        }
         Ok(metrics)
     }
 }
@@ -587,6 +667,8 @@ struct Stream<M: Model> {
     pending: Vec<(EpochTrain, M)>,
     /// Early stopping ended training; later training items are ignored.
     stopped: bool,
+    /// Epochs a checkpoint had finished: their training items are skipped.
+    resumed_through: usize,
 }
 
 impl<K: TrainerKind> TrainerStage<K> {
@@ -596,9 +678,20 @@ impl<K: TrainerKind> TrainerStage<K> {
             return Ok(());
         }
         if st.trainer.is_none() {
-            st.trainer = Some(Trainer::new(&self.kind, &self.data)?);
+            let mut t = Trainer::new(&self.kind, &self.data)?;
+            let stopped;
+            (st.resumed_through, stopped) = t.resume(&self.cfg, &self.fingerprint)?;
+            st.trainer = Some(t);
+            if stopped {
+                st.stopped = true;
+                self.signals.epochs_done.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Ok(());
+            }
         }
         let epoch = meta_epoch as usize + 1;
+        if epoch <= st.resumed_through {
+            return Ok(());
+        }
         if st.n == 0 && st.epoch != epoch {
             st.epoch = epoch;
             st.rng = epoch_rng(self.cfg.seed, epoch);
@@ -640,8 +733,11 @@ impl<K: TrainerKind> TrainerStage<K> {
     fn stream_validate_pending(&mut self) -> Result<(), String> {
         let Some(st) = self.stream.as_mut() else { return Ok(()) };
         let Some(t) = st.trainer.as_mut() else { return Ok(()) };
+        let mut last = None;
         for (done, mut head) in std::mem::take(&mut st.pending) {
+            let epoch = done.epoch;
             let val = Trainer::validate(&self.cfg, &self.data, &mut head)?;
+            last = Some(epoch);
             if t.record(&self.cfg, done, val, Some(&head)) {
                 // Whatever trained past this epoch is discarded: the result
                 // is the same however late validation came.
@@ -650,6 +746,13 @@ impl<K: TrainerKind> TrainerStage<K> {
                 self.signals.epochs_done.store(true, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
+        }
+        // The weights and optimizer are those at the end of the last
+        // validated epoch only while the next epoch has not begun.
+        if let Some(epoch) = last
+            && (st.stopped || (t.rows == 0 && epoch == st.epoch))
+        {
+            t.checkpoint(&self.cfg, &self.fingerprint, epoch, st.stopped)?;
         }
         Ok(())
     }
@@ -754,7 +857,13 @@ impl<K: TrainerKind> Stage for TrainerStage<K> {
             })?;
             trainer.save(&self.kind, &self.cfg, &self.data, &self.provenance).map_err(StageError::fatal)?
         } else {
-            train_collected(&self.kind, &self.cfg, &self.data, &self.provenance, signals).map_err(StageError::fatal)?
+            let run = Collected {
+                cfg: &self.cfg,
+                d: &self.data,
+                provenance: &self.provenance,
+                fingerprint: &self.fingerprint,
+            };
+            run.train(&self.kind, signals).map_err(StageError::fatal)?
         };
         self.summary = Some(summary);
         Ok(())
@@ -773,44 +882,56 @@ fn monitor_value(r: &EpochRecord, m: Monitor) -> Option<f32> {
 }
 
 /// Collected mode: every row is in `d`; `epochs` shuffled passes over it.
-fn train_collected<K: TrainerKind>(
-    kind: &K,
-    cfg: &Common,
-    d: &Data,
-    provenance: &[serde_json::Value],
-    signals: &RunSignals,
-) -> Result<serde_json::Value, String> {
-    if d.train.n == 0 {
-        return Err(format!("no items of split `{}` to train on", cfg.train_split));
-    }
-    let mut t = Trainer::new(kind, d)?;
-    let outputs = t.outputs;
-    let mut order: Vec<usize> = (0..d.train.n).collect();
-    let (mut xb, mut yb) = (Vec::new(), Vec::new());
-    for epoch in 1..=cfg.epochs {
-        if signals.interrupted() {
-            break;
+struct Collected<'a> {
+    cfg: &'a Common,
+    d: &'a Data,
+    provenance: &'a [serde_json::Value],
+    fingerprint: &'a str,
+}
+
+impl Collected<'_> {
+    fn train<K: TrainerKind>(&self, kind: &K, signals: &RunSignals) -> Result<serde_json::Value, String> {
+        let (cfg, d) = (self.cfg, self.d);
+        if d.train.n == 0 {
+            return Err(format!("no items of split `{}` to train on", cfg.train_split));
         }
-        let mut rng = epoch_rng(cfg.seed, epoch);
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(cfg.batch_size) {
-            xb.clear();
-            yb.clear();
-            d.train
-                .gather(chunk.iter().copied(), d.dim, &mut xb)
-                .map_err(|e| format!("reading spilled features: {e}"))?;
-            for &i in chunk {
-                yb.extend_from_slice(&d.train.y[i * outputs..(i + 1) * outputs]);
+        let mut t = Trainer::new(kind, d)?;
+        let (done, stopped) = t.resume(cfg, self.fingerprint)?;
+        let outputs = t.outputs;
+        let mut order: Vec<usize> = (0..d.train.n).collect();
+        let (mut xb, mut yb) = (Vec::new(), Vec::new());
+        for epoch in 1..=cfg.epochs {
+            if stopped || signals.interrupted() {
+                break;
             }
-            t.train_batch(&xb, &yb, chunk.len(), cfg.l2, &mut rng)?;
+            let mut rng = epoch_rng(cfg.seed, epoch);
+            // Each epoch shuffles the order the one before left, so a
+            // resumed run replays the shuffles of the epochs it skips.
+            order.shuffle(&mut rng);
+            if epoch <= done {
+                continue;
+            }
+            for chunk in order.chunks(cfg.batch_size) {
+                xb.clear();
+                yb.clear();
+                d.train
+                    .gather(chunk.iter().copied(), d.dim, &mut xb)
+                    .map_err(|e| format!("reading spilled features: {e}"))?;
+                for &i in chunk {
+                    yb.extend_from_slice(&d.train.y[i * outputs..(i + 1) * outputs]);
+                }
+                t.train_batch(&xb, &yb, chunk.len(), cfg.l2, &mut rng)?;
+            }
+            let epoch_done = t.close_epoch(epoch);
+            let val = Trainer::validate(cfg, d, &mut t.head)?;
+            let stop = t.record(cfg, epoch_done, val, None);
+            t.checkpoint(cfg, self.fingerprint, epoch, stop)?;
+            if stop {
+                break;
+            }
         }
-        let done = t.close_epoch(epoch);
-        let val = Trainer::validate(cfg, d, &mut t.head)?;
-        if t.record(cfg, done, val, None) {
-            break;
-        }
+        t.save(kind, cfg, d, self.provenance)
     }
-    t.save(kind, cfg, d, provenance)
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> std::io::Result<()> {
