@@ -15,30 +15,15 @@ the sigmoid (one unit: P(second class)) or softmax outputs of the last layer.
 import argparse
 import json
 import os
-import struct
 
 import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
+from safetensors_f32 import read_safetensors
+
 OPSET = 13
 CAFFE_MEAN_BGR = [103.939, 116.779, 123.68]
-
-
-def read_safetensors(path):
-    """Minimal reader (the format is a JSON header plus raw little-endian data)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        assert info["dtype"] == "F32", f"{name}: {info['dtype']}"
-        a, b = info["data_offsets"]
-        out[name] = np.frombuffer(data[a:b], dtype="<f4").reshape(info["shape"])
-    return out, header.get("__metadata__", {})
 
 
 def head_graph(head_dir):

@@ -6,19 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-/// The MNIST files `models/setup.sh` fetches. CI has them; elsewhere the
-/// tests that need them skip with a note.
-fn mnist() -> Option<PathBuf> {
-    let p = common::root().join("models/mnist");
-    if p.join("train-images-idx3-ubyte").is_file() && p.join("t10k-labels-idx1-ubyte").is_file() {
-        return Some(p);
-    }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing on CI: run models/setup.sh", p.display());
-    eprintln!("skipping: {} not present (models/setup.sh fetches it)", p.display());
-    None
-}
+use std::path::Path;
 
 fn mnist_yaml(out: &Path, train: usize, test: usize, epochs: u32, extra: &str) -> String {
     format!(
@@ -63,7 +51,7 @@ fn run_in_root(pipeline: &Path) -> std::process::Output {
 
 #[test]
 fn a_few_hundred_digits_train_far_past_chance_and_repeat_exactly() {
-    let Some(_) = mnist() else { return };
+    let Some(_) = common::mnist() else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut histories = Vec::new();
     for run in 0..2 {
@@ -88,7 +76,7 @@ fn a_few_hundred_digits_train_far_past_chance_and_repeat_exactly() {
 
 #[test]
 fn summary_prints_the_books_two_tables() {
-    let Some(_) = mnist() else { return };
+    let Some(_) = common::mnist() else { return };
     let o = common::bin().args(["summary", "pipelines/mnist_convnet.yaml"]).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -115,7 +103,7 @@ fn summary_prints_the_books_two_tables() {
 
 #[test]
 fn an_image_that_does_not_fit_stops_the_run_naming_stage_and_shapes() {
-    let Some(_) = mnist() else { return };
+    let Some(_) = common::mnist() else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let p =

@@ -22,8 +22,8 @@ fn markdown_pages() -> Vec<PathBuf> {
 
 /// Runs `convflow validate` on `file`; the params a pipeline reads its
 /// inputs from point at real ones (validation checks that they exist): the
-/// demo data set, and for a pipeline that uses a trained head, one trained
-/// here on it.
+/// demo data set, and for a pipeline that uses a trained head or convnet,
+/// one trained here on it.
 fn validate(file: &Path, inputs: &Inputs) -> (bool, String) {
     let text = std::fs::read_to_string(file).unwrap();
     let mut cmd = common::bin();
@@ -37,6 +37,9 @@ fn validate(file: &Path, inputs: &Inputs) -> (bool, String) {
     if text.contains("${head}") {
         cmd.arg("--set").arg(format!("head={}", inputs.head().display()));
     }
+    if text.contains("${convnet}") {
+        cmd.arg("--set").arg(format!("convnet={}", inputs.convnet().display()));
+    }
     let out = cmd.output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
@@ -45,13 +48,14 @@ struct Inputs {
     dir: PathBuf,
     demo: PathBuf,
     head: std::cell::OnceCell<PathBuf>,
+    convnet: std::cell::OnceCell<PathBuf>,
 }
 
 impl Inputs {
     fn new(dir: &Path) -> Inputs {
         let demo = dir.join("demo");
         convflow::demo::generate(&demo, 42).unwrap();
-        Inputs { dir: dir.to_path_buf(), demo, head: std::cell::OnceCell::new() }
+        Inputs { dir: dir.to_path_buf(), demo, head: std::cell::OnceCell::new(), convnet: std::cell::OnceCell::new() }
     }
 
     /// A head trained on the demo data through the tiny model, one epoch.
@@ -72,6 +76,38 @@ impl Inputs {
                 .output()
                 .unwrap();
             assert!(o.status.success(), "training a head: {}", String::from_utf8_lossy(&o.stderr));
+            out
+        })
+    }
+
+    /// A tiny convnet trained on the demo data, one epoch, at the 150x150
+    /// input that predict_convnet.yaml resizes to by default.
+    fn convnet(&self) -> &Path {
+        self.convnet.get_or_init(|| {
+            let out = self.dir.join("convnet");
+            let yaml = format!(
+                "stages:
+  - {{id: files, kind: file_reader, dir: {demo}, splits: [train, validation], class_mode: binary}}
+  - {{id: decode, kind: decode, input: files}}
+  - {{id: resize, kind: resize, input: decode, size: [150, 150]}}
+  - id: net
+    kind: convnet
+    input: resize
+    out_dir: {out}
+    rescale: 0.00392156862745098
+    epochs: 1
+    layers:
+      - {{kind: conv2d, filters: 2, kernel_size: 3, strides: 3, activation: relu}}
+      - {{kind: max_pooling2d, pool_size: 5}}
+      - {{kind: flatten}}
+      - {{kind: dense, units: 1, activation: sigmoid}}
+",
+                demo = self.demo.display(),
+                out = out.display()
+            );
+            let pipeline = common::write_pipeline(&self.dir, "train_convnet.yaml", &yaml);
+            let o = common::bin().args(["--quiet", "run"]).arg(&pipeline).output().unwrap();
+            assert!(o.status.success(), "training a convnet: {}", String::from_utf8_lossy(&o.stderr));
             out
         })
     }

@@ -217,6 +217,20 @@ impl StageConfig for ConvnetConfig {
     }
 }
 
+/// An item as a row of a convnet's input, each value times `rescale` (an
+/// f32 product, the same in training and prediction), with its `[height,
+/// width, channels]`: an RGB or gray image, or a 3-D tensor. `None` for
+/// anything else.
+pub fn input_row(payload: &Payload, rescale: f32) -> Option<(Vec<f32>, Vec<usize>)> {
+    let pixels = |raw: &[u8]| raw.iter().map(|&p| f32::from(p) * rescale).collect();
+    match payload {
+        Payload::Image(img) => Some((pixels(img.as_raw()), vec![img.height() as usize, img.width() as usize, 3])),
+        Payload::Gray(img) => Some((pixels(img.as_raw()), vec![img.height() as usize, img.width() as usize, 1])),
+        Payload::Features(f) if f.shape.len() == 3 => Some((f.data.iter().map(|&v| v * rescale).collect(), f.shape.clone())),
+        _ => None,
+    }
+}
+
 /// The config with the stage's id, for messages.
 struct Kind {
     cfg: ConvnetConfig,
@@ -273,19 +287,10 @@ impl TrainerKind for Kind {
     }
 
     fn row(&self, item: &Item) -> Result<(Vec<f32>, Vec<usize>), StageError> {
-        let s = self.cfg.rescale;
+        if let Some(row) = input_row(&item.payload, self.cfg.rescale) {
+            return Ok(row);
+        }
         match &item.payload {
-            Payload::Image(img) => {
-                let shape = vec![img.height() as usize, img.width() as usize, 3];
-                Ok((img.as_raw().iter().map(|&p| f32::from(p) * s).collect(), shape))
-            }
-            Payload::Gray(img) => {
-                let shape = vec![img.height() as usize, img.width() as usize, 1];
-                Ok((img.as_raw().iter().map(|&p| f32::from(p) * s).collect(), shape))
-            }
-            Payload::Features(f) if f.shape.len() == 3 => {
-                Ok((f.data.iter().map(|&v| v * s).collect(), f.shape.clone()))
-            }
             Payload::Features(f) => Err(StageError::fatal(format!(
                 "convnet `{}`: takes [height, width, channels] tensors, got one of shape {:?} ({})",
                 self.stage,

@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod batch;
 pub mod convnet;
+pub mod convnet_predict;
 pub mod decode;
 pub mod dense_head;
 pub mod exec;
@@ -11,6 +12,7 @@ pub mod file_reader;
 pub mod head_predict;
 pub mod idx_reader;
 pub mod onnx_features;
+pub mod predictions;
 pub mod registry;
 pub mod resize;
 pub mod trainer;
@@ -33,6 +35,7 @@ pub fn builtin_registry() -> Registry {
         .register::<convnet::ConvnetConfig>()
         .register::<idx_reader::IdxReaderConfig>()
         .register::<head_predict::HeadPredictConfig>()
+        .register::<convnet_predict::ConvnetPredictConfig>()
         .register::<exec::ExecConfig>();
     r
 }
