@@ -204,7 +204,7 @@ fn metrics(out: &Path) -> serde_json::Value {
 
 #[test]
 fn a_training_killed_mid_run_resumes_to_the_uninterrupted_result() {
-    let Some(_) = mnist() else { return };
+    let Some(_) = common::mnist() else { return };
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
     let o = run_in_root(&common::write_pipeline(dir.path(), "whole.yaml", &resumable_yaml(&whole)));
