@@ -3,8 +3,8 @@
     # my_transform.py
     import convflow_exec
 
-    def invert(img, meta):          # img: writable uint8 array [H, W, 3]; meta: dict
-        return 255 - img            # uint8 [H', W', 3] back (any size)
+    def invert(img, meta):          # img: writable uint8 array [H, W, 3] ([H, W, 1] gray); meta: dict
+        return 255 - img            # uint8 [H', W', C] back (any size, the same C)
 
     convflow_exec.serve(invert)
 
