@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from make_vgg16_notop import K1, cut, fail, find_node, run
+from make_vgg16_notop import check_weights, cut, fail, find_node, run
 from safetensors_f32 import read_safetensors, write_safetensors
 
 PARAMS_1_4 = 7_635_264  # Keras VGG16 blocks 1-4 (block1_conv1 .. block4_conv3)
@@ -71,14 +71,7 @@ def block5_numpy(x, weights):
 
 
 def verify(model, src, pool4, src_in, weights):
-    g = model.graph
-    n = sum(int(np.prod(t.dims)) for t in g.initializer)
-    if n != PARAMS_1_4:
-        fail(f"block4 model: parameter count {n:,} != {PARAMS_1_4:,}")
-    conv1 = find_node(g, "Conv", "block1_conv1")
-    w = numpy_helper.to_array(next(t for t in g.initializer if t.name == conv1.input[1]))
-    if w.shape != (64, 3, 3, 3) or not np.allclose(w[0, 0], K1, atol=1e-7):
-        fail(f"block1_conv1 W[0,0] {w.shape} = {w[0, 0].tolist()} != Keras values")
+    n = check_weights(model, PARAMS_1_4)
     n5 = sum(a.size for a in weights.values())
     if n5 != PARAMS_5:
         fail(f"block5: parameter count {n5:,} != {PARAMS_5:,}")

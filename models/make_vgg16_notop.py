@@ -95,17 +95,24 @@ def run(model_bytes, feeds, outputs=None):
     return s.run(outputs, feeds)
 
 
-def verify(model, src, pool, src_in):
+def check_weights(model, params):
+    """The cut's parameter count is `params`, and block1_conv1 holds Keras's
+    ImageNet values; returns the count."""
     g = model.graph
     n = sum(int(np.prod(t.dims)) for t in g.initializer)
-    if n != PARAMS:
-        fail(f"parameter count {n:,} != {PARAMS:,}")
+    if n != params:
+        fail(f"parameter count {n:,} != {params:,}")
     # ONNX Conv weights are [out, in, kh, kw]: W[0, 0] is Keras kernel[:, :, 0, 0]
     # (filter 0, input channel 0), rows = kh, cols = kw -- no transpose needed.
     conv1 = find_node(g, "Conv", "block1_conv1")
     w = numpy_helper.to_array(next(t for t in g.initializer if t.name == conv1.input[1]))
     if w.shape != (64, 3, 3, 3) or not np.allclose(w[0, 0], K1, atol=1e-7):
         fail(f"block1_conv1 W[0,0] {w.shape} = {w[0, 0].tolist()} != Keras values")
+    return n
+
+
+def verify(model, src, pool, src_in):
+    n = check_weights(model, PARAMS)
     mb = model.SerializeToString()
     rng = np.random.default_rng(0)
     # Shape on the book's size, with caffe-like input magnitudes.
