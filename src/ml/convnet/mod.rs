@@ -11,6 +11,8 @@
 //! - [`optimizer`]: per-tensor slots for the shared Keras update rules.
 //! - [`model`]: the stack, one training step, evaluation and prediction.
 //! - [`store`]: weights in safetensors, with the model description.
+//! - [`vgg16`]: VGG16's block5 as these layers, with its pretrained weights
+//!   (the part fine-tuning trains).
 
 pub mod conv2d;
 pub mod dropout;
@@ -21,6 +23,7 @@ pub mod optimizer;
 pub mod pooling;
 pub mod spec;
 pub mod store;
+pub mod vgg16;
 
 #[cfg(test)]
 mod tests;

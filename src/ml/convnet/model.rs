@@ -379,6 +379,25 @@ impl Convnet {
         }))
     }
 
+    /// What layers `0..upto` make of `rows` images (inference: no dropout),
+    /// `[rows, ...]` of layer `upto - 1`'s output shape: a pretrained part's
+    /// own output, e.g. VGG16's block5 before its head (see [`super::vgg16`]).
+    /// `upto` = the layer count gives the logits (no sigmoid or softmax).
+    pub fn layer_output(&mut self, x: &[f32], rows: usize, upto: usize) -> Result<Vec<f32>, ConvnetError> {
+        self.check(x, None, rows)?;
+        if upto > self.layers.len() {
+            return Err(ConvnetError::Spec(format!(
+                "layer_output({upto}): the model has {} layers",
+                self.layers.len()
+            )));
+        }
+        let pool = self.pool.clone();
+        Ok(pool.install(|| {
+            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            self.acts[upto].clone()
+        }))
+    }
+
     /// Probabilities (sigmoid or softmax of the last layer), `[rows, outputs]`.
     pub fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, ConvnetError> {
         self.check(x, None, rows)?;
