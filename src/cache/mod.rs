@@ -93,10 +93,49 @@ fn writable(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Makes an empty store (its tables included) under a name of this process,
+/// then links it into place: a kill while redb writes a new file's header
+/// leaves that private file, never a `features.redb` that is not a database.
+/// A link, not a rename, so that a store another process made meanwhile is
+/// kept, not replaced. Private files of processes that are gone are removed.
+fn create_atomically(dir: &Path, path: &Path) -> Result<(), CacheError> {
+    let prefix = format!("{FILE_NAME}.creating.");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|p| p.parse::<i32>().ok());
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        if let Some(pid) = pid
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let private = dir.join(format!("{prefix}{}", std::process::id()));
+    let _ = std::fs::remove_file(&private);
+    {
+        let db = Database::create(&private).map_err(|e| store_err(&private, e))?;
+        let txn = db.begin_write().map_err(|e| store_err(&private, e))?;
+        txn.open_table(FEATURES).map_err(|e| store_err(&private, e))?;
+        txn.open_table(CONTEXTS).map_err(|e| store_err(&private, e))?;
+        txn.commit().map_err(|e| store_err(&private, e))?;
+    }
+    let linked = std::fs::hard_link(&private, path);
+    let _ = std::fs::remove_file(&private);
+    match linked {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(store_err(path, format!("cannot put the new store in place: {e}"))),
+    }
+}
+
 impl FeatureCache {
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create the cache folder: {e}")))?;
         let path = dir.join(FILE_NAME);
+        if !path.exists() {
+            create_atomically(dir, &path)?;
+        }
         // redb's default page cache is 1 GiB; features are written once and
         // read once per run, so a small cache keeps memory flat with data size.
         let db = Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
@@ -428,6 +467,26 @@ mod tests {
             view: 0,
             seq: 0,
         }
+    }
+
+    #[test]
+    fn a_creation_killed_midway_leaves_no_store_that_is_not_a_database() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a kill during creation leaves now: a private file of a process that is gone.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let torn = dir.path().join(format!("{FILE_NAME}.creating.{gone}"));
+        std::fs::write(&torn, b"half a header").unwrap();
+        let cache = FeatureCache::open(dir.path()).unwrap();
+        assert!(!torn.exists(), "the dead process's private file is removed");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)], "only the store remains");
+        drop(cache);
+        // A store that exists but is not a database is still an error, never silently replaced.
+        std::fs::write(dir.path().join(FILE_NAME), b"not redb").unwrap();
+        let e = FeatureCache::open(dir.path()).err().expect("a broken store is refused").to_string();
+        assert!(e.contains(FILE_NAME), "{e}");
     }
 
     #[test]

@@ -226,7 +226,9 @@ pub fn input_row(payload: &Payload, rescale: f32) -> Option<(Vec<f32>, Vec<usize
     match payload {
         Payload::Image(img) => Some((pixels(img.as_raw()), vec![img.height() as usize, img.width() as usize, 3])),
         Payload::Gray(img) => Some((pixels(img.as_raw()), vec![img.height() as usize, img.width() as usize, 1])),
-        Payload::Features(f) if f.shape.len() == 3 => Some((f.data.iter().map(|&v| v * rescale).collect(), f.shape.clone())),
+        Payload::Features(f) if f.shape.len() == 3 => {
+            Some((f.data.iter().map(|&v| v * rescale).collect(), f.shape.clone()))
+        }
         _ => None,
     }
 }

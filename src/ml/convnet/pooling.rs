@@ -57,7 +57,9 @@ impl PoolGeometry {
                         // vectorises): on real activations the comparison is a
                         // coin toss, and a branch on it was 9% of a training step.
                         // Strictly greater: the first maximum keeps the gradient.
-                        for ((yv, av), (&xv, i)) in y.iter_mut().zip(arg.iter_mut()).zip(x[s..s + c].iter().zip(s as u32..)) {
+                        for ((yv, av), (&xv, i)) in
+                            y.iter_mut().zip(arg.iter_mut()).zip(x[s..s + c].iter().zip(s as u32..))
+                        {
                             let greater = xv > *yv;
                             *yv = if greater { xv } else { *yv };
                             *av = if greater { i } else { *av };
