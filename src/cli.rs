@@ -15,7 +15,7 @@ use crate::cache::FeatureCache;
 use crate::config::{self, ConfigErrors, MetricsConfig};
 use crate::graph::Graph;
 use crate::runtime::{self, RunError, RunOptions};
-use crate::stage::RunSignals;
+use crate::stage::{RunSignals, SummaryInput};
 use crate::stages::Registry;
 
 /// Exit codes a script can rely on.
@@ -197,11 +197,8 @@ fn summary(g: &Graph) -> ExitCode {
     let mut printed = 0;
     let mut failed = false;
     for (i, s) in g.stages.iter().enumerate() {
-        let up = g.ancestors(i).into_iter().rev();
-        let size = up.clone().find_map(|j| g.stages[j].config.image_size());
-        let channels = up.clone().find_map(|j| g.stages[j].config.image_channels()).unwrap_or(3);
-        let upstream = size.map(|(h, w)| [h as usize, w as usize, channels as usize]);
-        match s.config.model_summary(s.id(), upstream) {
+        let upstream = || summary_input(g, i);
+        match s.config.model_summary(s.id(), &upstream) {
             None => {}
             Some(Ok(text)) => {
                 print!("{}{text}", if printed > 0 { "\n" } else { "" });
@@ -217,6 +214,26 @@ fn summary(g: &Graph) -> ExitCode {
         println!("{}: no trainer with a summary", g.file.display());
     }
     if failed { ExitCode::from(exit::INVALID) } else { ExitCode::SUCCESS }
+}
+
+/// What reaches stage `i`: the features shape of the nearest stage that
+/// makes features (worked out from the images upstream of it), else the
+/// nearest image size with its channels; and the source's class outputs.
+fn summary_input(g: &Graph, i: usize) -> Result<SummaryInput, String> {
+    let image_above = |i: usize| {
+        let up = g.ancestors(i).into_iter().rev();
+        let size = up.clone().find_map(|j| g.stages[j].config.image_size());
+        let channels = up.clone().find_map(|j| g.stages[j].config.image_channels()).unwrap_or(3);
+        size.map(|(h, w)| [h as usize, w as usize, channels as usize])
+    };
+    let ancestors: Vec<usize> = g.ancestors(i).into_iter().rev().collect();
+    let shape = match ancestors.iter().find_map(|&j| g.stages[j].config.features_shape(image_above(j)).map(|r| (j, r)))
+    {
+        Some((j, shape)) => Some(shape.map_err(|e| format!("its input comes from `{}`: {e}", g.stages[j].id()))?),
+        None => image_above(i).map(|s| s.to_vec()),
+    };
+    let class_outputs = ancestors.iter().find_map(|&j| g.stages[j].config.class_outputs());
+    Ok(SummaryInput { shape, class_outputs })
 }
 
 fn load(args: &PipelineArgs, registry: &Registry) -> Result<Graph, ConfigErrors> {

@@ -239,12 +239,40 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
 
-    /// For a trainer: its model as Keras's `model.summary()` prints it
-    /// (`convflow summary`), given the image shape `[height, width,
-    /// channels]` fixed upstream, if any. `None`: not a trainer with a summary.
-    fn model_summary(&self, _stage_id: &str, _upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
+    /// For a source of labelled items: the outputs a classifier of its
+    /// labels has (1 for `binary`, the class count for `categorical`), if
+    /// known before the run. `convflow summary` sizes a default head by it.
+    fn class_outputs(&self) -> Option<usize> {
         None
     }
+
+    /// For a stage that turns images into features (`onnx_features`): the
+    /// shape of one image's features for images of `image` `[height, width,
+    /// channels]`, for `convflow summary`. `None`: not such a stage.
+    fn features_shape(&self, _image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
+        None
+    }
+
+    /// For a trainer: its model as Keras's `model.summary()` prints it
+    /// (`convflow summary`), given what arrives from upstream (worked out
+    /// when asked: it may load a model). `None`: not a trainer with a summary.
+    fn model_summary(&self, _stage_id: &str, _upstream: Upstream<'_>) -> Option<Result<String, String>> {
+        None
+    }
+}
+
+/// Works out a trainer's [`SummaryInput`] on demand.
+pub type Upstream<'a> = &'a dyn Fn() -> Result<SummaryInput, String>;
+
+/// What `convflow summary` knows of a trainer's input before any item exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SummaryInput {
+    /// The shape of one item: `[height, width, channels]` of the images
+    /// resized upstream, or the features shape of the nearest stage that
+    /// makes features.
+    pub shape: Option<Vec<usize>>,
+    /// The source's [`StageConfig::class_outputs`].
+    pub class_outputs: Option<usize>,
 }
 
 /// Type-erased [`StageConfig`], as stored in a validated graph.
@@ -256,7 +284,9 @@ pub trait AnyStageConfig: Send + Sync {
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
     /// Canonical JSON of the options, defaults filled in (for cache keys).
     fn canonical_json(&self) -> String;
-    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>>;
+    fn class_outputs(&self) -> Option<usize>;
+    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>>;
+    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>>;
 }
 
 impl<C: StageConfig> AnyStageConfig for C {
@@ -278,7 +308,13 @@ impl<C: StageConfig> AnyStageConfig for C {
     fn canonical_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
-    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
+    fn class_outputs(&self) -> Option<usize> {
+        StageConfig::class_outputs(self)
+    }
+    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
+        StageConfig::features_shape(self, image)
+    }
+    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
         StageConfig::model_summary(self, stage_id, upstream)
     }
 }

@@ -141,3 +141,66 @@ fn early_stopping_and_keep_best() {
     let best_val_loss = h.lines().nth(best as usize).unwrap().split(',').nth(3).unwrap().to_string();
     assert_eq!(format!("{:.6}", m["val_loss"].as_f64().unwrap()), best_val_loss, "kept the best epoch's weights");
 }
+
+/// `convflow summary` of a dense head: its input is the features of the
+/// conv base upstream at the pipeline's image size (worked out by running
+/// the model once), its default layers sized by the source's classes.
+#[test]
+fn summary_prints_the_books_dense_head_on_the_features_upstream() {
+    let _ = common::vgg16();
+    let data = tempfile::tempdir().unwrap();
+    for split in ["train", "validation", "test"] {
+        for class in ["cats", "dogs", "birds"] {
+            std::fs::create_dir_all(data.path().join(split).join(class)).unwrap();
+        }
+    }
+    let summary = |file: &str, sets: &[String]| {
+        let mut cmd = common::bin();
+        cmd.current_dir(common::root()).args(["summary", file]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let o = cmd.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let data_set = format!("data_dir={}", data.path().display());
+    // The book's listing 5.18 head on VGG16's 4x4x512 features at 150x150.
+    for file in ["pipelines/feature_extraction.yaml", "pipelines/augmented_end_to_end.yaml"] {
+        let (ok, text, err) = summary(file, std::slice::from_ref(&data_set));
+        assert!(ok, "{file}: {err}");
+        for want in
+            ["(input (None, 8192))", "(None, 256)", "2,097,408", "dropout (Dropout)", "257", "Total params: 2,097,665"]
+        {
+            assert!(text.contains(want), "{file}: {want} missing from\n{text}");
+        }
+    }
+    // At 224x224 the features are 7x7x512.
+    let (ok, text, err) = summary("pipelines/feature_extraction.yaml", &[data_set.clone(), "image_size=224".into()]);
+    assert!(ok, "{err}");
+    assert!(text.contains("(None, 25088)") && text.contains("6,422,784"), "{text}");
+    // Categorical with three class folders: the default head ends in Dense(3, softmax).
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(common::root().join("pipelines/feature_extraction.yaml"))
+        .unwrap()
+        .replace("class_mode: binary", "class_mode: categorical");
+    let p = common::write_pipeline(dir.path(), "categorical.yaml", &text);
+    let (ok, text, err) = summary(p.to_str().unwrap(), &[data_set, format!("model={}", common::vgg16().display())]);
+    assert!(ok, "{err}");
+    assert!(text.contains("dense_1 (Dense)                   (None, 3)") && text.contains("771"), "{text}");
+    // No resize upstream of the conv base: the shape cannot be known, and the error says why.
+    let no_resize = "stages:
+  - {id: files, kind: file_reader, dir: tests/fixtures}
+  - {id: decode, kind: decode, input: files}
+  - {id: batch, kind: batch, input: decode}
+  - {id: vgg16, kind: onnx_features, input: batch, model: models/vgg16_notop.onnx}
+  - {id: head, kind: dense_head, input: vgg16, out_dir: out/x}
+";
+    let p = common::write_pipeline(dir.path(), "no_resize.yaml", no_resize);
+    let (ok, _, err) = summary(p.to_str().unwrap(), &[]);
+    assert!(!ok);
+    assert!(err.contains("stage `head`") && err.contains("`vgg16`") && err.contains("resize"), "{err}");
+}

@@ -200,7 +200,8 @@ impl OnnxModel {
     /// work: a size the model cannot take (a fixed reshape, a crop larger
     /// than the image) or an empty output is an error here rather than at
     /// the first batch, after decoding has begun.
-    pub fn probe(&mut self, height: u32, width: u32) -> Result<(), String> {
+    /// Returns the shape of one image's output.
+    pub fn probe(&mut self, height: u32, width: u32) -> Result<Vec<usize>, String> {
         let (h, w) = (height as usize, width as usize);
         if h * w > MAX_INPUT_PIXELS {
             return Err(format!("{height}x{width} is over {MAX_INPUT_PIXELS} pixels an image"));
@@ -209,7 +210,7 @@ impl OnnxModel {
         if shape.first() != Some(&1) || data.is_empty() {
             return Err(format!("one {height}x{width} image gives an output of shape {shape:?}"));
         }
-        Ok(())
+        Ok(shape[1..].to_vec())
     }
 
     /// Runs an NHWC batch; returns the output shape and data.

@@ -28,7 +28,7 @@ use crate::ml::convnet::spec::{self, resolve};
 use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
 use crate::ml::loss::LossKind;
 use crate::ml::optimizer::OptimizerSpec;
-use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
+use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError, Upstream};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,9 +195,20 @@ impl StageConfig for ConvnetConfig {
         errors
     }
 
-    fn model_summary(&self, stage_id: &str, upstream: Option<[usize; 3]>) -> Option<Result<String, String>> {
-        // The images resized upstream, unless the shape is declared.
-        Some(self.summary(stage_id, self.input_shape.or(upstream)))
+    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
+        // The items arriving from upstream, unless the shape is declared.
+        if self.input_shape.is_some() {
+            return Some(self.summary(stage_id, None));
+        }
+        let input = match upstream().map(|u| u.shape) {
+            Ok(Some(s)) if s.len() == 3 => Some([s[0], s[1], s[2]]),
+            Ok(Some(s)) => {
+                return Some(Err(format!("its input items are of shape {s:?}, not [height, width, channels]")));
+            }
+            Ok(None) => None,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.summary(stage_id, input))
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {

@@ -15,9 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
+use crate::ml::convnet::LayerSpec as ConvLayerSpec;
+use crate::ml::convnet::spec::{self, Shape};
 use crate::ml::head::{Head, LayerSpec, Optimizer, OptimizerSpec};
 use crate::ml::loss::LossKind;
-use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
+use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError, SummaryInput, Upstream};
 
 /// The early-stopping options live with the shared trainer; named here too, where they were first.
 pub use super::trainer::{EarlyStopping, Monitor};
@@ -153,6 +155,41 @@ impl StageConfig for DenseHeadConfig {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         Ok(Built::Stage(Box::new(TrainerStage::new(self.clone(), ctx))))
+    }
+
+    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
+        Some(upstream().and_then(|input| self.summary(stage_id, &input)))
+    }
+}
+
+impl DenseHeadConfig {
+    /// Keras's `model.summary()` of the head on the features upstream: each
+    /// image's features, flattened, are its input vector (the book's
+    /// `input_dim=4 * 4 * 512`).
+    fn summary(&self, title: &str, input: &SummaryInput) -> Result<String, String> {
+        let shape = input.shape.as_ref().ok_or(
+            "the features' shape is not known before the run: no `onnx_features` stage upstream \
+             whose images are resized",
+        )?;
+        let layers = match (&self.layers, input.class_outputs) {
+            (Some(layers), _) => layers.clone(),
+            (None, Some(outputs)) => LayerSpec::book_categorical(outputs),
+            (None, None) => {
+                return Err("the default head ends in one unit per class, and the source's class count is not \
+                            known before the run: name the `layers`"
+                    .into());
+            }
+        };
+        let specs: Vec<ConvLayerSpec> = layers
+            .iter()
+            .map(|l| match *l {
+                LayerSpec::Dense { units, activation } => ConvLayerSpec::Dense { units, activation },
+                LayerSpec::Dropout { rate } => ConvLayerSpec::Dropout { rate },
+            })
+            .collect();
+        let input = Shape::Flat(shape.iter().product());
+        let (resolved, _) = spec::resolve_from(input, &specs).map_err(|e| e.to_string())?;
+        Ok(spec::summary_from(title, input, &resolved))
     }
 }
 

@@ -108,6 +108,14 @@ impl StageConfig for FileReaderConfig {
         errors
     }
 
+    fn class_outputs(&self) -> Option<usize> {
+        match self.class_mode {
+            ClassMode::Binary => Some(1),
+            ClassMode::Categorical => class_names(&roots(self)).ok().map(|c| c.len()).filter(|&n| n > 0),
+            ClassMode::None => None,
+        }
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let listing = match &self.shard {
             Some(input) => crate::shard::plan::read_listing(input)
@@ -138,16 +146,19 @@ struct Entry {
     problem: Option<&'static str>,
 }
 
-/// Lists every file up front (paths only: small even for millions) so the
-/// order and the class table are fixed before the first item leaves.
-fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
-    let roots: Vec<(Option<Arc<str>>, PathBuf)> = if cfg.splits.is_empty() {
+/// The folders read: each split's, or `dir` itself.
+fn roots(cfg: &FileReaderConfig) -> Vec<(Option<Arc<str>>, PathBuf)> {
+    if cfg.splits.is_empty() {
         vec![(None, cfg.dir.clone())]
     } else {
         cfg.splits.iter().map(|s| (Some(Arc::from(s.as_str())), cfg.dir.join(s))).collect()
-    };
+    }
+}
+
+/// The class folders of every root together, sorted (Keras's order).
+fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<String>, String> {
     let mut class_names: Vec<String> = Vec::new();
-    for (_, root) in &roots {
+    for (_, root) in roots {
         for name in subfolders(root)? {
             if !class_names.contains(&name) {
                 class_names.push(name);
@@ -155,6 +166,14 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         }
     }
     class_names.sort();
+    Ok(class_names)
+}
+
+/// Lists every file up front (paths only: small even for millions) so the
+/// order and the class table are fixed before the first item leaves.
+fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
+    let roots = roots(cfg);
+    let class_names = class_names(&roots)?;
     let flat = class_names.is_empty();
     let mode = if flat { ClassMode::None } else { cfg.class_mode };
     if mode == ClassMode::Binary && class_names.len() != 2 {

@@ -76,6 +76,11 @@ impl StageConfig for IdxReaderConfig {
         OptionDoc { name: "epochs", ty: "int", default: "1", help: "passes over the images, reshuffled each" },
     ];
 
+    /// Binary only: a categorical class count is the files' largest label + 1.
+    fn class_outputs(&self) -> Option<usize> {
+        (self.class_mode == ClassMode::Binary).then_some(1)
+    }
+
     fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.epochs == 0 {

@@ -114,13 +114,27 @@ impl StageConfig for OnnxFeaturesConfig {
         Ok(Some(CacheSpec { dir, key, shared }))
     }
 
+    /// One black image of the upstream size through the model (on the CPU):
+    /// the model's output shape, whatever its symbolic dims.
+    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
+        let Some([h, w, _]) = image else {
+            return Some(Err("its image size is not fixed: put a `resize` before it".into()));
+        };
+        Some(
+            OnnxModel::load(&self.model, Device::Cpu, 1, false)
+                .map_err(|e| e.to_string())
+                .and_then(|mut m| m.probe(h as u32, w as u32))
+                .map_err(|e| format!("model {}: {e}", self.model.display())),
+        )
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let mut model =
             OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
         if let Some((h, w)) = ctx.image_size {
             let model_err = |e: String| StageError::fatal(format!("model {}: {e}", self.model.display()));
             model.check_size(h, w).map_err(model_err)?;
-            model.probe(h, w).map_err(|e| {
+            model.probe(h, w).map(drop).map_err(|e| {
                 model_err(format!(
                     "cannot take the pipeline's {h}x{w} images: {e}; set the resize stage's `size` to a size it takes"
                 ))

@@ -130,11 +130,19 @@ pub struct Resolved {
 /// Resolves every layer from the input shape and says which loss the last
 /// layer implies; the first layer that cannot be built is the error, by index.
 pub fn resolve(input: [usize; 3], specs: &[LayerSpec]) -> Result<(Vec<Resolved>, LossKind), ConvnetError> {
-    let bad = |i: usize, msg: String| ConvnetError::Layer { index: i, message: msg };
     if input.contains(&0) {
         return Err(ConvnetError::Spec(format!("input shape {input:?} has a zero dimension")));
     }
-    let mut shape = Shape::Map(input);
+    resolve_from(Shape::Map(input), specs)
+}
+
+/// [`resolve`] from any input shape: a vector for a dense stack.
+pub fn resolve_from(input: Shape, specs: &[LayerSpec]) -> Result<(Vec<Resolved>, LossKind), ConvnetError> {
+    let bad = |i: usize, msg: String| ConvnetError::Layer { index: i, message: msg };
+    if input.is_empty() {
+        return Err(ConvnetError::Spec(format!("input shape {} is empty", input.keras())));
+    }
+    let mut shape = input;
     let mut out = Vec::with_capacity(specs.len());
     let mut counts: std::collections::HashMap<&str, usize> = Default::default();
     for (i, spec) in specs.iter().enumerate() {
@@ -222,6 +230,11 @@ fn check_hidden_activation(i: usize, a: Activation, last: bool) -> Result<(), Co
 
 /// The text of Keras's `model.summary()`: layer (type), output shape, params, totals.
 pub fn summary(title: &str, input: [usize; 3], layers: &[Resolved]) -> String {
+    summary_from(title, Shape::Map(input), layers)
+}
+
+/// [`summary`] of a stack on any input shape.
+pub fn summary_from(title: &str, input: Shape, layers: &[Resolved]) -> String {
     let type_name = |s: &LayerSpec| match s {
         LayerSpec::Conv2d { .. } => "Conv2D",
         LayerSpec::MaxPooling2d { .. } => "MaxPooling2D",
@@ -230,7 +243,7 @@ pub fn summary(title: &str, input: [usize; 3], layers: &[Resolved]) -> String {
         LayerSpec::Dense { .. } => "Dense",
     };
     let rule = "-".repeat(72);
-    let mut s = format!("Model: \"{title}\" (input {})\n{rule}\n", Shape::Map(input).keras());
+    let mut s = format!("Model: \"{title}\" (input {})\n{rule}\n", input.keras());
     s.push_str(&format!("{:<34}{:<24}{:>14}\n{}\n", "Layer (type)", "Output Shape", "Param #", "=".repeat(72)));
     for l in layers {
         s.push_str(&format!(
