@@ -4,6 +4,9 @@
 //!
 //!   mnist      28x28x1, 60,000 images, batch 64, RMSprop (1e-3), categorical (5.1)
 //!   cats_dogs  150x150x3, 2,000 images, batch 20, RMSprop lr 1e-4, binary (5.2)
+//!   fine_tune  VGG16's block5 + the book's head on 2,000 block4 maps [9, 9, 512]
+//!              (150x150 images, blocks 1-4 frozen and cached), batch 20,
+//!              RMSprop lr 1e-5, binary (5.3.3; the peer runs the whole VGG16)
 //!
 //! Random pixels (speed does not depend on content), a few warm-up steps,
 //! then the timed epoch: every image once, in a shuffled order as Keras's
@@ -11,7 +14,7 @@
 //! Prints one JSON line per model, in the peer's format.
 //! `benches/convnet_vs_keras.sh` runs both sides in turn and prints the table.
 //!
-//!   cargo bench --bench convnet_epoch [-- mnist|cats_dogs]
+//!   cargo bench --bench convnet_epoch [-- mnist|cats_dogs|fine_tune]
 //!
 //! Env: CONVFLOW_KERAS_IMAGES caps the images per epoch (as for the peer);
 //! CONVFLOW_CONVNET_THREADS (default: the machine's cores).
@@ -20,7 +23,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::convnets::{cats_dogs, mnist};
+use common::convnets::{block5, cats_dogs, mnist};
 use convflow::ml::convnet::{ConvOptimizer, Convnet, LayerSpec};
 use convflow::ml::optimizer::OptimizerSpec;
 use rand::seq::SliceRandom;
@@ -34,9 +37,11 @@ fn main() {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let cap: Option<usize> = std::env::var("CONVFLOW_KERAS_IMAGES").ok().and_then(|v| v.parse().ok());
     let wanted: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    for (name, (input, layers), images, batch, lr) in
-        [("mnist", mnist(), 60_000, 64, 1e-3), ("cats_dogs", cats_dogs(), 2_000, 20, 1e-4)]
-    {
+    for (name, (input, layers), images, batch, lr) in [
+        ("mnist", mnist(), 60_000, 64, 1e-3),
+        ("cats_dogs", cats_dogs(), 2_000, 20, 1e-4),
+        ("fine_tune", block5(), 2_000, 20, 1e-5),
+    ] {
         if !wanted.is_empty() && !wanted.iter().any(|w| w == name) {
             continue;
         }

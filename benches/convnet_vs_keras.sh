@@ -8,12 +8,16 @@
 #
 #   benches/convnet_vs_keras.sh [ROUNDS]        (default 3)
 #
+# MODELS picks the models (default "mnist cats_dogs fine_tune"; fine_tune is
+# VGG16's block5 + head on cached block4 maps against Keras's whole VGG16).
+#
 # Env: PY, a Python with tensorflow-cpu (default .bench-venv/bin/python, which
 # benches/compare.sh installs); CONVFLOW_KERAS_IMAGES caps the images per epoch.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 ROUNDS="${1:-3}"
+MODELS="${MODELS:-mnist cats_dogs fine_tune}"
 PY="${PY:-$ROOT/.bench-venv/bin/python}"
 "$PY" -c 'import tensorflow' 2>/dev/null || { echo "convnet_vs_keras: $PY has no tensorflow (run benches/compare.sh, or set PY)" >&2; exit 2; }
 cargo bench --bench convnet_epoch --no-run >/dev/null 2>&1
@@ -22,7 +26,7 @@ mkdir -p bench-results
 OUT=bench-results/convnet_vs_keras.jsonl
 : > "$OUT"
 for round in $(seq "$ROUNDS"); do
-  for model in mnist cats_dogs; do
+  for model in $MODELS; do
     "$BIN" "$model" | sed "s/^{/{\"side\": \"convflow\", \"round\": $round, /" >> "$OUT"
     TF_CPP_MIN_LOG_LEVEL=2 "$PY" benches/peer/keras_convnet.py "$model" 2>/dev/null \
       | sed "s/^{/{\"side\": \"keras\", \"round\": $round, /" >> "$OUT"
@@ -34,7 +38,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 print("| one training epoch, images in memory | convflow images/s | Keras (TF CPU) images/s | ratio |")
 print("|---|---|---|---|")
 summary = {}
-for model in ["mnist", "cats_dogs"]:
+for model in dict.fromkeys(r["model"] for r in rows):
     med = {side: statistics.median(r["images_per_second"] for r in rows if r["model"] == model and r["side"] == side)
            for side in ["convflow", "keras"]}
     one = next(r for r in rows if r["model"] == model)
