@@ -79,9 +79,6 @@ pub fn view_of<P: Pixel + 'static>(
 
 impl Stage for Views {
     fn process(&mut self, item: Item, out: &mut dyn Emit) -> Result<(), StageError> {
-        if !matches!(item.payload, Payload::Image(_) | Payload::Gray(_)) {
-            return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name())));
-        }
         if item.meta.view != 0 {
             return Err(StageError::fatal(format!(
                 "{}: already view {} of its image (two views stages in a row?)",
@@ -89,16 +86,15 @@ impl Stage for Views {
                 item.meta.view
             )));
         }
+        let view_of_item: Box<dyn Fn(u8) -> Payload + '_> = match &item.payload {
+            Payload::Gray(img) => Box::new(|view| Payload::Gray(view_of(img, view))),
+            Payload::Image(img) => Box::new(|view| Payload::Image(view_of(img, view))),
+            _ => return Err(StageError::fatal(format!("expected an image, got {}", item.kind().name()))),
+        };
         let mirrors: Vec<Item> = (self.config.views().into_iter().skip(1))
-            .map(|view| Item {
-                meta: crate::item::Meta { view, ..item.meta.clone() },
-                payload: match &item.payload {
-                    Payload::Gray(img) => Payload::Gray(view_of(img, view)),
-                    Payload::Image(img) => Payload::Image(view_of(img, view)),
-                    _ => unreachable!("checked above"),
-                },
-            })
+            .map(|view| Item { meta: crate::item::Meta { view, ..item.meta.clone() }, payload: view_of_item(view) })
             .collect();
+        drop(view_of_item);
         out.emit(item)?;
         for mirror in mirrors {
             out.emit(mirror)?;
