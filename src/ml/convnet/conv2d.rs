@@ -235,12 +235,16 @@ pub fn forward(
     }
     // Every value is written below: no zeroing, only a resize when the batch changes.
     y.resize(total * f, 0.0);
-    // Tiles are cut from the batch the same way whatever the threads, and
-    // each output is one GEMM's sum, so the result does not depend on them.
+    // One equal share of the rows per thread, cut into equal tiles of at
+    // most `tile` rows. Each output is one GEMM sum over the patch, whose
+    // order (gemm blocks `k` by `k` and the caches alone) does not depend
+    // on the tile's height, so neither does the result on the threads.
     let parts = threads.min(tiles).max(1);
-    let per = tiles.div_ceil(parts) * tile;
+    let per = total.div_ceil(parts);
     let gemm_threads = (threads / parts).max(1);
     scratch.parts(parts).par_iter_mut().zip(y.par_chunks_mut(per * f)).enumerate().for_each(|(p, (s, y))| {
+        let n = y.len() / f;
+        let tile = n.div_ceil(n.div_ceil(tile));
         for (t, y) in y.chunks_mut(tile * f).enumerate() {
             let r0 = p * per + t * tile;
             let n = y.len() / f;

@@ -431,3 +431,37 @@ fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
         }
     }
 }
+
+#[test]
+fn max_pooling_of_many_channels_matches_a_naive_one_ties_included() {
+    // 19 channels: one vector group of 16 and 3 more one by one; values
+    // from a few levels, so that ties are common.
+    for (input, p, s) in [([5, 7, 19], 2, 2), ([6, 6, 32], 3, 2), ([4, 5, 16], 2, 1)] {
+        let g = pooling::PoolGeometry::new(input, [p, p], [s, s]).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let rows = 2;
+        let x: Vec<f32> = (0..rows * g.in_len()).map(|_| f32::from(rng.random_range(0u8..4))).collect();
+        let (mut y, mut arg) = (Vec::new(), Vec::new());
+        pooling::forward(&g, &x, rows, &mut y, &mut arg);
+        for r in 0..rows {
+            let image = &x[r * g.in_len()..][..g.in_len()];
+            for oy in 0..g.out_h {
+                for ox in 0..g.out_w {
+                    for c in 0..g.c {
+                        let mut best = (f32::NEG_INFINITY, 0);
+                        for dy in 0..p {
+                            for dx in 0..p {
+                                let i = ((oy * s + dy) * g.in_w + ox * s + dx) * g.c + c;
+                                if image[i] > best.0 {
+                                    best = (image[i], i);
+                                }
+                            }
+                        }
+                        let o = r * g.out_len() + (oy * g.out_w + ox) * g.c + c;
+                        assert_eq!((y[o], arg[o] as usize), best, "{input:?} image {r} ({oy}, {ox}) channel {c}");
+                    }
+                }
+            }
+        }
+    }
+}
