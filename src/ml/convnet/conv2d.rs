@@ -3,17 +3,29 @@
 //! padding (Keras's split: the extra row/column of an odd total goes to the
 //! bottom/right), strides.
 //!
-//! Forward is im2col + one GEMM per batch (`cols[rows, kh*kw*in] x
-//! kernel[kh*kw*in, filters]`, the rows being every output pixel of every
-//! image, so the output is NHWC as it comes). Backward: the kernel
-//! gradient is `cols^T x dY` (one GEMM), the input gradient `dY x
-//! kernel^T` scattered back by col2im. The columns of the forward pass are
-//! kept for the backward one.
+//! im2col + GEMM, one tile of output rows at a time: the rows are every
+//! output pixel of every image (so the output is NHWC as it comes), and a
+//! tile's columns (`cols[tile, kh*kw*in]`, about [`TILE_BYTES`]) stay in
+//! the core's L2 between their im2col and their GEMM with
+//! `kernel[kh*kw*in, filters]`, where the whole batch's columns (120 MB for
+//! the 150x150 network's second layer) went through memory twice. Bias and
+//! activation are applied to the tile while it is in cache. Backward
+//! rebuilds each tile's columns from the input (cheaper than keeping them):
+//! the kernel gradient is `cols^T x dY`, the input gradient `dY x kernel^T`
+//! scattered back by col2im, tile by tile.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::matmul::{Layout, matmul, matmul_tn_split};
+use super::matmul::{Layout, matmul};
+use crate::ml::activation::{Activation, activate, activation_backward};
+
+/// Bytes of columns per tile: well inside a core's L2 (1-2 MB on the
+/// machines this runs on), leaving room for the GEMM's packed operands.
+pub const TILE_BYTES: usize = 512 << 10;
+/// Fewest rows per tile: the GEMM packs the kernel once per call, so a big
+/// kernel (VGG16's block5: 4608 x 512) needs tall tiles to pay for it.
+pub const MIN_TILE: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -102,18 +114,35 @@ impl ConvGeometry {
         (y < self.in_h && x < self.in_w).then_some((y * self.in_w + x) * self.in_c)
     }
 
-    /// Fills `cols` (`out_pixels x patch`) with one image's patches.
-    pub fn im2col(&self, image: &[f32], cols: &mut [f32]) {
-        let (c, patch) = (self.in_c, self.patch());
-        for oy in 0..self.out_h {
-            for ox in 0..self.out_w {
-                let row = &mut cols[(oy * self.out_w + ox) * patch..][..patch];
-                for ky in 0..self.kh {
-                    for kx in 0..self.kw {
-                        let dst = &mut row[(ky * self.kw + kx) * c..][..c];
-                        match self.source(oy, ox, ky, kx) {
-                            Some(s) => dst.copy_from_slice(&image[s..s + c]),
-                            None => dst.fill(0.0),
+    /// Output rows (pixels of the batch) per tile: about [`TILE_BYTES`] of
+    /// columns, and at least [`MIN_TILE`] rows so that the GEMM's packing
+    /// of the kernel is shared by enough rows.
+    pub fn tile_rows(&self) -> usize {
+        (TILE_BYTES / (4 * self.patch())).max(MIN_TILE)
+    }
+
+    /// Fills `cols` (`(r1 - r0) x patch`) with the patches of the batch's
+    /// output rows `r0..r1` (row `r`: pixel `r % out_pixels` of image `r / out_pixels`).
+    pub fn im2col_rows(&self, x: &[f32], r0: usize, r1: usize, cols: &mut [f32]) {
+        let (c, patch, pixels, len) = (self.in_c, self.patch(), self.out_pixels(), self.in_len());
+        // One kernel row's taps: contiguous in NHWC when the row is inside the image.
+        let run = self.kw * c;
+        for (r, row) in (r0..r1).zip(cols.chunks_exact_mut(patch)) {
+            let image = &x[(r / pixels) * len..][..len];
+            let (oy, ox) = ((r % pixels) / self.out_w, (r % pixels) % self.out_w);
+            let x0 = (ox * self.sw).checked_sub(self.pad_left).filter(|&x0| x0 + self.kw <= self.in_w);
+            for ky in 0..self.kh {
+                let dst = &mut row[ky * run..][..run];
+                match ((oy * self.sh + ky).checked_sub(self.pad_top).filter(|&y| y < self.in_h), x0) {
+                    (None, _) => dst.fill(0.0),
+                    (Some(y), Some(x0)) => dst.copy_from_slice(&image[(y * self.in_w + x0) * c..][..run]),
+                    (Some(_), None) => {
+                        for kx in 0..self.kw {
+                            let dst = &mut dst[kx * c..][..c];
+                            match self.source(oy, ox, ky, kx) {
+                                Some(s) => dst.copy_from_slice(&image[s..s + c]),
+                                None => dst.fill(0.0),
+                            }
                         }
                     }
                 }
@@ -121,18 +150,28 @@ impl ConvGeometry {
         }
     }
 
-    /// Adds one image's column gradients back onto its pixels (`dx` is zeroed first).
-    pub fn col2im(&self, dcols: &[f32], dx: &mut [f32]) {
-        dx.fill(0.0);
-        let (c, patch) = (self.in_c, self.patch());
-        for oy in 0..self.out_h {
-            for ox in 0..self.out_w {
-                let row = &dcols[(oy * self.out_w + ox) * patch..][..patch];
-                for ky in 0..self.kh {
-                    for kx in 0..self.kw {
-                        if let Some(s) = self.source(oy, ox, ky, kx) {
-                            let src = &row[(ky * self.kw + kx) * c..][..c];
-                            dx[s..s + c].iter_mut().zip(src).for_each(|(d, &g)| *d += g);
+    /// Adds the column gradients of output rows `r0..r1` onto the pixels
+    /// they came from; `dx` holds the images those rows belong to, row 0
+    /// being pixel 0 of its first image.
+    pub fn col2im_rows(&self, dcols: &[f32], r0: usize, r1: usize, dx: &mut [f32]) {
+        let (c, patch, pixels, len) = (self.in_c, self.patch(), self.out_pixels(), self.in_len());
+        let run = self.kw * c;
+        for (r, row) in (r0..r1).zip(dcols.chunks_exact(patch)) {
+            let image = &mut dx[(r / pixels) * len..][..len];
+            let (oy, ox) = ((r % pixels) / self.out_w, (r % pixels) % self.out_w);
+            let x0 = (ox * self.sw).checked_sub(self.pad_left).filter(|&x0| x0 + self.kw <= self.in_w);
+            for ky in 0..self.kh {
+                let src = &row[ky * run..][..run];
+                let Some(y) = (oy * self.sh + ky).checked_sub(self.pad_top).filter(|&y| y < self.in_h) else {
+                    continue;
+                };
+                match x0 {
+                    Some(x0) => add(&mut image[(y * self.in_w + x0) * c..][..run], src),
+                    None => {
+                        for kx in 0..self.kw {
+                            if let Some(s) = self.source(oy, ox, ky, kx) {
+                                add(&mut image[s..s + c], &src[kx * c..][..c]);
+                            }
                         }
                     }
                 }
@@ -141,21 +180,39 @@ impl ConvGeometry {
     }
 }
 
-/// What a forward pass keeps for the backward one.
-#[derive(Debug, Default, Clone)]
-pub struct ConvCache {
-    pub cols: Vec<f32>,
+fn add(d: &mut [f32], s: &[f32]) {
+    d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
 }
 
-/// Scratch buffers reused from step to step.
+/// What a training step keeps from step to step: per-part tiles and sums,
+/// sized on first use and reused (a fresh buffer per step costs page faults).
 #[derive(Debug, Default, Clone)]
 pub struct ConvScratch {
-    dcols: Vec<f32>,
-    partial: Vec<f32>,
+    parts: Vec<PartScratch>,
 }
 
-/// `y[rows*out_pixels, filters] = im2col(x) * kernel + bias`. `keep`: the
-/// columns stay in `cache` for [`backward`].
+/// One part's own buffers: a tile of columns, its gradient, and the part's
+/// kernel and bias gradient sums.
+#[derive(Debug, Default, Clone)]
+struct PartScratch {
+    cols: Vec<f32>,
+    dcols: Vec<f32>,
+    dkernel: Vec<f32>,
+    dbias: Vec<f32>,
+}
+
+impl ConvScratch {
+    fn parts(&mut self, n: usize) -> &mut [PartScratch] {
+        if self.parts.len() < n {
+            self.parts.resize_with(n, PartScratch::default);
+        }
+        &mut self.parts[..n]
+    }
+}
+
+/// `y[rows*out_pixels, filters] = activation(im2col(x) * kernel + bias)`,
+/// tile by tile (see the module doc). `activation`: `None` leaves the
+/// pre-activation (a last layer, whose sigmoid or softmax the loss applies).
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     g: &ConvGeometry,
@@ -163,30 +220,59 @@ pub fn forward(
     bias: &[f32],
     x: &[f32],
     rows: usize,
+    activation: Option<Activation>,
     y: &mut Vec<f32>,
-    cache: &mut ConvCache,
+    scratch: &mut ConvScratch,
     threads: usize,
 ) {
-    let (patch, pixels) = (g.patch(), g.out_pixels());
-    let cols = &mut cache.cols;
-    cols.resize(rows * pixels * patch, 0.0);
-    cols.par_chunks_mut(pixels * patch).zip(x.par_chunks(g.in_len())).for_each(|(cols, image)| g.im2col(image, cols));
-    y.clear();
-    y.resize(rows * pixels * g.filters, 0.0);
-    // Start from the bias so the GEMM adds onto it.
-    y.par_chunks_mut(g.filters).for_each(|r| r.copy_from_slice(bias));
-    matmul(rows * pixels, g.filters, patch, cols, Layout::N, kernel, Layout::N, y, true, threads);
+    let (patch, f) = (g.patch(), g.filters);
+    let total = rows * g.out_pixels();
+    let tile = g.tile_rows();
+    let tiles = total.div_ceil(tile);
+    if total == 0 {
+        y.clear();
+        return;
+    }
+    // Every value is written below: no zeroing, only a resize when the batch changes.
+    y.resize(total * f, 0.0);
+    // One equal share of the rows per thread, cut into equal tiles of at
+    // most `tile` rows. Each output is one GEMM sum over the patch, whose
+    // order (gemm blocks `k` by `k` and the caches alone) does not depend
+    // on the tile's height, so neither does the result on the threads.
+    let parts = threads.min(tiles).max(1);
+    let per = total.div_ceil(parts);
+    let gemm_threads = (threads / parts).max(1);
+    scratch.parts(parts).par_iter_mut().zip(y.par_chunks_mut(per * f)).enumerate().for_each(|(p, (s, y))| {
+        let n = y.len() / f;
+        let tile = n.div_ceil(n.div_ceil(tile));
+        for (t, y) in y.chunks_mut(tile * f).enumerate() {
+            let r0 = p * per + t * tile;
+            let n = y.len() / f;
+            s.cols.resize(n * patch, 0.0);
+            g.im2col_rows(x, r0, r0 + n, &mut s.cols);
+            // Start from the bias so the GEMM adds onto it.
+            y.chunks_exact_mut(f).for_each(|r| r.copy_from_slice(bias));
+            matmul(n, f, patch, &s.cols, Layout::N, kernel, Layout::N, y, true, gemm_threads);
+            if let Some(a) = activation {
+                activate(a, y);
+            }
+        }
+    });
 }
 
-/// From `dy` (gradient of the pre-activation output): the kernel and bias
-/// gradients, and (when `dx` is given) the input gradient.
+/// From `dy` (the gradient of the layer's output `y`; with `activation`,
+/// it is first turned into the pre-activation's, in place): the kernel
+/// and bias gradients, and (when `dx` is given) the input gradient. The
+/// columns are rebuilt from `x` tile by tile, as in [`forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     g: &ConvGeometry,
     kernel: &[f32],
-    dy: &[f32],
+    x: &[f32],
+    y: &[f32],
+    activation: Option<Activation>,
+    dy: &mut [f32],
     rows: usize,
-    cache: &ConvCache,
     dkernel: &mut [f32],
     dbias: &mut [f32],
     dx: Option<&mut Vec<f32>>,
@@ -194,17 +280,71 @@ pub fn backward(
     threads: usize,
 ) {
     let (patch, pixels, f) = (g.patch(), g.out_pixels(), g.filters);
-    let m = rows * pixels;
-    matmul_tn_split(patch, f, m, &cache.cols, dy, dkernel, threads, &mut scratch.partial);
-    bias_gradient(dy, f, dbias);
-    if let Some(dx) = dx {
-        scratch.dcols.resize(m * patch, 0.0);
-        matmul(m, patch, f, dy, Layout::N, kernel, Layout::T, &mut scratch.dcols, false, threads);
-        dx.resize(rows * g.in_len(), 0.0);
-        dx.par_chunks_mut(g.in_len())
-            .zip(scratch.dcols.par_chunks(pixels * patch))
-            .for_each(|(dx, dcols)| g.col2im(dcols, dx));
+    let tile = g.tile_rows();
+    if rows == 0 {
+        dkernel.fill(0.0);
+        dbias.fill(0.0);
+        return;
     }
+    // Whole images per part, so that each part owns its images' input
+    // gradient; the parts' kernel and bias gradients are added in part
+    // order, so the sums depend on the thread count alone.
+    let images = rows.div_ceil(threads.clamp(1, rows.max(1))).max(1);
+    let parts = rows.div_ceil(images).max(1);
+    let gemm_threads = (threads / parts).max(1);
+    let mut dx_parts: Vec<Option<&mut [f32]>> = match dx {
+        Some(dx) => {
+            dx.resize(rows * g.in_len(), 0.0);
+            dx.chunks_mut(images * g.in_len()).map(Some).collect()
+        }
+        None => (0..parts).map(|_| None).collect(),
+    };
+    let mut y_parts: Vec<&[f32]> = y.chunks(images * pixels * f).collect();
+    y_parts.resize(parts, &[]);
+    let mut states = std::mem::take(&mut scratch.parts);
+    if states.len() < parts {
+        states.resize_with(parts, PartScratch::default);
+    }
+    states[..parts]
+        .par_iter_mut()
+        .zip(dy.par_chunks_mut(images * pixels * f))
+        .zip(y_parts.into_par_iter())
+        .zip(dx_parts.par_iter_mut())
+        .enumerate()
+        .for_each(|(p, (((s, dy), y), dx))| {
+            s.dkernel.resize(patch * f, 0.0);
+            s.dbias.clear();
+            s.dbias.resize(f, 0.0);
+            if let Some(dx) = dx.as_deref_mut() {
+                dx.fill(0.0);
+            }
+            let first_row = p * images * pixels;
+            for (t, dy) in dy.chunks_mut(tile * f).enumerate() {
+                let n = dy.len() / f;
+                let r0 = first_row + t * tile;
+                if let Some(a) = activation {
+                    activation_backward(a, &y[t * tile * f..][..n * f], dy);
+                }
+                s.cols.resize(n * patch, 0.0);
+                g.im2col_rows(x, r0, r0 + n, &mut s.cols);
+                matmul(patch, f, n, &s.cols, Layout::T, dy, Layout::N, &mut s.dkernel, t > 0, gemm_threads);
+                for r in dy.chunks_exact(f) {
+                    s.dbias.iter_mut().zip(r).for_each(|(d, &g)| *d += g);
+                }
+                if let Some(dx) = dx.as_deref_mut() {
+                    s.dcols.resize(n * patch, 0.0);
+                    matmul(n, patch, f, dy, Layout::N, kernel, Layout::T, &mut s.dcols, false, gemm_threads);
+                    g.col2im_rows(&s.dcols, r0 - first_row, r0 - first_row + n, dx);
+                }
+            }
+        });
+    dkernel.copy_from_slice(&states[0].dkernel);
+    dbias.copy_from_slice(&states[0].dbias);
+    for s in &states[1..parts] {
+        dkernel.iter_mut().zip(&s.dkernel).for_each(|(d, &v)| *d += v);
+        dbias.iter_mut().zip(&s.dbias).for_each(|(d, &v)| *d += v);
+    }
+    scratch.parts = states;
 }
 
 /// Column sums of `dy` (`[rows, f]`), in row order: the same whatever the threads.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use super::conv2d::{self, ConvCache, ConvScratch};
+use super::conv2d::{self, ConvScratch};
 use super::matmul::{Layout, matmul, matmul_tn_split};
 use super::optimizer::ConvOptimizer;
 use super::spec::{LayerSpec, Resolved, Shape, resolve};
@@ -38,7 +38,6 @@ struct Params {
 /// Per-layer state of a training step.
 #[derive(Debug, Default, Clone)]
 struct Work {
-    conv: ConvCache,
     conv_scratch: ConvScratch,
     argmax: Vec<u32>,
     mask: Vec<f32>,
@@ -55,6 +54,11 @@ pub struct Convnet {
     /// `acts[i]`: the input of layer i (`acts[0]`: the batch), `acts[n]`: the logits.
     acts: Vec<Vec<f32>>,
     work: Vec<Work>,
+    /// The backward pass's two gradient buffers (a layer reads one, writes
+    /// the other), and the parameter gradients of `train_batch`: kept from
+    /// step to step, as fresh ones cost a page fault per 4 KB every step.
+    grad_bufs: [Vec<f32>; 2],
+    grads: Vec<Vec<f32>>,
 }
 
 /// A copy of the weights only: the per-step buffers (hundreds of MB for
@@ -71,6 +75,8 @@ impl Clone for Convnet {
             pool: self.pool.clone(),
             acts: vec![Vec::new(); n + 1],
             work: vec![Work::default(); n],
+            grad_bufs: Default::default(),
+            grads: Vec::new(),
         }
     }
 }
@@ -123,6 +129,8 @@ impl Convnet {
             pool: thread_pool(threads)?,
             acts: vec![Vec::new(); n + 1],
             work: vec![Work::default(); n],
+            grad_bufs: Default::default(),
+            grads: Vec::new(),
         })
     }
 
@@ -224,8 +232,8 @@ impl Convnet {
             match l.spec {
                 LayerSpec::Conv2d { activation, .. } => {
                     let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
-                    conv2d::forward(g, &p.kernel, &p.bias, xin, rows, y, &mut w.conv, threads);
-                    activate(activation, y, last);
+                    let activation = (!last).then_some(activation);
+                    conv2d::forward(g, &p.kernel, &p.bias, xin, rows, activation, y, &mut w.conv_scratch, threads);
                 }
                 LayerSpec::MaxPooling2d { .. } => {
                     let Some(g) = l.pool.as_ref() else { continue };
@@ -260,13 +268,17 @@ impl Convnet {
     }
 
     /// Backward pass from `dz` (gradient of the mean loss w.r.t. the
-    /// logits): each parameter tensor's gradient, in [`Convnet::tensors`] order.
-    fn backward(&mut self, dz: Vec<f32>, rows: usize) -> Vec<Vec<f32>> {
+    /// logits): each parameter tensor's gradient into `grads`, in
+    /// [`Convnet::tensors`] order (its vectors are reused when they fit).
+    fn backward(&mut self, dz: &[f32], rows: usize, grads: &mut Vec<Vec<f32>>) {
         let n = self.layers.len();
         let threads = self.threads;
-        let mut grads: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; n];
-        let mut d = dz;
-        let mut dx = Vec::new();
+        let tensors = 2 * self.params.iter().flatten().count();
+        grads.resize_with(tensors, Vec::new);
+        let mut next = tensors;
+        let [mut d, mut dx] = std::mem::take(&mut self.grad_bufs);
+        d.clear();
+        d.extend_from_slice(dz);
         for i in (0..n).rev() {
             let l = &self.layers[i];
             let w = &mut self.work[i];
@@ -275,24 +287,25 @@ impl Convnet {
             match l.spec {
                 LayerSpec::Conv2d { activation, .. } => {
                     let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
-                    if i + 1 != n {
-                        activation_backward(activation, yout, &mut d);
-                    }
-                    let mut dk = vec![0.0; p.kernel.len()];
-                    let mut db = vec![0.0; p.bias.len()];
+                    next -= 2;
+                    let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
+                    dk.resize(p.kernel.len(), 0.0);
+                    db.resize(p.bias.len(), 0.0);
+                    let activation = (i + 1 != n).then_some(activation);
                     conv2d::backward(
                         g,
                         &p.kernel,
-                        &d,
+                        xin,
+                        yout,
+                        activation,
+                        &mut d,
                         rows,
-                        &w.conv,
-                        &mut dk,
-                        &mut db,
+                        dk,
+                        db,
                         (!first).then_some(&mut dx),
                         &mut w.conv_scratch,
                         threads,
                     );
-                    grads[i] = Some((dk, db));
                     std::mem::swap(&mut d, &mut dx);
                 }
                 LayerSpec::MaxPooling2d { .. } => {
@@ -311,22 +324,23 @@ impl Convnet {
                     if i + 1 != n {
                         activation_backward(activation, yout, &mut d);
                     }
+                    next -= 2;
+                    let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
                     let din = l.input.len();
-                    let mut dk = vec![0.0; p.kernel.len()];
-                    matmul_tn_split(din, units, rows, xin, &d, &mut dk, threads, &mut w.split);
-                    let mut db = vec![0.0; units];
-                    conv2d::bias_gradient(&d, units, &mut db);
+                    dk.resize(p.kernel.len(), 0.0);
+                    matmul_tn_split(din, units, rows, xin, &d, dk, threads, &mut w.split);
+                    db.resize(units, 0.0);
+                    conv2d::bias_gradient(&d, units, db);
                     if !first {
-                        dx.clear();
+                        // Overwritten whole by the product (`accumulate` false).
                         dx.resize(rows * din, 0.0);
                         matmul(rows, din, units, &d, Layout::N, &p.kernel, Layout::T, &mut dx, false, threads);
                         std::mem::swap(&mut d, &mut dx);
                     }
-                    grads[i] = Some((dk, db));
                 }
             }
         }
-        grads.into_iter().flatten().flat_map(|(k, b)| [k, b]).collect()
+        self.grad_bufs = [d, dx];
     }
 
     /// The gradient of the batch-mean loss w.r.t. every parameter tensor, and
@@ -344,7 +358,8 @@ impl Convnet {
             self.forward(x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
             let (loss, correct, dz) = loss_and_grad(self.loss, logits, y, rows, true);
-            let grads = self.backward(dz, rows);
+            let mut grads = Vec::new();
+            self.backward(&dz, rows, &mut grads);
             (StepStats { loss: (loss / rows.max(1) as f64) as f32, correct }, grads)
         }))
     }
@@ -358,13 +373,20 @@ impl Convnet {
         opt: &mut ConvOptimizer,
         rng: &mut R,
     ) -> Result<StepStats, ConvnetError> {
-        let (stats, grads) = self.gradients(x, y, rows, rng)?;
+        self.check(x, Some(y), rows)?;
         let pool = self.pool.clone();
-        pool.install(|| {
+        let mut grads = std::mem::take(&mut self.grads);
+        let stats = pool.install(|| {
+            self.forward(x, rows, Some(rng));
+            let logits = &self.acts[self.layers.len()];
+            let (loss, correct, dz) = loss_and_grad(self.loss, logits, y, rows, true);
+            self.backward(&dz, rows, &mut grads);
             let mut params: Vec<&mut Vec<f32>> =
                 self.params.iter_mut().flatten().flat_map(|p| [&mut p.kernel, &mut p.bias]).collect();
             opt.step(&mut params, &grads);
+            StepStats { loss: (loss / rows.max(1) as f64) as f32, correct }
         });
+        self.grads = grads;
         Ok(stats)
     }
 

@@ -140,6 +140,11 @@ fn pooling_drops_the_odd_edge_as_keras_valid() {
     let mut dx = Vec::new();
     pooling::backward(&g, &[2.5], &arg, 1, &mut dx);
     assert_eq!(dx, vec![0.0, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    // A buffer reused from an earlier step is overwritten whole, the
+    // edge no window covers included.
+    let mut dx = vec![7.0; 9];
+    pooling::backward(&g, &[2.5], &arg, 1, &mut dx);
+    assert_eq!(dx, vec![0.0, 2.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
 }
 
 #[test]
@@ -321,6 +326,142 @@ fn matches_the_numpy_reference() {
         assert_eq!(want.len(), g.len(), "{name}");
         for (j, (a, b)) in g.iter().zip(&want).enumerate() {
             assert!((a - b).abs() < 1e-5, "{name}[{j}]: {a} vs {b}");
+        }
+    }
+}
+
+/// A direct convolution in f64 (no columns, no tiles): `y`, and for `dy`
+/// the kernel, bias and input gradients.
+fn direct_conv(
+    g: &conv2d::ConvGeometry,
+    kernel: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    rows: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let f = g.filters;
+    let mut y = vec![0.0; rows * g.out_pixels() * f];
+    let (mut dk, mut db, mut dx) = (vec![0.0; kernel.len()], vec![0.0; f], vec![0.0; x.len()]);
+    for r in 0..rows {
+        for oy in 0..g.out_h {
+            for ox in 0..g.out_w {
+                let o = ((r * g.out_h + oy) * g.out_w + ox) * f;
+                for ky in 0..g.kh {
+                    for kx in 0..g.kw {
+                        let (Some(iy), Some(ix)) =
+                            ((oy * g.sh + ky).checked_sub(g.pad_top), (ox * g.sw + kx).checked_sub(g.pad_left))
+                        else {
+                            continue;
+                        };
+                        if iy >= g.in_h || ix >= g.in_w {
+                            continue;
+                        }
+                        for c in 0..g.in_c {
+                            let xi = ((r * g.in_h + iy) * g.in_w + ix) * g.in_c + c;
+                            let ki = ((ky * g.kw + kx) * g.in_c + c) * f;
+                            for j in 0..f {
+                                y[o + j] += f64::from(x[xi]) * f64::from(kernel[ki + j]);
+                                dk[ki + j] += f64::from(x[xi]) * f64::from(dy[o + j]);
+                                dx[xi] += f64::from(kernel[ki + j]) * f64::from(dy[o + j]);
+                            }
+                        }
+                    }
+                }
+                for j in 0..f {
+                    db[j] += f64::from(dy[o + j]);
+                }
+            }
+        }
+    }
+    (y, dk, db, dx)
+}
+
+fn close(name: &str, got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len(), "{name}");
+    let scale = want.iter().fold(1.0f64, |a, &b| a.max(b.abs()));
+    for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+        assert!((f64::from(a) - b).abs() <= 1e-5 * scale, "{name}[{i}]: {a} vs {b}");
+    }
+}
+
+#[test]
+fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
+    // 64 channels: 576-value patches, so tiles of MIN_TILE rows that end
+    // inside an image (`tiles`); `same` padding and strides take the tap-by-tap im2col path.
+    for (input, k, s, padding, filters, rows, tiles) in [
+        ([20, 20, 64], 3, 1, Padding::Same, 8, 3, true),
+        ([30, 27, 64], 3, 2, Padding::Valid, 5, 2, true),
+        ([9, 11, 3], 2, 1, Padding::Same, 4, 5, false),
+    ] {
+        let g = conv2d::ConvGeometry::new(input, [k, k], [s, s], padding, filters).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let (x, kernel, bias) = (draw(rows * g.in_len()), draw(g.patch() * filters), draw(filters));
+        let dy = draw(rows * g.out_pixels() * filters);
+        let (y0, dk0, db0, dx0) = direct_conv(&g, &kernel, &x, &dy, rows);
+        let y0: Vec<f64> = y0.iter().enumerate().map(|(i, &v)| v + f64::from(bias[i % filters])).collect();
+        assert_eq!(rows * g.out_pixels() > g.tile_rows(), tiles, "{input:?}");
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut scratch = conv2d::ConvScratch::default();
+                let mut y = vec![f32::NAN; 7];
+                conv2d::forward(&g, &kernel, &bias, &x, rows, None, &mut y, &mut scratch, threads);
+                close("y", &y, &y0);
+                let (mut dk, mut db, mut dx) = (vec![f32::NAN; dk0.len()], vec![f32::NAN; filters], vec![f32::NAN; 3]);
+                let mut d = dy.clone();
+                conv2d::backward(
+                    &g,
+                    &kernel,
+                    &x,
+                    &y,
+                    None,
+                    &mut d,
+                    rows,
+                    &mut dk,
+                    &mut db,
+                    Some(&mut dx),
+                    &mut scratch,
+                    threads,
+                );
+                close("dkernel", &dk, &dk0);
+                close("dbias", &db, &db0);
+                close("dx", &dx, &dx0);
+            });
+        }
+    }
+}
+
+#[test]
+fn max_pooling_of_many_channels_matches_a_naive_one_ties_included() {
+    // 19 channels: one vector group of 16 and 3 more one by one; values
+    // from a few levels, so that ties are common.
+    for (input, p, s) in [([5, 7, 19], 2, 2), ([6, 6, 32], 3, 2), ([4, 5, 16], 2, 1)] {
+        let g = pooling::PoolGeometry::new(input, [p, p], [s, s]).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let rows = 2;
+        let x: Vec<f32> = (0..rows * g.in_len()).map(|_| f32::from(rng.random_range(0u8..4))).collect();
+        let (mut y, mut arg) = (Vec::new(), Vec::new());
+        pooling::forward(&g, &x, rows, &mut y, &mut arg);
+        for r in 0..rows {
+            let image = &x[r * g.in_len()..][..g.in_len()];
+            for oy in 0..g.out_h {
+                for ox in 0..g.out_w {
+                    for c in 0..g.c {
+                        let mut best = (f32::NEG_INFINITY, 0);
+                        for dy in 0..p {
+                            for dx in 0..p {
+                                let i = ((oy * s + dy) * g.in_w + ox * s + dx) * g.c + c;
+                                if image[i] > best.0 {
+                                    best = (image[i], i);
+                                }
+                            }
+                        }
+                        let o = r * g.out_len() + (oy * g.out_w + ox) * g.c + c;
+                        assert_eq!((y[o], arg[o] as usize), best, "{input:?} image {r} ({oy}, {ox}) channel {c}");
+                    }
+                }
+            }
         }
     }
 }
