@@ -196,6 +196,35 @@ fn before_any_step_the_fine_tuned_model_is_the_dense_head_on_the_frozen_base() {
     assert!(worst <= 1e-5, "probabilities differ by {worst:.2e}");
     // Not all 0 or 1: the comparison says something.
     assert!(pa.values().any(|p| (0.01..0.99).contains(p)), "{pa:?}");
+
+    // The same at full precision, in process (the CSVs round to 6 decimals):
+    // the saved model on blocks 1-4's maps against the head on the whole base's.
+    let mut x = Vec::new();
+    for class in ["cats", "dogs"] {
+        for e in std::fs::read_dir(test.join(class)).unwrap() {
+            let img = image::open(e.unwrap().path()).unwrap().to_rgb8();
+            let img = image::imageops::resize(&img, 150, 150, image::imageops::FilterType::Triangle);
+            convflow::ml::Preprocess::Caffe.extend(&img, &mut x);
+        }
+    }
+    let cpu = convflow::ml::Device::Cpu;
+    let block4 = common::root().join("models/vgg16_block4.onnx");
+    let (_, maps) = convflow::ml::OnnxModel::load(&block4, cpu, 2, false).unwrap().run(x.clone(), 6, 150, 150).unwrap();
+    let (_, features) =
+        convflow::ml::OnnxModel::load(&common::vgg16(), cpu, 2, false).unwrap().run(x, 6, 150, 150).unwrap();
+    let mut fine = convflow::ml::convnet::Convnet::load_safetensors(&out.join("model.safetensors"), 2).unwrap();
+    let mut dense = convflow::ml::head::Head::load_safetensors(&head.join("head.safetensors")).unwrap();
+    let (p1, p2) = (fine.predict(&maps, 6).unwrap(), dense.predict(&features, 6).unwrap());
+    let worst = p1.iter().zip(&p2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let logit = |p: f32| (p as f64 / (1.0 - p as f64)).ln();
+    let worst_logit = p1
+        .iter()
+        .zip(&p2)
+        .filter(|(_, b)| (1e-6..1.0 - 1e-6).contains(*b))
+        .map(|(a, b)| (logit(*a) - logit(*b)).abs())
+        .fold(0f64, f64::max);
+    eprintln!("in process: max |dp| = {worst:.2e}, max |d logit| = {worst_logit:.2e} ({p2:?})");
+    assert!(worst <= 1e-5, "probabilities differ by {worst:.2e}: {p1:?} vs {p2:?}");
 }
 
 #[test]
