@@ -257,8 +257,58 @@ fn fine_tuning_moves_block5_repeats_exactly_and_computes_no_block4_map_twice() {
         let n = inferred(&out);
         assert_eq!(n, if run == 0 { 16 + 24 } else { 0 }, "run {run}: block4 maps computed");
         histories.push(common::history_without_seconds(&out));
+        if run == 0 {
+            exported_classifier_gives_the_pipelines_probabilities(&data, &cache, &out, dir.path());
+        }
     }
     assert_eq!(histories[0], histories[1], "same seed and threads: the same history");
+}
+
+/// `models/export_fine_tuned.py` on a fine-tuned model: Python onnxruntime
+/// on the raw resized pixels gives predict_fine_tuned.yaml's probabilities.
+fn exported_classifier_gives_the_pipelines_probabilities(data: &Path, cache: &Path, model: &Path, tmp: &Path) {
+    let o = std::process::Command::new(common::python())
+        .arg(common::root().join("models/export_fine_tuned.py"))
+        .arg(model)
+        .current_dir(common::root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "export_fine_tuned.py: {}", String::from_utf8_lossy(&o.stderr));
+    let csv = tmp.join("exported.csv");
+    let o = run(
+        &["pipelines/predict_fine_tuned.yaml"],
+        &[
+            ("convnet", model.display().to_string()),
+            ("input_dir", data.join("test").display().to_string()),
+            ("out", csv.display().to_string()),
+            ("cache_dir", cache.display().to_string()),
+            ("test_time_flip", "false".into()),
+        ],
+    );
+    ok(&o, "predict_fine_tuned.yaml");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<(String, f32)> = text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[0].to_string(), f[2].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(rows.len(), 6);
+    // The same resized pixels (the resize stage's default, nearest), raw 0..255.
+    let mut resize = convflow::stages::resize::Resize::new(150, 150, convflow::stages::resize::Filter::Nearest);
+    let mut pixels = Vec::new();
+    for (p, _) in &rows {
+        let img = convflow::stages::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
+        convflow::ml::Preprocess::None.extend(&resize.apply(img).unwrap(), &mut pixels);
+    }
+    let onnx = model.join("classifier.onnx");
+    let (shape, ort) = common::python_reference(&onnx, &[6, 150, 150, 3], &pixels, tmp);
+    assert_eq!(shape, vec![6, 1]);
+    let worst = rows.iter().zip(&ort).map(|((_, want), got)| (want - got).abs()).fold(0f32, f32::max);
+    eprintln!("classifier.onnx (onnxruntime) vs predict_fine_tuned.yaml: max |dp| = {worst:.2e} ({ort:?})");
+    assert!(worst <= 1e-5, "classifier.onnx differs from the pipeline by {worst:.2e}");
 }
 
 #[test]
