@@ -3,8 +3,10 @@
 //! `dense_head` trained on the frozen base and, before any step, predicts
 //! exactly what that head predicts; training moves block5 away from its
 //! ImageNet weights, bit-identically on a rerun, and a rerun computes no
-//! block4 map twice; a head or maps of the wrong shape stop the run naming
-//! the stage and both shapes.
+//! block4 map twice; the exported ONNX classifier gives the pipeline's
+//! probabilities; a run killed with SIGKILL resumes to the uninterrupted
+//! result; a head or maps of the wrong shape stop the run naming the stage
+//! and both shapes.
 
 mod common;
 
@@ -309,6 +311,86 @@ fn exported_classifier_gives_the_pipelines_probabilities(data: &Path, cache: &Pa
     let worst = rows.iter().zip(&ort).map(|((_, want), got)| (want - got).abs()).fold(0f32, f32::max);
     eprintln!("classifier.onnx (onnxruntime) vs predict_fine_tuned.yaml: max |dp| = {worst:.2e} ({ort:?})");
     assert!(worst <= 1e-5, "classifier.onnx differs from the pipeline by {worst:.2e}");
+}
+
+/// The epoch recorded in a checkpoint's safetensors header, if one is there.
+fn checkpoint_epoch(out: &Path) -> Option<u64> {
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    header["__metadata__"]["epoch"].as_str()?.parse().ok()
+}
+
+/// Entries in a feature cache, from `convflow cache stats`.
+fn cache_entries(cache: &Path) -> u64 {
+    let o = common::bin().args(["cache", "stats", "--dir"]).arg(cache).output().unwrap();
+    ok(&o, "convflow cache stats");
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let n = first.split(": ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok());
+    n.unwrap_or_else(|| panic!("no entry count in {text}"))
+}
+
+#[test]
+fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no_map_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(data) = small_data(dir.path()) else { return };
+    let head = dir.path().join("head");
+    train_head(&data, &dir.path().join("head_cache"), &head);
+    let whole = dir.path().join("whole");
+    ok(&fine_tune(&data, &dir.path().join("whole_cache"), &head, &whole, 4, "1.0e-5"), "the uninterrupted run");
+
+    // kill -9 once a checkpoint is down, with its own cache.
+    let (cut, cache) = (dir.path().join("cut"), dir.path().join("cut_cache"));
+    let sets = [
+        ("data_dir", data.display().to_string()),
+        ("out_dir", cut.display().to_string()),
+        ("cache_dir", cache.display().to_string()),
+        ("head", head.display().to_string()),
+        ("epochs", "4".into()),
+        ("variants", "1".into()),
+        ("threads", "2".into()),
+    ];
+    let command = || {
+        let mut c = common::bin();
+        c.args(["run", "pipelines/fine_tune.yaml"]);
+        for (k, v) in &sets {
+            c.arg("--set").arg(format!("{k}={v}"));
+        }
+        c
+    };
+    let mut child = command().stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let killed_at = loop {
+        if let Some(e) = checkpoint_epoch(&cut) {
+            child.kill().unwrap();
+            break e;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    child.wait().unwrap();
+    assert!(!cut.join("metrics.json").exists(), "killed before the end");
+    let o = common::bin().args(["cache", "verify", "--dir"]).arg(&cache).output().unwrap();
+    ok(&o, "convflow cache verify after the kill");
+    let kept = cache_entries(&cache);
+    eprintln!("killed after the checkpoint of epoch {killed_at}, {kept} block4 maps in the cache");
+
+    // The same command again: it resumes, and every block4 map the killed
+    // run kept is a cache hit; together they computed each of the 40 once.
+    let o = command().output().unwrap();
+    ok(&o, "the same command again");
+    let log = String::from_utf8_lossy(&o.stderr);
+    let at = metrics(&cut)["resumed_from_epoch"].as_u64().unwrap_or_else(|| panic!("did not resume:\n{log}"));
+    assert!(at >= killed_at && log.contains(&format!("resuming after epoch {at}")), "{log}");
+    assert_eq!(kept + inferred(&cut), 16 + 24, "maps kept before the kill + computed after");
+    assert_eq!(cache_entries(&cache), 16 + 24);
+    assert_eq!(common::history_without_seconds(&cut), common::history_without_seconds(&whole));
+    assert_eq!(tensors(&cut.join("model.safetensors")), tensors(&whole.join("model.safetensors")), "weights");
+    for key in ["val_acc", "test_acc", "test_loss", "test_acc_one_view"] {
+        assert_eq!(metrics(&cut)[key], metrics(&whole)[key], "{key}");
+    }
 }
 
 #[test]
