@@ -202,7 +202,7 @@ impl ConvnetConfig {
                 {
                     errors.push(FieldError::new(
                         "input_shape",
-                        format!("base {b:?} takes maps of {} channels, input_shape has {}", b.channels(), s[2]),
+                        format!("base {b} takes maps of {} channels, input_shape has {}", b.channels(), s[2]),
                     ));
                 }
             }
@@ -234,8 +234,7 @@ impl ConvnetConfig {
 
 impl StageConfig for ConvnetConfig {
     const KIND: &'static str = "convnet";
-    const SUMMARY: &'static str =
-        "trains a convnet from scratch on images (the book's 5.1, 5.2), validates, tests, saves";
+    const SUMMARY: &'static str = "trains a convnet on images (5.1, 5.2) or VGG16's block5 + a head on block4 maps (5.3.3); validates, tests, saves";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Image, ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
     const OPTIONS: &'static [OptionDoc] = &[
@@ -248,7 +247,7 @@ impl StageConfig for ConvnetConfig {
         OptionDoc {
             name: "layers",
             ty: "[{kind: conv2d|max_pooling2d|flatten|dropout|dense, ...}]",
-            default: "(required)",
+            default: "(required, unless head_from)",
             help: "Keras layers, names and defaults",
         },
         OptionDoc {
@@ -499,7 +498,7 @@ impl TrainerKind for Kind {
             && input[2] != b.channels()
         {
             return Err(StageError::fatal(format!(
-                "convnet `{}`: base {b:?} takes VGG16 block4 maps [h, w, {}] (onnx_features with \
+                "convnet `{}`: base {b} takes VGG16 block4 maps [h, w, {}] (onnx_features with \
                  models/vgg16_block4.onnx), but the items have shape {input:?}",
                 self.stage,
                 b.channels()

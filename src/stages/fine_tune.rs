@@ -36,6 +36,15 @@ pub const DEFAULT_BLOCK5_WEIGHTS: &str = "models/vgg16_block5.safetensors";
 /// The file a `dense_head` writes its weights to.
 pub const HEAD_FILE: &str = "head.safetensors";
 
+/// As a pipeline file names it.
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Base::Vgg16Block5 => "vgg16_block5",
+        })
+    }
+}
+
 impl Base {
     pub fn specs(self) -> Vec<LayerSpec> {
         match self {
