@@ -5,8 +5,8 @@
 //! ImageNet weights, bit-identically on a rerun, and a rerun computes no
 //! block4 map twice; the exported ONNX classifier gives the pipeline's
 //! probabilities; a run killed with SIGKILL resumes to the uninterrupted
-//! result; a head or maps of the wrong shape stop the run naming the stage
-//! and both shapes.
+//! result; a head of another shape or preprocessing, or maps of the wrong
+//! shape, stop the run naming the stage and what differs.
 
 mod common;
 
@@ -394,7 +394,7 @@ fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no
 }
 
 #[test]
-fn a_head_or_maps_of_the_wrong_shape_stop_the_run_naming_the_stage_and_both_shapes() {
+fn a_head_or_maps_that_do_not_fit_stop_the_run_naming_the_stage_and_what_differs() {
     let dir = tempfile::tempdir().unwrap();
     let Some(data) = small_data(dir.path()) else { return };
     let cache = dir.path().join("cache");
@@ -411,11 +411,24 @@ fn a_head_or_maps_of_the_wrong_shape_stop_the_run_naming_the_stage_and_both_shap
     assert!(err.contains("convnet `fine_tune`") && err.contains("2048") && err.contains("[4, 4, 512] = 8192"), "{err}");
     assert!(!out.join("history.csv").exists());
 
-    // The whole conv base's maps (vgg16_notop.onnx) where block4's are wanted.
+    // A head of the right shape trained on features of other preprocessing
+    // (augmented_end_to_end.yaml's default is rescale; the maps here are caffe).
     let good = dir.path().join("head");
     let h = convflow::ml::head::Head::new(8192, &convflow::ml::head::LayerSpec::book(), 0).unwrap();
     std::fs::create_dir_all(&good).unwrap();
     h.save_safetensors(&good.join("head.safetensors")).unwrap();
+    let described = r#"{"classes": ["cats", "dogs"], "features_from": [{"kind": "onnx_features", "options": {"preprocess": "rescale"}}]}"#;
+    std::fs::write(good.join("head.json"), described).unwrap();
+    let o = fine_tune(&data, &cache, &good, &out, 1, "1.0e-5");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("convnet `fine_tune`") && err.contains("preprocess `rescale`") && err.contains("`caffe`"),
+        "{err}"
+    );
+    std::fs::write(good.join("head.json"), described.replace("rescale", "caffe")).unwrap();
+
+    // The whole conv base's maps (vgg16_notop.onnx) where block4's are wanted.
     let o = run(
         &["pipelines/fine_tune.yaml"],
         &[

@@ -363,8 +363,11 @@ impl StageConfig for ConvnetConfig {
         let fatal = |e: String| StageError::fatal(format!("convnet `{stage}`: {e}"));
         let head = self.head_from.as_deref().map(HeadFrom::read).transpose().map_err(fatal)?;
         let expect = if self.base.is_some() { arriving } else { None };
-        if let (Some(h), Some(input)) = (&head, self.input_shape.or(expect)) {
-            h.check_fits(stage, self.base, input).map_err(StageError::fatal)?;
+        if let Some(h) = &head {
+            h.check_preprocess(stage, &ctx.upstream).map_err(StageError::fatal)?;
+            if let Some(input) = self.input_shape.or(expect) {
+                h.check_fits(stage, self.base, input).map_err(StageError::fatal)?;
+            }
         }
         let base_blake3 = match self.base {
             Some(_) => {
@@ -453,6 +456,7 @@ impl TrainerKind for Kind {
         };
         if let Some(h) = &self.head {
             h.check_fits(stage, cfg.base, input)?;
+            h.check_classes(stage, &d.classes)?;
             h.load_into(&mut model, cfg.base_len())?;
         }
         let classes = if d.mode == ClassMode::Categorical { d.classes.len() } else { 1 };
