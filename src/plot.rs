@@ -33,7 +33,41 @@ pub type Epoch = (usize, f32, f32, Option<f32>, Option<f32>);
 /// A panel: what it plots, the training value and the validation value of an epoch.
 type Panel = (&'static str, fn(&Epoch) -> f32, fn(&Epoch) -> Option<f32>);
 
+/// The book's `smooth_curve` (listing 5.24): each point replaced by an
+/// exponential moving average, `previous * factor + point * (1 - factor)`,
+/// the first kept as it is.
+pub fn smooth(points: impl IntoIterator<Item = f32>, factor: f32) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::new();
+    for p in points {
+        let s = match out.last() {
+            Some(&prev) => prev * factor + p * (1.0 - factor),
+            None => p,
+        };
+        out.push(s);
+    }
+    out
+}
+
+/// `curves` of the history with each of its four series smoothed (validation
+/// over the epochs that have it), as the book plots fine-tuning's noisy curves.
+pub fn smoothed_curves(path: &Path, history: &[Epoch], factor: f32) -> Result<(), String> {
+    let loss = smooth(history.iter().map(|e| e.1), factor);
+    let acc = smooth(history.iter().map(|e| e.2), factor);
+    let mut val_loss = smooth(history.iter().filter_map(|e| e.3), factor).into_iter();
+    let mut val_acc = smooth(history.iter().filter_map(|e| e.4), factor).into_iter();
+    let smoothed: Vec<Epoch> = history
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.0, loss[i], acc[i], e.3.and_then(|_| val_loss.next()), e.4.and_then(|_| val_acc.next())))
+        .collect();
+    draw(path, &smoothed, &format!(", smoothed ({factor})"))
+}
+
 pub fn curves(path: &Path, history: &[Epoch]) -> Result<(), String> {
+    draw(path, history, "")
+}
+
+fn draw(path: &Path, history: &[Epoch], note: &str) -> Result<(), String> {
     register_font()?;
     let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -44,7 +78,7 @@ pub fn curves(path: &Path, history: &[Epoch]) -> Result<(), String> {
         let values: Vec<f32> = history.iter().map(train).chain(history.iter().filter_map(val)).collect();
         let (lo, hi) = values.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
         let pad = ((hi - lo) * 0.05).max(1e-3);
-        let title = format!("Training and validation {what}");
+        let title = format!("Training and validation {what}{note}");
         let mut chart = ChartBuilder::on(&area)
             .caption(title, ("sans-serif", 22))
             .margin(12)

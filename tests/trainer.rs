@@ -204,3 +204,27 @@ fn summary_prints_the_books_dense_head_on_the_features_upstream() {
     assert!(!ok);
     assert!(err.contains("stage `head`") && err.contains("`vgg16`") && err.contains("resize"), "{err}");
 }
+
+#[test]
+fn smooth_curves_draws_the_books_moving_average_beside_the_curves() {
+    // The book's smooth_curve: previous * factor + point * (1 - factor), the first as it is.
+    let s = convflow::plot::smooth([1.0, 2.0, 3.0, 3.0], 0.8);
+    let want = [1.0, 1.2, 1.56, 1.848];
+    assert!(s.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{s:?}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    convflow::demo::generate(&data, 11).unwrap();
+    let (cache, out) = (tmp.path().join("cache"), tmp.path().join("out"));
+    let yaml = train_yaml(&data, &out, &cache, "    smooth_curves: 0.8\n").replace("epochs: 15", "epochs: 3");
+    common::run_yaml(&common::write_pipeline(tmp.path(), "train.yaml", &yaml)).unwrap();
+    for f in ["curves.png", "curves_smoothed.png"] {
+        let png = std::fs::read(out.join(f)).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "{f}");
+    }
+    // Off by default: no extra file.
+    let plain = tmp.path().join("plain");
+    let yaml = train_yaml(&data, &plain, &cache, "").replace("epochs: 15", "epochs: 3");
+    common::run_yaml(&common::write_pipeline(tmp.path(), "plain.yaml", &yaml)).unwrap();
+    assert!(plain.join("curves.png").is_file() && !plain.join("curves_smoothed.png").exists());
+}

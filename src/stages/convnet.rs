@@ -12,6 +12,11 @@
 //! layer) declares it, so that `convflow validate` and `convflow summary`
 //! know every layer's shape, and an image of another shape stops the run.
 //!
+//! Fine-tuning (the book's 5.3.3, [`super::fine_tune`]): `base:
+//! vgg16_block5` puts VGG16's pretrained block5 before the layers (the
+//! items are then block4 maps from `onnx_features`), and `head_from` starts
+//! the layers from a `dense_head`'s trained head.
+//!
 //! Writes to `out_dir`: `history.csv`, `curves.png`, `metrics.json`,
 //! `model.safetensors` (Keras names and shapes) and `model.json` (layers,
 //! input shape, classes, and the stages that made the images).
@@ -21,6 +26,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::fine_tune::{Base, DEFAULT_BLOCK5_WEIGHTS, HeadFrom};
 use super::trainer::checkpoint::ModelState;
 use super::trainer::{Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
@@ -34,8 +40,25 @@ use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, Stag
 #[serde(deny_unknown_fields)]
 pub struct ConvnetConfig {
     pub out_dir: PathBuf,
-    /// Keras layers: conv2d, max_pooling2d, flatten, dropout, dense.
+    /// Keras layers: conv2d, max_pooling2d, flatten, dropout, dense (after
+    /// `base` when there is one). Left out with `head_from`, whose head they are.
+    #[serde(default)]
     pub layers: Vec<LayerSpec>,
+    /// Pretrained layers before `layers`: `vgg16_block5` (fine-tuning; the
+    /// items are VGG16 block4 maps `[h, w, 512]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Base>,
+    /// The base's weights (default `models/vgg16_block5.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_weights: Option<PathBuf>,
+    /// A `dense_head`'s out_dir: its trained head (layers and weights) is the
+    /// model's after `flatten`, so training starts from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_from: Option<PathBuf>,
+    /// Also draw `curves_smoothed.png`: each curve as the book smooths it
+    /// (exponential moving average with this factor, e.g. 0.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth_curves: Option<f32>,
     /// [height, width, channels] of every image; default: the first image's.
     #[serde(default)]
     pub input_shape: Option<[usize; 3]>,
@@ -103,28 +126,120 @@ impl ConvnetConfig {
         if self.threads > 0 { self.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
     }
 
-    /// Keras's `model.summary()` for `input` (default: `input_shape`).
-    pub fn summary(&self, title: &str, input: Option<[usize; 3]>) -> Result<String, String> {
-        let input = input
-            .or(self.input_shape)
+    /// Keras's `model.summary()` of the whole stack (the base's layers
+    /// first) on `input_shape`, else on `arriving`, the shape of the items
+    /// that reach it (images, or a base's block4 maps).
+    pub fn summary(&self, title: &str, arriving: Option<[usize; 3]>) -> Result<String, String> {
+        let input = self
+            .input_shape
+            .or(arriving)
             .ok_or_else(|| "no input shape: declare `input_shape`, or put a `resize` upstream".to_string())?;
-        let (layers, _) = resolve(input, &self.layers).map_err(|e| e.to_string())?;
+        if let Some(b) = self.base
+            && input[2] != b.channels()
+        {
+            return Err(format!(
+                "`base` takes block4 maps of {} channels but the items arriving are {input:?}: put an \
+                 `onnx_features` stage with models/vgg16_block4.onnx before it",
+                b.channels()
+            ));
+        }
+        let (layers, _) = resolve(input, &self.specs(&self.head_layers()?)).map_err(|e| e.to_string())?;
         Ok(spec::summary(title, input, &layers))
     }
-}
 
-/// Where the layer list refers to in the options, for `file:line:col`.
-fn field_of(e: &ConvnetError) -> String {
-    match e {
-        ConvnetError::Layer { index, .. } => format!("layers[{index}]"),
-        _ => "layers".into(),
+    /// The layers after the base: `layers`, or the head of `head_from`.
+    fn head_layers(&self) -> Result<Vec<LayerSpec>, String> {
+        match &self.head_from {
+            Some(dir) => Ok(HeadFrom::read(dir)?.layers),
+            None => Ok(self.layers.clone()),
+        }
+    }
+
+    /// The whole stack: the base's layers, then `head`.
+    fn specs(&self, head: &[LayerSpec]) -> Vec<LayerSpec> {
+        let mut specs = self.base.map(Base::specs).unwrap_or_default();
+        specs.extend_from_slice(head);
+        specs
+    }
+
+    fn base_weights(&self) -> PathBuf {
+        self.base_weights.clone().unwrap_or_else(|| DEFAULT_BLOCK5_WEIGHTS.into())
+    }
+
+    /// Layers the base puts before `layers`.
+    fn base_len(&self) -> usize {
+        self.base.map(|b| b.specs().len()).unwrap_or(0)
+    }
+
+    /// Where a layer-list error refers to in the options, for `file:line:col`:
+    /// the base's own layers are `base`, the head's `head_from`.
+    fn field_of(&self, e: &ConvnetError) -> String {
+        let skip = self.base_len();
+        match e {
+            _ if self.head_from.is_some() => "head_from".into(),
+            ConvnetError::Layer { index, .. } if *index < skip => "base".into(),
+            ConvnetError::Layer { index, .. } => format!("layers[{}]", index - skip),
+            _ => "layers".into(),
+        }
+    }
+
+    /// The fine-tuning options' own checks (files exist, no contradictions).
+    fn check_fine_tuning(&self, errors: &mut Vec<FieldError>) -> Option<Vec<LayerSpec>> {
+        if let Some(f) = self.smooth_curves
+            && !(f > 0.0 && f < 1.0)
+        {
+            errors.push(FieldError::new("smooth_curves", format!("the smoothing factor must be in (0, 1), got {f}")));
+        }
+        match self.base {
+            None if self.base_weights.is_some() => {
+                errors.push(FieldError::new("base_weights", "only with `base` (e.g. base: vgg16_block5)"));
+            }
+            Some(b) => {
+                let weights = self.base_weights();
+                if !weights.is_file() {
+                    errors.push(FieldError::new(
+                        if self.base_weights.is_some() { "base_weights" } else { "base" },
+                        format!("{} not found (models/setup.sh makes it)", weights.display()),
+                    ));
+                }
+                if let Some(s) = self.input_shape
+                    && s[2] != b.channels()
+                {
+                    errors.push(FieldError::new(
+                        "input_shape",
+                        format!("base {b} takes maps of {} channels, input_shape has {}", b.channels(), s[2]),
+                    ));
+                }
+            }
+            None => {}
+        }
+        let Some(dir) = &self.head_from else {
+            if self.layers.is_empty() {
+                errors.push(FieldError::new("layers", "required (or `head_from`: a dense_head's out_dir)"));
+                return None;
+            }
+            return Some(self.layers.clone());
+        };
+        if !self.layers.is_empty() {
+            errors.push(FieldError::new(
+                "layers",
+                "give `layers` or `head_from`, not both: head_from's head is the layers",
+            ));
+            return None;
+        }
+        match HeadFrom::read(dir) {
+            Ok(h) => Some(h.layers),
+            Err(e) => {
+                errors.push(FieldError::new("head_from", e));
+                None
+            }
+        }
     }
 }
 
 impl StageConfig for ConvnetConfig {
     const KIND: &'static str = "convnet";
-    const SUMMARY: &'static str =
-        "trains a convnet from scratch on images (the book's 5.1, 5.2), validates, tests, saves";
+    const SUMMARY: &'static str = "trains a convnet on images (5.1, 5.2) or VGG16's block5 + a head on block4 maps (5.3.3); validates, tests, saves";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Image, ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
     const OPTIONS: &'static [OptionDoc] = &[
@@ -137,8 +252,26 @@ impl StageConfig for ConvnetConfig {
         OptionDoc {
             name: "layers",
             ty: "[{kind: conv2d|max_pooling2d|flatten|dropout|dense, ...}]",
-            default: "(required)",
+            default: "(required, unless head_from)",
             help: "Keras layers, names and defaults",
+        },
+        OptionDoc {
+            name: "base",
+            ty: "vgg16_block5",
+            default: "(none)",
+            help: "pretrained layers before `layers`; items are block4 maps",
+        },
+        OptionDoc {
+            name: "base_weights",
+            ty: "path",
+            default: "models/vgg16_block5.safetensors",
+            help: "the base's pretrained weights",
+        },
+        OptionDoc {
+            name: "head_from",
+            ty: "path",
+            default: "(none)",
+            help: "a dense_head's out_dir: its trained head is the layers",
         },
         OptionDoc {
             name: "input_shape",
@@ -170,6 +303,12 @@ impl StageConfig for ConvnetConfig {
             help: "stop when val_loss/val_acc stalls",
         },
         OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
+        OptionDoc {
+            name: "smooth_curves",
+            ty: "float",
+            default: "(off)",
+            help: "also curves_smoothed.png, EMA of this factor (the book: 0.8)",
+        },
         OptionDoc { name: "max_memory_mb", ty: "int", default: "4096", help: "images kept in RAM; beyond, spilled" },
         OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
         OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
@@ -181,15 +320,16 @@ impl StageConfig for ConvnetConfig {
         if !(self.rescale.is_finite() && self.rescale > 0.0) {
             errors.push(FieldError::new("rescale", "must be a positive number"));
         }
+        let Some(head) = self.check_fine_tuning(&mut errors) else { return errors };
         // Without a declared shape, a stand-in one still catches the
         // structural mistakes (dense on a map, conv2d on a vector); the sizes
         // are checked on the first image.
-        let probe = self.input_shape.unwrap_or([1024, 1024, 1]);
-        if let Err(e) = resolve(probe, &self.layers) {
+        let probe = self.input_shape.unwrap_or([1024, 1024, self.base.map_or(1, Base::channels)]);
+        if let Err(e) = resolve(probe, &self.specs(&head)) {
             let size_only = self.input_shape.is_none()
                 && matches!(&e, ConvnetError::Layer { message, .. } if message.contains("cannot"));
             if !size_only {
-                errors.push(FieldError::new(field_of(&e), e.to_string()));
+                errors.push(FieldError::new(self.field_of(&e), e.to_string()));
             }
         }
         errors
@@ -212,19 +352,49 @@ impl StageConfig for ConvnetConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        // An image size fixed upstream (resize) that the declared shape
-        // contradicts stops the run here, before any image is read.
-        if let (Some((h, w)), Some(want)) = (ctx.image_size, self.input_shape) {
+        let stage = ctx.stage_id;
+        // What reaches the model: the images resized upstream, or, past an
+        // onnx_features stage, its maps (block4's, for a base, of a size the
+        // image size fixes; a size the model cannot take stops the run here,
+        // before any image is read).
+        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
+        let arriving = ctx.image_size.and_then(|(h, w)| {
+            let hw = [h as usize, w as usize];
+            match (self.base, maps) {
+                (Some(b), true) => Some(b.input_for_image(hw)),
+                (None, false) => Some([hw[0], hw[1], ctx.image_channels.map_or(0, |c| c as usize)]),
+                _ => None,
+            }
+        });
+        if let (Some(got), Some(want)) = (arriving, self.input_shape) {
             // Channels are checked here when a stage upstream fixes them (decode), else at the first image.
-            let got = [h as usize, w as usize, ctx.image_channels.map_or(want[2], |c| c as usize)];
+            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
             if got != want {
+                let what = if maps { "block4 maps" } else { "images" };
                 return Err(StageError::fatal(format!(
-                    "convnet `{}`: images arrive as {got:?} (resized upstream) but input_shape is {want:?}",
-                    ctx.stage_id
+                    "convnet `{stage}`: {what} arrive as {got:?} (resized upstream) but input_shape is {want:?}"
                 )));
             }
         }
-        Ok(Built::Stage(Box::new(TrainerStage::new(Kind { cfg: self.clone(), stage: ctx.stage_id.to_string() }, ctx))))
+        let fatal = |e: String| StageError::fatal(format!("convnet `{stage}`: {e}"));
+        let head = self.head_from.as_deref().map(HeadFrom::read).transpose().map_err(fatal)?;
+        let expect = if self.base.is_some() { arriving } else { None };
+        if let Some(h) = &head {
+            h.check_preprocess(stage, &ctx.upstream).map_err(StageError::fatal)?;
+            if let Some(input) = self.input_shape.or(expect) {
+                h.check_fits(stage, self.base, input).map_err(StageError::fatal)?;
+            }
+        }
+        let base_blake3 = match self.base {
+            Some(_) => {
+                let path = self.base_weights();
+                let bytes = std::fs::read(&path).map_err(|e| fatal(format!("{}: {e}", path.display())))?;
+                Some(blake3::hash(&bytes).to_hex().to_string())
+            }
+            None => None,
+        };
+        let kind = Kind { cfg: self.clone(), stage: stage.to_string(), head, expect, base_blake3 };
+        Ok(Built::Stage(Box::new(TrainerStage::new(kind, ctx))))
     }
 }
 
@@ -244,17 +414,32 @@ pub fn input_row(payload: &Payload, rescale: f32) -> Option<(Vec<f32>, Vec<usize
     }
 }
 
-/// The config with the stage's id, for messages.
+/// The config with the stage's id, for messages, and what fine-tuning read.
 struct Kind {
     cfg: ConvnetConfig,
     stage: String,
+    /// The head of `head_from`.
+    head: Option<HeadFrom>,
+    /// The block4 maps the image size upstream gives, for a `base`.
+    expect: Option<[usize; 3]>,
+    /// blake3 of the base's weights.
+    base_blake3: Option<String>,
 }
 
 impl TrainerKind for Kind {
     type M = ConvModel;
 
+    /// With what the base's and the head's files held, so a checkpoint made
+    /// from other starting weights is not resumed.
     fn options(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cfg).unwrap_or_default()
+        let mut v = serde_json::to_value(&self.cfg).unwrap_or_default();
+        if let Some(b) = &self.base_blake3 {
+            v["base_weights_blake3"] = b.clone().into();
+        }
+        if let Some(h) = &self.head {
+            v["head_from_blake3"] = h.blake3.clone().into();
+        }
+        v
     }
 
     fn common(&self) -> Common {
@@ -268,6 +453,7 @@ impl TrainerKind for Kind {
             seed: c.seed,
             early_stopping: c.early_stopping.clone(),
             keep_best: c.keep_best,
+            smooth_curves: c.smooth_curves,
             max_memory_mb: c.max_memory_mb,
             train_split: c.train_split.clone(),
             validation_split: c.validation_split.clone(),
@@ -278,7 +464,17 @@ impl TrainerKind for Kind {
     fn new_model(&self, d: &Data) -> Result<NewModel<ConvModel>, String> {
         let input = shape3(&d.feature_shape).ok_or_else(|| format!("inputs of shape {:?}", d.feature_shape))?;
         let threads = self.cfg.threads();
-        let model = Convnet::new(input, &self.cfg.layers, self.cfg.seed, threads).map_err(|e| e.to_string())?;
+        let (cfg, stage) = (&self.cfg, &self.stage);
+        let layers = self.head.as_ref().map_or_else(|| cfg.layers.clone(), |h| h.layers.clone());
+        let mut model = match cfg.base {
+            Some(b) => b.model(input, &layers, &cfg.base_weights(), cfg.seed, threads)?,
+            None => Convnet::new(input, &layers, cfg.seed, threads).map_err(|e| e.to_string())?,
+        };
+        if let Some(h) = &self.head {
+            h.check_fits(stage, cfg.base, input)?;
+            h.check_classes(stage, &d.classes)?;
+            h.load_into(&mut model, cfg.base_len())?;
+        }
         let classes = if d.mode == ClassMode::Categorical { d.classes.len() } else { 1 };
         if model.output_dim() != classes {
             return Err(format!(
@@ -294,7 +490,7 @@ impl TrainerKind for Kind {
         Ok(NewModel {
             model: ConvModel(model),
             opt: ConvOptimizer::new(self.cfg.optimizer),
-            layers: serde_json::to_value(&self.cfg.layers).map_err(|e| e.to_string())?,
+            layers: serde_json::to_value(self.cfg.specs(&layers)).map_err(|e| e.to_string())?,
             threads,
         })
     }
@@ -318,6 +514,28 @@ impl TrainerKind for Kind {
 
     fn first_shape(&self, shape: &[usize]) -> Result<(), StageError> {
         let input = shape3(shape).ok_or_else(|| StageError::fatal(format!("inputs of shape {shape:?}")))?;
+        if let Some(b) = self.cfg.base
+            && input[2] != b.channels()
+        {
+            return Err(StageError::fatal(format!(
+                "convnet `{}`: base {b} takes VGG16 block4 maps [h, w, {}] (onnx_features with \
+                 models/vgg16_block4.onnx), but the items have shape {input:?}",
+                self.stage,
+                b.channels()
+            )));
+        }
+        if let Some(want) = self.expect
+            && want != input
+        {
+            return Err(StageError::fatal(format!(
+                "convnet `{}`: maps of shape {input:?} arrive, but VGG16's block4 gives {want:?} on the images \
+                 resized upstream: is the onnx_features model models/vgg16_block4.onnx (not vgg16_notop.onnx)?",
+                self.stage
+            )));
+        }
+        if let Some(h) = &self.head {
+            h.check_fits(&self.stage, self.cfg.base, input).map_err(StageError::fatal)?;
+        }
         if let Some(want) = self.cfg.input_shape
             && want != input
         {
@@ -326,7 +544,8 @@ impl TrainerKind for Kind {
                 self.stage
             )));
         }
-        resolve(input, &self.cfg.layers).map(|_| ()).map_err(|e| {
+        let layers = self.head.as_ref().map_or_else(|| self.cfg.layers.clone(), |h| h.layers.clone());
+        resolve(input, &self.cfg.specs(&layers)).map(|_| ()).map_err(|e| {
             StageError::fatal(format!(
                 "convnet `{}`: the layers cannot take images of shape {input:?}: {e}",
                 self.stage
@@ -351,6 +570,13 @@ impl TrainerKind for Kind {
     ) -> Result<(), String> {
         model.0.save_safetensors(&out.join("model.safetensors")).map_err(|e| e.to_string())?;
         description["rescale"] = self.cfg.rescale.into();
+        if let Some(b) = self.cfg.base {
+            description["base"] = serde_json::to_value(b).unwrap_or_default();
+            description["base_weights"] = self.cfg.base_weights().display().to_string().into();
+        }
+        if let Some(h) = &self.head {
+            description["head_from"] = h.file.display().to_string().into();
+        }
         description["params"] = model.0.param_count().into();
         description["images_from"] = provenance.to_vec().into();
         std::fs::write(out.join("model.json"), serde_json::to_string_pretty(&description).unwrap_or_default())

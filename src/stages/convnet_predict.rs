@@ -67,7 +67,10 @@ impl StageConfig for ConvnetPredictConfig {
             .map_err(|e| StageError::fatal(format!("convnet_predict `{}`: {e}", ctx.stage_id)))?;
         let input = model.input_shape();
         // Images resized upstream to another size would all fail: say so now.
-        if let Some((h, w)) = ctx.image_size {
+        // (Past an onnx_features stage the items are its maps, such as the
+        // block4 maps a fine-tuned VGG16 takes: checked as they arrive.)
+        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
+        if let Some((h, w)) = ctx.image_size.filter(|_| !maps) {
             let got = [h as usize, w as usize, ctx.image_channels.map_or(input[2], |c| c as usize)];
             if got != input {
                 return Err(StageError::fatal(format!(

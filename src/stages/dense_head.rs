@@ -59,6 +59,10 @@ pub struct DenseHeadConfig {
     /// else val_loss) before evaluating and saving.
     #[serde(default)]
     pub keep_best: bool,
+    /// Also draw `curves_smoothed.png`: each curve as the book smooths it
+    /// (exponential moving average with this factor, e.g. 0.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smooth_curves: Option<f32>,
     /// Features held in memory before spilling to disk (MiB).
     #[serde(default = "default_max_memory_mb")]
     pub max_memory_mb: u64,
@@ -138,6 +142,12 @@ impl StageConfig for DenseHeadConfig {
         },
         OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
         OptionDoc {
+            name: "smooth_curves",
+            ty: "float",
+            default: "(off)",
+            help: "also curves_smoothed.png, EMA of this factor (the book: 0.8)",
+        },
+        OptionDoc {
             name: "max_memory_mb",
             ty: "int",
             default: "2048",
@@ -149,7 +159,12 @@ impl StageConfig for DenseHeadConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
-        let errors = check_training(self.epochs, self.streaming, self.batch_size, self.early_stopping.as_ref());
+        let mut errors = check_training(self.epochs, self.streaming, self.batch_size, self.early_stopping.as_ref());
+        if let Some(f) = self.smooth_curves
+            && !(f > 0.0 && f < 1.0)
+        {
+            errors.push(FieldError::new("smooth_curves", format!("the smoothing factor must be in (0, 1), got {f}")));
+        }
         errors
     }
 
@@ -210,6 +225,7 @@ impl TrainerKind for DenseHeadConfig {
             seed: self.seed,
             early_stopping: self.early_stopping.clone(),
             keep_best: self.keep_best,
+            smooth_curves: self.smooth_curves,
             max_memory_mb: self.max_memory_mb,
             train_split: self.train_split.clone(),
             validation_split: self.validation_split.clone(),

@@ -9,6 +9,7 @@ pub mod dense_head;
 pub mod exec;
 pub mod feature_writer;
 pub mod file_reader;
+pub mod fine_tune;
 pub mod head_predict;
 pub mod idx_reader;
 pub mod onnx_features;

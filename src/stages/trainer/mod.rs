@@ -85,6 +85,8 @@ pub struct Common {
     pub seed: u64,
     pub early_stopping: Option<EarlyStopping>,
     pub keep_best: bool,
+    /// Also draw `curves_smoothed.png` with this EMA factor (the book's 0.8).
+    pub smooth_curves: Option<f32>,
     pub max_memory_mb: u64,
     pub train_split: String,
     pub validation_split: String,
@@ -596,11 +598,13 @@ impl<M: Model> Trainer<M> {
         let out = &cfg.out_dir;
         std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
         write_history(&out.join("history.csv"), history).map_err(|e| format!("history.csv: {e}"))?;
-        crate::plot::curves(
-            &out.join("curves.png"),
-            &history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect::<Vec<_>>(),
-        )
-        .map_err(|e| format!("curves.png: {e}"))?;
+        let epochs: Vec<crate::plot::Epoch> =
+            history.iter().map(|r| (r.epoch, r.loss, r.acc, r.val_loss, r.val_acc)).collect();
+        crate::plot::curves(&out.join("curves.png"), &epochs).map_err(|e| format!("curves.png: {e}"))?;
+        if let Some(factor) = cfg.smooth_curves {
+            crate::plot::smoothed_curves(&out.join("curves_smoothed.png"), &epochs, factor)
+                .map_err(|e| format!("curves_smoothed.png: {e}"))?;
+        }
         let description = serde_json::json!({
             "layers": self.layers, "input_shape": d.feature_shape, "classes": d.classes,
             "class_mode": d.mode, "threads": self.threads, "seed": cfg.seed,

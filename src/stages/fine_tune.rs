@@ -1,0 +1,254 @@
+//! Fine-tuning with the `convnet` stage (the book's 5.3.3): what its
+//! `base` and `head_from` options put in front of, and into, its layers.
+//!
+//! - `base: vgg16_block5`: VGG16's block5 with Keras's ImageNet weights
+//!   (`base_weights`, default `models/vgg16_block5.safetensors`) before the
+//!   layers; the items are then block4 maps `[h, w, 512]`, the output of
+//!   `onnx_features` with `models/vgg16_block4.onnx` (cached by content,
+//!   so blocks 1-4 run once per image, variant and view, ever).
+//! - `head_from: DIR`: the head a `dense_head` trained on the frozen conv
+//!   base's features (`DIR/head.safetensors`) becomes the layers after
+//!   `flatten`, weights and all, so fine-tuning starts where frozen-base
+//!   training ended, as the book does. dense_head's features are
+//!   `block5_pool` flattened NHWC, which is what `flatten` gives here: the
+//!   kernels are copied as they are.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ml::convnet::spec::resolve;
+use crate::ml::convnet::vgg16::{self, BLOCK4_CHANNELS};
+use crate::ml::convnet::{Convnet, LayerSpec, Shape};
+use crate::ml::head::LayerSpec as HeadLayer;
+
+/// A pretrained base a convnet can be built on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Base {
+    /// VGG16's block5 (three 3x3 `same` convs of 512, a 2x2 max pool) on block4 maps.
+    Vgg16Block5,
+}
+
+/// Where `models/setup.sh` writes block5's weights.
+pub const DEFAULT_BLOCK5_WEIGHTS: &str = "models/vgg16_block5.safetensors";
+
+/// The file a `dense_head` writes its weights to.
+pub const HEAD_FILE: &str = "head.safetensors";
+
+/// As a pipeline file names it.
+impl std::fmt::Display for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Base::Vgg16Block5 => "vgg16_block5",
+        })
+    }
+}
+
+impl Base {
+    pub fn specs(self) -> Vec<LayerSpec> {
+        match self {
+            Base::Vgg16Block5 => vgg16::block5_specs(),
+        }
+    }
+
+    /// Channels of the maps the base takes.
+    pub fn channels(self) -> usize {
+        match self {
+            Base::Vgg16Block5 => BLOCK4_CHANNELS,
+        }
+    }
+
+    /// The map blocks 1-4 make of an image of `[height, width]`: four 2x2
+    /// pools, each flooring (150 -> 9, 224 -> 14).
+    pub fn input_for_image(self, hw: [usize; 2]) -> [usize; 3] {
+        match self {
+            Base::Vgg16Block5 => [hw[0] / 16, hw[1] / 16, BLOCK4_CHANNELS],
+        }
+    }
+
+    /// A model of the base then `layers` on maps of `input`, the base's
+    /// weights read from `weights`, the rest initialised from `seed`.
+    pub fn model(
+        self,
+        input: [usize; 3],
+        layers: &[LayerSpec],
+        weights: &Path,
+        seed: u64,
+        threads: usize,
+    ) -> Result<Convnet, String> {
+        match self {
+            Base::Vgg16Block5 => {
+                vgg16::with_block5([input[0], input[1]], layers, weights, seed, threads).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// The classes and the preprocessing of the features a `head.json` records
+/// (`features_from`: the stages that made them); none when there is no file.
+fn described(path: &Path) -> Result<(Option<Vec<String>>, Option<String>), String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let classes = v["classes"].as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect());
+    let preprocess = v["features_from"].as_array().and_then(|stages| {
+        stages.iter().rev().find(|s| s["kind"] == "onnx_features").and_then(|s| s["options"]["preprocess"].as_str())
+    });
+    Ok((classes, preprocess.map(str::to_string)))
+}
+
+/// A dense head trained by `dense_head`, read from its `out_dir`.
+#[derive(Debug, Clone)]
+pub struct HeadFrom {
+    pub file: PathBuf,
+    /// Features per row it was trained on (8192 = 4 x 4 x 512 at 150x150).
+    pub input_dim: usize,
+    /// `flatten` then the head's layers, as a convnet names them.
+    pub layers: Vec<LayerSpec>,
+    /// Each dense layer's kernel (`[in, out]`, Keras's layout) and bias, in order.
+    pub denses: Vec<(Vec<usize>, Vec<f32>, Vec<f32>)>,
+    /// blake3 of the file: a checkpoint made from another head is not resumed.
+    pub blake3: String,
+    /// What `head.json` beside it records: the classes, in order, and the
+    /// preprocessing of the features it was trained on (absent: not checked).
+    pub classes: Option<Vec<String>>,
+    pub preprocess: Option<String>,
+}
+
+impl HeadFrom {
+    pub fn read(dir: &Path) -> Result<HeadFrom, String> {
+        let file = dir.join(HEAD_FILE);
+        let err = |m: String| format!("{}: {m}", file.display());
+        let bytes = std::fs::read(&file).map_err(|e| {
+            err(format!("{e} (train a head on the frozen conv base first, e.g. pipelines/augmented_end_to_end.yaml)"))
+        })?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(e.to_string()))?;
+        let info = meta.metadata().as_ref().ok_or_else(|| err("no metadata: not a dense_head's head".into()))?;
+        if info.get("format").map(String::as_str) != Some("convflow-head") {
+            return Err(err(format!("metadata `format` is {:?}, expected \"convflow-head\"", info.get("format"))));
+        }
+        let get = |k: &str| info.get(k).ok_or_else(|| err(format!("metadata lacks `{k}`")));
+        let input_dim: usize = get("input_dim")?.parse().map_err(|_| err("bad `input_dim`".into()))?;
+        let head: Vec<HeadLayer> =
+            serde_json::from_str(get("layers")?).map_err(|e| err(format!("bad `layers`: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
+        let mut layers = vec![LayerSpec::Flatten];
+        let mut denses = Vec::new();
+        let mut fan_in = input_dim;
+        for l in &head {
+            match *l {
+                HeadLayer::Dropout { rate } => layers.push(LayerSpec::Dropout { rate }),
+                HeadLayer::Dense { units, activation } => {
+                    let i = denses.len();
+                    let read = |name: String, shape: Vec<usize>| -> Result<Vec<f32>, String> {
+                        let t = st.tensor(&name).map_err(|e| err(format!("{name}: {e}")))?;
+                        if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+                            return Err(err(format!(
+                                "{name}: F32 {shape:?} expected, found {:?} {:?}",
+                                t.dtype(),
+                                t.shape()
+                            )));
+                        }
+                        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+                    };
+                    let kernel = read(format!("dense_{i}.kernel"), vec![fan_in, units])?;
+                    let bias = read(format!("dense_{i}.bias"), vec![units])?;
+                    denses.push((vec![fan_in, units], kernel, bias));
+                    layers.push(LayerSpec::Dense { units, activation });
+                    fan_in = units;
+                }
+            }
+        }
+        if denses.is_empty() {
+            return Err(err("the head has no dense layer".into()));
+        }
+        let (classes, preprocess) = described(&dir.join("head.json"))?;
+        Ok(HeadFrom {
+            file,
+            input_dim,
+            layers,
+            denses,
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            classes,
+            preprocess,
+        })
+    }
+
+    /// The head's features and these maps must start from the same pixels:
+    /// a head trained on `rescale` features fine-tuned on `caffe` maps would
+    /// start from weights that mean nothing there. `upstream`: the stages
+    /// before this one, as (kind, options).
+    pub fn check_preprocess(&self, stage: &str, upstream: &[(String, serde_json::Value)]) -> Result<(), String> {
+        let Some(head) = self.preprocess.as_deref() else { return Ok(()) };
+        let ours = upstream.iter().filter(|(k, _)| k == "onnx_features").filter_map(|(_, o)| o["preprocess"].as_str());
+        match ours.into_iter().find(|p| *p != head) {
+            Some(ours) => Err(format!(
+                "convnet `{stage}`: the head in {} was trained on features with preprocess `{head}`, but the maps \
+                 here are made with `{ours}`: train the head with the same preprocessing (e.g. --set preprocess={ours})",
+                self.file.display()
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The data's classes must be the head's, in the same order.
+    pub fn check_classes(&self, stage: &str, classes: &[String]) -> Result<(), String> {
+        match &self.classes {
+            Some(head) if head.as_slice() != classes => Err(format!(
+                "convnet `{stage}`: the head in {} was trained on classes {head:?}, the data has {classes:?}",
+                self.file.display()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The error when `base` on maps of `input` does not give the head's
+    /// `input_dim` features: `stage` and both shapes named.
+    pub fn check_fits(&self, stage: &str, base: Option<Base>, input: [usize; 3]) -> Result<(), String> {
+        let mut specs = base.map(Base::specs).unwrap_or_default();
+        let before = specs.len();
+        specs.extend_from_slice(&self.layers);
+        let (resolved, _) = resolve(input, &specs).map_err(|e| format!("convnet `{stage}`: {e}"))?;
+        let Shape::Map([h, w, c]) = resolved[before].input else {
+            return Err(format!("convnet `{stage}`: the head's flatten gets a vector"));
+        };
+        let got = h * w * c;
+        if got != self.input_dim {
+            return Err(format!(
+                "convnet `{stage}`: the head in {} takes {} features per image, but {} on maps of {input:?} gives \
+                 [{h}, {w}, {c}] = {got} (was the head trained at another image size, or on other features?)",
+                self.file.display(),
+                self.input_dim,
+                if base.is_some() { "block5" } else { "the input" },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the dense layers of `model` after its first `skip` layers
+    /// (the base's) to the head's weights, in order.
+    pub fn load_into(&self, model: &mut Convnet, skip: usize) -> Result<(), String> {
+        let names: Vec<String> = model.layers()[skip..]
+            .iter()
+            .filter(|l| matches!(l.spec, LayerSpec::Dense { .. }))
+            .map(|l| l.name.clone())
+            .collect();
+        if names.len() != self.denses.len() {
+            return Err(format!(
+                "{}: {} dense layers, the model has {} after its base",
+                self.file.display(),
+                self.denses.len(),
+                names.len()
+            ));
+        }
+        for (name, (_, kernel, bias)) in names.iter().zip(&self.denses) {
+            model.set_tensor(&format!("{name}/kernel"), kernel).map_err(|e| format!("{}: {e}", self.file.display()))?;
+            model.set_tensor(&format!("{name}/bias"), bias).map_err(|e| format!("{}: {e}", self.file.display()))?;
+        }
+        Ok(())
+    }
+}
