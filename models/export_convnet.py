@@ -194,12 +194,15 @@ def tensor(weights, name):
     return weights[name]
 
 
-def export(model_dir):
+def read_model_dir(model_dir, hint):
+    """A convnet stage's outputs in MODEL_DIR: (paths of model.safetensors and
+    model.json, weights, input shape, layers, model.json's content); a missing
+    file is an error saying `hint` (how to make one)."""
     st_path = os.path.join(model_dir, "model.safetensors")
     json_path = os.path.join(model_dir, "model.json")
     for p in (st_path, json_path):
         if not os.path.isfile(p):
-            raise SystemExit(f"{p} not found (train a model with the convnet stage first)")
+            raise SystemExit(f"{p} not found ({hint})")
     weights, meta = read_safetensors(st_path)
     try:
         input_shape = json.loads(meta["input_shape"])
@@ -208,6 +211,12 @@ def export(model_dir):
         raise SystemExit(f"{st_path}: metadata lacks a readable `input_shape` and `layers` ({e}): not a convflow convnet")
     with open(json_path) as f:
         info = json.load(f)
+    return (st_path, json_path), weights, input_shape, layers, info
+
+
+def export(model_dir):
+    (st_path, json_path), weights, input_shape, layers, info = read_model_dir(
+        model_dir, "train a model with the convnet stage first")
     classes, rescale = info.get("classes") or [], info.get("rescale")
     if not isinstance(rescale, (int, float)) or not rescale > 0:
         raise SystemExit(f"{json_path}: no positive `rescale`")

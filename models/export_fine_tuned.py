@@ -26,11 +26,10 @@ import json
 import os
 
 import onnx
-from onnx import compose, helper, TensorProto
+from onnx import helper, TensorProto
 
-from export_convnet import OPSET, Refused, build_graph
-from export_head import preprocess_graph
-from safetensors_f32 import read_safetensors
+from export_convnet import OPSET, Refused, build_graph, read_model_dir
+from export_head import behind_base
 
 # Stages that may stand between the files and the maps the model trained on:
 # what they do to pixels either is part of this graph (resize is the
@@ -40,15 +39,8 @@ KNOWN = {"file_reader", "decode", "resize", "augment", "views", "batch", "onnx_f
 
 
 def export(model_dir, block4=None):
-    st_path = os.path.join(model_dir, "model.safetensors")
-    json_path = os.path.join(model_dir, "model.json")
-    for p in (st_path, json_path):
-        if not os.path.isfile(p):
-            raise SystemExit(f"{p} not found (fine-tune a model with pipelines/fine_tune.yaml first)")
-    weights, meta = read_safetensors(st_path)
-    input_shape, layers = json.loads(meta["input_shape"]), json.loads(meta["layers"])
-    with open(json_path) as f:
-        info = json.load(f)
+    (st_path, json_path), weights, input_shape, layers, info = read_model_dir(
+        model_dir, "fine-tune a model with pipelines/fine_tune.yaml first")
     if info.get("base") != "vgg16_block5":
         raise SystemExit(f"{json_path}: `base` is {info.get('base')!r}, not vgg16_block5: "
                          "export a convnet without a base with export_convnet.py")
@@ -80,13 +72,7 @@ def export(model_dir, block4=None):
     tuned = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
     tuned.ir_version = 7
 
-    base = onnx.load(block4)
-    base = onnx.version_converter.convert_version(base, OPSET) if base.opset_import[0].version != OPSET else base
-    base.ir_version = 7
-    base_in, base_out = base.graph.input[0].name, base.graph.output[0].name
-    pre = compose.add_prefix(preprocess_graph(mode), "pre/")
-    joined = compose.merge_models(pre, base, io_map=[("pre/pre", base_in)])
-    joined = compose.merge_models(joined, compose.add_prefix(tuned, "tuned/"), io_map=[(base_out, "tuned/pixels")])
+    joined = behind_base(mode, block4, tuned, "tuned/", "pixels")
     # The names a user sees: pixels in, probabilities out, at the trained size.
     joined.graph.input[0].name = "pixels"
     for node in joined.graph.node:

@@ -85,6 +85,19 @@ def preprocess_graph(mode):
     return m
 
 
+def behind_base(mode, base_path, model, prefix, model_input):
+    """One graph from raw pixels (`pre/pixels`) through preprocessing `mode`
+    and the conv base at `base_path` into `model` (its names under `prefix`),
+    whose input `model_input` takes the base's output."""
+    base = onnx.load(base_path)
+    base = onnx.version_converter.convert_version(base, OPSET) if base.opset_import[0].version != OPSET else base
+    base.ir_version = 7
+    base_in, base_out = base.graph.input[0].name, base.graph.output[0].name
+    pre = compose.add_prefix(preprocess_graph(mode), "pre/")
+    joined = compose.merge_models(pre, base, io_map=[("pre/pre", base_in)])
+    return compose.merge_models(joined, compose.add_prefix(model, prefix), io_map=[(base_out, prefix + model_input)])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("head_dir")
@@ -108,13 +121,7 @@ def main():
                          "head.onnx was written and works on features made the same way")
     recorded = [s["options"].get("preprocess") for s in info.get("features_from", []) if s["kind"] == "onnx_features"]
     mode = args.preprocess or (recorded[0] if recorded else None) or "rescale"
-    base = onnx.load(args.conv_base)
-    base = onnx.version_converter.convert_version(base, OPSET) if base.opset_import[0].version != OPSET else base
-    base.ir_version = 7
-    base_in, base_out = base.graph.input[0].name, base.graph.output[0].name
-    pre = compose.add_prefix(preprocess_graph(mode), "pre/")
-    joined = compose.merge_models(pre, base, io_map=[("pre/pre", base_in)])
-    joined = compose.merge_models(joined, compose.add_prefix(head, "head/"), io_map=[(base_out, "head/features")])
+    joined = behind_base(mode, args.conv_base, head, "head/", "features")
     joined.doc_string = json.dumps({"classes": info["classes"], "preprocess": mode, "input": "raw RGB 0..255, NHWC"})
     onnx.checker.check_model(joined)
     out = os.path.join(args.head_dir, "classifier.onnx")
