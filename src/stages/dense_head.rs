@@ -195,13 +195,7 @@ impl DenseHeadConfig {
                     .into());
             }
         };
-        let specs: Vec<ConvLayerSpec> = layers
-            .iter()
-            .map(|l| match *l {
-                LayerSpec::Dense { units, activation } => ConvLayerSpec::Dense { units, activation },
-                LayerSpec::Dropout { rate } => ConvLayerSpec::Dropout { rate },
-            })
-            .collect();
+        let specs: Vec<ConvLayerSpec> = layers.iter().map(|&l| ConvLayerSpec::from(l)).collect();
         let input = Shape::Flat(shape.iter().product());
         let (resolved, _) = spec::resolve_from(input, &specs).map_err(|e| e.to_string())?;
         Ok(spec::summary_from(title, input, &resolved))

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use crate::ml::convnet::spec::resolve;
 use crate::ml::convnet::vgg16::{self, BLOCK4_CHANNELS};
 use crate::ml::convnet::{Convnet, LayerSpec, Shape};
-use crate::ml::head::LayerSpec as HeadLayer;
 
 /// A pretrained base a convnet can be built on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,38 +130,15 @@ impl HeadFrom {
         if info.get("format").map(String::as_str) != Some("convflow-head") {
             return Err(err(format!("metadata `format` is {:?}, expected \"convflow-head\"", info.get("format"))));
         }
-        let get = |k: &str| info.get(k).ok_or_else(|| err(format!("metadata lacks `{k}`")));
-        let input_dim: usize = get("input_dim")?.parse().map_err(|_| err("bad `input_dim`".into()))?;
-        let head: Vec<HeadLayer> =
-            serde_json::from_str(get("layers")?).map_err(|e| err(format!("bad `layers`: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
+        // The weights as dense_head's own loader reads them.
+        let head = crate::ml::head::Head::load_safetensors(&file).map_err(|e| e.to_string())?;
         let mut layers = vec![LayerSpec::Flatten];
-        let mut denses = Vec::new();
-        let mut fan_in = input_dim;
-        for l in &head {
-            match *l {
-                HeadLayer::Dropout { rate } => layers.push(LayerSpec::Dropout { rate }),
-                HeadLayer::Dense { units, activation } => {
-                    let i = denses.len();
-                    let read = |name: String, shape: Vec<usize>| -> Result<Vec<f32>, String> {
-                        let t = st.tensor(&name).map_err(|e| err(format!("{name}: {e}")))?;
-                        if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
-                            return Err(err(format!(
-                                "{name}: F32 {shape:?} expected, found {:?} {:?}",
-                                t.dtype(),
-                                t.shape()
-                            )));
-                        }
-                        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
-                    };
-                    let kernel = read(format!("dense_{i}.kernel"), vec![fan_in, units])?;
-                    let bias = read(format!("dense_{i}.bias"), vec![units])?;
-                    denses.push((vec![fan_in, units], kernel, bias));
-                    layers.push(LayerSpec::Dense { units, activation });
-                    fan_in = units;
-                }
-            }
-        }
+        layers.extend(head.spec().iter().map(|&l| LayerSpec::from(l)));
+        let denses: Vec<_> = (0..)
+            .map_while(|i| head.dense_weights(i))
+            .map(|(kernel, bias)| (vec![kernel.len() / bias.len(), bias.len()], kernel, bias))
+            .collect();
+        let input_dim = head.input_dim();
         if denses.is_empty() {
             return Err(err("the head has no dense layer".into()));
         }

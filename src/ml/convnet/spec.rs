@@ -73,6 +73,16 @@ pub enum LayerSpec {
     },
 }
 
+/// A dense head's layer as the same Keras layer here.
+impl From<crate::ml::head::LayerSpec> for LayerSpec {
+    fn from(l: crate::ml::head::LayerSpec) -> LayerSpec {
+        match l {
+            crate::ml::head::LayerSpec::Dense { units, activation } => LayerSpec::Dense { units, activation },
+            crate::ml::head::LayerSpec::Dropout { rate } => LayerSpec::Dropout { rate },
+        }
+    }
+}
+
 impl LayerSpec {
     /// The Keras class name, for summaries.
     pub fn keras_name(&self) -> &'static str {
