@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from make_vgg16_convs import conv_weights
 from make_vgg16_notop import check_weights, cut, fail, find_node, run
 from safetensors_f32 import read_safetensors, write_safetensors
 
@@ -29,29 +30,8 @@ FORMAT = "keras-vgg16-block5"  # what src/ml/convnet/vgg16.rs checks before read
 
 
 def block5_weights(src):
-    """{`block5_convN/kernel`: [kh,kw,in,out], `block5_convN/bias`: [out]} from
-    the source's Conv initializers. ONNX Conv weights are [out, in, kh, kw]
-    (tf2onnx stored them so; the shapes are checked), Keras's kernel is
-    [kh, kw, in, out]: kernel = W.transpose(2, 3, 1, 0)."""
-    g = src.graph
-    inits = {t.name: t for t in g.initializer}
-    out = {}
-    for i in (1, 2, 3):
-        conv = find_node(g, "Conv", f"block5_conv{i}")
-        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-        # Keras's padding="same" for a 3x3 stride-1 kernel is one pixel each side.
-        if list(attrs.get("pads", [])) != [1, 1, 1, 1] or list(attrs.get("strides", [1, 1])) != [1, 1] \
-                or attrs.get("group", 1) != 1 or list(attrs.get("dilations", [1, 1])) != [1, 1]:
-            fail(f"{conv.name}: expected a 3x3 'same' conv (pads 1, strides 1, group 1), found {attrs}")
-        if len(conv.input) != 3 or conv.input[1] not in inits or conv.input[2] not in inits:
-            fail(f"{conv.name}: weight and bias are not both initializers")
-        w = numpy_helper.to_array(inits[conv.input[1]])
-        b = numpy_helper.to_array(inits[conv.input[2]])
-        if w.shape != (512, 512, 3, 3) or b.shape != (512,) or w.dtype != np.float32:
-            fail(f"{conv.name}: weight {w.shape} {w.dtype}, bias {b.shape}; expected OIHW (512,512,3,3) float32, (512,)")
-        out[f"block5_conv{i}/kernel"] = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-        out[f"block5_conv{i}/bias"] = b.astype(np.float32)
-    return out
+    """block5_conv1..3's kernels [kh,kw,in,out] and biases (see make_vgg16_convs.conv_weights)."""
+    return conv_weights(src, [(f"block5_conv{i}", 512) for i in (1, 2, 3)])
 
 
 def block5_numpy(x, weights):

@@ -185,7 +185,7 @@ fi
 # source); it imports make_vgg16_notop.py and safetensors_f32.py.
 OUT="$M/vgg16_block4.onnx"
 OUT5="$M/vgg16_block5.safetensors"
-GEN4=("$M/make_vgg16_block4.py" "$M/make_vgg16_notop.py" "$M/safetensors_f32.py")
+GEN4=("$M/make_vgg16_block4.py" "$M/make_vgg16_convs.py" "$M/make_vgg16_notop.py" "$M/safetensors_f32.py")
 if stamp_ok "$OUT" "${GEN4[@]}" && stamp_ok "$OUT5" "${GEN4[@]}"; then
   log "vgg16_block4.onnx, vgg16_block5.safetensors ok"
 else
@@ -194,6 +194,17 @@ else
   "$PY" "$M/make_vgg16_block4.py" "$TUMOR_TMP/$TUMOR_MEMBER" "$OUT" "$OUT5" || die "make_vgg16_block4.py failed"
   stamp_write "$OUT" "${GEN4[@]}"
   stamp_write "$OUT5" "${GEN4[@]}"
+fi
+
+# --- 1c''. vgg16_convs.safetensors: all 13 convs for the visualisations ------
+OUT="$M/vgg16_convs.safetensors"
+GENC=("$M/make_vgg16_convs.py" "$M/make_vgg16_notop.py" "$M/safetensors_f32.py" "$M/vgg16_notop.onnx")
+if stamp_ok "$OUT" "${GENC[@]}"; then
+  log "vgg16_convs.safetensors ok"
+else
+  rm -f "$OUT"
+  "$PY" "$M/make_vgg16_convs.py" "$M/vgg16_notop.onnx" "$OUT" || die "make_vgg16_convs.py failed"
+  stamp_write "$OUT" "${GENC[@]}"
 fi
 
 # --- 1d. tiny_vgg.onnx ------------------------------------------------------
@@ -268,6 +279,6 @@ fi
 # --- 3. scale-out tooling: kubectl, kubernetes-validate (tests/deploy.rs) ----
 "$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
 
-log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx, $M/vgg16_block4.onnx (+ vgg16_block5.safetensors), $M/tiny_vgg.onnx"
+log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx (+ vgg16_convs.safetensors), $M/vgg16_block4.onnx (+ vgg16_block5.safetensors), $M/tiny_vgg.onnx"
 [ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"
 exit 0

@@ -160,6 +160,11 @@ enum Command {
         #[arg(long)]
         config: Option<String>,
     },
+    /// Pictures of what a convnet learned (section 5.4): activations, filter patterns.
+    Visualize {
+        #[command(subcommand)]
+        what: crate::visualize::command::Visualize,
+    },
     /// Make the synthetic demo data set (if missing) and run
     /// pipelines/extract_features.yaml on it.
     Demo {
@@ -308,6 +313,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Cache { action, dir } => cache_command(action, &dir),
+        Command::Visualize { what } => {
+            crate::visualize::command::run(what, cli.quiet)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::AugmentPreview { image, out, count, seed, config } => {
             let opts = match preview_options(config.as_deref(), seed) {
                 Ok(opts) => opts,

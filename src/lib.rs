@@ -23,6 +23,8 @@
 //! - [`plot`]: the training curves picture.
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`shard`]: sharded runs on array engines: plan, parts, merge.
+//! - [`visualize`]: pictures of what a convnet learned (activations, filter
+//!   patterns).
 //! - [`cli`]: the `convflow` command, reusable with a custom registry.
 
 pub mod augment;
@@ -40,3 +42,4 @@ pub mod shard;
 pub mod stage;
 pub mod stages;
 pub mod telemetry;
+pub mod visualize;

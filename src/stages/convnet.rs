@@ -603,7 +603,8 @@ impl Model for ConvModel {
     }
 
     fn loss_kind(&self) -> LossKind {
-        self.0.loss_kind()
+        // Built by Convnet::new, which refuses a stack without its loss layer.
+        self.0.loss_kind().expect("a trainer's convnet ends in its loss layer")
     }
 
     fn train_batch(

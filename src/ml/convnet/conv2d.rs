@@ -262,8 +262,10 @@ pub fn forward(
 
 /// From `dy` (the gradient of the layer's output `y`; with `activation`,
 /// it is first turned into the pre-activation's, in place): the kernel
-/// and bias gradients, and (when `dx` is given) the input gradient. The
-/// columns are rebuilt from `x` tile by tile, as in [`forward`].
+/// and bias gradients (when `weights` = `(dkernel, dbias)` is given), and
+/// the input gradient (when `dx` is given). The columns are rebuilt from
+/// `x` tile by tile, as in [`forward`]; a pass for the input gradient alone
+/// (the visualisations' gradients through frozen layers) builds none.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     g: &ConvGeometry,
@@ -273,8 +275,7 @@ pub fn backward(
     activation: Option<Activation>,
     dy: &mut [f32],
     rows: usize,
-    dkernel: &mut [f32],
-    dbias: &mut [f32],
+    mut weights: Option<(&mut [f32], &mut [f32])>,
     dx: Option<&mut Vec<f32>>,
     scratch: &mut ConvScratch,
     threads: usize,
@@ -282,10 +283,13 @@ pub fn backward(
     let (patch, pixels, f) = (g.patch(), g.out_pixels(), g.filters);
     let tile = g.tile_rows();
     if rows == 0 {
-        dkernel.fill(0.0);
-        dbias.fill(0.0);
+        if let Some((dkernel, dbias)) = weights {
+            dkernel.fill(0.0);
+            dbias.fill(0.0);
+        }
         return;
     }
+    let want_weights = weights.is_some();
     // Whole images per part, so that each part owns its images' input
     // gradient; the parts' kernel and bias gradients are added in part
     // order, so the sums depend on the thread count alone.
@@ -312,9 +316,11 @@ pub fn backward(
         .zip(dx_parts.par_iter_mut())
         .enumerate()
         .for_each(|(p, (((s, dy), y), dx))| {
-            s.dkernel.resize(patch * f, 0.0);
-            s.dbias.clear();
-            s.dbias.resize(f, 0.0);
+            if want_weights {
+                s.dkernel.resize(patch * f, 0.0);
+                s.dbias.clear();
+                s.dbias.resize(f, 0.0);
+            }
             if let Some(dx) = dx.as_deref_mut() {
                 dx.fill(0.0);
             }
@@ -325,11 +331,13 @@ pub fn backward(
                 if let Some(a) = activation {
                     activation_backward(a, &y[t * tile * f..][..n * f], dy);
                 }
-                s.cols.resize(n * patch, 0.0);
-                g.im2col_rows(x, r0, r0 + n, &mut s.cols);
-                matmul(patch, f, n, &s.cols, Layout::T, dy, Layout::N, &mut s.dkernel, t > 0, gemm_threads);
-                for r in dy.chunks_exact(f) {
-                    s.dbias.iter_mut().zip(r).for_each(|(d, &g)| *d += g);
+                if want_weights {
+                    s.cols.resize(n * patch, 0.0);
+                    g.im2col_rows(x, r0, r0 + n, &mut s.cols);
+                    matmul(patch, f, n, &s.cols, Layout::T, dy, Layout::N, &mut s.dkernel, t > 0, gemm_threads);
+                    for r in dy.chunks_exact(f) {
+                        s.dbias.iter_mut().zip(r).for_each(|(d, &g)| *d += g);
+                    }
                 }
                 if let Some(dx) = dx.as_deref_mut() {
                     s.dcols.resize(n * patch, 0.0);
@@ -338,11 +346,13 @@ pub fn backward(
                 }
             }
         });
-    dkernel.copy_from_slice(&states[0].dkernel);
-    dbias.copy_from_slice(&states[0].dbias);
-    for s in &states[1..parts] {
-        dkernel.iter_mut().zip(&s.dkernel).for_each(|(d, &v)| *d += v);
-        dbias.iter_mut().zip(&s.dbias).for_each(|(d, &v)| *d += v);
+    if let Some((dkernel, dbias)) = weights.as_mut() {
+        dkernel.copy_from_slice(&states[0].dkernel);
+        dbias.copy_from_slice(&states[0].dbias);
+        for s in &states[1..parts] {
+            dkernel.iter_mut().zip(&s.dkernel).for_each(|(d, &v)| *d += v);
+            dbias.iter_mut().zip(&s.dbias).for_each(|(d, &v)| *d += v);
+        }
     }
     scratch.parts = states;
 }

@@ -14,7 +14,7 @@ use rand::Rng;
 use super::conv2d::{self, ConvScratch};
 use super::matmul::{Layout, matmul, matmul_tn_split};
 use super::optimizer::ConvOptimizer;
-use super::spec::{LayerSpec, Resolved, Shape, resolve};
+use super::spec::{LayerSpec, Resolved, Shape, resolve, resolve_layers};
 use super::{ConvnetError, dropout, init, pooling};
 use crate::ml::activation::{Activation, activation_backward, sigmoid};
 use crate::ml::loss::{LossKind, loss_and_grad};
@@ -48,7 +48,11 @@ pub struct Convnet {
     input: [usize; 3],
     layers: Vec<Resolved>,
     params: Vec<Option<Params>>,
-    loss: LossKind,
+    /// The loss the last layer implies; `None` for a conv base (see
+    /// [`Convnet::conv_base`]), whose every layer applies its activation.
+    loss: Option<LossKind>,
+    /// Images in the last forward pass (what [`Convnet::input_gradient`] runs back through).
+    rows: usize,
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
     /// `acts[i]`: the input of layer i (`acts[0]`: the batch), `acts[n]`: the logits.
@@ -71,6 +75,7 @@ impl Clone for Convnet {
             layers: self.layers.clone(),
             params: self.params.clone(),
             loss: self.loss,
+            rows: 0,
             threads: self.threads,
             pool: self.pool.clone(),
             acts: vec![Vec::new(); n + 1],
@@ -101,6 +106,28 @@ impl Convnet {
     /// Keras's initialisation (glorot_uniform kernels, zero biases) from `seed`.
     pub fn new(input: [usize; 3], specs: &[LayerSpec], seed: u64, threads: usize) -> Result<Convnet, ConvnetError> {
         let (layers, loss) = resolve(input, specs)?;
+        Convnet::from_layers(input, layers, Some(loss), seed, threads)
+    }
+
+    /// A stack with no loss (it may end in a conv or a pool, and every
+    /// layer applies its activation, the last one's too): a frozen conv base
+    /// whose outputs and input gradients the visualisations read. It cannot
+    /// be trained, evaluated or asked for probabilities.
+    pub fn conv_base(input: [usize; 3], specs: &[LayerSpec], threads: usize) -> Result<Convnet, ConvnetError> {
+        if input.contains(&0) {
+            return Err(ConvnetError::Spec(format!("input shape {input:?} has a zero dimension")));
+        }
+        let layers = resolve_layers(Shape::Map(input), specs)?;
+        Convnet::from_layers(input, layers, None, 0, threads)
+    }
+
+    fn from_layers(
+        input: [usize; 3],
+        layers: Vec<Resolved>,
+        loss: Option<LossKind>,
+        seed: u64,
+        threads: usize,
+    ) -> Result<Convnet, ConvnetError> {
         let params = layers
             .iter()
             .enumerate()
@@ -125,6 +152,7 @@ impl Convnet {
             layers,
             params,
             loss,
+            rows: 0,
             threads: threads.max(1),
             pool: thread_pool(threads)?,
             acts: vec![Vec::new(); n + 1],
@@ -142,8 +170,23 @@ impl Convnet {
         &self.layers
     }
 
-    pub fn loss_kind(&self) -> LossKind {
+    /// `None` for a [`Convnet::conv_base`].
+    pub fn loss_kind(&self) -> Option<LossKind> {
         self.loss
+    }
+
+    /// Renames the layers (and so their tensors, `NAME/kernel`), in order:
+    /// VGG16's `block1_conv1` .. where the default names are `conv2d` ...
+    pub fn set_layer_names(&mut self, names: &[&str]) -> Result<(), ConvnetError> {
+        if names.len() != self.layers.len() {
+            return Err(ConvnetError::Spec(format!("{} names for {} layers", names.len(), self.layers.len())));
+        }
+        self.layers.iter_mut().zip(names).for_each(|(l, n)| l.name = n.to_string());
+        Ok(())
+    }
+
+    fn head_loss(&self) -> Result<LossKind, ConvnetError> {
+        self.loss.ok_or_else(|| ConvnetError::Spec("a conv base has no loss: it cannot be trained or scored".into()))
     }
 
     pub fn threads(&self) -> usize {
@@ -221,6 +264,7 @@ impl Convnet {
     fn forward<R: Rng>(&mut self, x: &[f32], rows: usize, mut rng: Option<&mut R>) {
         let n = self.layers.len();
         let threads = self.threads;
+        self.rows = rows;
         self.acts[0].clear();
         self.acts[0].extend_from_slice(x);
         for i in 0..n {
@@ -228,7 +272,8 @@ impl Convnet {
             let (xin, y) = (&before[i], &mut after[0]);
             let l = &self.layers[i];
             let w = &mut self.work[i];
-            let last = i + 1 == n;
+            // The head's last layer leaves its sigmoid or softmax to the loss.
+            let last = i + 1 == n && self.loss.is_some();
             match l.spec {
                 LayerSpec::Conv2d { activation, .. } => {
                     let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
@@ -247,6 +292,8 @@ impl Convnet {
                 LayerSpec::Dropout { rate } => {
                     y.clear();
                     y.extend_from_slice(xin);
+                    // No mask at inference: the backward pass is then the identity.
+                    w.mask.clear();
                     if let Some(rng) = rng.as_deref_mut()
                         && rate > 0.0
                     {
@@ -267,31 +314,46 @@ impl Convnet {
         }
     }
 
-    /// Backward pass from `dz` (gradient of the mean loss w.r.t. the
-    /// logits): each parameter tensor's gradient into `grads`, in
-    /// [`Convnet::tensors`] order (its vectors are reused when they fit).
-    fn backward(&mut self, dz: &[f32], rows: usize, grads: &mut Vec<Vec<f32>>) {
+    /// Backward pass through layers `hi - 1` down to `lo` from `d`, the
+    /// gradient w.r.t. `acts[hi]` (layer `hi - 1`'s output), over the last
+    /// forward pass; returns the gradient w.r.t. `acts[lo]` (layer `lo`'s
+    /// input), or an empty vector where `input` is false and `lo` is 0 (a
+    /// training step needs no gradient of the images). With `grads` (the
+    /// whole stack only: `hi` = n, `lo` = 0), each parameter tensor's
+    /// gradient goes into it, in [`Convnet::tensors`] order (its vectors are
+    /// reused when they fit); without, no weight gradient is computed.
+    fn backward(&mut self, d0: &[f32], hi: usize, lo: usize, input: bool, mut grads: Option<&mut Vec<Vec<f32>>>) -> Vec<f32> {
         let n = self.layers.len();
+        let rows = self.rows;
         let threads = self.threads;
-        let tensors = 2 * self.params.iter().flatten().count();
-        grads.resize_with(tensors, Vec::new);
-        let mut next = tensors;
+        debug_assert!(grads.is_none() || (hi == n && lo == 0));
+        if let Some(g) = grads.as_deref_mut() {
+            g.resize_with(2 * self.params.iter().flatten().count(), Vec::new);
+        }
+        let mut next = 2 * self.params[..hi].iter().flatten().count();
         let [mut d, mut dx] = std::mem::take(&mut self.grad_bufs);
         d.clear();
-        d.extend_from_slice(dz);
-        for i in (0..n).rev() {
+        d.extend_from_slice(d0);
+        for i in (lo..hi).rev() {
             let l = &self.layers[i];
             let w = &mut self.work[i];
             let (xin, yout) = (&self.acts[i], &self.acts[i + 1]);
-            let first = i == 0;
+            let want_dx = i > 0 || input;
+            let last = i + 1 == n && self.loss.is_some();
             match l.spec {
                 LayerSpec::Conv2d { activation, .. } => {
                     let (Some(g), Some(p)) = (l.conv.as_ref(), self.params[i].as_ref()) else { continue };
                     next -= 2;
-                    let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
-                    dk.resize(p.kernel.len(), 0.0);
-                    db.resize(p.bias.len(), 0.0);
-                    let activation = (i + 1 != n).then_some(activation);
+                    let weights = match grads.as_deref_mut() {
+                        Some(grads) => {
+                            let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
+                            dk.resize(p.kernel.len(), 0.0);
+                            db.resize(p.bias.len(), 0.0);
+                            Some((dk.as_mut_slice(), db.as_mut_slice()))
+                        }
+                        None => None,
+                    };
+                    let activation = (!last).then_some(activation);
                     conv2d::backward(
                         g,
                         &p.kernel,
@@ -300,9 +362,8 @@ impl Convnet {
                         activation,
                         &mut d,
                         rows,
-                        dk,
-                        db,
-                        (!first).then_some(&mut dx),
+                        weights,
+                        want_dx.then_some(&mut dx),
                         &mut w.conv_scratch,
                         threads,
                     );
@@ -314,24 +375,26 @@ impl Convnet {
                     std::mem::swap(&mut d, &mut dx);
                 }
                 LayerSpec::Flatten => {}
-                LayerSpec::Dropout { rate } => {
-                    if rate > 0.0 {
+                LayerSpec::Dropout { .. } => {
+                    if !w.mask.is_empty() {
                         dropout::backward(&w.mask, &mut d);
                     }
                 }
                 LayerSpec::Dense { units, activation } => {
                     let Some(p) = self.params[i].as_ref() else { continue };
-                    if i + 1 != n {
+                    if !last {
                         activation_backward(activation, yout, &mut d);
                     }
                     next -= 2;
-                    let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
                     let din = l.input.len();
-                    dk.resize(p.kernel.len(), 0.0);
-                    matmul_tn_split(din, units, rows, xin, &d, dk, threads, &mut w.split);
-                    db.resize(units, 0.0);
-                    conv2d::bias_gradient(&d, units, db);
-                    if !first {
+                    if let Some(grads) = grads.as_deref_mut() {
+                        let [dk, db] = &mut grads[next..next + 2] else { unreachable!() };
+                        dk.resize(p.kernel.len(), 0.0);
+                        matmul_tn_split(din, units, rows, xin, &d, dk, threads, &mut w.split);
+                        db.resize(units, 0.0);
+                        conv2d::bias_gradient(&d, units, db);
+                    }
+                    if want_dx {
                         // Overwritten whole by the product (`accumulate` false).
                         dx.resize(rows * din, 0.0);
                         matmul(rows, din, units, &d, Layout::N, &p.kernel, Layout::T, &mut dx, false, threads);
@@ -340,7 +403,47 @@ impl Convnet {
                 }
             }
         }
+        let out = if lo > 0 || input { d.clone() } else { Vec::new() };
         self.grad_bufs = [d, dx];
+        out
+    }
+
+    /// Inference forward of `rows` images (no dropout) that keeps every
+    /// layer's output for [`Convnet::input_gradient`]; `outputs(i)` then reads them.
+    pub fn forward_kept(&mut self, x: &[f32], rows: usize) -> Result<(), ConvnetError> {
+        self.check(x, None, rows)?;
+        let pool = self.pool.clone();
+        pool.install(|| self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None));
+        Ok(())
+    }
+
+    /// Layer `i`'s output in the last forward pass, `[rows, ...]` of its
+    /// output shape (after its activation; the head's last layer: logits).
+    pub fn output(&self, i: usize) -> &[f32] {
+        &self.acts[i + 1]
+    }
+
+    /// After [`Convnet::forward_kept`]: given `d`, the gradient of some score
+    /// w.r.t. layer `from`'s output, the score's gradient w.r.t. the input
+    /// of layer `to` (`to` = 0: the images), through the layers between.
+    /// What a filter pattern ascends (to the images) and what Grad-CAM pools
+    /// (from the logits to a conv layer's output: `to` = that layer + 1).
+    pub fn input_gradient(&mut self, d: &[f32], from: usize, to: usize) -> Result<Vec<f32>, ConvnetError> {
+        if from >= self.layers.len() || to > from + 1 {
+            return Err(ConvnetError::Spec(format!(
+                "input_gradient from layer {from} to {to}: the model has {} layers",
+                self.layers.len()
+            )));
+        }
+        if d.len() != self.acts[from + 1].len() || self.acts[from + 1].is_empty() {
+            return Err(ConvnetError::Shape(format!(
+                "{} gradient values for layer {from}'s output of {} (run forward_kept first)",
+                d.len(),
+                self.acts[from + 1].len()
+            )));
+        }
+        let pool = self.pool.clone();
+        Ok(pool.install(|| self.backward(d, from + 1, to, true, None)))
     }
 
     /// The gradient of the batch-mean loss w.r.t. every parameter tensor, and
@@ -353,13 +456,15 @@ impl Convnet {
         rng: &mut R,
     ) -> Result<(StepStats, Vec<Vec<f32>>), ConvnetError> {
         self.check(x, Some(y), rows)?;
+        let kind = self.head_loss()?;
+        let n = self.layers.len();
         let pool = self.pool.clone();
         Ok(pool.install(|| {
             self.forward(x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
-            let (loss, correct, dz) = loss_and_grad(self.loss, logits, y, rows, true);
+            let (loss, correct, dz) = loss_and_grad(kind, logits, y, rows, true);
             let mut grads = Vec::new();
-            self.backward(&dz, rows, &mut grads);
+            self.backward(&dz, n, 0, false, Some(&mut grads));
             (StepStats { loss: (loss / rows.max(1) as f64) as f32, correct }, grads)
         }))
     }
@@ -374,13 +479,15 @@ impl Convnet {
         rng: &mut R,
     ) -> Result<StepStats, ConvnetError> {
         self.check(x, Some(y), rows)?;
+        let kind = self.head_loss()?;
+        let n = self.layers.len();
         let pool = self.pool.clone();
         let mut grads = std::mem::take(&mut self.grads);
         let stats = pool.install(|| {
             self.forward(x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
-            let (loss, correct, dz) = loss_and_grad(self.loss, logits, y, rows, true);
-            self.backward(&dz, rows, &mut grads);
+            let (loss, correct, dz) = loss_and_grad(kind, logits, y, rows, true);
+            self.backward(&dz, n, 0, false, Some(&mut grads));
             let mut params: Vec<&mut Vec<f32>> =
                 self.params.iter_mut().flatten().flat_map(|p| [&mut p.kernel, &mut p.bias]).collect();
             opt.step(&mut params, &grads);
@@ -393,10 +500,11 @@ impl Convnet {
     /// Summed loss and correct count over `rows` (inference: no dropout).
     pub fn evaluate(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<(f64, f64), ConvnetError> {
         self.check(x, Some(y), rows)?;
+        let kind = self.head_loss()?;
         let pool = self.pool.clone();
         Ok(pool.install(|| {
             self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
-            let (loss, correct, _) = loss_and_grad(self.loss, &self.acts[self.layers.len()], y, rows, false);
+            let (loss, correct, _) = loss_and_grad(kind, &self.acts[self.layers.len()], y, rows, false);
             (loss, correct)
         }))
     }
@@ -424,7 +532,7 @@ impl Convnet {
     pub fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, ConvnetError> {
         self.check(x, None, rows)?;
         let pool = self.pool.clone();
-        let loss = self.loss;
+        let loss = self.head_loss()?;
         let c = self.output_dim();
         Ok(pool.install(|| {
             self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);

@@ -148,6 +148,24 @@ pub fn resolve(input: [usize; 3], specs: &[LayerSpec]) -> Result<(Vec<Resolved>,
 
 /// [`resolve`] from any input shape: a vector for a dense stack.
 pub fn resolve_from(input: Shape, specs: &[LayerSpec]) -> Result<(Vec<Resolved>, LossKind), ConvnetError> {
+    let layers = resolve_layers(input, specs)?;
+    let loss = match specs.last() {
+        Some(LayerSpec::Dense { activation: Activation::Sigmoid, .. }) => LossKind::BinaryCrossentropy,
+        Some(LayerSpec::Dense { activation: Activation::Softmax, .. }) => LossKind::CategoricalCrossentropy,
+        _ => {
+            return Err(ConvnetError::Spec(
+                "the last layer must be dense with activation sigmoid (binary cross-entropy) or softmax \
+                 (categorical cross-entropy)"
+                    .into(),
+            ));
+        }
+    };
+    Ok((layers, loss))
+}
+
+/// Every layer's shapes and name, with no loss asked of the last one: a
+/// conv base (VGG16's, for the visualisations) ends in a conv or a pool.
+pub fn resolve_layers(input: Shape, specs: &[LayerSpec]) -> Result<Vec<Resolved>, ConvnetError> {
     let bad = |i: usize, msg: String| ConvnetError::Layer { index: i, message: msg };
     if input.is_empty() {
         return Err(ConvnetError::Spec(format!("input shape {} is empty", input.keras())));
@@ -217,18 +235,7 @@ pub fn resolve_from(input: Shape, specs: &[LayerSpec]) -> Result<(Vec<Resolved>,
         out.push(Resolved { name, spec: *spec, input: shape, output, params, conv, pool });
         shape = output;
     }
-    let loss = match specs.last() {
-        Some(LayerSpec::Dense { activation: Activation::Sigmoid, .. }) => LossKind::BinaryCrossentropy,
-        Some(LayerSpec::Dense { activation: Activation::Softmax, .. }) => LossKind::CategoricalCrossentropy,
-        _ => {
-            return Err(ConvnetError::Spec(
-                "the last layer must be dense with activation sigmoid (binary cross-entropy) or softmax \
-                 (categorical cross-entropy)"
-                    .into(),
-            ));
-        }
-    };
-    Ok((out, loss))
+    Ok(out)
 }
 
 fn check_hidden_activation(i: usize, a: Activation, last: bool) -> Result<(), ConvnetError> {

@@ -418,8 +418,7 @@ fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
                     None,
                     &mut d,
                     rows,
-                    &mut dk,
-                    &mut db,
+                    Some((&mut dk, &mut db)),
                     Some(&mut dx),
                     &mut scratch,
                     threads,
@@ -427,6 +426,10 @@ fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
                 close("dkernel", &dk, &dk0);
                 close("dbias", &db, &db0);
                 close("dx", &dx, &dx0);
+                // The input gradient alone (no weight gradients) is the same.
+                let (mut d, mut dx_only) = (dy.clone(), vec![f32::NAN; 3]);
+                conv2d::backward(&g, &kernel, &x, &y, None, &mut d, rows, None, Some(&mut dx_only), &mut scratch, threads);
+                assert_eq!(dx_only, dx, "{input:?}: input gradient without the weight gradients");
             });
         }
     }

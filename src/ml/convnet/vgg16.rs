@@ -1,4 +1,6 @@
-//! VGG16's block5 as trainable layers: the part the book's 5.3.3 fine-tunes.
+//! VGG16's block5 as trainable layers: the part the book's 5.3.3 fine-tunes;
+//! and its whole conv base, frozen, whose gradients the visualisations of
+//! 5.4 take ([`conv_base`], weights from `models/vgg16_convs.safetensors`).
 //!
 //! Blocks 1-4 stay frozen in ONNX Runtime (`models/vgg16_block4.onnx`, whose
 //! output is Keras's `block4_pool`); block5 (three `same` 3x3 convs of 512
@@ -63,17 +65,6 @@ pub fn with_block5(
 /// Sets the first three conv layers of `model` (named `conv2d`, `conv2d_1`,
 /// ... by their position, whatever follows) from `block5_conv1..3` of `path`.
 pub fn load_block5(model: &mut Convnet, path: &Path) -> Result<(), ConvnetError> {
-    let file_err = |m: String| ConvnetError::File { path: path.display().to_string(), message: m };
-    let bytes = std::fs::read(path)
-        .map_err(|e| file_err(format!("{e} (models/setup.sh writes it with models/make_vgg16_block4.py)")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(e.to_string()))?;
-    let format = meta.metadata().as_ref().and_then(|m| m.get("format"));
-    if format.map(String::as_str) != Some(BLOCK5_FORMAT) {
-        return Err(file_err(format!(
-            "metadata `format` is {format:?}, expected \"{BLOCK5_FORMAT}\": not VGG16 block5 weights"
-        )));
-    }
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(e.to_string()))?;
     let convs: Vec<String> = model
         .layers()
         .iter()
@@ -84,9 +75,95 @@ pub fn load_block5(model: &mut Convnet, path: &Path) -> Result<(), ConvnetError>
     if convs.len() < BLOCK5_CONVS.len() {
         return Err(ConvnetError::Spec(format!("block5 needs 3 conv2d layers, the model has {}", convs.len())));
     }
+    let pairs: Vec<(&str, &str)> = BLOCK5_CONVS.iter().copied().zip(convs.iter().map(String::as_str)).collect();
+    load_convs(model, path, BLOCK5_FORMAT, "models/make_vgg16_block4.py", &pairs)
+}
+
+/// The `format` metadata `make_vgg16_convs.py` writes.
+pub const CONVS_FORMAT: &str = "keras-vgg16-convs";
+
+/// Keras's names of the layers of VGG16's conv base (`include_top=False`), in order.
+pub const CONV_BASE_LAYERS: [&str; 18] = [
+    "block1_conv1",
+    "block1_conv2",
+    "block1_pool",
+    "block2_conv1",
+    "block2_conv2",
+    "block2_pool",
+    "block3_conv1",
+    "block3_conv2",
+    "block3_conv3",
+    "block3_pool",
+    "block4_conv1",
+    "block4_conv2",
+    "block4_conv3",
+    "block4_pool",
+    "block5_conv1",
+    "block5_conv2",
+    "block5_conv3",
+    "block5_pool",
+];
+
+/// The conv base's layers, as [`CONV_BASE_LAYERS`] names them: 3x3 `same`
+/// ReLU convs of 64, 128, 256, 512, 512 filters by block, each block ending
+/// in a 2x2 max pool.
+pub fn conv_base_specs() -> Vec<LayerSpec> {
+    CONV_BASE_LAYERS
+        .iter()
+        .map(|name| {
+            if name.ends_with("_pool") {
+                return LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None };
+            }
+            let block = name.as_bytes()[5] - b'0';
+            LayerSpec::Conv2d {
+                filters: [64, 128, 256, 512, 512][usize::from(block - 1)],
+                kernel_size: Pair::One(3),
+                strides: Pair::One(1),
+                padding: Padding::Same,
+                activation: Activation::Relu,
+            }
+        })
+        .collect()
+}
+
+/// VGG16's conv base from its input (preprocessed as Keras's VGG16 wants:
+/// `caffe`) up to and including the layer named `last`, on images of
+/// `[height, width]`, with Keras's ImageNet weights from `weights`
+/// (`models/vgg16_convs.safetensors`). Frozen: a [`Convnet::conv_base`],
+/// whose layers carry Keras's names.
+pub fn conv_base(image_hw: [usize; 2], last: &str, weights: &Path, threads: usize) -> Result<Convnet, ConvnetError> {
+    let upto = CONV_BASE_LAYERS.iter().position(|&n| n == last).ok_or_else(|| {
+        ConvnetError::Spec(format!("VGG16 has no layer {last:?}; its layers are {}", CONV_BASE_LAYERS.join(", ")))
+    })?;
+    let specs = conv_base_specs();
+    let mut model = Convnet::conv_base([image_hw[0], image_hw[1], 3], &specs[..=upto], threads)?;
+    model.set_layer_names(&CONV_BASE_LAYERS[..=upto])?;
+    let convs: Vec<(&str, &str)> =
+        CONV_BASE_LAYERS[..=upto].iter().filter(|n| n.contains("_conv")).map(|&n| (n, n)).collect();
+    load_convs(&mut model, weights, CONVS_FORMAT, "models/make_vgg16_convs.py", &convs)?;
+    Ok(model)
+}
+
+/// Sets each `(file name, model name)` pair's kernel and bias from the
+/// safetensors file `path`, which must carry metadata `format`.
+fn load_convs(
+    model: &mut Convnet,
+    path: &Path,
+    format: &str,
+    maker: &str,
+    pairs: &[(&str, &str)],
+) -> Result<(), ConvnetError> {
+    let file_err = |m: String| ConvnetError::File { path: path.display().to_string(), message: m };
+    let bytes = std::fs::read(path).map_err(|e| file_err(format!("{e} (models/setup.sh writes it with {maker})")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(e.to_string()))?;
+    let found = meta.metadata().as_ref().and_then(|m| m.get("format"));
+    if found.map(String::as_str) != Some(format) {
+        return Err(file_err(format!("metadata `format` is {found:?}, expected \"{format}\": not the weights wanted")));
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| file_err(e.to_string()))?;
     let shapes: std::collections::HashMap<String, Vec<usize>> =
         model.tensors().into_iter().map(|(n, s, _)| (n, s)).collect();
-    for (keras, ours) in BLOCK5_CONVS.iter().zip(&convs) {
+    for (keras, ours) in pairs {
         for part in ["kernel", "bias"] {
             let (from, to) = (format!("{keras}/{part}"), format!("{ours}/{part}"));
             let t = st.tensor(&from).map_err(|e| file_err(format!("{from}: {e}")))?;

@@ -1,0 +1,207 @@
+//! `convflow visualize activations | filters`: the pictures of section 5.4
+//! from the command line.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use image::RgbImage;
+
+use super::{activations, filters, picture};
+use crate::ml::convnet::vgg16::{self, CONV_BASE_LAYERS};
+use crate::ml::convnet::{Convnet, Shape};
+use crate::ml::preprocess::Preprocess;
+use crate::npy::NpyWriter;
+use crate::stages::resize::{Filter, Resize};
+
+pub const DEFAULT_WEIGHTS: &str = "models/vgg16_convs.safetensors";
+
+#[derive(clap::Subcommand)]
+pub enum Visualize {
+    /// The feature maps each layer makes of one image (section 5.4.1): one
+    /// PNG per conv and pooling layer, every channel a tile, 16 to a row.
+    Activations {
+        /// The image (any format `decode` reads).
+        image: PathBuf,
+        /// `vgg16` (its conv base with ImageNet weights, caffe
+        /// preprocessing) or the out_dir of a `convnet` stage (its own input
+        /// size, channels and rescale).
+        #[arg(long, default_value = "vgg16")]
+        model: String,
+        /// Folder for LAYER.png (and LAYER.npy).
+        #[arg(long, default_value = "out/activations")]
+        out: PathBuf,
+        /// Image side for VGG16 (a convnet takes its own).
+        #[arg(long, default_value_t = 150)]
+        size: usize,
+        /// Only the first N layers (the book shows 8).
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Also write each layer's output as LAYER.npy, float32 [h, w, channels],
+        /// and input.npy, the image as the model took it.
+        #[arg(long)]
+        npy: bool,
+        /// VGG16's conv weights (models/setup.sh writes them).
+        #[arg(long, default_value = DEFAULT_WEIGHTS)]
+        weights: PathBuf,
+        /// Math threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// The input pattern each filter of a VGG16 layer responds to most
+    /// (section 5.4.2): gradient ascent from gray noise; an 8-per-row grid PNG.
+    Filters {
+        /// The layer: block1_conv1 .. block5_conv3.
+        #[arg(long)]
+        layer: String,
+        /// The first N filters (the book: 64).
+        #[arg(long, default_value_t = 64)]
+        filters: usize,
+        /// Image side (the book: 150).
+        #[arg(long, default_value_t = 150)]
+        size: usize,
+        /// Ascent steps (the book: 40).
+        #[arg(long, default_value_t = 40)]
+        steps: usize,
+        /// Step size (the book: 1).
+        #[arg(long, default_value_t = 1.0)]
+        step: f32,
+        /// Seed of the starting noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The PNG (default out/filters/LAYER.png); beside it LAYER.csv,
+        /// each filter's mean activation at every step.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the patterns as LAYER.npy, float32 [filters, size, size, 3] (the model's BGR input).
+        #[arg(long)]
+        npy: bool,
+        #[arg(long, default_value = DEFAULT_WEIGHTS)]
+        weights: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+}
+
+fn threads(n: usize) -> usize {
+    if n > 0 { n } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+}
+
+/// Runs one `visualize` command; prints what it wrote unless `quiet`.
+pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
+    match what {
+        Visualize::Activations { image, model, out, size, layers, npy, weights, threads: t } => {
+            let (mut net, x) = activation_input(&image, &model, size, &weights, threads(t))?;
+            let maps = activations::layer_maps(&mut net, &x, layers)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            if npy {
+                // The image as the model took it (resized, preprocessed), to check the maps against.
+                let mut w = NpyWriter::create(&out.join("input.npy"), &net.input_shape())?;
+                w.push(&x)?;
+                w.finish()?;
+            }
+            for (i, m) in maps.iter().enumerate() {
+                let png = out.join(format!("{i:02}_{}.png", m.name));
+                picture::save(&activations::layer_picture(m).map_err(anyhow::Error::msg)?, &png)
+                    .map_err(anyhow::Error::msg)?;
+                if npy {
+                    let path = out.join(format!("{i:02}_{}.npy", m.name));
+                    let mut w = NpyWriter::create(&path, &m.shape)?;
+                    w.push(&m.values)?;
+                    w.finish()?;
+                }
+                if !quiet {
+                    println!("{}: {} {:?}", png.display(), m.name, m.shape);
+                }
+            }
+            Ok(())
+        }
+        Visualize::Filters { layer, filters: n, size, steps, step, seed, out, npy, weights, threads: t } => {
+            let index = CONV_BASE_LAYERS
+                .iter()
+                .position(|&l| l == layer && l.contains("_conv"))
+                .with_context(|| format!("--layer {layer}: not one of VGG16's convs (block1_conv1 .. block5_conv3)"))?;
+            let mut net = vgg16::conv_base([size, size], &layer, &weights, threads(t))?;
+            let Shape::Map([_, _, channels]) = net.layers()[index].output else { bail!("{layer} has no map") };
+            if n == 0 || n > channels {
+                bail!("--filters {n}: {layer} has {channels} filters");
+            }
+            let ascent = filters::Ascent { size, steps, step, seed, ..Default::default() };
+            let which: Vec<usize> = (0..n).collect();
+            let started = std::time::Instant::now();
+            let patterns = filters::patterns(&mut net, index, &which, &ascent)?;
+            let png = out.unwrap_or_else(|| PathBuf::from(format!("out/filters/{layer}.png")));
+            let title = format!("{layer}: filters 0-{} ({steps} steps from gray noise)", n - 1);
+            picture::save(&filters::grid(&patterns, size, &title).map_err(anyhow::Error::msg)?, &png)
+                .map_err(anyhow::Error::msg)?;
+            let mut csv = String::from("filter,step,mean_activation\n");
+            for p in &patterns {
+                for (s, m) in p.trace.iter().enumerate() {
+                    csv.push_str(&format!("{},{s},{m}\n", p.filter));
+                }
+            }
+            std::fs::write(png.with_extension("csv"), csv)?;
+            if npy {
+                let mut w = NpyWriter::create(&png.with_extension("npy"), &[size, size, 3])?;
+                for p in &patterns {
+                    w.push(&p.image)?;
+                }
+                w.finish()?;
+            }
+            if !quiet {
+                let rose = patterns.iter().filter(|p| p.trace.last() > p.trace.first()).count();
+                println!(
+                    "{}: {n} patterns of {layer}, {steps} steps, {:.1} s; mean activation rose for {rose} of {n}",
+                    png.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The model `activations` runs and the image as it takes it.
+fn activation_input(
+    image: &Path,
+    model: &str,
+    size: usize,
+    weights: &Path,
+    threads: usize,
+) -> anyhow::Result<(Convnet, Vec<f32>)> {
+    let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let img = crate::stages::decode::decode_image(&bytes, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
+    if model == "vgg16" {
+        let net = vgg16::conv_base([size, size], "block5_pool", weights, threads)?;
+        let img = resized(img, size, size)?;
+        let mut x = Vec::new();
+        Preprocess::Caffe.extend(&img, &mut x);
+        return Ok((net, x));
+    }
+    let dir = Path::new(model);
+    let net = Convnet::load_safetensors(&dir.join("model.safetensors"), threads)
+        .with_context(|| format!("--model {model}: not `vgg16` nor a convnet stage's out_dir"))?;
+    if net.input_shape()[2] == vgg16::BLOCK4_CHANNELS {
+        bail!("--model {model}: a fine-tuned block5 takes VGG16's block4 maps, not images; use --model vgg16");
+    }
+    let description = dir.join("model.json");
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&description).with_context(|| format!("reading {}", description.display()))?,
+    )
+    .with_context(|| format!("{}", description.display()))?;
+    let rescale = meta["rescale"].as_f64().filter(|r| r.is_finite() && *r > 0.0).with_context(|| {
+        format!("{}: no positive `rescale` (written by the convnet stage)", description.display())
+    })? as f32;
+    let [h, w, c] = net.input_shape();
+    let img = resized(img, h, w)?;
+    let x: Vec<f32> = if c == 1 {
+        crate::stages::decode::to_gray(&img).as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
+    } else {
+        img.as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
+    };
+    Ok((net, x))
+}
+
+/// Resized as the `resize` stage does by default.
+fn resized(img: RgbImage, h: usize, w: usize) -> anyhow::Result<RgbImage> {
+    Resize::new(h as u32, w as u32, Filter::default()).apply(img).map_err(anyhow::Error::msg)
+}
