@@ -5,8 +5,8 @@ against (tests/visualize.rs).
 
 Usage: ort_layer_outputs.py MODEL.onnx INPUT.npy OUT_DIR
 
-INPUT: float32 [H, W, C], the model's input for one image (a batch of one
-is made of it). For each Conv node in graph order, the output of the
+INPUT: float32 [1, H, W, C] (or [H, W, C]), the model's input for one
+image, as `convflow visualize activations --npy` writes it (input.npy). For each Conv node in graph order, the output of the
 activation node that follows it (Relu, Tanh, Sigmoid: Keras's layer
 output is after its activation), or the Conv's own output when none does;
 for each MaxPool, its output. Written as OUT_DIR/NN.npy, float32
@@ -44,8 +44,10 @@ def main():
         sys.exit(__doc__)
     model_path, inp, out_dir = sys.argv[1:]
     x = np.load(inp)
-    if x.dtype != np.float32 or x.ndim != 3:
-        sys.exit(f"ort_layer_outputs: {inp}: expected float32 [H, W, C], got {x.dtype} {list(x.shape)}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[0] != 1:
+        sys.exit(f"ort_layer_outputs: {inp}: expected float32 [1, H, W, C], got {x.dtype} {list(x.shape)}")
     model = onnx.load(model_path)
     names = layer_outputs(model.graph)
     if not names:
@@ -59,7 +61,7 @@ def main():
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ys = sess.run(names, {sess.get_inputs()[0].name: x[None]})
+    ys = sess.run(names, {sess.get_inputs()[0].name: x})
     os.makedirs(out_dir, exist_ok=True)
     for i, y in enumerate(ys):
         if y.ndim != 4:

@@ -47,9 +47,7 @@ pub fn channel_display(maps: &LayerMaps, channel: usize) -> Vec<u8> {
     let n = v.len().max(1) as f64;
     let mean = v.iter().sum::<f64>() / n;
     let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
-    v.iter()
-        .map(|&x| if std > 0.0 { ((x - mean) / std * 64.0 + 128.0).clamp(0.0, 255.0) as u8 } else { 128 })
-        .collect()
+    v.iter().map(|&x| if std > 0.0 { ((x - mean) / std * 64.0 + 128.0).clamp(0.0, 255.0) as u8 } else { 128 }).collect()
 }
 
 /// The layer's picture: every channel a tile (enlarged to about 48 pixels

@@ -36,7 +36,7 @@ pub enum Visualize {
         /// Only the first N layers (the book shows 8).
         #[arg(long)]
         layers: Option<usize>,
-        /// Also write each layer's output as LAYER.npy, float32 [h, w, channels],
+        /// Also write each layer's output as LAYER.npy, float32 [1, h, w, channels],
         /// and input.npy, the image as the model took it.
         #[arg(long)]
         npy: bool,
@@ -169,7 +169,8 @@ fn activation_input(
     threads: usize,
 ) -> anyhow::Result<(Convnet, Vec<f32>)> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
-    let img = crate::stages::decode::decode_image(&bytes, u64::MAX).map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
+    let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
     if model == "vgg16" {
         let net = vgg16::conv_base([size, size], "block5_pool", weights, threads)?;
         let img = resized(img, size, size)?;
@@ -188,9 +189,10 @@ fn activation_input(
         &std::fs::read_to_string(&description).with_context(|| format!("reading {}", description.display()))?,
     )
     .with_context(|| format!("{}", description.display()))?;
-    let rescale = meta["rescale"].as_f64().filter(|r| r.is_finite() && *r > 0.0).with_context(|| {
-        format!("{}: no positive `rescale` (written by the convnet stage)", description.display())
-    })? as f32;
+    let rescale =
+        meta["rescale"].as_f64().filter(|r| r.is_finite() && *r > 0.0).with_context(|| {
+            format!("{}: no positive `rescale` (written by the convnet stage)", description.display())
+        })? as f32;
     let [h, w, c] = net.input_shape();
     let img = resized(img, h, w)?;
     let x: Vec<f32> = if c == 1 {

@@ -85,7 +85,12 @@ pub fn gradients(
 
 /// The patterns of `filters` of layer `layer` (the model's last layer is
 /// enough: nothing above it is needed), by the book's ascent.
-pub fn patterns(model: &mut Convnet, layer: usize, filters: &[usize], a: &Ascent) -> Result<Vec<Pattern>, ConvnetError> {
+pub fn patterns(
+    model: &mut Convnet,
+    layer: usize,
+    filters: &[usize],
+    a: &Ascent,
+) -> Result<Vec<Pattern>, ConvnetError> {
     let [h, w, ch] = model.input_shape();
     if h != a.size || w != a.size {
         return Err(ConvnetError::Shape(format!("the model takes {h}x{w} images, the ascent {0}x{0}", a.size)));

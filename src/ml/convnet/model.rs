@@ -322,7 +322,14 @@ impl Convnet {
     /// whole stack only: `hi` = n, `lo` = 0), each parameter tensor's
     /// gradient goes into it, in [`Convnet::tensors`] order (its vectors are
     /// reused when they fit); without, no weight gradient is computed.
-    fn backward(&mut self, d0: &[f32], hi: usize, lo: usize, input: bool, mut grads: Option<&mut Vec<Vec<f32>>>) -> Vec<f32> {
+    fn backward(
+        &mut self,
+        d0: &[f32],
+        hi: usize,
+        lo: usize,
+        input: bool,
+        mut grads: Option<&mut Vec<Vec<f32>>>,
+    ) -> Vec<f32> {
         let n = self.layers.len();
         let rows = self.rows;
         let threads = self.threads;
@@ -455,8 +462,8 @@ impl Convnet {
         rows: usize,
         rng: &mut R,
     ) -> Result<(StepStats, Vec<Vec<f32>>), ConvnetError> {
-        self.check(x, Some(y), rows)?;
         let kind = self.head_loss()?;
+        self.check(x, Some(y), rows)?;
         let n = self.layers.len();
         let pool = self.pool.clone();
         Ok(pool.install(|| {
@@ -478,8 +485,8 @@ impl Convnet {
         opt: &mut ConvOptimizer,
         rng: &mut R,
     ) -> Result<StepStats, ConvnetError> {
-        self.check(x, Some(y), rows)?;
         let kind = self.head_loss()?;
+        self.check(x, Some(y), rows)?;
         let n = self.layers.len();
         let pool = self.pool.clone();
         let mut grads = std::mem::take(&mut self.grads);
@@ -499,8 +506,8 @@ impl Convnet {
 
     /// Summed loss and correct count over `rows` (inference: no dropout).
     pub fn evaluate(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<(f64, f64), ConvnetError> {
-        self.check(x, Some(y), rows)?;
         let kind = self.head_loss()?;
+        self.check(x, Some(y), rows)?;
         let pool = self.pool.clone();
         Ok(pool.install(|| {
             self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);

@@ -428,7 +428,19 @@ fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
                 close("dx", &dx, &dx0);
                 // The input gradient alone (no weight gradients) is the same.
                 let (mut d, mut dx_only) = (dy.clone(), vec![f32::NAN; 3]);
-                conv2d::backward(&g, &kernel, &x, &y, None, &mut d, rows, None, Some(&mut dx_only), &mut scratch, threads);
+                conv2d::backward(
+                    &g,
+                    &kernel,
+                    &x,
+                    &y,
+                    None,
+                    &mut d,
+                    rows,
+                    None,
+                    Some(&mut dx_only),
+                    &mut scratch,
+                    threads,
+                );
                 assert_eq!(dx_only, dx, "{input:?}: input gradient without the weight gradients");
             });
         }
@@ -467,4 +479,73 @@ fn max_pooling_of_many_channels_matches_a_naive_one_ties_included() {
             }
         }
     }
+}
+
+/// `input_gradient` of a score `sum(d * output(layer))` w.r.t. the images,
+/// against central differences on the images: through a conv base (no
+/// loss: every activation applied, the last conv's ReLU too) and through a
+/// head from its logits; and the gradient to an inner layer, carried on
+/// down, is the gradient to the images (what Grad-CAM stops at).
+#[test]
+fn input_gradients_match_finite_differences_through_any_layers() {
+    let base = [
+        conv(3, 3, 1, Padding::Same, Activation::Tanh),  // 7x8x2 -> 7x8x3
+        pool(2),                                         // -> 3x4 (odd edge dropped)
+        conv(4, 2, 1, Padding::Valid, Activation::Relu), // -> 2x3x4
+    ];
+    let mut head = base.to_vec();
+    head.extend([LayerSpec::Flatten, dense(2, Activation::Softmax)]);
+    let input = [7, 8, 2];
+    let rows = 2;
+    let (x, _) = data(input, rows, 2, 5);
+    let bases = [Convnet::conv_base(input, &base, 2).unwrap(), Convnet::new(input, &head, 3, 2).unwrap()];
+    for mut m in bases {
+        // Non-zero biases so that no ReLU sits exactly at its kink.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for (name, len) in m.tensors().iter().map(|(n, _, v)| (n.clone(), v.len())).collect::<Vec<_>>() {
+            if name.ends_with("/bias") {
+                let b: Vec<f32> = (0..len).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+                m.set_tensor(&name, &b).unwrap();
+            }
+        }
+        let top = m.layers().len() - 1;
+        m.forward_kept(&x, rows).unwrap();
+        let d: Vec<f32> = (0..m.output(top).len()).map(|_| rng.random_range(-1f32..1.0)).collect();
+        let score = |m: &mut Convnet, x: &[f32]| -> f64 {
+            m.forward_kept(x, rows).unwrap();
+            m.output(top).iter().zip(&d).map(|(&o, &w)| f64::from(o) * f64::from(w)).sum()
+        };
+        m.forward_kept(&x, rows).unwrap();
+        let g = m.input_gradient(&d, top, 0).unwrap();
+        // Down to layer 2's input (layer 1's output), then on down to the images.
+        let inner = m.input_gradient(&d, top, 2).unwrap();
+        assert_eq!(inner.len(), m.output(1).len());
+        let chained = m.input_gradient(&inner, 1, 0).unwrap();
+        assert_eq!(chained, g, "the gradient carried through layer 2's input");
+        let eps = 1e-3f32;
+        for j in (0..x.len()).step_by(7) {
+            let mut v = x.clone();
+            v[j] = x[j] + eps;
+            let up = score(&mut m, &v);
+            v[j] = x[j] - eps;
+            let down = score(&mut m, &v);
+            let numeric = (up - down) / (2.0 * f64::from(eps));
+            let analytic = f64::from(g[j]);
+            assert!(
+                (numeric - analytic).abs() <= 2e-3 + 2e-2 * analytic.abs(),
+                "pixel {j}: numeric {numeric:.6} vs analytic {analytic:.6} (loss: {:?})",
+                m.loss_kind()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_conv_base_cannot_be_trained_and_gradients_need_a_forward_pass() {
+    let mut m = Convnet::conv_base([5, 5, 1], &[conv(2, 3, 1, Padding::Same, Activation::Relu)], 1).unwrap();
+    let err = m.input_gradient(&[0.0; 50], 0, 0).unwrap_err().to_string();
+    assert!(err.contains("forward_kept"), "{err}");
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let err = m.gradients(&[0.0; 25], &[], 1, &mut rng).unwrap_err().to_string();
+    assert!(err.contains("no loss"), "{err}");
 }
