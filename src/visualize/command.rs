@@ -173,7 +173,7 @@ fn activation_input(
         .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
     if model == "vgg16" {
         let net = vgg16::conv_base([size, size], "block5_pool", weights, threads)?;
-        let img = resized(img, size, size)?;
+        let img = resized(img, size, size, Filter::default())?;
         let mut x = Vec::new();
         Preprocess::Caffe.extend(&img, &mut x);
         return Ok((net, x));
@@ -193,8 +193,14 @@ fn activation_input(
         meta["rescale"].as_f64().filter(|r| r.is_finite() && *r > 0.0).with_context(|| {
             format!("{}: no positive `rescale` (written by the convnet stage)", description.display())
         })? as f32;
+    // Resized as the training images were: the filter of the `resize` stage that made them.
+    let filter = meta["images_from"]
+        .as_array()
+        .and_then(|stages| stages.iter().rev().find(|s| s["kind"] == "resize"))
+        .and_then(|s| serde_json::from_value::<Filter>(s["options"]["filter"].clone()).ok())
+        .unwrap_or_default();
     let [h, w, c] = net.input_shape();
-    let img = resized(img, h, w)?;
+    let img = resized(img, h, w, filter)?;
     let x: Vec<f32> = if c == 1 {
         crate::stages::decode::to_gray(&img).as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
     } else {
@@ -203,7 +209,7 @@ fn activation_input(
     Ok((net, x))
 }
 
-/// Resized as the `resize` stage does by default.
-fn resized(img: RgbImage, h: usize, w: usize) -> anyhow::Result<RgbImage> {
-    Resize::new(h as u32, w as u32, Filter::default()).apply(img).map_err(anyhow::Error::msg)
+/// Resized as the `resize` stage does (VGG16: its default filter, as the pipelines use).
+fn resized(img: RgbImage, h: usize, w: usize, filter: Filter) -> anyhow::Result<RgbImage> {
+    Resize::new(h as u32, w as u32, filter).apply(img).map_err(anyhow::Error::msg)
 }

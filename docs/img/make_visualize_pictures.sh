@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Remakes the section 5.4 pictures in docs/visualize.md: the activations of
+# VGG16 for one test cat, and the filter patterns of five VGG16 layers,
+# each made by `convflow visualize` and then scaled down (Pillow, from the
+# project's .venv) so that the docs stay small.
+#
+#   docs/img/make_visualize_pictures.sh [DATA_DIR]   (default ../shared/data/cats_and_dogs_small)
+#
+# About 40 minutes on the 2-core development machine, nearly all of it the
+# filter patterns (the deeper the layer, the longer).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA="${1:-../shared/data/cats_and_dogs_small}"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+BIN=target/release/convflow
+cargo build --release --quiet
+PY=.venv/bin/python
+
+"$BIN" visualize activations "$DATA/test/cats/cat.1700.jpg" --out "$WORK/act"
+for l in block1_conv1 block2_conv1 block3_conv1 block4_conv1 block5_conv1; do
+  "$BIN" visualize filters --layer "$l" --out "$WORK/filters/$l.png"
+done
+
+# shrink SRC DST SCALE [KEEP_ROWS_PX]: scale by SCALE, optionally keeping only the top KEEP_ROWS_PX first.
+shrink() {
+  "$PY" - "$@" <<'PYEOF'
+import sys
+from PIL import Image
+src, dst, scale = sys.argv[1], sys.argv[2], float(sys.argv[3])
+img = Image.open(src).convert("RGB")
+if len(sys.argv) > 4:
+    img = img.crop((0, 0, img.width, int(sys.argv[4])))
+img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+img.save(dst, optimize=True)
+PYEOF
+}
+# block1_conv1: the title and the first two rows of 16 channels (150 px tiles, 1 px apart).
+shrink "$WORK/act/00_block1_conv1.png" docs/img/activations_block1_conv1.png 0.5 $((28 + 2 * 151 + 1))
+shrink "$WORK/act/06_block3_conv1.png" docs/img/activations_block3_conv1.png 0.75
+cp "$WORK/act/16_block5_conv3.png" docs/img/activations_block5_conv3.png
+for l in block1_conv1 block2_conv1 block3_conv1 block4_conv1 block5_conv1; do
+  shrink "$WORK/filters/$l.png" "docs/img/filters_$l.png" 0.5
+done
+ls -l docs/img/activations_*.png docs/img/filters_*.png
