@@ -22,7 +22,8 @@ for l in block1_conv1 block2_conv1 block3_conv1 block4_conv1 block5_conv1; do
   "$BIN" visualize filters --layer "$l" --out "$WORK/filters/$l.png"
 done
 
-# shrink SRC DST SCALE [KEEP_ROWS_PX]: scale by SCALE, optionally keeping only the top KEEP_ROWS_PX first.
+# shrink SRC DST SCALE [KEEP_ROWS_PX]: scale by SCALE, optionally keeping only
+# the top KEEP_ROWS_PX first; JPEG, as noise-like tiles do not compress in PNG.
 shrink() {
   "$PY" - "$@" <<'PYEOF'
 import sys
@@ -32,14 +33,14 @@ img = Image.open(src).convert("RGB")
 if len(sys.argv) > 4:
     img = img.crop((0, 0, img.width, int(sys.argv[4])))
 img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
-img.save(dst, optimize=True)
+img.save(dst, quality=85, optimize=True)
 PYEOF
 }
 # block1_conv1: the title and the first two rows of 16 channels (150 px tiles, 1 px apart).
-shrink "$WORK/act/00_block1_conv1.png" docs/img/activations_block1_conv1.png 0.5 $((28 + 2 * 151 + 1))
-shrink "$WORK/act/06_block3_conv1.png" docs/img/activations_block3_conv1.png 0.75
+shrink "$WORK/act/00_block1_conv1.png" docs/img/activations_block1_conv1.jpg 0.5 $((28 + 2 * 151 + 1))
+shrink "$WORK/act/06_block3_conv1.png" docs/img/activations_block3_conv1.jpg 0.75
 cp "$WORK/act/16_block5_conv3.png" docs/img/activations_block5_conv3.png
 for l in block1_conv1 block2_conv1 block3_conv1 block4_conv1 block5_conv1; do
-  shrink "$WORK/filters/$l.png" "docs/img/filters_$l.png" 0.5
+  shrink "$WORK/filters/$l.png" "docs/img/filters_$l.jpg" 0.5
 done
-ls -l docs/img/activations_*.png docs/img/filters_*.png
+ls -l docs/img/activations_* docs/img/filters_*
