@@ -24,7 +24,7 @@
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`shard`]: sharded runs on array engines: plan, parts, merge.
 //! - [`visualize`]: pictures of what a convnet learned (activations, filter
-//!   patterns).
+//!   patterns, Grad-CAM heatmaps).
 //! - [`cli`]: the `convflow` command, reusable with a custom registry.
 
 pub mod augment;

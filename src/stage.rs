@@ -151,6 +151,10 @@ pub struct BuildContext<'a> {
     pub metrics: bool,
     /// Index of this copy among `workers` copies.
     pub worker: usize,
+    /// How many copies of this stage run (`workers: N`; 1 for a source).
+    pub workers: usize,
+    /// One slot all copies of this stage share in this run; see [`SharedByCopies`].
+    pub shared: Arc<SharedByCopies>,
     /// The image size (height, width) produced upstream, when a stage fixes it.
     pub image_size: Option<(u32, u32)>,
     /// The channels of the images produced upstream, when a stage fixes them.
@@ -168,6 +172,33 @@ pub struct BuildContext<'a> {
     pub upstream: Vec<(String, serde_json::Value)>,
     /// The run's signals (a trainer that stops early sets `epochs_done`).
     pub signals: Arc<RunSignals>,
+}
+
+/// What the copies of one stage (`workers: N`) share in one run: the first
+/// copy built puts a value here, the others get the same one. For what
+/// cannot be split between copies, such as the one CSV every copy's rows
+/// go into. Every copy is built before any runs, so by the first item each
+/// copy holds its handle.
+#[derive(Default)]
+pub struct SharedByCopies(std::sync::Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>);
+
+impl SharedByCopies {
+    /// The shared value, made by `make` for the first copy that asks.
+    pub fn get_or_try_init<T: std::any::Any + Send + Sync>(
+        &self,
+        make: impl FnOnce() -> Result<T, StageError>,
+    ) -> Result<Arc<T>, StageError> {
+        let mut slot = self.0.lock().map_err(|_| StageError::fatal("a stage copy panicked while building"))?;
+        if let Some(v) = slot.as_ref() {
+            return v
+                .clone()
+                .downcast::<T>()
+                .map_err(|_| StageError::fatal("internal: the copies of a stage share values of different types"));
+        }
+        let v = Arc::new(make()?);
+        *slot = Some(v.clone());
+        Ok(v)
+    }
 }
 
 /// One line of `convflow stages`.

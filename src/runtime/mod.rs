@@ -344,12 +344,15 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
             .map(|s| (s.info.kind.to_string(), serde_json::from_str(&s.config.canonical_json()).unwrap_or_default()))
             .collect();
         let mut built = Vec::new();
+        let shared = Arc::new(crate::stage::SharedByCopies::default());
         for worker in 0..copies {
             let ctx = BuildContext {
                 pipeline: &graph.name,
                 stage_id: stage.id(),
                 metrics: options.metrics,
                 worker,
+                workers: copies,
+                shared: shared.clone(),
                 image_size: image_size(graph, i),
                 image_channels: image_channels(graph, i),
                 cache: caches.handles.get(&i).cloned(),

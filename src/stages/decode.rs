@@ -97,7 +97,7 @@ fn size_or_side<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u32; 2
     }))
 }
 
-fn default_max_pixels() -> u64 {
+pub(crate) fn default_max_pixels() -> u64 {
     // PIL's MAX_IMAGE_PIXELS * 2, where PIL turns its warning into an error.
     178_956_970
 }

@@ -2,6 +2,7 @@
 
 pub mod augment;
 pub mod batch;
+pub mod classifier;
 pub mod convnet;
 pub mod convnet_predict;
 pub mod decode;
@@ -10,6 +11,7 @@ pub mod exec;
 pub mod feature_writer;
 pub mod file_reader;
 pub mod fine_tune;
+pub mod gradcam;
 pub mod head_predict;
 pub mod idx_reader;
 pub mod onnx_features;
@@ -37,6 +39,7 @@ pub fn builtin_registry() -> Registry {
         .register::<idx_reader::IdxReaderConfig>()
         .register::<head_predict::HeadPredictConfig>()
         .register::<convnet_predict::ConvnetPredictConfig>()
+        .register::<gradcam::GradcamConfig>()
         .register::<exec::ExecConfig>();
     r
 }

@@ -1,0 +1,239 @@
+//! A trained classifier's folder, whichever stage trained it, as the one
+//! [`Convnet`] whose gradients the `gradcam` stage takes:
+//!
+//! - a `dense_head`'s `out_dir` (`head.safetensors`, `head.json`) trained on
+//!   VGG16's frozen conv base: VGG16's block5 with its ImageNet weights
+//!   (`models/vgg16_block5.safetensors`), then `flatten` and the head, on
+//!   block4 maps. dense_head's features are `block5_pool` flattened NHWC,
+//!   which is what `flatten` gives here, so this is the very classifier the
+//!   head was trained as ([`super::fine_tune::HeadFrom`] joins them the
+//!   same way for fine-tuning);
+//! - a `convnet`'s `out_dir` (`model.safetensors`, `model.json`): trained
+//!   from scratch on images, or fine-tuned (`base: vgg16_block5`) on block4 maps.
+//!
+//! [`Classifier::describe`] reads only the descriptions (and the weights'
+//! header), for `convflow validate`; [`Classifier::build`] the weights.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
+use super::predictions::read_description;
+use crate::ml::convnet::spec::{Resolved, resolve};
+use crate::ml::convnet::vgg16::BLOCK5_CONVS;
+use crate::ml::convnet::{Convnet, LayerSpec};
+
+/// The file a `convnet` writes its weights to.
+pub const MODEL_FILE: &str = "model.safetensors";
+
+#[derive(Debug, Clone)]
+enum Trained {
+    /// A dense_head's head, on VGG16's block5.
+    Head(Box<HeadFrom>),
+    /// A convnet's whole stack, as saved.
+    Convnet,
+}
+
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    pub dir: PathBuf,
+    trained: Trained,
+    /// VGG16's block5 comes first: the items are block4 maps, and its three
+    /// convolutions may be named as Keras does (`block5_conv1..3`).
+    pub base: Option<Base>,
+    /// Every layer, the base's first.
+    pub specs: Vec<LayerSpec>,
+    /// The input the weights fix (a convnet's); a head takes the block4
+    /// maps of whatever image size gives its features.
+    pub input: Option<[usize; 3]>,
+    /// In label order.
+    pub classes: Vec<String>,
+    /// What each input value is multiplied by (a convnet's training `rescale`).
+    pub rescale: f32,
+    /// The `onnx_features` preprocessing the training maps or features were
+    /// made with, when recorded: the maps here must be made the same way.
+    pub preprocess: Option<String>,
+}
+
+/// The `__metadata__` of a safetensors file, from its header alone (a
+/// fine-tuned VGG16 is 37 MB of weights that validation does not need).
+fn safetensors_metadata(path: &Path) -> Result<serde_json::Value, String> {
+    let err = |m: String| format!("{}: {m}", path.display());
+    let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(err(format!("not a safetensors file (a header of {len} bytes)")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| err(format!("not a safetensors file: {e}")))?;
+    Ok(v["__metadata__"].clone())
+}
+
+impl Classifier {
+    /// What `dir` holds; the error says what is missing and what makes it.
+    pub fn describe(dir: &Path) -> Result<Classifier, String> {
+        if dir.join(MODEL_FILE).is_file() {
+            return Classifier::convnet(dir);
+        }
+        if dir.join(HEAD_FILE).is_file() {
+            let head = HeadFrom::read(dir)?;
+            let classes = head.classes.clone().ok_or_else(|| {
+                format!("{}: lists no classes (written by dense_head)", dir.join("head.json").display())
+            })?;
+            let mut specs = Base::Vgg16Block5.specs();
+            specs.extend_from_slice(&head.layers);
+            return Ok(Classifier {
+                dir: dir.to_path_buf(),
+                preprocess: head.preprocess.clone(),
+                trained: Trained::Head(Box::new(head)),
+                base: Some(Base::Vgg16Block5),
+                specs,
+                input: None,
+                classes,
+                rescale: 1.0,
+            });
+        }
+        Err(format!(
+            "{} holds neither {MODEL_FILE} (a convnet's out_dir) nor {HEAD_FILE} (a dense_head's): train a \
+             classifier first (e.g. pipelines/feature_extraction.yaml or fine_tune.yaml)",
+            dir.display()
+        ))
+    }
+
+    fn convnet(dir: &Path) -> Result<Classifier, String> {
+        let weights = dir.join(MODEL_FILE);
+        let meta = safetensors_metadata(&weights)?;
+        let field = |k: &str| {
+            meta[k].as_str().ok_or_else(|| format!("{}: metadata lacks `{k}` (not a convnet's)", weights.display()))
+        };
+        let input: [usize; 3] = serde_json::from_str(field("input_shape")?)
+            .map_err(|e| format!("{}: bad `input_shape`: {e}", weights.display()))?;
+        let specs: Vec<LayerSpec> =
+            serde_json::from_str(field("layers")?).map_err(|e| format!("{}: bad `layers`: {e}", weights.display()))?;
+        let (info, classes) = read_description(&dir.join("model.json")).map_err(|e| e.to_string())?;
+        let base = match info["base"].as_str() {
+            None => None,
+            Some("vgg16_block5") => Some(Base::Vgg16Block5),
+            Some(other) => return Err(format!("{}: unknown base `{other}`", dir.join("model.json").display())),
+        };
+        let preprocess = info["images_from"].as_array().and_then(|stages| {
+            stages.iter().rev().find(|s| s["kind"] == "onnx_features").and_then(|s| s["options"]["preprocess"].as_str())
+        });
+        Ok(Classifier {
+            dir: dir.to_path_buf(),
+            trained: Trained::Convnet,
+            base,
+            specs,
+            input: Some(input),
+            classes,
+            rescale: info["rescale"].as_f64().map_or(1.0, |r| r as f32),
+            preprocess: preprocess.map(str::to_string),
+        })
+    }
+
+    /// The layers with their Keras names (on a stand-in input where the
+    /// weights fix none: names and kinds do not depend on it).
+    pub fn layers(&self) -> Result<Vec<Resolved>, String> {
+        let input = self.input.unwrap_or([9, 9, self.base.map_or(3, Base::channels)]);
+        resolve(input, &self.specs).map(|(l, _)| l).map_err(|e| format!("{}: {e}", self.dir.display()))
+    }
+
+    /// The index of the conv layer `name` (the model's own name, or for a
+    /// VGG16-based one `block5_conv1..3`); `None`: the last conv layer.
+    pub fn conv_layer(&self, name: Option<&str>) -> Result<usize, String> {
+        let layers = self.layers()?;
+        let convs: Vec<usize> =
+            (0..layers.len()).filter(|&i| matches!(layers[i].spec, LayerSpec::Conv2d { .. })).collect();
+        let Some(name) = name else {
+            return convs
+                .last()
+                .copied()
+                .ok_or_else(|| format!("the model in {} has no conv layer", self.dir.display()));
+        };
+        let alias = self.base.and_then(|_| BLOCK5_CONVS.iter().position(|&b| b == name)).and_then(|k| convs.get(k));
+        if let Some(&i) = alias {
+            return Ok(i);
+        }
+        match layers.iter().position(|l| l.name == name) {
+            Some(i) if convs.contains(&i) => Ok(i),
+            found => {
+                let mut names: Vec<String> = convs.iter().map(|&i| layers[i].name.clone()).collect();
+                if self.base.is_some() {
+                    names.extend(BLOCK5_CONVS.iter().map(|s| s.to_string()));
+                }
+                let what = match found {
+                    Some(i) => format!("`{name}` is a {} layer, not a conv layer", layers[i].spec.keras_name()),
+                    None => format!("the model has no layer `{name}`"),
+                };
+                Err(format!("{what}; its conv layers are {}", names.join(", ")))
+            }
+        }
+    }
+
+    /// The model on inputs of `input` (`[h, w, c]`: a head's block4 maps, or
+    /// what a convnet's weights fix), block5's weights read from
+    /// `base_weights` for a head.
+    pub fn build(&self, input: [usize; 3], base_weights: &Path, threads: usize) -> Result<Convnet, String> {
+        let fail = |e: String| format!("{}: {e}", self.dir.display());
+        match &self.trained {
+            Trained::Head(head) => {
+                // The features block5 makes of these maps must be the ones the head was trained on.
+                let (layers, _) = resolve(input, &self.specs).map_err(|e| fail(e.to_string()))?;
+                let skip = Base::Vgg16Block5.specs().len();
+                let got = layers[skip].input.len();
+                if got != head.input_dim {
+                    return Err(fail(format!(
+                        "the head takes {} features per image, but block5 on maps of {input:?} gives {} = {got} \
+                         (was it trained at another image size?)",
+                        head.input_dim,
+                        layers[skip].input.keras()
+                    )));
+                }
+                let mut model = Base::Vgg16Block5.model(input, &head.layers, base_weights, 0, threads)?;
+                head.load_into(&mut model, skip)?;
+                Ok(model)
+            }
+            Trained::Convnet => {
+                let model =
+                    Convnet::load_safetensors(&self.dir.join(MODEL_FILE), threads).map_err(|e| fail(e.to_string()))?;
+                if model.input_shape() != input {
+                    return Err(fail(format!("the model takes {:?}, not {input:?}", model.input_shape())));
+                }
+                Ok(model)
+            }
+        }
+    }
+
+    /// Whether its block5 weights come from a separate file (a head's), not its own.
+    pub fn needs_base_weights(&self) -> bool {
+        matches!(self.trained, Trained::Head(_))
+    }
+
+    /// The maps a base model takes for images of `[height, width]`.
+    pub fn input_for_image(&self, hw: [usize; 2]) -> Option<[usize; 3]> {
+        match (&self.trained, self.base) {
+            (Trained::Head(_), Some(b)) => Some(b.input_for_image(hw)),
+            _ => self.input,
+        }
+    }
+
+    /// The maps arriving must be made with the preprocessing the classifier
+    /// was trained on: a head trained on `rescale` features means nothing on
+    /// `caffe` maps. `upstream`: the stages before, as (kind, options).
+    pub fn check_preprocess(&self, stage: &str, upstream: &[(String, serde_json::Value)]) -> Result<(), String> {
+        let Some(want) = self.preprocess.as_deref() else { return Ok(()) };
+        let ours = upstream.iter().filter(|(k, _)| k == "onnx_features").filter_map(|(_, o)| o["preprocess"].as_str());
+        match ours.into_iter().find(|p| *p != want) {
+            Some(ours) => Err(format!(
+                "gradcam `{stage}`: the classifier in {} was trained on maps made with preprocess `{want}`, but \
+                 the maps here are made with `{ours}`: use the same (e.g. --set preprocess={want})",
+                self.dir.display()
+            )),
+            None => Ok(()),
+        }
+    }
+}

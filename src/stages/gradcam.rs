@@ -1,0 +1,344 @@
+//! `gradcam`: for every image, the Grad-CAM heatmap of a trained
+//! classifier (the book's 5.4.3) for its predicted class or a chosen one,
+//! w.r.t. a chosen conv layer (default: the last, VGG16's `block5_conv3`),
+//! drawn over the original photo as the book's figure 5.35
+//! ([`crate::visualize::heatmap`]).
+//!
+//! The classifier is any folder [`super::classifier`] reads: a
+//! `dense_head`'s head on VGG16's frozen base, a fine-tuned VGG16, or a
+//! convnet. It takes what the classifier takes: block4 maps from
+//! `onnx_features` with `models/vgg16_block4.onnx` for the VGG16-based
+//! ones (cached by content, so blocks 1-4 run once per image, ever), images
+//! for a convnet trained on them (times its `rescale`).
+//!
+//! Writes to `out_dir`, as the images stream through: one PNG per image,
+//! the heatmap over the photo re-read from the item's path at its own size
+//! (at the path relative to the file_reader's `dir`, `.png`); and at the
+//! end `heatmaps.csv` and `heatmaps.npy` ([`table`]). Each copy of
+//! `workers: N` has its own model; a photo that cannot be re-read is
+//! skipped and listed.
+
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::classifier::Classifier;
+use super::convnet::input_row;
+use super::fine_tune::DEFAULT_BLOCK5_WEIGHTS;
+use crate::item::{Item, ItemKind};
+use crate::ml::convnet::Convnet;
+use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::visualize::heatmap::{self, ClassChoice};
+pub use table::{CSV, HEADER, NPY};
+
+/// `class:` for the class each image is predicted to be.
+pub const PREDICTED: &str = "predicted";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GradcamConfig {
+    /// A dense_head's or a convnet's out_dir.
+    pub model: PathBuf,
+    /// Pictures, heatmaps.csv, heatmaps.npy.
+    pub out_dir: PathBuf,
+    /// The conv layer (its name in the model, or for a VGG16-based one
+    /// `block5_conv1..3`); default: the last conv layer.
+    #[serde(default)]
+    pub layer: Option<String>,
+    /// `predicted`, or a class name of the model's.
+    #[serde(default = "default_class")]
+    pub class: String,
+    /// The heatmap's colours are multiplied by this before they are added to the photo.
+    #[serde(default = "default_intensity")]
+    pub intensity: f32,
+    /// block5's ImageNet weights, for a dense_head's head (a fine-tuned model has its own).
+    #[serde(default)]
+    pub base_weights: Option<PathBuf>,
+    /// Math threads per copy; 0: the cores shared out among the copies.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_class() -> String {
+    PREDICTED.into()
+}
+/// The book's `heatmap * 0.4 + img`.
+fn default_intensity() -> f32 {
+    0.4
+}
+
+impl GradcamConfig {
+    fn base_weights(&self) -> PathBuf {
+        self.base_weights.clone().unwrap_or_else(|| DEFAULT_BLOCK5_WEIGHTS.into())
+    }
+
+    fn choice(&self, c: &Classifier) -> Result<ClassChoice, String> {
+        if self.class == PREDICTED {
+            return Ok(ClassChoice::Predicted);
+        }
+        c.classes.iter().position(|n| *n == self.class).map(ClassChoice::Index).ok_or_else(|| {
+            format!("the model in {} has classes {:?}; give one of them or `{PREDICTED}`", c.dir.display(), c.classes)
+        })
+    }
+}
+
+impl StageConfig for GradcamConfig {
+    const KIND: &'static str = "gradcam";
+    const SUMMARY: &'static str =
+        "draws a trained classifier's Grad-CAM heatmap over each photo (5.4.3); writes PNGs, heatmaps.csv/.npy";
+    const ACCEPTS: &'static [ItemKind] = &[ItemKind::Image, ItemKind::Features];
+    const EMITS: Option<ItemKind> = None;
+    const PARALLEL: bool = true;
+    const OPTIONS: &'static [OptionDoc] = &[
+        OptionDoc {
+            name: "model",
+            ty: "path",
+            default: "(required)",
+            help: "a dense_head's out_dir (VGG16 + head) or a convnet's (fine-tuned or not)",
+        },
+        OptionDoc {
+            name: "out_dir",
+            ty: "path",
+            default: "(required)",
+            help: "a PNG per image, heatmaps.csv, heatmaps.npy",
+        },
+        OptionDoc {
+            name: "layer",
+            ty: "string",
+            default: "the last conv layer",
+            help: "conv layer: the model's name, or block5_conv1..3 on VGG16",
+        },
+        OptionDoc { name: "class", ty: "predicted|CLASS", default: "predicted", help: "the class the heatmaps are of" },
+        OptionDoc { name: "intensity", ty: "float", default: "0.4", help: "photo + intensity x jet(heatmap)" },
+        OptionDoc {
+            name: "base_weights",
+            ty: "path",
+            default: "models/vgg16_block5.safetensors",
+            help: "block5's weights under a dense_head's head",
+        },
+        OptionDoc { name: "threads", ty: "int", default: "0 (cores / workers)", help: "math threads per copy" },
+    ];
+
+    fn check(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if !(self.intensity.is_finite() && self.intensity >= 0.0) {
+            errors.push(FieldError::new("intensity", format!("must be a number >= 0, got {}", self.intensity)));
+        }
+        let c = match Classifier::describe(&self.model) {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(FieldError::new("model", e));
+                return errors;
+            }
+        };
+        if let Err(e) = c.conv_layer(self.layer.as_deref()) {
+            errors.push(FieldError::new("layer", e));
+        }
+        if let Err(e) = self.choice(&c) {
+            errors.push(FieldError::new("class", e));
+        }
+        let weights = self.base_weights();
+        if c.needs_base_weights() && !weights.is_file() {
+            errors.push(FieldError::new(
+                if self.base_weights.is_some() { "base_weights" } else { "model" },
+                format!("{} not found: the head sits on VGG16's block5 (models/setup.sh makes it)", weights.display()),
+            ));
+        }
+        errors
+    }
+
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        let stage = ctx.stage_id;
+        let fatal = |e: String| StageError::fatal(format!("gradcam `{stage}`: {e}"));
+        let classifier = Classifier::describe(&self.model).map_err(fatal)?;
+        let layer = classifier.conv_layer(self.layer.as_deref()).map_err(fatal)?;
+        let choice = self.choice(&classifier).map_err(fatal)?;
+        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
+        if classifier.base.is_some() && !maps {
+            return Err(fatal(format!(
+                "the classifier in {} sits on VGG16's block5 and takes block4 maps: put an onnx_features stage \
+                 with models/vgg16_block4.onnx before it",
+                self.model.display()
+            )));
+        }
+        classifier.check_preprocess(stage, &ctx.upstream).map_err(StageError::fatal)?;
+        let threads = match self.threads {
+            0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / ctx.workers.max(1)).max(1),
+            n => n,
+        };
+        // The input, where the weights or the images resized upstream fix it:
+        // a size the model cannot take stops the run here, before any image.
+        let input = match (classifier.input, ctx.image_size) {
+            (Some(input), _) => Some(input),
+            (None, Some((h, w))) => classifier.input_for_image([h as usize, w as usize]),
+            (None, None) => None,
+        };
+        if let (Some(input), Some((h, w)), false) = (classifier.input, ctx.image_size, maps) {
+            let got = [h as usize, w as usize, ctx.image_channels.map_or(input[2], |c| c as usize)];
+            if got != input {
+                return Err(fatal(format!(
+                    "images arrive as {got:?} (resized upstream) but the model in {} takes {input:?}",
+                    self.model.display()
+                )));
+            }
+        }
+        let model = input.map(|i| classifier.build(i, &self.base_weights(), threads)).transpose().map_err(fatal)?;
+        let table = ctx.shared.get_or_try_init(|| Ok(table::Table::new(&self.out_dir, ctx.workers)))?;
+        let option =
+            |kind: &str, key: &str| ctx.upstream.iter().find(|(k, _)| k == kind).and_then(|(_, o)| o.get(key).cloned());
+        Ok(Built::Stage(Box::new(Gradcam {
+            stage: stage.to_string(),
+            model,
+            threads,
+            base_weights: self.base_weights(),
+            layer,
+            choice,
+            intensity: self.intensity,
+            out_dir: self.out_dir.clone(),
+            source_dir: option("file_reader", "dir").and_then(|d| d.as_str().map(PathBuf::from)),
+            max_pixels: option("decode", "max_pixels")
+                .and_then(|m| m.as_u64())
+                .unwrap_or_else(crate::stages::decode::default_max_pixels),
+            classifier,
+            table,
+            done: 0,
+            math: 0.0,
+            pictures: 0.0,
+        })))
+    }
+}
+
+struct Gradcam {
+    stage: String,
+    classifier: Classifier,
+    /// Built at the first item when nothing upstream fixes the map size.
+    model: Option<Convnet>,
+    threads: usize,
+    base_weights: PathBuf,
+    layer: usize,
+    choice: ClassChoice,
+    intensity: f32,
+    out_dir: PathBuf,
+    /// The file_reader's folder: pictures go to the same place below `out_dir`.
+    source_dir: Option<PathBuf>,
+    /// The decode stage's limit, for re-reading the photo.
+    max_pixels: u64,
+    table: Arc<table::Table>,
+    done: u64,
+    math: f64,
+    pictures: f64,
+}
+
+impl Gradcam {
+    fn model_for(&mut self, shape: &[usize], path: &Path) -> Result<&mut Convnet, StageError> {
+        let fatal = |e: String| StageError::fatal(format!("gradcam `{}`: {e}", self.stage));
+        let shape: [usize; 3] = shape.try_into().map_err(|_| fatal(format!("inputs of shape {shape:?}")))?;
+        if self.model.is_none() {
+            if self.classifier.base.is_some() && shape[2] != 512 {
+                return Err(fatal(format!(
+                    "{}: items of shape {shape:?}, not VGG16 block4 maps [h, w, 512] (onnx_features with \
+                     models/vgg16_block4.onnx)",
+                    path.display()
+                )));
+            }
+            let model = self.classifier.build(shape, &self.base_weights, self.threads).map_err(fatal)?;
+            self.model = Some(model);
+        }
+        let model = self.model.as_mut().ok_or_else(|| fatal("no model".into()))?;
+        let want = model.input_shape();
+        if shape != want {
+            // Fatal, not skipped: every other image of this size would fail too.
+            return Err(fatal(format!(
+                "{} reaches the model as {shape:?} but it takes {want:?} ({}; is the onnx_features model \
+                 models/vgg16_block4.onnx, not vgg16_notop.onnx?)",
+                path.display(),
+                if self.classifier.base.is_some() { "VGG16 block4 maps" } else { "resize every image to its input" }
+            )));
+        }
+        Ok(model)
+    }
+
+    /// Where the picture of the photo at `path` goes.
+    fn picture_path(&self, path: &Path) -> PathBuf {
+        let relative = self
+            .source_dir
+            .as_deref()
+            .and_then(|d| path.strip_prefix(d).ok())
+            .filter(|r| !r.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new(path.file_name().unwrap_or(path.as_os_str())));
+        self.out_dir.join(relative).with_extension("png")
+    }
+}
+
+impl Stage for Gradcam {
+    fn process(&mut self, item: Item, _out: &mut dyn Emit) -> Result<(), StageError> {
+        let path = item.meta.path.to_path_buf();
+        let Some((row, shape)) = input_row(&item.payload, self.classifier.rescale) else {
+            return Err(StageError::fatal(format!(
+                "gradcam `{}`: expected images or [height, width, channels] maps, got {}",
+                self.stage,
+                item.kind().name()
+            )));
+        };
+        let t = Instant::now();
+        let (layer, choice) = (self.layer, self.choice);
+        let model = self.model_for(&shape, &path)?;
+        let h = heatmap::heatmaps(model, &row, 1, layer, choice)
+            .map_err(|e| StageError::fatal(format!("gradcam `{}`: {e}", self.stage)))?
+            .pop()
+            .ok_or_else(|| StageError::fatal("gradcam: no heatmap"))?;
+        self.math += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        // The book draws on the photo as it is on disk, not the model's 150x150.
+        let bytes =
+            std::fs::read(&path).map_err(|e| StageError::item(&path, format!("cannot re-read the photo: {e}")))?;
+        let photo = crate::stages::decode::decode_image(&bytes, self.max_pixels)
+            .map_err(|e| StageError::item(&path, format!("cannot re-read the photo: {e}")))?;
+        let picture = heatmap::superimpose(&photo, &h, self.intensity);
+        let to = self.picture_path(&path);
+        crate::visualize::picture::save(&picture, &to)
+            .map_err(|e| StageError::fatal(format!("gradcam `{}`: {e}", self.stage)))?;
+        self.pictures += t.elapsed().as_secs_f64();
+
+        let name = |i: usize| self.classifier.classes.get(i).cloned().unwrap_or_else(|| i.to_string());
+        let peak =
+            heatmap::peak(&h).map(|cell| (cell, heatmap::cell_centre(&h, cell, [photo.height(), photo.width()])));
+        self.table.push(table::Row {
+            seq: item.meta.seq,
+            path,
+            label: item.meta.label.as_ref().and_then(|l| l.classes.get(l.index as usize).cloned()),
+            class: name(h.class),
+            probability: h.probability,
+            predicted: name(h.predicted),
+            peak,
+            picture: to,
+            shape: h.shape,
+            values: h.values,
+        })?;
+        self.done += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self, _out: &mut dyn Emit, signals: &RunSignals) -> Result<(), StageError> {
+        if let Some(lines) = self.table.finish_copy(signals)? {
+            tracing::info!(stage = %self.stage, "{lines} heatmaps: {}", self.out_dir.join(CSV).display());
+        }
+        Ok(())
+    }
+
+    /// Summed over the copies by the report.
+    fn summary(&self) -> Option<serde_json::Value> {
+        let ms = |s: f64| (s * 1e6).round() / 1e3;
+        Some(serde_json::json!({
+            "heatmaps": self.done,
+            "gradcam_ms": ms(self.math),
+            "picture_ms": ms(self.pictures),
+            "out_dir": self.out_dir,
+        }))
+    }
+}
