@@ -123,6 +123,11 @@ impl Classifier {
         let preprocess = info["images_from"].as_array().and_then(|stages| {
             stages.iter().rev().find(|s| s["kind"] == "onnx_features").and_then(|s| s["options"]["preprocess"].as_str())
         });
+        // Without the training rescale the pixels would not be what the model learnt on.
+        let rescale =
+            info["rescale"].as_f64().map(|r| r as f32).filter(|r| r.is_finite() && *r > 0.0).ok_or_else(|| {
+                format!("{}: no positive `rescale` (written by the convnet stage)", dir.join("model.json").display())
+            })?;
         Ok(Classifier {
             dir: dir.to_path_buf(),
             trained: Trained::Convnet,
@@ -130,7 +135,7 @@ impl Classifier {
             specs,
             input: Some(input),
             classes,
-            rescale: info["rescale"].as_f64().map_or(1.0, |r| r as f32),
+            rescale,
             preprocess: preprocess.map(str::to_string),
         })
     }
@@ -211,14 +216,6 @@ impl Classifier {
     /// Whether its block5 weights come from a separate file (a head's), not its own.
     pub fn needs_base_weights(&self) -> bool {
         matches!(self.trained, Trained::Head(_))
-    }
-
-    /// The maps a base model takes for images of `[height, width]`.
-    pub fn input_for_image(&self, hw: [usize; 2]) -> Option<[usize; 3]> {
-        match (&self.trained, self.base) {
-            (Trained::Head(_), Some(b)) => Some(b.input_for_image(hw)),
-            _ => self.input,
-        }
     }
 
     /// The maps arriving must be made with the preprocessing the classifier

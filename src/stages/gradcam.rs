@@ -170,22 +170,26 @@ impl StageConfig for GradcamConfig {
             0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / ctx.workers.max(1)).max(1),
             n => n,
         };
-        // The input, where the weights or the images resized upstream fix it:
-        // a size the model cannot take stops the run here, before any image.
-        let input = match (classifier.input, ctx.image_size) {
-            (Some(input), _) => Some(input),
-            (None, Some((h, w))) => classifier.input_for_image([h as usize, w as usize]),
-            (None, None) => None,
+        // What reaches the model when a resize upstream fixes it: the images,
+        // or past onnx_features, the block4 maps of their size. A size the
+        // model cannot take stops the run here, before any image is read.
+        let arriving = match (ctx.image_size, classifier.base, maps) {
+            (Some((h, w)), Some(b), true) => Some(b.input_for_image([h as usize, w as usize])),
+            (Some((h, w)), None, false) => Some([h as usize, w as usize, ctx.image_channels.map_or(0, |c| c as usize)]),
+            _ => None,
         };
-        if let (Some(input), Some((h, w)), false) = (classifier.input, ctx.image_size, maps) {
-            let got = [h as usize, w as usize, ctx.image_channels.map_or(input[2], |c| c as usize)];
-            if got != input {
+        if let (Some(got), Some(want)) = (arriving, classifier.input) {
+            // Channels are checked at the first image where no stage upstream fixes them.
+            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
+            if got != want {
+                let what = if maps { "block4 maps" } else { "images" };
                 return Err(fatal(format!(
-                    "images arrive as {got:?} (resized upstream) but the model in {} takes {input:?}",
+                    "{what} arrive as {got:?} (resized upstream) but the model in {} takes {want:?}",
                     self.model.display()
                 )));
             }
         }
+        let input = classifier.input.or(arriving);
         let model = input.map(|i| classifier.build(i, &self.base_weights(), threads)).transpose().map_err(fatal)?;
         let table = ctx.shared.get_or_try_init(|| Ok(table::Table::new(&self.out_dir, ctx.workers)))?;
         let option =
@@ -238,11 +242,14 @@ impl Gradcam {
         let fatal = |e: String| StageError::fatal(format!("gradcam `{}`: {e}", self.stage));
         let shape: [usize; 3] = shape.try_into().map_err(|_| fatal(format!("inputs of shape {shape:?}")))?;
         if self.model.is_none() {
-            if self.classifier.base.is_some() && shape[2] != 512 {
+            if let Some(base) = self.classifier.base
+                && shape[2] != base.channels()
+            {
                 return Err(fatal(format!(
-                    "{}: items of shape {shape:?}, not VGG16 block4 maps [h, w, 512] (onnx_features with \
+                    "{}: items of shape {shape:?}, not VGG16 block4 maps [h, w, {}] (onnx_features with \
                      models/vgg16_block4.onnx)",
-                    path.display()
+                    path.display(),
+                    base.channels()
                 )));
             }
             let model = self.classifier.build(shape, &self.base_weights, self.threads).map_err(fatal)?;
@@ -252,11 +259,15 @@ impl Gradcam {
         let want = model.input_shape();
         if shape != want {
             // Fatal, not skipped: every other image of this size would fail too.
+            let hint = match self.classifier.base {
+                Some(_) => {
+                    "VGG16 block4 maps: is the onnx_features model models/vgg16_block4.onnx, not vgg16_notop.onnx?"
+                }
+                None => "resize every image to the model's input",
+            };
             return Err(fatal(format!(
-                "{} reaches the model as {shape:?} but it takes {want:?} ({}; is the onnx_features model \
-                 models/vgg16_block4.onnx, not vgg16_notop.onnx?)",
-                path.display(),
-                if self.classifier.base.is_some() { "VGG16 block4 maps" } else { "resize every image to its input" }
+                "{} reaches the model as {shape:?} but it takes {want:?} ({hint})",
+                path.display()
             )));
         }
         Ok(model)
