@@ -31,6 +31,17 @@ fn npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
     convflow::npy::read_f32(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `convflow visualize activations PHOTO --npy` into `out`, of VGG16 or of `model`.
+fn activations(photo: &Path, model: Option<&Path>, out: &Path) {
+    let mut cmd = common::bin();
+    cmd.args(["visualize", "activations"]).arg(photo).arg("--out").arg(out).args(["--npy", "--threads", "2"]);
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// The worst |ours - ort| / max|ort| over the layers `out` holds, against
 /// `ort_layer_outputs.py` of `onnx` on `input`; the layers' names in order.
 fn against_onnx_runtime(out: &Path, onnx: &Path, input: &Path) -> Vec<(String, f32)> {
@@ -75,15 +86,7 @@ fn vgg16_activations_equal_onnx_runtimes_intermediate_outputs() {
     let photo = data.join("test/cats/cat.1700.jpg");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("act");
-    let o = common::bin()
-        .args(["visualize", "activations"])
-        .arg(&photo)
-        .arg("--out")
-        .arg(&out)
-        .args(["--npy", "--threads", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    activations(&photo, None, &out);
     let (shape, _) = npy(&out.join("input.npy"));
     assert_eq!(shape, [1, 150, 150, 3]);
     let layers = against_onnx_runtime(&out, &common::vgg16(), &out.join("input.npy"));
@@ -134,17 +137,7 @@ fn a_trained_convnets_activations_equal_those_of_its_onnx_export() {
     assert!(o.status.success(), "export_convnet.py: {}", String::from_utf8_lossy(&o.stderr));
     let photo = std::fs::read_dir(data.join("test/cats")).unwrap().next().unwrap().unwrap().path();
     let out = tmp.path().join("act");
-    let o = common::bin()
-        .args(["visualize", "activations"])
-        .arg(&photo)
-        .arg("--model")
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .args(["--npy", "--threads", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    activations(&photo, Some(&model), &out);
     // The export takes raw pixels and rescales them itself.
     let (shape, x) = npy(&out.join("input.npy"));
     assert_eq!(shape, [1, 33, 30, 3]);

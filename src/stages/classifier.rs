@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
 use super::predictions::read_description;
+use super::resize::Filter;
 use crate::ml::convnet::spec::{Resolved, resolve};
 use crate::ml::convnet::vgg16::BLOCK5_CONVS;
 use crate::ml::convnet::{Convnet, LayerSpec};
@@ -53,6 +54,9 @@ pub struct Classifier {
     /// The `onnx_features` preprocessing the training maps or features were
     /// made with, when recorded: the maps here must be made the same way.
     pub preprocess: Option<String>,
+    /// The filter of the `resize` stage that made a convnet's training images
+    /// (the default where none is recorded), to resize a new image the same way.
+    pub resize_filter: Filter,
 }
 
 /// The `__metadata__` of a safetensors file, from its header alone (a
@@ -95,6 +99,7 @@ impl Classifier {
                 input: None,
                 classes,
                 rescale: 1.0,
+                resize_filter: Filter::default(),
             });
         }
         Err(format!(
@@ -120,9 +125,13 @@ impl Classifier {
             Some("vgg16_block5") => Some(Base::Vgg16Block5),
             Some(other) => return Err(format!("{}: unknown base `{other}`", dir.join("model.json").display())),
         };
-        let preprocess = info["images_from"].as_array().and_then(|stages| {
-            stages.iter().rev().find(|s| s["kind"] == "onnx_features").and_then(|s| s["options"]["preprocess"].as_str())
-        });
+        let made_by = |kind: &str| {
+            info["images_from"].as_array().and_then(|stages| stages.iter().rev().find(|s| s["kind"] == kind))
+        };
+        let preprocess = made_by("onnx_features").and_then(|s| s["options"]["preprocess"].as_str());
+        let resize_filter = made_by("resize")
+            .and_then(|s| serde_json::from_value::<Filter>(s["options"]["filter"].clone()).ok())
+            .unwrap_or_default();
         // Without the training rescale the pixels would not be what the model learnt on.
         let rescale =
             info["rescale"].as_f64().map(|r| r as f32).filter(|r| r.is_finite() && *r > 0.0).ok_or_else(|| {
@@ -137,6 +146,7 @@ impl Classifier {
             classes,
             rescale,
             preprocess: preprocess.map(str::to_string),
+            resize_filter,
         })
     }
 

@@ -11,6 +11,7 @@ use crate::ml::convnet::vgg16::{self, CONV_BASE_LAYERS};
 use crate::ml::convnet::{Convnet, Shape};
 use crate::ml::preprocess::Preprocess;
 use crate::npy::NpyWriter;
+use crate::stages::classifier::Classifier;
 use crate::stages::resize::{Filter, Resize};
 
 pub const DEFAULT_WEIGHTS: &str = "models/vgg16_convs.safetensors";
@@ -40,12 +41,8 @@ pub enum Visualize {
         /// and input.npy, the image as the model took it.
         #[arg(long)]
         npy: bool,
-        /// VGG16's conv weights (models/setup.sh writes them).
-        #[arg(long, default_value = DEFAULT_WEIGHTS)]
-        weights: PathBuf,
-        /// Math threads (0: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        #[command(flatten)]
+        model_args: ModelArgs,
     },
     /// The input pattern each filter of a VGG16 layer responds to most
     /// (section 5.4.2): gradient ascent from gray noise; an 8-per-row grid PNG.
@@ -75,22 +72,33 @@ pub enum Visualize {
         /// Also write the patterns as LAYER.npy, float32 [filters, size, size, 3] (the model's BGR input).
         #[arg(long)]
         npy: bool,
-        #[arg(long, default_value = DEFAULT_WEIGHTS)]
-        weights: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        #[command(flatten)]
+        model_args: ModelArgs,
     },
 }
 
-fn threads(n: usize) -> usize {
-    if n > 0 { n } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+/// What both commands run VGG16 with.
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// VGG16's conv weights (models/setup.sh writes them).
+    #[arg(long, default_value = DEFAULT_WEIGHTS)]
+    weights: PathBuf,
+    /// Math threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl ModelArgs {
+    fn threads(&self) -> usize {
+        if self.threads > 0 { self.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+    }
 }
 
 /// Runs one `visualize` command; prints what it wrote unless `quiet`.
 pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
     match what {
-        Visualize::Activations { image, model, out, size, layers, npy, weights, threads: t } => {
-            let (mut net, x) = activation_input(&image, &model, size, &weights, threads(t))?;
+        Visualize::Activations { image, model, out, size, layers, npy, model_args } => {
+            let (mut net, x) = activation_input(&image, &model, size, &model_args)?;
             let maps = activations::layer_maps(&mut net, &x, layers)?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             if npy {
@@ -115,12 +123,12 @@ pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Visualize::Filters { layer, filters: n, size, steps, step, seed, out, npy, weights, threads: t } => {
+        Visualize::Filters { layer, filters: n, size, steps, step, seed, out, npy, model_args } => {
             let index = CONV_BASE_LAYERS
                 .iter()
                 .position(|&l| l == layer && l.contains("_conv"))
                 .with_context(|| format!("--layer {layer}: not one of VGG16's convs (block1_conv1 .. block5_conv3)"))?;
-            let mut net = vgg16::conv_base([size, size], &layer, &weights, threads(t))?;
+            let mut net = vgg16::conv_base([size, size], &layer, &model_args.weights, model_args.threads())?;
             let Shape::Map([_, _, channels]) = net.layers()[index].output else { bail!("{layer} has no map") };
             if n == 0 || n > channels {
                 bail!("--filters {n}: {layer} has {channels} filters");
@@ -161,46 +169,26 @@ pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
 }
 
 /// The model `activations` runs and the image as it takes it.
-fn activation_input(
-    image: &Path,
-    model: &str,
-    size: usize,
-    weights: &Path,
-    threads: usize,
-) -> anyhow::Result<(Convnet, Vec<f32>)> {
+fn activation_input(image: &Path, model: &str, size: usize, args: &ModelArgs) -> anyhow::Result<(Convnet, Vec<f32>)> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
         .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
     if model == "vgg16" {
-        let net = vgg16::conv_base([size, size], "block5_pool", weights, threads)?;
+        let net = vgg16::conv_base([size, size], "block5_pool", &args.weights, args.threads())?;
         let img = resized(img, size, size, Filter::default())?;
         let mut x = Vec::new();
         Preprocess::Caffe.extend(&img, &mut x);
         return Ok((net, x));
     }
-    let dir = Path::new(model);
-    let net = Convnet::load_safetensors(&dir.join("model.safetensors"), threads)
-        .with_context(|| format!("--model {model}: not `vgg16` nor a convnet stage's out_dir"))?;
-    if net.input_shape()[2] == vgg16::BLOCK4_CHANNELS {
-        bail!("--model {model}: a fine-tuned block5 takes VGG16's block4 maps, not images; use --model vgg16");
-    }
-    let description = dir.join("model.json");
-    let meta: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&description).with_context(|| format!("reading {}", description.display()))?,
-    )
-    .with_context(|| format!("{}", description.display()))?;
-    let rescale =
-        meta["rescale"].as_f64().filter(|r| r.is_finite() && *r > 0.0).with_context(|| {
-            format!("{}: no positive `rescale` (written by the convnet stage)", description.display())
-        })? as f32;
-    // Resized as the training images were: the filter of the `resize` stage that made them.
-    let filter = meta["images_from"]
-        .as_array()
-        .and_then(|stages| stages.iter().rev().find(|s| s["kind"] == "resize"))
-        .and_then(|s| serde_json::from_value::<Filter>(s["options"]["filter"].clone()).ok())
-        .unwrap_or_default();
-    let [h, w, c] = net.input_shape();
-    let img = resized(img, h, w, filter)?;
+    let trained = Classifier::describe(Path::new(model))
+        .map_err(|e| anyhow::anyhow!("--model {model}: not `vgg16`, nor a trained classifier's folder: {e}"))?;
+    let (Some(input), None) = (trained.input, trained.base) else {
+        bail!("--model {model}: it takes VGG16's block4 maps or features, not images; use --model vgg16");
+    };
+    let net = trained.build(input, &args.weights, args.threads()).map_err(anyhow::Error::msg)?;
+    let [h, w, c] = input;
+    let img = resized(img, h, w, trained.resize_filter)?;
+    let rescale = trained.rescale;
     let x: Vec<f32> = if c == 1 {
         crate::stages::decode::to_gray(&img).as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
     } else {
