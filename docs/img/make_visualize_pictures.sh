@@ -4,13 +4,18 @@
 # each made by `convflow visualize` and then scaled down (Pillow, from the
 # project's .venv) so that the docs stay small.
 #
-#   docs/img/make_visualize_pictures.sh [DATA_DIR]   (default ../shared/data/cats_and_dogs_small)
+#   docs/img/make_visualize_pictures.sh [DATA_DIR [CONVNET_DIR]]
+#
+# DATA_DIR defaults to ../shared/data/cats_and_dogs_small. CONVNET_DIR, the
+# out_dir of pipelines/convnet_augmented.yaml (about 1 h 20 min to train),
+# adds the activations of the book's own augmented convnet.
 #
 # About 40 minutes on the 2-core development machine, nearly all of it the
 # filter patterns (the deeper the layer, the longer).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA="${1:-../shared/data/cats_and_dogs_small}"
+CONVNET="${2:-}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 BIN=target/release/convflow
@@ -43,4 +48,10 @@ cp "$WORK/act/16_block5_conv3.png" docs/img/activations_block5_conv3.png
 for l in block1_conv1 block2_conv1 block3_conv1 block4_conv1 block5_conv1; do
   shrink "$WORK/filters/$l.png" "docs/img/filters_$l.jpg" 0.5
 done
+if [ -n "$CONVNET" ]; then
+  "$BIN" visualize activations "$DATA/test/cats/cat.1700.jpg" --model "$CONVNET" --layers 8 --out "$WORK/convnet"
+  shrink "$WORK/convnet/00_conv2d.png" docs/img/activations_convnet_conv2d.jpg 0.5
+  shrink "$WORK/convnet/04_conv2d_2.png" docs/img/activations_convnet_conv2d_2.jpg 1
+  cp "$WORK/convnet/06_conv2d_3.png" docs/img/activations_convnet_conv2d_3.png
+fi
 ls -l docs/img/activations_* docs/img/filters_*

@@ -28,7 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use super::fine_tune::{Base, DEFAULT_BLOCK5_WEIGHTS, HeadFrom};
 use super::trainer::checkpoint::ModelState;
-use super::trainer::{Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training};
+use super::trainer::{
+    Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
+};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
 use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
@@ -242,7 +244,7 @@ impl StageConfig for ConvnetConfig {
     const SUMMARY: &'static str = "trains a convnet on images (5.1, 5.2) or VGG16's block5 + a head on block4 maps (5.3.3); validates, tests, saves";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Image, ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
-    const OPTIONS: &'static [OptionDoc] = &[
+    const OPTIONS: &'static [OptionDoc] = trainer_options![
         OptionDoc {
             name: "out_dir",
             ty: "path",
@@ -286,33 +288,9 @@ impl StageConfig for ConvnetConfig {
             default: "rmsprop lr 1e-3",
             help: "Keras semantics and defaults",
         },
-        OptionDoc { name: "epochs", ty: "int", default: "30", help: "passes over the training split" },
-        OptionDoc {
-            name: "streaming",
-            ty: "bool",
-            default: "false",
-            help: "train as batches arrive; epochs come from the source",
-        },
         OptionDoc { name: "batch_size", ty: "int", default: "32", help: "images per step" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "init and dropout seed" },
-        OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
-        OptionDoc {
-            name: "early_stopping",
-            ty: "{monitor, patience}",
-            default: "(off)",
-            help: "stop when val_loss/val_acc stalls",
-        },
-        OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
-        OptionDoc {
-            name: "smooth_curves",
-            ty: "float",
-            default: "(off)",
-            help: "also curves_smoothed.png, EMA of this factor (the book: 0.8)",
-        },
         OptionDoc { name: "max_memory_mb", ty: "int", default: "4096", help: "images kept in RAM; beyond, spilled" },
-        OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
-        OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
-        OptionDoc { name: "test_split", ty: "string", default: "test", help: "evaluated once at the end" },
     ];
 
     fn check(&self) -> Vec<FieldError> {
@@ -650,6 +628,8 @@ impl Model for ConvModel {
     fn l2_penalty(&self) -> f32 {
         0.0
     }
+
+    const CHECKPOINTS: bool = true;
 
     /// Each weight tensor by its Keras name; with the optimizer, its two
     /// slots as `<name>/slot1`, `<name>/slot2`.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training};
+use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::LayerSpec as ConvLayerSpec;
 use crate::ml::convnet::spec::{self, Shape};
@@ -104,7 +104,7 @@ impl StageConfig for DenseHeadConfig {
     const SUMMARY: &'static str = "trains a dense classifier on features (the book's 5.3.1), validates, tests, saves";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
-    const OPTIONS: &'static [OptionDoc] = &[
+    const OPTIONS: &'static [OptionDoc] = trainer_options![
         OptionDoc {
             name: "out_dir",
             ty: "path",
@@ -123,39 +123,15 @@ impl StageConfig for DenseHeadConfig {
             default: "rmsprop lr 2e-5",
             help: "Keras semantics and defaults",
         },
-        OptionDoc { name: "epochs", ty: "int", default: "30", help: "passes over the training split" },
-        OptionDoc {
-            name: "streaming",
-            ty: "bool",
-            default: "false",
-            help: "train as batches arrive; epochs come from the source",
-        },
         OptionDoc { name: "batch_size", ty: "int", default: "20", help: "rows per step" },
         OptionDoc { name: "l2", ty: "float", default: "0", help: "L2 weight decay on every kernel" },
         OptionDoc { name: "seed", ty: "int", default: "0", help: "init, shuffle and dropout seed" },
-        OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
-        OptionDoc {
-            name: "early_stopping",
-            ty: "{monitor, patience}",
-            default: "(off)",
-            help: "stop when val_loss/val_acc stalls",
-        },
-        OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
-        OptionDoc {
-            name: "smooth_curves",
-            ty: "float",
-            default: "(off)",
-            help: "also curves_smoothed.png, EMA of this factor (the book: 0.8)",
-        },
         OptionDoc {
             name: "max_memory_mb",
             ty: "int",
             default: "2048",
             help: "features kept in RAM; beyond, spilled to disk",
         },
-        OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
-        OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
-        OptionDoc { name: "test_split", ty: "string", default: "test", help: "evaluated once at the end" },
     ];
 
     fn check(&self) -> Vec<FieldError> {

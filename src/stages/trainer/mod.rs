@@ -25,6 +25,41 @@ use crate::ml::loss::LossKind;
 use crate::stage::{BuildContext, Emit, EpochEnd, RunSignals, Stage, StageError};
 use checkpoint::{Checkpoint, ModelState};
 
+/// A trainer stage's option docs: its own (`$own`), then the ones every
+/// trainer shares, listed once here so the two trainers' pages cannot drift.
+macro_rules! trainer_options {
+    ($($own:expr),* $(,)?) => {
+        &[
+            $($own,)*
+            $crate::stage::OptionDoc { name: "epochs", ty: "int", default: "30", help: "passes over the training split" },
+            $crate::stage::OptionDoc {
+                name: "streaming",
+                ty: "bool",
+                default: "false",
+                help: "train as batches arrive; epochs come from the source",
+            },
+            $crate::stage::OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
+            $crate::stage::OptionDoc {
+                name: "early_stopping",
+                ty: "{monitor, patience}",
+                default: "(off)",
+                help: "stop when val_loss/val_acc stalls",
+            },
+            $crate::stage::OptionDoc { name: "keep_best", ty: "bool", default: "false", help: "restore the best epoch's weights" },
+            $crate::stage::OptionDoc {
+                name: "smooth_curves",
+                ty: "float",
+                default: "(off)",
+                help: "also curves_smoothed.png, EMA of this factor (the book: 0.8)",
+            },
+            $crate::stage::OptionDoc { name: "train_split", ty: "string", default: "train", help: "items of this split train" },
+            $crate::stage::OptionDoc { name: "validation_split", ty: "string", default: "validation", help: "validated each epoch" },
+            $crate::stage::OptionDoc { name: "test_split", ty: "string", default: "test", help: "evaluated once at the end" },
+        ]
+    };
+}
+pub(crate) use trainer_options;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Monitor {
@@ -113,9 +148,11 @@ pub trait Model: Clone + Send + 'static {
     fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String>;
     /// The L2 penalty at `l2 = 1` (sum of squared kernel weights), added to the validation loss.
     fn l2_penalty(&self) -> f32;
+    /// Whether training writes a checkpoint after every epoch and resumes
+    /// from it. Not the default: the dense head trains in seconds.
+    const CHECKPOINTS: bool = false;
     /// The weights and, with `opt`, the optimizer's state, for a
-    /// checkpoint. `None`, the default: this model keeps no checkpoints
-    /// (the dense head trains in seconds).
+    /// checkpoint. `None`, the default: this model keeps no checkpoints.
     fn state(&self, _opt: Option<&Self::Opt>) -> Option<ModelState> {
         None
     }
@@ -461,7 +498,7 @@ impl<M: Model> Trainer<M> {
     /// options (`fingerprint`); returns the epochs it had finished (0: none)
     /// and whether early stopping had ended the training.
     fn resume(&mut self, cfg: &Common, fingerprint: &str) -> Result<(usize, bool), String> {
-        if self.head.state(None).is_none() {
+        if !M::CHECKPOINTS {
             return Ok((0, false));
         }
         let path = cfg.out_dir.join(checkpoint::FILE);
@@ -487,6 +524,9 @@ impl<M: Model> Trainer<M> {
 
     /// Writes the state at the end of `epoch` (no-op for models without checkpoints).
     fn checkpoint(&self, cfg: &Common, fingerprint: &str, epoch: usize, stopped: bool) -> Result<(), String> {
+        if !M::CHECKPOINTS {
+            return Ok(());
+        }
         let Some(model) = self.head.state(Some(&self.opt)) else { return Ok(()) };
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| format!("{}: {e}", cfg.out_dir.display()))?;
         Checkpoint {
