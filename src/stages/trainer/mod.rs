@@ -524,9 +524,6 @@ impl<M: Model> Trainer<M> {
 
     /// Writes the state at the end of `epoch` (no-op for models without checkpoints).
     fn checkpoint(&self, cfg: &Common, fingerprint: &str, epoch: usize, stopped: bool) -> Result<(), String> {
-        if !M::CHECKPOINTS {
-            return Ok(());
-        }
         let Some(model) = self.head.state(Some(&self.opt)) else { return Ok(()) };
         std::fs::create_dir_all(&cfg.out_dir).map_err(|e| format!("{}: {e}", cfg.out_dir.display()))?;
         Checkpoint {
