@@ -26,7 +26,14 @@ dp/dA[..., k]; heatmap = relu(sum_k alpha_k A[..., k]) / its max (zeros
 when the max is 0).
 
 Writes OUT.npy, float32 [N, h, w], and prints one JSON line per image:
-{"class": c, "probability": p, "predicted": k}.
+{"class": c, "probability": p, "predicted": k, "undecided": u}.
+
+Below a ReLU the gradient jumps where a unit's pre-activation crosses 0
+(and where a max-pool window's top two swap), so float32 and float64 may
+draw different heatmaps near such a point, both right to float32's
+precision. u counts the image's decisions float32 could make either way
+(see UNDECIDED); when u > 0, OUT.undecided<i>.npy, float32 [2^u - 1, h, w],
+holds image i's heatmaps for every other way of making them.
 
 --superimpose draws, for each photo path in PHOTOS.txt (PNG files, read
 exactly) and the matching heatmap of HEATMAPS.npy, the book's figure:
@@ -34,6 +41,7 @@ cv2.resize's bilinear to the photo's size, np.uint8(255 * h), jet, then
 jet * 0.4 + photo clipped to 0..255; saved as PICTURES_DIR/<i>.npy (uint8).
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -44,6 +52,16 @@ from safetensors_f32 import read_safetensors
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
 BLOCK5 = ["block5_conv1", "block5_conv2", "block5_conv3"]
+# A ReLU unit whose |z| is at most this fraction of sum |x| |w| + |b| (or
+# two max-pool values that close) is undecided: float32, which the stage
+# computes in, may take it either way. Measured on VGG16's block5 and a
+# head: numpy's float32 is off by at most 1.7e-7 of that sum, so 1e-6
+# leaves a margin of 6 for other summation orders. The gradient below such
+# a unit jumps with the decision (one block5_conv3 unit at 1.3e-8 moved a
+# block5_conv1 heatmap by 1.25e-2).
+UNDECIDED = 1e-6
+# More undecided decisions than this in one image: 2^k heatmaps is no check.
+MOST_UNDECIDED = 8
 
 
 def pair(v, default):
@@ -145,19 +163,28 @@ def activation_grad(act, y, d):
     return d
 
 
-def forward(x, layers, names, weights):
-    """Each layer's output (the last: logits), and what backward needs."""
-    outs, saved = [], []
+def forward(x, layers, names, weights, flips=(), track=False):
+    """Each layer's output (the last: logits), what backward needs and,
+    with `track`, the undecided decisions (see `undecided`). `flips`:
+    decisions (layer, index, alternative) made the other way: a ReLU unit
+    outputs |z| where float64 says 0 and 0 where it says z; a max-pool
+    window passes its runner-up `alternative`."""
+    outs, saved, found = [], [], []
+    scale = None  # sum |x| |w| + |b| of the last conv or dense layer's units
     for i, (layer, name) in enumerate(zip(layers, names)):
         last = i == len(layers) - 1
         kind = layer["kind"]
+        mine = [(idx, alt) for j, idx, alt in flips if j == i]
         if kind == "conv2d":
             kernel, bias = (w.astype(np.float64) for w in weights[name])
             g = conv_geometry(x, layer)
             cols, padded = im2col(x, *g[:6], g[6])
             # 2-D products: numpy's stacked matmul on 4-D arrays skips BLAS.
-            z = (cols.reshape(-1, cols.shape[3]) @ kernel.reshape(-1, kernel.shape[3])).reshape(cols.shape[:3] + (-1,))
+            flat, k2 = cols.reshape(-1, cols.shape[3]), kernel.reshape(-1, kernel.shape[3])
+            z = (flat @ k2).reshape(cols.shape[:3] + (-1,))
             z = z + bias
+            if track:
+                scale = (np.abs(flat) @ np.abs(k2)).reshape(z.shape) + np.abs(bias)
             y = z if last else activate(layer.get("activation", "linear"), z)
             saved.append((g, padded, kernel))
         elif kind == "max_pooling2d":
@@ -167,10 +194,25 @@ def forward(x, layers, names, weights):
             oh, ow = (h - ph) // sh + 1, (w - pw) // sw + 1
             win = np.stack([x[:, i:i + sh * oh:sh, j:j + sw * ow:sw, :] for i in range(ph) for j in range(pw)])
             arg = win.argmax(axis=0)
-            y = win.max(axis=0)
+            for idx, alt in mine:
+                arg[idx] = alt
+            y = np.take_along_axis(win, arg[None], axis=0)[0]
+            if track and scale is not None:
+                # Two positive values float32 cannot order: either may pass.
+                # Equal ones (a flat patch of photo: equal inputs, computed
+                # alike) are decided: both take the first, as argmax.
+                order = np.argsort(win, axis=0, kind="stable")
+                top, second = (np.take_along_axis(win, order[r][None], axis=0)[0] for r in (-1, -2))
+                ws = np.stack([scale[:, i:i + sh * oh:sh, j:j + sw * ow:sw, :] for i in range(ph) for j in range(pw)])
+                s = np.take_along_axis(ws, order[-1][None], axis=0)[0]
+                near = (second > 0) & (top > second) & (top - second <= UNDECIDED * s)
+                found += [(i, idx, int(order[-2][idx])) for idx in zip(*np.nonzero(near))]
+            scale = None
             saved.append((x.shape, ph, pw, sh, sw, oh, ow, arg))
         elif kind == "flatten":
             y = x.reshape(x.shape[0], -1)
+            if scale is not None:
+                scale = scale.reshape(x.shape[0], -1)
             saved.append(x.shape)
         elif kind == "dropout":
             y = x
@@ -178,13 +220,20 @@ def forward(x, layers, names, weights):
         elif kind == "dense":
             kernel, bias = (w.astype(np.float64) for w in weights[name])
             z = x @ kernel + bias
+            if track:
+                scale = np.abs(x) @ np.abs(kernel) + np.abs(bias)
             y = z if last else activate(layer.get("activation", "linear"), z)
             saved.append(kernel)
         else:
             raise SystemExit(f"layer kind {kind} is not supported")
+        if kind in ("conv2d", "dense") and not last and layer.get("activation") == "relu":
+            for idx, _ in mine:
+                y[idx] = abs(z[idx]) if y[idx] == 0 else 0
+            if track:
+                found += [(i, idx, None) for idx in zip(*np.nonzero(np.abs(z) <= UNDECIDED * scale))]
         outs.append(y)
         x = y
-    return outs, saved
+    return outs, saved, found
 
 
 def backward(d, layers, outs, saved, down_to):
@@ -328,21 +377,42 @@ def main():
     else:
         sys.exit(f"no conv layer {args.layer}: {[names[i] for i in convs]}")
 
-    outs, saved = forward(x, layers, names, weights)
+    outs, saved, found = forward(x, layers, names, weights, track=True)
     p = probabilities(layers[-1], outs[-1])
     # The predicted class: the later one on a tie, as convflow's CSVs.
     predicted = p.shape[1] - 1 - np.argmax(p[:, ::-1], axis=1)
     c = predicted if args.cls == "predicted" else np.full(len(p), classes.index(args.cls))
+    np.save(args.out, grad_cam(layers, outs, saved, p, c, k).astype(np.float32))
+    for i in range(len(p)):
+        mine = [(j, idx[1:], alt) for j, idx, alt in found if idx[0] == i]
+        if len(mine) > MOST_UNDECIDED:
+            sys.exit(f"image {i}: {len(mine)} undecided ReLU units or pool windows (most {MOST_UNDECIDED})")
+        maps = []
+        for bits in itertools.product([False, True], repeat=len(mine)):
+            if any(bits):
+                flips = [(j, (0,) + idx, alt) for b, (j, idx, alt) in zip(bits, mine) if b]
+                o, sv, _ = forward(x[i:i + 1], layers, names, weights, flips)
+                maps.append(grad_cam(layers, o, sv, probabilities(layers[-1], o[-1]), c[i:i + 1], k)[0])
+        if maps:
+            np.save(alternatives_path(args.out, i), np.stack(maps).astype(np.float32))
+        print(json.dumps({"class": int(c[i]), "probability": float(p[i, c[i]]), "predicted": int(predicted[i]),
+                          "undecided": len(mine)}))
+
+
+def grad_cam(layers, outs, saved, p, c, k):
+    """The heatmaps of class c at the output of layer k."""
     grad = backward(score_gradient(layers[-1], p, c), layers, outs, saved, k)
     a = outs[k]
     alpha = grad.mean(axis=(1, 2))
     cam = np.maximum(np.einsum("nhwk,nk->nhw", a, alpha), 0)
     top = cam.max(axis=(1, 2), keepdims=True)
-    heat = np.where(top > 0, cam / np.where(top > 0, top, 1), 0)
-    np.save(args.out, heat.astype(np.float32))
-    for i in range(len(p)):
-        print(json.dumps({"class": int(c[i]), "probability": float(p[i, c[i]]), "predicted": int(predicted[i])}))
+    return np.where(top > 0, cam / np.where(top > 0, top, 1), 0)
 
+
+def alternatives_path(out, i):
+    """Where image i's heatmaps with its undecided decisions made otherwise go."""
+    stem = out[:-4] if out.endswith(".npy") else out
+    return f"{stem}.undecided{i}.npy"
 
 if __name__ == "__main__":
     main()

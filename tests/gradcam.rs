@@ -2,7 +2,8 @@
 //! 5.4.3) on real photos: the heatmaps of 2 cats and 2 dogs equal those
 //! `models/gradcam_reference.py` computes from the saved weights in numpy
 //! (forward, and the analytic backward through the head, the pool and, for
-//! block5_conv1, two conv layers) within 1e-4; the pictures are the book's
+//! block5_conv1, two conv layers) within 1e-4 (for a ReLU unit or pool
+//! window float32 cannot decide, either way is right); the pictures are the book's
 //! figure drawn from them; a rerun computes no block4 map again; an
 //! unknown or non-conv layer and an unknown class stop before any work
 //! naming the stage and the field; a corrupt photo is skipped and listed; a
@@ -115,8 +116,19 @@ fn pixels(paths: &[PathBuf], to: &Path) {
     w.finish().unwrap();
 }
 
-/// `gradcam_reference.py` on `pixels`: its heatmaps and, per image, (class, probability).
-fn reference(model: &Path, pixels: &Path, out: &Path, args: &[&str]) -> (Vec<usize>, Vec<f32>, Vec<(usize, f64)>) {
+/// One image as `gradcam_reference.py` computes it.
+struct Reference {
+    class: usize,
+    probability: f64,
+    /// Its heatmap, then one for each other way of making the ReLU and
+    /// max-pool decisions float32 could make either way (the script's
+    /// `undecided`): the gradient jumps there, so the stage's float32 may
+    /// rightly draw any of them.
+    heatmaps: Vec<Vec<f32>>,
+}
+
+/// `gradcam_reference.py` on `pixels`: the heatmaps' shape and, per image, what it computed.
+fn reference(model: &Path, pixels: &Path, out: &Path, args: &[&str]) -> (Vec<usize>, Vec<Reference>) {
     let o = std::process::Command::new(common::python())
         .arg(common::root().join("models/gradcam_reference.py"))
         .arg(model)
@@ -127,15 +139,45 @@ fn reference(model: &Path, pixels: &Path, out: &Path, args: &[&str]) -> (Vec<usi
         .output()
         .unwrap();
     ok(&o, "gradcam_reference.py");
-    let scores = String::from_utf8_lossy(&o.stdout)
+    let (shape, values) = convflow::npy::read_f32(out).unwrap();
+    let size = shape[1..].iter().product::<usize>();
+    let images = String::from_utf8_lossy(&o.stdout)
         .lines()
-        .map(|l| {
+        .enumerate()
+        .map(|(i, l)| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["class"].as_u64().unwrap() as usize, v["probability"].as_f64().unwrap())
+            let mut heatmaps = vec![values[i * size..(i + 1) * size].to_vec()];
+            let undecided = v["undecided"].as_u64().unwrap() as u32;
+            if undecided > 0 {
+                let (alt_shape, alt) =
+                    convflow::npy::read_f32(&out.with_extension(format!("undecided{i}.npy"))).unwrap();
+                assert_eq!(alt_shape[0], (1 << undecided) - 1);
+                heatmaps.extend(alt.chunks(size).map(<[f32]>::to_vec));
+            }
+            Reference {
+                class: v["class"].as_u64().unwrap() as usize,
+                probability: v["probability"].as_f64().unwrap(),
+                heatmaps,
+            }
         })
         .collect();
-    let (shape, values) = convflow::npy::read_f32(out).unwrap();
-    (shape, values, scores)
+    (shape, images)
+}
+
+/// Each image's heatmap in `got` is within 1e-4 of one of the reference's
+/// for it (which one is printed: #0 is float64's own decisions).
+fn assert_matches(what: &str, got: &[f32], want: &[Reference]) {
+    let size = want[0].heatmaps[0].len();
+    assert_eq!(got.len(), size * want.len(), "{what}");
+    for (i, (ours, r)) in got.chunks(size).zip(want).enumerate() {
+        let off = |h: &Vec<f32>| ours.iter().zip(h).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let (which, worst) = r.heatmaps.iter().map(off).enumerate().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+        eprintln!(
+            "{what} image {i}: max |heatmap - numpy reference| = {worst:.2e} (#{which} of {} ways to decide its undecided units)",
+            r.heatmaps.len()
+        );
+        assert!(worst <= 1e-4, "{what} image {i}: heatmap differs from the reference by {worst:.2e}");
+    }
 }
 
 fn images_inferred(out: &Path) -> u64 {
@@ -153,13 +195,11 @@ fn compare(out: &Path, t: &Trained, what: &str, args: &[&str]) -> Vec<PathBuf> {
     assert_eq!(names, ["cat.1500.jpg", "cat.1501.jpg", "dog.1500.jpg", "dog.1501.jpg"], "{what}: input order");
     let px = t.dir.join(format!("{what}-pixels.npy"));
     pixels(&paths, &px);
-    let (want_shape, want, scores) = reference(&t.head, &px, &t.dir.join(format!("{what}-ref.npy")), args);
+    let (want_shape, want) = reference(&t.head, &px, &t.dir.join(format!("{what}-ref.npy")), args);
     let (shape, got) = convflow::npy::read_f32(&out.join("heatmaps.npy")).unwrap();
     assert_eq!(shape, want_shape, "{what}");
     assert_eq!(shape, [4, 9, 9], "{what}: block5's 9x9 maps of 150x150 photos");
-    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    eprintln!("{what}: max |heatmap - numpy reference| = {worst:.2e}");
-    assert!(worst <= 1e-4, "{what}: heatmaps differ from the reference by {worst:.2e}");
+    assert_matches(what, &got, &want);
     // Something to compare: every heatmap peaks at 1, and has more than one level.
     for (i, h) in got.chunks(81).enumerate() {
         let max = h.iter().copied().fold(0f32, f32::max);
@@ -167,10 +207,10 @@ fn compare(out: &Path, t: &Trained, what: &str, args: &[&str]) -> Vec<PathBuf> {
         assert!(h.iter().any(|&v| v > 0.05 && v < 0.95), "{what}: image {i} has some shape: {h:?}");
     }
     let classes = ["cats", "dogs"];
-    for (row, (class, p)) in rows.iter().zip(&scores) {
-        assert_eq!(row["class"], classes[*class], "{what}: {}", row["path"]);
+    for (row, r) in rows.iter().zip(&want) {
+        assert_eq!(row["class"], classes[r.class], "{what}: {}", row["path"]);
         let ours: f64 = row["probability"].parse().unwrap();
-        assert!((ours - p).abs() < 2e-6, "{what}: {} p = {ours} vs {p}", row["path"]);
+        assert!((ours - r.probability).abs() < 2e-6, "{what}: {} p = {ours} vs {}", row["path"], r.probability);
     }
     paths
 }
@@ -386,19 +426,18 @@ fn a_convnet_from_scratch_gets_its_heatmaps_from_the_pixels() {
         let px = t.dir.join("convnet-pixels.npy");
         pixels(&paths, &px);
         let args: Vec<&str> = layer.map(|l| vec!["--layer", l]).unwrap_or_default();
-        let (want_shape, want, scores) = reference(&model, &px, &t.dir.join("convnet-ref.npy"), &args);
+        let (want_shape, want) = reference(&model, &px, &t.dir.join("convnet-ref.npy"), &args);
         let (got_shape, got) = convflow::npy::read_f32(&out.join("heatmaps.npy")).unwrap();
         assert_eq!((got_shape.as_slice(), want_shape.as_slice()), (shape.as_slice(), shape.as_slice()));
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        eprintln!("convnet {layer:?}: max |heatmap - numpy reference| = {worst:.2e}");
-        assert!(worst <= 1e-4, "convnet {layer:?}: heatmaps differ by {worst:.2e}");
+        assert_matches(&format!("convnet {layer:?}"), &got, &want);
         // A barely trained convnet: a map may weigh wholly against the class
         // (all zero, and then no peak in the CSV); most do not.
         let per = shape[1] * shape[2];
         let maxima: Vec<f32> = got.chunks(per).map(|h| h.iter().copied().fold(0f32, f32::max)).collect();
         assert!(maxima.iter().all(|&m| m == 0.0 || m == 1.0) && maxima.contains(&1.0), "{maxima:?}");
-        for ((row, (class, p)), max) in table(&out).iter().zip(&scores).zip(&maxima) {
-            assert_eq!(row["class"], ["cats", "dogs"][*class]);
+        for ((row, r), max) in table(&out).iter().zip(&want).zip(&maxima) {
+            assert_eq!(row["class"], ["cats", "dogs"][r.class]);
+            let p = r.probability;
             assert!((row["probability"].parse::<f64>().unwrap() - p).abs() < 2e-6, "{row:?} vs {p}");
             assert_eq!(row["peak_row"].is_empty(), *max == 0.0, "{row:?}");
         }
