@@ -211,8 +211,6 @@ def forward(x, layers, names, weights, flips=(), track=False):
             saved.append((x.shape, ph, pw, sh, sw, oh, ow, arg))
         elif kind == "flatten":
             y = x.reshape(x.shape[0], -1)
-            if scale is not None:
-                scale = scale.reshape(x.shape[0], -1)
             saved.append(x.shape)
         elif kind == "dropout":
             y = x
@@ -384,13 +382,14 @@ def main():
     c = predicted if args.cls == "predicted" else np.full(len(p), classes.index(args.cls))
     np.save(args.out, grad_cam(layers, outs, saved, p, c, k).astype(np.float32))
     for i in range(len(p)):
-        mine = [(j, idx[1:], alt) for j, idx, alt in found if idx[0] == i]
+        # Image i's decisions, indexed as in its own one-image forward pass.
+        mine = [(j, (0,) + idx[1:], alt) for j, idx, alt in found if idx[0] == i]
         if len(mine) > MOST_UNDECIDED:
             sys.exit(f"image {i}: {len(mine)} undecided ReLU units or pool windows (most {MOST_UNDECIDED})")
         maps = []
         for bits in itertools.product([False, True], repeat=len(mine)):
             if any(bits):
-                flips = [(j, (0,) + idx, alt) for b, (j, idx, alt) in zip(bits, mine) if b]
+                flips = [f for b, f in zip(bits, mine) if b]
                 o, sv, _ = forward(x[i:i + 1], layers, names, weights, flips)
                 maps.append(grad_cam(layers, o, sv, probabilities(layers[-1], o[-1]), c[i:i + 1], k)[0])
         if maps:
