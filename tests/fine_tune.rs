@@ -1,5 +1,7 @@
 //! Fine-tuning VGG16's block5 (issue 17, the book's 5.3.3) end to end on
-//! a few dozen real photos: `pipelines/fine_tune.yaml` starts from a head
+//! a few dozen real photos. `pipelines/fine_tune.yaml` does it in one
+//! command: the head on the frozen base, then block5 with it, resumable
+//! across the switch. `pipelines/fine_tune_from_head.yaml` starts from a head
 //! `dense_head` trained on the frozen base and, before any step, predicts
 //! exactly what that head predicts; training moves block5 away from its
 //! ImageNet weights, bit-identically on a rerun, and a rerun computes no
@@ -60,11 +62,11 @@ fn train_head(data: &Path, cache: &Path, out: &Path) {
     ok(&o, "training the head");
 }
 
-/// `pipelines/fine_tune.yaml` on `data`, `epochs` epochs, one augmented
+/// `pipelines/fine_tune_from_head.yaml` on `data`, `epochs` epochs, one augmented
 /// variant, two math threads.
 fn fine_tune(data: &Path, cache: &Path, head: &Path, out: &Path, epochs: u32, lr: &str) -> std::process::Output {
     run(
-        &["pipelines/fine_tune.yaml"],
+        &["pipelines/fine_tune_from_head.yaml"],
         &[
             ("data_dir", data.display().to_string()),
             ("out_dir", out.display().to_string()),
@@ -152,7 +154,7 @@ fn before_any_step_the_fine_tuned_model_is_the_dense_head_on_the_frozen_base() {
     // `convflow summary`: block5 on the [9, 9, 512] maps vgg16_block4.onnx
     // makes at 150x150, then the dense_head's layers.
     let o = common::bin()
-        .args(["summary", "pipelines/fine_tune.yaml", "--set"])
+        .args(["summary", "pipelines/fine_tune_from_head.yaml", "--set"])
         .arg(format!("data_dir={}", data.display()))
         .arg("--set")
         .arg(format!("head={}", head.display()))
@@ -369,7 +371,7 @@ fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no
     ];
     let command = || {
         let mut c = common::bin();
-        c.args(["run", "pipelines/fine_tune.yaml"]);
+        c.args(["run", "pipelines/fine_tune_from_head.yaml"]);
         for (k, v) in &sets {
             c.arg("--set").arg(format!("{k}={v}"));
         }
@@ -446,7 +448,7 @@ fn a_head_or_maps_that_do_not_fit_stop_the_run_naming_the_stage_and_what_differs
 
     // The whole conv base's maps (vgg16_notop.onnx) where block4's are wanted.
     let o = run(
-        &["pipelines/fine_tune.yaml"],
+        &["pipelines/fine_tune_from_head.yaml"],
         &[
             ("data_dir", data.display().to_string()),
             ("out_dir", out.display().to_string()),
@@ -460,4 +462,117 @@ fn a_head_or_maps_that_do_not_fit_stop_the_run_naming_the_stage_and_what_differs
     assert!(!o.status.success());
     assert!(err.contains("convnet `fine_tune`") && err.contains("[4, 4, 512]") && err.contains("[9, 9, 512]"), "{err}");
     assert!(!out.join("history.csv").exists());
+}
+
+/// `pipelines/fine_tune.yaml`, the one command: `head_epochs` on the frozen
+/// base, then `epochs` of block5 + head; one variant, two math threads.
+fn one_command(
+    data: &Path,
+    cache: &Path,
+    out: &Path,
+    head_epochs: u32,
+    epochs: u32,
+    lr: &str,
+) -> std::process::Command {
+    let mut c = common::bin();
+    c.args(["run", "pipelines/fine_tune.yaml"]);
+    let sets = [
+        ("data_dir", data.display().to_string()),
+        ("out_dir", out.display().to_string()),
+        ("cache_dir", cache.display().to_string()),
+        ("head_epochs", head_epochs.to_string()),
+        ("epochs", epochs.to_string()),
+        ("variants", "1".into()),
+        ("threads", "2".into()),
+        ("learning_rate", lr.into()),
+    ];
+    for (k, v) in sets {
+        c.arg("--set").arg(format!("{k}={v}"));
+    }
+    c
+}
+
+#[test]
+fn the_one_command_trains_the_head_on_the_frozen_base_then_block5_and_resumes_across_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(data) = small_data(dir.path()) else { return };
+
+    // Phase 1 leaves block5 as ImageNet's: with a learning rate of 0 after it, so does the run.
+    let still = dir.path().join("still");
+    let o = one_command(&data, &dir.path().join("still_cache"), &still, 2, 1, "0.0").output().unwrap();
+    ok(&o, "head_epochs 2, then lr 0");
+    assert!(block5_moved(&still).iter().all(|&m| !m), "block5 frozen in phase 1 and still at lr 0");
+    assert_eq!(metrics(&still)["epochs_run"], 3);
+    let model: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(still.join("model.json")).unwrap()).unwrap();
+    assert_eq!(model["frozen_base"]["epochs"], 2, "{model}");
+
+    // The same with lr 1e-5 after the switch: block5 trains. Uninterrupted
+    // first. Many short phase-1 epochs: the first checkpoint waits for the
+    // validation maps, and the kill below should land before the switch.
+    let whole = dir.path().join("whole");
+    ok(&one_command(&data, &dir.path().join("whole_cache"), &whole, 20, 2, "1.0e-5").output().unwrap(), "whole run");
+    assert!(block5_moved(&whole).iter().all(|&m| m), "every block5 tensor trained after the switch");
+    assert_eq!(metrics(&whole)["epochs_run"], 22);
+    assert_eq!(inferred(&whole), 16 + 24, "blocks 1-4 once per map");
+
+    // Killed after its first checkpoint (phase 1 here), then the same
+    // command again: it resumes in that phase (block5's outputs made afresh,
+    // the head's RMSprop slots restored), switches, and ends where the
+    // whole run did.
+    let (cut, cache) = (dir.path().join("cut"), dir.path().join("cut_cache"));
+    let command = || one_command(&data, &cache, &cut, 20, 2, "1.0e-5");
+    let mut child = command().stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let killed_at = loop {
+        if let Some(e) = checkpoint_epoch(&cut) {
+            child.kill().unwrap();
+            break e;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.wait().unwrap();
+    assert!(!cut.join("metrics.json").exists(), "killed before the end");
+    let o = command().output().unwrap();
+    ok(&o, "the same command again");
+    let log = String::from_utf8_lossy(&o.stderr);
+    let at = metrics(&cut)["resumed_from_epoch"].as_u64().unwrap_or_else(|| panic!("did not resume:\n{log}"));
+    eprintln!("killed after the checkpoint of epoch {killed_at}; resumed after epoch {at}");
+    assert!(at >= killed_at && at < 22, "{log}");
+    assert_eq!(common::history_without_seconds(&cut), common::history_without_seconds(&whole));
+    assert_eq!(tensors(&cut.join("model.safetensors")), tensors(&whole.join("model.safetensors")), "weights");
+    for key in ["val_acc", "test_acc", "test_loss", "test_acc_one_view"] {
+        assert_eq!(metrics(&cut)[key], metrics(&whole)[key], "{key}");
+    }
+}
+
+#[test]
+fn a_frozen_phase_that_leaves_no_epoch_to_fine_tune_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(data) = small_data(dir.path()) else { return };
+    let out = dir.path().join("out");
+    // The source's epochs are head_epochs + epochs; a fixed 3 with head_epochs 3 leaves none.
+    let file = dir.path().join("fine_tune.yaml");
+    let text = std::fs::read_to_string(common::root().join("pipelines/fine_tune.yaml")).unwrap();
+    std::fs::write(&file, text.replace("epochs: ${head_epochs + epochs}", "epochs: 3")).unwrap();
+    let o = common::bin()
+        .args(["run", "-q"])
+        .arg(&file)
+        .args(["--set", &format!("data_dir={}", data.display()), "--set", &format!("out_dir={}", out.display())])
+        .args(["--set", &format!("cache_dir={}", dir.path().join("cache").display()), "--set", "head_epochs=3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("convnet `fine_tune`")
+            && err.contains("frozen_base.epochs is 3")
+            && err.contains("gives 3 epochs"),
+        "{err}"
+    );
+    assert!(!out.join("history.csv").exists());
+    let cache = dir.path().join("cache");
+    assert!(!cache.exists() || cache_entries(&cache) == 0, "stopped before any block4 map");
 }

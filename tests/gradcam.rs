@@ -444,7 +444,7 @@ fn a_convnet_from_scratch_gets_its_heatmaps_from_the_pixels() {
     }
 }
 
-/// `pipelines/fine_tune.yaml` with learning rate 0 saves block5 and the head
+/// `pipelines/fine_tune_from_head.yaml` with learning rate 0 saves block5 and the head
 /// unchanged as one convnet (its layers named conv2d, conv2d_1, ...): the
 /// heatmaps of that folder are those of the head's, bit for bit, for
 /// `block5_conv2` by either name.
@@ -454,7 +454,7 @@ fn a_fine_tuned_vgg16_before_any_step_has_the_heads_heatmaps() {
     let tuned = t.dir.join("fine_tuned");
     let cache = t.dir.join("fine_tune_cache");
     let o = run(
-        &["run", "-q", "pipelines/fine_tune.yaml"],
+        &["run", "-q", "pipelines/fine_tune_from_head.yaml"],
         &[
             ("data_dir", t.data.display().to_string()),
             ("out_dir", tuned.display().to_string()),

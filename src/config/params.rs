@@ -1,4 +1,6 @@
 //! `params:` with `${name}` substitution and `--set name=value` overrides.
+//! A whole scalar `${a + b}` is the sum of integer params (or integers):
+//! a run's epochs made of two phases' (`fine_tune.yaml`).
 
 use super::yaml::{Node, Pos, Value};
 
@@ -65,6 +67,16 @@ fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, S
             // A whole-scalar reference keeps the param's type (numbers stay numbers).
             if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
                 && !name.contains(['$', '{', '}'])
+                && name.contains('+')
+            {
+                match sum(name, &lookup) {
+                    Ok(total) => node.value = Value::Scalar { text: total.to_string(), plain: true },
+                    Err(e) => error(node.pos, e),
+                }
+                return;
+            }
+            if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
+                && !name.contains(['$', '{', '}'])
             {
                 match lookup(name) {
                     Some(v) => node.value = v.value.clone(),
@@ -107,6 +119,26 @@ fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, S
     }
 }
 
+/// `a + b + 3`: each term an integer param or an integer.
+fn sum<'a>(expr: &str, lookup: &dyn Fn(&str) -> Option<&'a Node>) -> Result<i64, String> {
+    let mut total = 0i64;
+    for term in expr.split('+').map(str::trim) {
+        let text = match term.parse::<i64>() {
+            Ok(n) => n.to_string(),
+            Err(_) => match lookup(term) {
+                Some(v) => v.as_str().unwrap_or_default().to_string(),
+                None => return Err(format!("`${{{expr}}}`: unknown param `{term}`")),
+            },
+        };
+        let n = text
+            .trim()
+            .parse::<i64>()
+            .map_err(|_| format!("`${{{expr}}}`: `{term}` is `{text}`, not an integer (a sum adds integers only)"))?;
+        total = total.checked_add(n).ok_or_else(|| format!("`${{{expr}}}` overflows"))?;
+    }
+    Ok(total)
+}
+
 fn unknown(name: &str, params: &[(String, Node)]) -> String {
     let known: Vec<&str> = params.iter().map(|(n, _)| n.as_str()).collect();
     format!("unknown param `${{{name}}}` (params: {})", if known.is_empty() { "none".into() } else { known.join(", ") })
@@ -132,6 +164,18 @@ mod tests {
         assert_eq!(j["a"], 20);
         assert_eq!(j["b"], "out/x");
         assert_eq!(j["c"], "${dir}");
+    }
+
+    #[test]
+    fn a_sum_adds_integer_params_and_refuses_anything_else() {
+        let (j, errs) = run("params: {a: 30, b: 100}\ne: ${a + b}\nf: ${ a+b+2 }\n", &[("b".into(), "20".into())]);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(j["e"], 50);
+        assert_eq!(j["f"], 52);
+        let (_, errs) = run("params: {a: 30, d: out}\ne: ${a + d}\nf: ${a + z}\n", &[]);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("`d` is `out`, not an integer"), "{errs:?}");
+        assert!(errs[1].contains("unknown param `z`"), "{errs:?}");
     }
 
     #[test]

@@ -21,7 +21,9 @@
 //! `model.safetensors` (Keras names and shapes) and `model.json` (layers,
 //! input shape, classes, and the stages that made the images).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -57,6 +59,10 @@ pub struct ConvnetConfig {
     /// model's after `flatten`, so training starts from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_from: Option<PathBuf>,
+    /// Train only the layers after `base` for the first epochs, then the
+    /// whole model with `optimizer` (the book's 5.3.3 in one run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_base: Option<FrozenBase>,
     /// Also draw `curves_smoothed.png`: each curve as the book smooths it
     /// (exponential moving average with this factor, e.g. 0.8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +103,21 @@ pub struct ConvnetConfig {
     pub validation_split: String,
     #[serde(default = "default_test")]
     pub test_split: String,
+}
+
+/// `frozen_base`: the book trains its head on the frozen conv base, then
+/// unfreezes block5 and recompiles the model (a fresh RMSprop, its own
+/// learning rate). Here both happen in one run, on the same block4 maps.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrozenBase {
+    /// Epochs 1..=epochs train the layers after the base alone; they count
+    /// among the run's epochs (the training source's, when streaming).
+    pub epochs: usize,
+    /// Their optimizer (default: the stage's `optimizer`); the epochs after
+    /// start the stage's `optimizer` afresh, as Keras's `compile` does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimizer: Option<OptimizerSpec>,
 }
 
 fn default_rescale() -> f32 {
@@ -146,7 +167,19 @@ impl ConvnetConfig {
             ));
         }
         let (layers, _) = resolve(input, &self.specs(&self.head_layers()?)).map_err(|e| e.to_string())?;
-        Ok(spec::summary(title, input, &layers))
+        let mut text = spec::summary(title, input, &layers);
+        if let Some(f) = &self.frozen_base {
+            // Keras's summary of the model as compiled for phase 1, in one line.
+            let base: usize = layers[..self.base_len()].iter().map(|l| l.params).sum();
+            let all: usize = layers.iter().map(|l| l.params).sum();
+            text.push_str(&format!(
+                "Epochs 1-{} (frozen_base): trainable params: {}, non-trainable params: {} (the base)\n",
+                f.epochs,
+                spec::thousands(all - base),
+                spec::thousands(base)
+            ));
+        }
+        Ok(text)
     }
 
     /// The layers after the base: `layers`, or the head of `head_from`.
@@ -185,6 +218,23 @@ impl ConvnetConfig {
         }
     }
 
+    /// Streaming, the training source's epochs are the run's: some must
+    /// be left after the frozen ones.
+    fn check_source_epochs(&self, f: &FrozenBase, ctx: &BuildContext<'_>) -> Result<(), String> {
+        let trains = |o: &serde_json::Value| {
+            o["splits"].as_array().is_none_or(|s| s.iter().any(|s| s.as_str() == Some(self.train_split.as_str())))
+        };
+        let source = ctx.upstream.iter().find(|(kind, o)| kind == "file_reader" && trains(o));
+        match source.and_then(|(_, o)| o["epochs"].as_u64()) {
+            Some(total) if total as usize <= f.epochs => Err(format!(
+                "frozen_base.epochs is {} but the training source gives {total} epochs: none is left to train \
+                 the base in (give the source frozen_base.epochs + the epochs of fine-tuning)",
+                f.epochs
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The fine-tuning options' own checks (files exist, no contradictions).
     fn check_fine_tuning(&self, errors: &mut Vec<FieldError>) -> Option<Vec<LayerSpec>> {
         if let Some(f) = self.smooth_curves
@@ -195,6 +245,9 @@ impl ConvnetConfig {
         match self.base {
             None if self.base_weights.is_some() => {
                 errors.push(FieldError::new("base_weights", "only with `base` (e.g. base: vgg16_block5)"));
+            }
+            None if self.frozen_base.is_some() => {
+                errors.push(FieldError::new("frozen_base", "only with `base` (e.g. base: vgg16_block5)"));
             }
             Some(b) => {
                 let weights = self.base_weights();
@@ -276,6 +329,12 @@ impl StageConfig for ConvnetConfig {
             help: "a dense_head's out_dir: its trained head is the layers",
         },
         OptionDoc {
+            name: "frozen_base",
+            ty: "{epochs, optimizer}",
+            default: "(off)",
+            help: "first `epochs` train only the layers after `base`; then all, `optimizer` afresh",
+        },
+        OptionDoc {
             name: "input_shape",
             ty: "[h, w, c]",
             default: "the first image's",
@@ -295,6 +354,17 @@ impl StageConfig for ConvnetConfig {
 
     fn check(&self) -> Vec<FieldError> {
         let mut errors = check_training(self.epochs, self.streaming, self.batch_size, self.early_stopping.as_ref());
+        if let Some(f) = &self.frozen_base {
+            let total = self.epochs.unwrap_or(30);
+            if f.epochs == 0 {
+                errors.push(FieldError::new("frozen_base", "epochs must be at least 1"));
+            } else if !self.streaming && total <= f.epochs {
+                errors.push(FieldError::new(
+                    "frozen_base",
+                    format!("epochs {} leaves none of the run's {total} epochs to train the base in", f.epochs),
+                ));
+            }
+        }
         if !(self.rescale.is_finite() && self.rescale > 0.0) {
             errors.push(FieldError::new("rescale", "must be a positive number"));
         }
@@ -355,6 +425,9 @@ impl StageConfig for ConvnetConfig {
             }
         }
         let fatal = |e: String| StageError::fatal(format!("convnet `{stage}`: {e}"));
+        if let (Some(f), true) = (&self.frozen_base, self.streaming) {
+            self.check_source_epochs(f, ctx).map_err(fatal)?;
+        }
         let head = self.head_from.as_deref().map(HeadFrom::read).transpose().map_err(fatal)?;
         let expect = if self.base.is_some() { arriving } else { None };
         if let Some(h) = &head {
@@ -465,9 +538,17 @@ impl TrainerKind for Kind {
             ));
         }
         tracing::info!("convnet `{}`:\n{}", self.stage, spec::summary(&self.stage, input, model.layers()));
+        let frozen = cfg.frozen_base.map(|f| Frozen {
+            layers: cfg.base_len(),
+            epochs: f.epochs,
+            then: cfg.optimizer,
+            memo: Default::default(),
+            memo_rows: (cfg.max_memory_mb << 20) as usize / (4 * model.layers()[cfg.base_len()].input.len()).max(1),
+        });
+        let first = cfg.frozen_base.and_then(|f| f.optimizer).unwrap_or(cfg.optimizer);
         Ok(NewModel {
-            model: ConvModel(model),
-            opt: ConvOptimizer::new(self.cfg.optimizer),
+            model: ConvModel { net: model, frozen },
+            opt: ConvOptimizer::new(first),
             layers: serde_json::to_value(self.cfg.specs(&layers)).map_err(|e| e.to_string())?,
             threads,
         })
@@ -546,7 +627,7 @@ impl TrainerKind for Kind {
         mut description: serde_json::Value,
         provenance: &[serde_json::Value],
     ) -> Result<(), String> {
-        model.0.save_safetensors(&out.join("model.safetensors")).map_err(|e| e.to_string())?;
+        model.net.save_safetensors(&out.join("model.safetensors")).map_err(|e| e.to_string())?;
         description["rescale"] = self.cfg.rescale.into();
         if let Some(b) = self.cfg.base {
             description["base"] = serde_json::to_value(b).unwrap_or_default();
@@ -555,7 +636,10 @@ impl TrainerKind for Kind {
         if let Some(h) = &self.head {
             description["head_from"] = h.file.display().to_string().into();
         }
-        description["params"] = model.0.param_count().into();
+        if let Some(f) = &self.cfg.frozen_base {
+            description["frozen_base"] = serde_json::to_value(f).unwrap_or_default();
+        }
+        description["params"] = model.net.param_count().into();
         description["images_from"] = provenance.to_vec().into();
         std::fs::write(out.join("model.json"), serde_json::to_string_pretty(&description).unwrap_or_default())
             .map_err(|e| format!("model.json: {e}"))
@@ -566,9 +650,86 @@ fn shape3(s: &[usize]) -> Option<[usize; 3]> {
     <[usize; 3]>::try_from(s).ok()
 }
 
-/// The convnet as the shared trainer drives it.
+/// The convnet as the shared trainer drives it; with `frozen_base`, the
+/// phase it is in.
 #[derive(Clone)]
-pub struct ConvModel(Convnet);
+pub struct ConvModel {
+    net: Convnet,
+    /// Set while the base is frozen (epochs 1..=`epochs`).
+    frozen: Option<Frozen>,
+}
+
+/// The frozen phase of `frozen_base`.
+#[derive(Clone)]
+struct Frozen {
+    /// Layers of the base: layer `layers` is the first that trains.
+    layers: usize,
+    epochs: usize,
+    /// The optimizer of the epochs after.
+    then: OptimizerSpec,
+    /// The base's output for each input row it has seen, by the row's
+    /// blake3: frozen, the base is a function of its input alone, so each
+    /// map (a fixed augmented variant, a view) goes through block5 once,
+    /// however many epochs see it. Shared by the epochs' copies (the
+    /// validation of an epoch may run after the next began: the base is the
+    /// same in both).
+    memo: Arc<Mutex<HashMap<blake3::Hash, Arc<[f32]>>>>,
+    /// At most this many outputs are kept (`max_memory_mb`); past that the
+    /// base runs again for the rows not kept.
+    memo_rows: usize,
+}
+
+impl ConvModel {
+    /// The base's output for `rows` rows of `x`: kept ones from the memo, the
+    /// others computed together in one pass.
+    fn base_output(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String> {
+        let Some(f) = &self.frozen else { return Ok(x.to_vec()) };
+        let per = x.len() / rows.max(1);
+        let out_per = self.net.layers()[f.layers].input.len();
+        let keys: Vec<blake3::Hash> = x.chunks_exact(per.max(1)).map(|r| blake3::hash(f32_bytes(r))).collect();
+        let mut out = vec![0.0f32; rows * out_per];
+        let mut memo = f.memo.lock().map_err(|_| "the frozen base's memo was poisoned".to_string())?;
+        let missing: Vec<usize> = (0..rows)
+            .filter(|&r| match memo.get(&keys[r]) {
+                Some(v) => {
+                    out[r * out_per..(r + 1) * out_per].copy_from_slice(v);
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        if !missing.is_empty() {
+            let mut xs = Vec::with_capacity(missing.len() * per);
+            missing.iter().for_each(|&r| xs.extend_from_slice(&x[r * per..(r + 1) * per]));
+            let made = self.net.layer_output(&xs, missing.len(), f.layers).map_err(|e| e.to_string())?;
+            for (&r, v) in missing.iter().zip(made.chunks_exact(out_per)) {
+                out[r * out_per..(r + 1) * out_per].copy_from_slice(v);
+                if memo.len() < f.memo_rows {
+                    memo.insert(keys[r], v.into());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first layer that trains now (0: all).
+    fn trains_from(&self) -> usize {
+        self.frozen.as_ref().map_or(0, |f| f.layers)
+    }
+
+    /// Tensors of the layers that train now, in [`Convnet::tensors`] order:
+    /// those the optimizer has slots for.
+    fn trained_tensors(&self) -> Vec<String> {
+        let from = self.trains_from();
+        let frozen = 2 * self.net.layers()[..from].iter().filter(|l| l.params > 0).count();
+        self.net.tensors().into_iter().skip(frozen).map(|(n, _, _)| n).collect()
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 is 4 initialised bytes, and u8 has no alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
 
 /// Rows per forward pass in evaluation: bounds its memory.
 const EVAL_CHUNK: usize = 100;
@@ -577,12 +738,21 @@ impl Model for ConvModel {
     type Opt = ConvOptimizer;
 
     fn output_dim(&self) -> usize {
-        self.0.output_dim()
+        self.net.output_dim()
     }
 
     fn loss_kind(&self) -> LossKind {
         // Built by Convnet::new, which refuses a stack without its loss layer.
-        self.0.loss_kind().expect("a trainer's convnet ends in its loss layer")
+        self.net.loss_kind().expect("a trainer's convnet ends in its loss layer")
+    }
+
+    /// Past `frozen_base`'s epochs the base unfreezes and the stage's
+    /// optimizer starts afresh (Keras's recompile after `trainable = True`).
+    fn enter_epoch(&mut self, epoch: usize, opt: &mut ConvOptimizer) {
+        if let Some(f) = self.frozen.take_if(|f| epoch > f.epochs) {
+            tracing::info!("epoch {epoch}: the base unfreezes; {:?} from its first step", f.then);
+            *opt = ConvOptimizer::new(f.then);
+        }
     }
 
     fn train_batch(
@@ -594,20 +764,22 @@ impl Model for ConvModel {
         _l2: f32,
         rng: &mut ChaCha8Rng,
     ) -> Result<(f32, f64), String> {
-        let s = self.0.train_batch(x, y, rows, opt, rng).map_err(|e| e.to_string())?;
+        let from = self.trains_from();
+        let x = if from > 0 { std::borrow::Cow::Owned(self.base_output(x, rows)?) } else { x.into() };
+        let s = self.net.train_batch_above(from, &x, y, rows, opt, rng).map_err(|e| e.to_string())?;
         Ok((s.loss, s.correct))
     }
 
     fn evaluate(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<(f32, f32), String> {
         let per = x.len() / rows.max(1);
-        let c = self.0.output_dim();
+        let c = self.net.output_dim();
+        let from = self.trains_from();
         let (mut loss, mut correct) = (0.0f64, 0.0f64);
         for start in (0..rows).step_by(EVAL_CHUNK) {
             let n = EVAL_CHUNK.min(rows - start);
-            let (l, k) = self
-                .0
-                .evaluate(&x[start * per..(start + n) * per], &y[start * c..(start + n) * c], n)
-                .map_err(|e| e.to_string())?;
+            let xs = self.base_output(&x[start * per..(start + n) * per], n)?;
+            let (l, k) =
+                self.net.evaluate_above(from, &xs, &y[start * c..(start + n) * c], n).map_err(|e| e.to_string())?;
             loss += l;
             correct += k;
         }
@@ -617,10 +789,12 @@ impl Model for ConvModel {
 
     fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String> {
         let per = x.len() / rows.max(1);
+        let from = self.trains_from();
         let mut out = Vec::new();
         for start in (0..rows).step_by(EVAL_CHUNK) {
             let n = EVAL_CHUNK.min(rows - start);
-            out.extend(self.0.predict(&x[start * per..(start + n) * per], n).map_err(|e| e.to_string())?);
+            let xs = self.base_output(&x[start * per..(start + n) * per], n)?;
+            out.extend(self.net.predict_above(from, &xs, n).map_err(|e| e.to_string())?);
         }
         Ok(out)
     }
@@ -631,14 +805,16 @@ impl Model for ConvModel {
 
     const CHECKPOINTS: bool = true;
 
-    /// Each weight tensor by its Keras name; with the optimizer, its two
-    /// slots as `<name>/slot1`, `<name>/slot2`.
+    /// Each weight tensor by its Keras name; with the optimizer, the two
+    /// slots of each tensor that trains now as `<name>/slot1`, `<name>/slot2`.
     fn state(&self, opt: Option<&ConvOptimizer>) -> Option<ModelState> {
-        let weights = self.0.tensors();
+        let weights = self.net.tensors();
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
             weights.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), v.to_vec())).collect();
         if let Some(opt) = opt {
-            for ((name, shape, _), (s1, s2)) in weights.iter().zip(opt.slots()) {
+            let trained = self.trained_tensors();
+            let shapes = weights.iter().filter(|(n, _, _)| trained.contains(n)).map(|(_, s, _)| s);
+            for ((name, shape), (s1, s2)) in trained.iter().zip(shapes).zip(opt.slots()) {
                 tensors.push((format!("{name}/slot1"), shape.clone(), s1.clone()));
                 tensors.push((format!("{name}/slot2"), shape.clone(), s2.clone()));
             }
@@ -646,17 +822,19 @@ impl Model for ConvModel {
         Some(ModelState { iterations: opt.map(|o| o.iterations()).unwrap_or(0), tensors })
     }
 
+    /// The trainer has put the model in the checkpointed epoch's phase
+    /// ([`Model::enter_epoch`]) first, so the slots are those of its tensors.
     fn set_state(&mut self, opt: Option<&mut ConvOptimizer>, state: &ModelState) -> Result<(), String> {
-        let names: Vec<String> = self.0.tensors().into_iter().map(|(n, _, _)| n).collect();
+        let names: Vec<String> = self.net.tensors().into_iter().map(|(n, _, _)| n).collect();
         for name in &names {
-            self.0.set_tensor(name, state.get(name)?).map_err(|e| e.to_string())?;
+            self.net.set_tensor(name, state.get(name)?).map_err(|e| e.to_string())?;
         }
         // Before its first step an optimizer has no slots (they start at zero then).
         if let Some(opt) = opt
             && state.iterations > 0
         {
             let mut slots = Vec::new();
-            for name in &names {
+            for name in &self.trained_tensors() {
                 slots.push((
                     state.get(&format!("{name}/slot1"))?.to_vec(),
                     state.get(&format!("{name}/slot2"))?.to_vec(),

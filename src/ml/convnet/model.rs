@@ -243,9 +243,21 @@ impl Convnet {
     }
 
     fn check(&self, x: &[f32], y: Option<&[f32]>, rows: usize) -> Result<(), ConvnetError> {
-        let per = self.input.iter().product::<usize>();
+        self.check_above(0, x, y, rows)
+    }
+
+    /// `x` must be `rows` inputs of layer `from` (`from` = 0: images).
+    fn check_above(&self, from: usize, x: &[f32], y: Option<&[f32]>, rows: usize) -> Result<(), ConvnetError> {
+        if from >= self.layers.len() {
+            return Err(ConvnetError::Spec(format!("layer {from}: the model has {} layers", self.layers.len())));
+        }
+        let per = if from == 0 { self.input.iter().product::<usize>() } else { self.layers[from].input.len() };
         if x.len() != rows * per {
-            return Err(ConvnetError::Shape(format!("{} input values for {rows} images of {:?}", x.len(), self.input)));
+            return Err(ConvnetError::Shape(if from == 0 {
+                format!("{} input values for {rows} images of {:?}", x.len(), self.input)
+            } else {
+                format!("{} input values for {rows} rows of layer {from}'s {per}", x.len())
+            }));
         }
         if let Some(y) = y
             && y.len() != rows * self.output_dim()
@@ -259,15 +271,16 @@ impl Convnet {
         Ok(())
     }
 
-    /// Forward pass of `rows` images; the logits end in `self.acts[n]`.
+    /// Forward pass of `rows` inputs of layer `from` (0: images) through
+    /// the layers from it on; the logits end in `self.acts[n]`.
     /// `rng`: training (dropout on, the backward pass's state kept).
-    fn forward<R: Rng>(&mut self, x: &[f32], rows: usize, mut rng: Option<&mut R>) {
+    fn forward<R: Rng>(&mut self, from: usize, x: &[f32], rows: usize, mut rng: Option<&mut R>) {
         let n = self.layers.len();
         let threads = self.threads;
         self.rows = rows;
-        self.acts[0].clear();
-        self.acts[0].extend_from_slice(x);
-        for i in 0..n {
+        self.acts[from].clear();
+        self.acts[from].extend_from_slice(x);
+        for i in from..n {
             let (before, after) = self.acts.split_at_mut(i + 1);
             let (xin, y) = (&before[i], &mut after[0]);
             let l = &self.layers[i];
@@ -317,11 +330,12 @@ impl Convnet {
     /// Backward pass through layers `hi - 1` down to `lo` from `d`, the
     /// gradient w.r.t. `acts[hi]` (layer `hi - 1`'s output), over the last
     /// forward pass; returns the gradient w.r.t. `acts[lo]` (layer `lo`'s
-    /// input), or an empty vector where `input` is false and `lo` is 0 (a
-    /// training step needs no gradient of the images). With `grads` (the
-    /// whole stack only: `hi` = n, `lo` = 0), each parameter tensor's
-    /// gradient goes into it, in [`Convnet::tensors`] order (its vectors are
-    /// reused when they fit); without, no weight gradient is computed.
+    /// input), or an empty vector where `input` is false (a training step
+    /// needs no gradient of its inputs). With `grads` (`hi` = n only), the
+    /// gradient of each parameter tensor of layers `lo..` goes into it, in
+    /// [`Convnet::tensors`] order (those below `lo` are left as they are;
+    /// its vectors are reused when they fit); without, no weight gradient
+    /// is computed.
     fn backward(
         &mut self,
         d0: &[f32],
@@ -333,7 +347,7 @@ impl Convnet {
         let n = self.layers.len();
         let rows = self.rows;
         let threads = self.threads;
-        debug_assert!(grads.is_none() || (hi == n && lo == 0));
+        debug_assert!(grads.is_none() || hi == n);
         if let Some(g) = grads.as_deref_mut() {
             g.resize_with(2 * self.params.iter().flatten().count(), Vec::new);
         }
@@ -345,7 +359,7 @@ impl Convnet {
             let l = &self.layers[i];
             let w = &mut self.work[i];
             let (xin, yout) = (&self.acts[i], &self.acts[i + 1]);
-            let want_dx = i > 0 || input;
+            let want_dx = i > lo || input;
             let last = i + 1 == n && self.loss.is_some();
             match l.spec {
                 LayerSpec::Conv2d { activation, .. } => {
@@ -410,7 +424,7 @@ impl Convnet {
                 }
             }
         }
-        let out = if lo > 0 || input { d.clone() } else { Vec::new() };
+        let out = if input { d.clone() } else { Vec::new() };
         self.grad_bufs = [d, dx];
         out
     }
@@ -420,7 +434,7 @@ impl Convnet {
     pub fn forward_kept(&mut self, x: &[f32], rows: usize) -> Result<(), ConvnetError> {
         self.check(x, None, rows)?;
         let pool = self.pool.clone();
-        pool.install(|| self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None));
+        pool.install(|| self.forward::<rand_chacha::ChaCha8Rng>(0, x, rows, None));
         Ok(())
     }
 
@@ -467,7 +481,7 @@ impl Convnet {
         let n = self.layers.len();
         let pool = self.pool.clone();
         Ok(pool.install(|| {
-            self.forward(x, rows, Some(rng));
+            self.forward(0, x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
             let (loss, correct, dz) = loss_and_grad(kind, logits, y, rows, true);
             let mut grads = Vec::new();
@@ -485,19 +499,35 @@ impl Convnet {
         opt: &mut ConvOptimizer,
         rng: &mut R,
     ) -> Result<StepStats, ConvnetError> {
+        self.train_batch_above(0, x, y, rows, opt, rng)
+    }
+
+    /// A training step of layers `from..` alone, on `x`, the inputs of layer
+    /// `from` (what the frozen layers below made): those below neither run
+    /// nor move, and `opt` holds slots for the tensors of `from..` only.
+    pub fn train_batch_above<R: Rng + Send>(
+        &mut self,
+        from: usize,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+        opt: &mut ConvOptimizer,
+        rng: &mut R,
+    ) -> Result<StepStats, ConvnetError> {
         let kind = self.head_loss()?;
-        self.check(x, Some(y), rows)?;
+        self.check_above(from, x, Some(y), rows)?;
         let n = self.layers.len();
         let pool = self.pool.clone();
         let mut grads = std::mem::take(&mut self.grads);
+        let frozen = 2 * self.params[..from].iter().flatten().count();
         let stats = pool.install(|| {
-            self.forward(x, rows, Some(rng));
+            self.forward(from, x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
             let (loss, correct, dz) = loss_and_grad(kind, logits, y, rows, true);
-            self.backward(&dz, n, 0, false, Some(&mut grads));
+            self.backward(&dz, n, from, false, Some(&mut grads));
             let mut params: Vec<&mut Vec<f32>> =
-                self.params.iter_mut().flatten().flat_map(|p| [&mut p.kernel, &mut p.bias]).collect();
-            opt.step(&mut params, &grads);
+                self.params[from..].iter_mut().flatten().flat_map(|p| [&mut p.kernel, &mut p.bias]).collect();
+            opt.step(&mut params, &grads[frozen..]);
             StepStats { loss: (loss / rows.max(1) as f64) as f32, correct }
         });
         self.grads = grads;
@@ -506,11 +536,22 @@ impl Convnet {
 
     /// Summed loss and correct count over `rows` (inference: no dropout).
     pub fn evaluate(&mut self, x: &[f32], y: &[f32], rows: usize) -> Result<(f64, f64), ConvnetError> {
+        self.evaluate_above(0, x, y, rows)
+    }
+
+    /// [`Convnet::evaluate`] of `x`, inputs of layer `from`.
+    pub fn evaluate_above(
+        &mut self,
+        from: usize,
+        x: &[f32],
+        y: &[f32],
+        rows: usize,
+    ) -> Result<(f64, f64), ConvnetError> {
         let kind = self.head_loss()?;
-        self.check(x, Some(y), rows)?;
+        self.check_above(from, x, Some(y), rows)?;
         let pool = self.pool.clone();
         Ok(pool.install(|| {
-            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            self.forward::<rand_chacha::ChaCha8Rng>(from, x, rows, None);
             let (loss, correct, _) = loss_and_grad(kind, &self.acts[self.layers.len()], y, rows, false);
             (loss, correct)
         }))
@@ -530,19 +571,24 @@ impl Convnet {
         }
         let pool = self.pool.clone();
         Ok(pool.install(|| {
-            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            self.forward::<rand_chacha::ChaCha8Rng>(0, x, rows, None);
             self.acts[upto].clone()
         }))
     }
 
     /// Probabilities (sigmoid or softmax of the last layer), `[rows, outputs]`.
     pub fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, ConvnetError> {
-        self.check(x, None, rows)?;
+        self.predict_above(0, x, rows)
+    }
+
+    /// [`Convnet::predict`] of `x`, inputs of layer `from`.
+    pub fn predict_above(&mut self, from: usize, x: &[f32], rows: usize) -> Result<Vec<f32>, ConvnetError> {
+        self.check_above(from, x, None, rows)?;
         let pool = self.pool.clone();
         let loss = self.head_loss()?;
         let c = self.output_dim();
         Ok(pool.install(|| {
-            self.forward::<rand_chacha::ChaCha8Rng>(x, rows, None);
+            self.forward::<rand_chacha::ChaCha8Rng>(from, x, rows, None);
             let z = &self.acts[self.layers.len()];
             match loss {
                 LossKind::BinaryCrossentropy => z.iter().map(|&v| sigmoid(v)).collect(),

@@ -549,3 +549,43 @@ fn a_conv_base_cannot_be_trained_and_gradients_need_a_forward_pass() {
     let err = m.gradients(&[0.0; 25], &[], 1, &mut rng).unwrap_err().to_string();
     assert!(err.contains("no loss"), "{err}");
 }
+
+#[test]
+fn training_above_a_frozen_base_moves_the_head_as_a_whole_step_would_and_leaves_the_base() {
+    let input = [9, 9, 3];
+    let specs = [
+        conv(4, 3, 1, Padding::Same, Activation::Relu),
+        pool(2),
+        LayerSpec::Flatten,
+        LayerSpec::Dropout { rate: 0.5 },
+        dense(5, Activation::Relu),
+        dense(1, Activation::Sigmoid),
+    ];
+    let (x, y) = data(input, 6, 1, 5);
+    let (mut whole, mut above) =
+        (Convnet::new(input, &specs, 3, 2).unwrap(), Convnet::new(input, &specs, 3, 2).unwrap());
+    let before: Vec<Vec<f32>> = above.tensors().iter().map(|(_, _, v)| v.to_vec()).collect();
+    // Layers 0-1 frozen: the head (layers 2..) trains on what they make.
+    let maps = above.layer_output(&x, 6, 2).unwrap();
+    let spec = OptimizerSpec::rmsprop(1e-2);
+    let (mut opt_whole, mut opt_above) = (ConvOptimizer::new(spec), ConvOptimizer::new(spec));
+    let s_whole = whole.train_batch(&x, &y, 6, &mut opt_whole, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
+    let s_above = above.train_batch_above(2, &maps, &y, 6, &mut opt_above, &mut ChaCha8Rng::seed_from_u64(9)).unwrap();
+    assert_eq!(s_whole, s_above, "the same batch, the same dropout: the same loss and accuracy");
+    assert_eq!(opt_above.slots().len(), 4, "slots for the two dense layers' kernels and biases only");
+    let (tw, ta) = (whole.tensors(), above.tensors());
+    for (i, ((name, _, w), (_, _, a))) in tw.iter().zip(&ta).enumerate() {
+        if name.starts_with("conv2d") {
+            assert_eq!(*a, before[i].as_slice(), "{name}: frozen, unchanged");
+            assert_ne!(*w, before[i].as_slice(), "{name}: the whole step moves it");
+        } else {
+            assert_eq!(w, a, "{name}: a head's gradient does not depend on whether the base moves");
+            assert_ne!(*a, before[i].as_slice(), "{name}: trained");
+        }
+    }
+    // Scoring from layer 2 is scoring from the images.
+    let p = above.predict(&x, 6).unwrap();
+    let maps = above.layer_output(&x, 6, 2).unwrap();
+    assert_eq!(above.predict_above(2, &maps, 6).unwrap(), p);
+    assert!(above.predict_above(2, &x, 6).is_err(), "images are not layer 2's input");
+}

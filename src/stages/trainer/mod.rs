@@ -148,6 +148,10 @@ pub trait Model: Clone + Send + 'static {
     fn predict(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String>;
     /// The L2 penalty at `l2 = 1` (sum of squared kernel weights), added to the validation loss.
     fn l2_penalty(&self) -> f32;
+    /// Called before epoch `epoch` (1-based) trains, and, on resuming, with
+    /// the checkpoint's epoch before its state is put back: a model that
+    /// trains in phases (`frozen_base`) changes phase here, optimizer and all.
+    fn enter_epoch(&mut self, _epoch: usize, _opt: &mut Self::Opt) {}
     /// Whether training writes a checkpoint after every epoch and resumes
     /// from it. Not the default: the dense head trains in seconds.
     const CHECKPOINTS: bool = false;
@@ -510,6 +514,7 @@ impl<M: Model> Trainer<M> {
             );
             return Ok((0, false));
         }
+        self.head.enter_epoch(c.epoch, &mut self.opt);
         self.head.set_state(Some(&mut self.opt), &c.model).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(best) = &c.best_model {
             let mut h = self.head.clone();
@@ -736,6 +741,9 @@ impl<K: TrainerKind> TrainerStage<K> {
         if st.n == 0 && st.epoch != epoch {
             st.epoch = epoch;
             st.rng = epoch_rng(self.cfg.seed, epoch);
+            if let Some(t) = st.trainer.as_mut() {
+                t.head.enter_epoch(epoch, &mut t.opt);
+            }
         }
         st.x.extend_from_slice(x);
         st.y.extend_from_slice(y);
@@ -952,6 +960,7 @@ impl Collected<'_> {
             if epoch <= done {
                 continue;
             }
+            t.head.enter_epoch(epoch, &mut t.opt);
             for chunk in order.chunks(cfg.batch_size) {
                 xb.clear();
                 yb.clear();
