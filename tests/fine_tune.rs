@@ -349,6 +349,34 @@ fn cache_entries(cache: &Path) -> u64 {
     n.unwrap_or_else(|| panic!("no entry count in {text}"))
 }
 
+/// Runs `command` until a checkpoint is down in `out`, then SIGKILLs it;
+/// the checkpoint's epoch.
+fn kill_at_first_checkpoint(mut command: std::process::Command, out: &Path) -> u64 {
+    let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let killed_at = loop {
+        if let Some(e) = checkpoint_epoch(out) {
+            child.kill().unwrap();
+            break e;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.wait().unwrap();
+    assert!(!out.join("metrics.json").exists(), "killed before the end");
+    killed_at
+}
+
+/// Two runs' histories, weights and scores are the same, bit for bit.
+fn same_results(a: &Path, b: &Path) {
+    assert_eq!(common::history_without_seconds(a), common::history_without_seconds(b));
+    assert_eq!(tensors(&a.join("model.safetensors")), tensors(&b.join("model.safetensors")), "weights");
+    for key in ["val_acc", "test_acc", "test_loss", "test_acc_one_view"] {
+        assert_eq!(metrics(a)[key], metrics(b)[key], "{key}");
+    }
+}
+
 #[test]
 fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no_map_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -377,19 +405,7 @@ fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no
         }
         c
     };
-    let mut child = command().stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = std::time::Instant::now();
-    let killed_at = loop {
-        if let Some(e) = checkpoint_epoch(&cut) {
-            child.kill().unwrap();
-            break e;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    child.wait().unwrap();
-    assert!(!cut.join("metrics.json").exists(), "killed before the end");
+    let killed_at = kill_at_first_checkpoint(command(), &cut);
     let o = common::bin().args(["cache", "verify", "--dir"]).arg(&cache).output().unwrap();
     ok(&o, "convflow cache verify after the kill");
     let kept = cache_entries(&cache);
@@ -404,11 +420,7 @@ fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no
     assert!(at >= killed_at && log.contains(&format!("resuming after epoch {at}")), "{log}");
     assert_eq!(kept + inferred(&cut), 16 + 24, "maps kept before the kill + computed after");
     assert_eq!(cache_entries(&cache), 16 + 24);
-    assert_eq!(common::history_without_seconds(&cut), common::history_without_seconds(&whole));
-    assert_eq!(tensors(&cut.join("model.safetensors")), tensors(&whole.join("model.safetensors")), "weights");
-    for key in ["val_acc", "test_acc", "test_loss", "test_acc_one_view"] {
-        assert_eq!(metrics(&cut)[key], metrics(&whole)[key], "{key}");
-    }
+    same_results(&cut, &whole);
 }
 
 #[test]
@@ -522,30 +534,14 @@ fn the_one_command_trains_the_head_on_the_frozen_base_then_block5_and_resumes_ac
     // whole run did.
     let (cut, cache) = (dir.path().join("cut"), dir.path().join("cut_cache"));
     let command = || one_command(&data, &cache, &cut, 20, 2, "1.0e-5");
-    let mut child = command().stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = std::time::Instant::now();
-    let killed_at = loop {
-        if let Some(e) = checkpoint_epoch(&cut) {
-            child.kill().unwrap();
-            break e;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    child.wait().unwrap();
-    assert!(!cut.join("metrics.json").exists(), "killed before the end");
+    let killed_at = kill_at_first_checkpoint(command(), &cut);
     let o = command().output().unwrap();
     ok(&o, "the same command again");
     let log = String::from_utf8_lossy(&o.stderr);
     let at = metrics(&cut)["resumed_from_epoch"].as_u64().unwrap_or_else(|| panic!("did not resume:\n{log}"));
     eprintln!("killed after the checkpoint of epoch {killed_at}; resumed after epoch {at}");
     assert!(at >= killed_at && at < 22, "{log}");
-    assert_eq!(common::history_without_seconds(&cut), common::history_without_seconds(&whole));
-    assert_eq!(tensors(&cut.join("model.safetensors")), tensors(&whole.join("model.safetensors")), "weights");
-    for key in ["val_acc", "test_acc", "test_loss", "test_acc_one_view"] {
-        assert_eq!(metrics(&cut)[key], metrics(&whole)[key], "{key}");
-    }
+    same_results(&cut, &whole);
 }
 
 #[test]
