@@ -185,14 +185,6 @@ stages:
     )
 }
 
-/// The epoch recorded in a checkpoint's safetensors header, if one is there.
-fn checkpoint_epoch(out: &Path) -> Option<u64> {
-    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
-    header["__metadata__"]["epoch"].as_str()?.parse().ok()
-}
-
 fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
     let m = convflow::ml::convnet::Convnet::load_safetensors(&out.join("model.safetensors"), 1).unwrap();
     m.tensors().into_iter().map(|(n, _, v)| (n, v.to_vec())).collect()
@@ -215,20 +207,10 @@ fn a_training_killed_mid_run_resumes_to_the_uninterrupted_result() {
     // kill -9 once a checkpoint of epoch 2 or later is down.
     let cut = dir.path().join("cut");
     let p = common::write_pipeline(dir.path(), "cut.yaml", &resumable_yaml(&cut));
-    let mut child = common::bin().args(["run", "-q"]).arg(&p).spawn().unwrap();
-    let started = std::time::Instant::now();
-    let killed_at = loop {
-        if let Some(e) = checkpoint_epoch(&cut).filter(|&e| e >= 2) {
-            child.kill().unwrap();
-            break e;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(started.elapsed().as_secs() < 600, "no checkpoint of epoch 2 within 10 minutes");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    child.wait().unwrap();
-    assert!(!cut.join("metrics.json").exists(), "killed before the end");
-    let at = checkpoint_epoch(&cut).unwrap();
+    let mut command = common::bin();
+    command.args(["run", "-q"]).arg(&p);
+    let killed_at = common::kill_at_checkpoint(command, &cut, 2);
+    let at = common::checkpoint_epoch(&cut).unwrap();
     assert!((killed_at..8).contains(&at), "killed at epoch {killed_at}, checkpoint {at}");
 
     // A pipeline of other options (here only out_dir) does not take it up.

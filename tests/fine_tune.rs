@@ -331,14 +331,6 @@ fn exported_classifier_gives_the_pipelines_probabilities(data: &Path, cache: &Pa
     assert!(worst <= 1e-5, "classifier.onnx differs from the pipeline by {worst:.2e}");
 }
 
-/// The epoch recorded in a checkpoint's safetensors header, if one is there.
-fn checkpoint_epoch(out: &Path) -> Option<u64> {
-    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
-    header["__metadata__"]["epoch"].as_str()?.parse().ok()
-}
-
 /// Entries in a feature cache, from `convflow cache stats`.
 fn cache_entries(cache: &Path) -> u64 {
     let o = common::bin().args(["cache", "stats", "--dir"]).arg(cache).output().unwrap();
@@ -347,25 +339,6 @@ fn cache_entries(cache: &Path) -> u64 {
     let first = text.lines().next().unwrap_or_default();
     let n = first.split(": ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok());
     n.unwrap_or_else(|| panic!("no entry count in {text}"))
-}
-
-/// Runs `command` until a checkpoint is down in `out`, then SIGKILLs it;
-/// the checkpoint's epoch.
-fn kill_at_first_checkpoint(mut command: std::process::Command, out: &Path) -> u64 {
-    let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
-    let started = std::time::Instant::now();
-    let killed_at = loop {
-        if let Some(e) = checkpoint_epoch(out) {
-            child.kill().unwrap();
-            break e;
-        }
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        assert!(started.elapsed().as_secs() < 600, "no checkpoint within 10 minutes");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    };
-    child.wait().unwrap();
-    assert!(!out.join("metrics.json").exists(), "killed before the end");
-    killed_at
 }
 
 /// Two runs' histories, weights and scores are the same, bit for bit.
@@ -405,7 +378,7 @@ fn a_fine_tuning_killed_mid_run_resumes_to_the_uninterrupted_result_computing_no
         }
         c
     };
-    let killed_at = kill_at_first_checkpoint(command(), &cut);
+    let killed_at = common::kill_at_checkpoint(command(), &cut, 1);
     let o = common::bin().args(["cache", "verify", "--dir"]).arg(&cache).output().unwrap();
     ok(&o, "convflow cache verify after the kill");
     let kept = cache_entries(&cache);
@@ -534,7 +507,7 @@ fn the_one_command_trains_the_head_on_the_frozen_base_then_block5_and_resumes_ac
     // whole run did.
     let (cut, cache) = (dir.path().join("cut"), dir.path().join("cut_cache"));
     let command = || one_command(&data, &cache, &cut, 20, 2, "1.0e-5");
-    let killed_at = kill_at_first_checkpoint(command(), &cut);
+    let killed_at = common::kill_at_checkpoint(command(), &cut, 1);
     let o = command().output().unwrap();
     ok(&o, "the same command again");
     let log = String::from_utf8_lossy(&o.stderr);

@@ -64,20 +64,18 @@ fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, S
         Value::Map(entries) => entries.iter_mut().for_each(|(_, v)| walk(v, params, error)),
         Value::Scalar { text, .. } if text.contains("${") => {
             let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-            // A whole-scalar reference keeps the param's type (numbers stay numbers).
+            // A whole-scalar reference keeps the param's type (numbers stay
+            // numbers); a whole-scalar sum is a number.
             if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
                 && !name.contains(['$', '{', '}'])
-                && name.contains('+')
             {
-                match sum(name, &lookup) {
-                    Ok(total) => node.value = Value::Scalar { text: total.to_string(), plain: true },
-                    Err(e) => error(node.pos, e),
+                if name.contains('+') {
+                    match sum(name, &lookup) {
+                        Ok(total) => node.value = Value::Scalar { text: total.to_string(), plain: true },
+                        Err(e) => error(node.pos, e),
+                    }
+                    return;
                 }
-                return;
-            }
-            if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))
-                && !name.contains(['$', '{', '}'])
-            {
                 match lookup(name) {
                     Some(v) => node.value = v.value.clone(),
                     None => error(node.pos, unknown(name, params)),
@@ -123,17 +121,18 @@ fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, S
 fn sum<'a>(expr: &str, lookup: &dyn Fn(&str) -> Option<&'a Node>) -> Result<i64, String> {
     let mut total = 0i64;
     for term in expr.split('+').map(str::trim) {
-        let text = match term.parse::<i64>() {
-            Ok(n) => n.to_string(),
-            Err(_) => match lookup(term) {
-                Some(v) => v.as_str().unwrap_or_default().to_string(),
-                None => return Err(format!("`${{{expr}}}`: unknown param `{term}`")),
-            },
+        let n = match term.parse::<i64>() {
+            Ok(n) => n,
+            Err(_) => {
+                let text = lookup(term)
+                    .ok_or_else(|| format!("`${{{expr}}}`: unknown param `{term}`"))?
+                    .as_str()
+                    .unwrap_or_default();
+                text.trim().parse::<i64>().map_err(|_| {
+                    format!("`${{{expr}}}`: `{term}` is `{text}`, not an integer (a sum adds integers only)")
+                })?
+            }
         };
-        let n = text
-            .trim()
-            .parse::<i64>()
-            .map_err(|_| format!("`${{{expr}}}`: `{term}` is `{text}`, not an integer (a sum adds integers only)"))?;
         total = total.checked_add(n).ok_or_else(|| format!("`${{{expr}}}` overflows"))?;
     }
     Ok(total)

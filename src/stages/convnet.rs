@@ -21,6 +21,7 @@
 //! `model.safetensors` (Keras names and shapes) and `model.json` (layers,
 //! input shape, classes, and the stages that made the images).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -673,17 +674,18 @@ struct Frozen {
     /// however many epochs see it. Shared by the epochs' copies (the
     /// validation of an epoch may run after the next began: the base is the
     /// same in both).
-    memo: Arc<Mutex<HashMap<blake3::Hash, Arc<[f32]>>>>,
+    memo: Arc<Mutex<HashMap<blake3::Hash, Box<[f32]>>>>,
     /// At most this many outputs are kept (`max_memory_mb`); past that the
     /// base runs again for the rows not kept.
     memo_rows: usize,
 }
 
 impl ConvModel {
-    /// The base's output for `rows` rows of `x`: kept ones from the memo, the
-    /// others computed together in one pass.
-    fn base_output(&mut self, x: &[f32], rows: usize) -> Result<Vec<f32>, String> {
-        let Some(f) = &self.frozen else { return Ok(x.to_vec()) };
+    /// What the layers that train now take of `rows` rows of `x`: `x`
+    /// itself, or, while the base is frozen, its output (kept rows from the
+    /// memo, the others computed together in one pass).
+    fn trained_input<'a>(&mut self, x: &'a [f32], rows: usize) -> Result<Cow<'a, [f32]>, String> {
+        let Some(f) = &self.frozen else { return Ok(Cow::Borrowed(x)) };
         let per = x.len() / rows.max(1);
         let out_per = self.net.layers()[f.layers].input.len();
         let keys: Vec<blake3::Hash> = x.chunks_exact(per.max(1)).map(|r| blake3::hash(f32_bytes(r))).collect();
@@ -709,7 +711,7 @@ impl ConvModel {
                 }
             }
         }
-        Ok(out)
+        Ok(Cow::Owned(out))
     }
 
     /// The first layer that trains now (0: all).
@@ -717,12 +719,10 @@ impl ConvModel {
         self.frozen.as_ref().map_or(0, |f| f.layers)
     }
 
-    /// Tensors of the layers that train now, in [`Convnet::tensors`] order:
-    /// those the optimizer has slots for.
-    fn trained_tensors(&self) -> Vec<String> {
-        let from = self.trains_from();
-        let frozen = 2 * self.net.layers()[..from].iter().filter(|l| l.params > 0).count();
-        self.net.tensors().into_iter().skip(frozen).map(|(n, _, _)| n).collect()
+    /// How many of [`Convnet::tensors`] are frozen now: the optimizer has
+    /// slots for the ones after.
+    fn frozen_tensors(&self) -> usize {
+        self.net.tensors_below(self.trains_from())
     }
 }
 
@@ -765,7 +765,7 @@ impl Model for ConvModel {
         rng: &mut ChaCha8Rng,
     ) -> Result<(f32, f64), String> {
         let from = self.trains_from();
-        let x = if from > 0 { std::borrow::Cow::Owned(self.base_output(x, rows)?) } else { x.into() };
+        let x = self.trained_input(x, rows)?;
         let s = self.net.train_batch_above(from, &x, y, rows, opt, rng).map_err(|e| e.to_string())?;
         Ok((s.loss, s.correct))
     }
@@ -777,7 +777,7 @@ impl Model for ConvModel {
         let (mut loss, mut correct) = (0.0f64, 0.0f64);
         for start in (0..rows).step_by(EVAL_CHUNK) {
             let n = EVAL_CHUNK.min(rows - start);
-            let xs = self.base_output(&x[start * per..(start + n) * per], n)?;
+            let xs = self.trained_input(&x[start * per..(start + n) * per], n)?;
             let (l, k) =
                 self.net.evaluate_above(from, &xs, &y[start * c..(start + n) * c], n).map_err(|e| e.to_string())?;
             loss += l;
@@ -793,7 +793,7 @@ impl Model for ConvModel {
         let mut out = Vec::new();
         for start in (0..rows).step_by(EVAL_CHUNK) {
             let n = EVAL_CHUNK.min(rows - start);
-            let xs = self.base_output(&x[start * per..(start + n) * per], n)?;
+            let xs = self.trained_input(&x[start * per..(start + n) * per], n)?;
             out.extend(self.net.predict_above(from, &xs, n).map_err(|e| e.to_string())?);
         }
         Ok(out)
@@ -812,9 +812,7 @@ impl Model for ConvModel {
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
             weights.iter().map(|(n, shape, v)| (n.clone(), shape.clone(), v.to_vec())).collect();
         if let Some(opt) = opt {
-            let trained = self.trained_tensors();
-            let shapes = weights.iter().filter(|(n, _, _)| trained.contains(n)).map(|(_, s, _)| s);
-            for ((name, shape), (s1, s2)) in trained.iter().zip(shapes).zip(opt.slots()) {
+            for ((name, shape, _), (s1, s2)) in weights.iter().skip(self.frozen_tensors()).zip(opt.slots()) {
                 tensors.push((format!("{name}/slot1"), shape.clone(), s1.clone()));
                 tensors.push((format!("{name}/slot2"), shape.clone(), s2.clone()));
             }
@@ -834,7 +832,7 @@ impl Model for ConvModel {
             && state.iterations > 0
         {
             let mut slots = Vec::new();
-            for name in &self.trained_tensors() {
+            for name in names.iter().skip(self.frozen_tensors()) {
                 slots.push((
                     state.get(&format!("{name}/slot1"))?.to_vec(),
                     state.get(&format!("{name}/slot2"))?.to_vec(),

@@ -166,3 +166,30 @@ pub fn history_without_seconds(out: &Path) -> Vec<String> {
         .map(|l| l.rsplit_once(',').unwrap().0.to_string())
         .collect()
 }
+
+/// The epoch recorded in a checkpoint's safetensors header, if one is there.
+pub fn checkpoint_epoch(out: &Path) -> Option<u64> {
+    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    header["__metadata__"]["epoch"].as_str()?.parse().ok()
+}
+
+/// Runs `command` until a checkpoint of epoch `at_least` or later is down
+/// in `out`, then SIGKILLs it; the checkpoint's epoch.
+pub fn kill_at_checkpoint(mut command: std::process::Command, out: &Path, at_least: u64) -> u64 {
+    let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let killed_at = loop {
+        if let Some(e) = checkpoint_epoch(out).filter(|&e| e >= at_least) {
+            child.kill().unwrap();
+            break e;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 600, "no checkpoint of epoch {at_least} within 10 minutes");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.wait().unwrap();
+    assert!(!out.join("metrics.json").exists(), "killed before the end");
+    killed_at
+}

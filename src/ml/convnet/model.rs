@@ -218,6 +218,11 @@ impl Convnet {
         out
     }
 
+    /// How many of [`Convnet::tensors`] belong to layers `..from`.
+    pub fn tensors_below(&self, from: usize) -> usize {
+        2 * self.params[..from].iter().flatten().count()
+    }
+
     /// Replaces one tensor by name (see [`Convnet::tensors`]).
     pub fn set_tensor(&mut self, name: &str, values: &[f32]) -> Result<(), ConvnetError> {
         for (l, p) in self.layers.iter().zip(&mut self.params) {
@@ -519,7 +524,7 @@ impl Convnet {
         let n = self.layers.len();
         let pool = self.pool.clone();
         let mut grads = std::mem::take(&mut self.grads);
-        let frozen = 2 * self.params[..from].iter().flatten().count();
+        let frozen = self.tensors_below(from);
         let stats = pool.install(|| {
             self.forward(from, x, rows, Some(rng));
             let logits = &self.acts[self.layers.len()];
