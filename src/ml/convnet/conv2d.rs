@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::matmul::{Layout, matmul};
+use super::winograd::{self, WinogradScratch};
 use crate::ml::activation::{Activation, activate, activation_backward};
 
 /// Bytes of columns per tile: well inside a core's L2 (1-2 MB on the
@@ -189,6 +190,7 @@ fn add(d: &mut [f32], s: &[f32]) {
 #[derive(Debug, Default, Clone)]
 pub struct ConvScratch {
     parts: Vec<PartScratch>,
+    winograd: WinogradScratch,
 }
 
 /// One part's own buffers: a tile of columns, its gradient, and the part's
@@ -202,6 +204,14 @@ struct PartScratch {
 }
 
 impl ConvScratch {
+    /// A scratch whose Winograd convolutions take `bytes` a group (tests of several groups).
+    #[cfg(test)]
+    pub(crate) fn with_winograd_group_bytes(bytes: usize) -> ConvScratch {
+        let mut s = ConvScratch::default();
+        s.winograd.group_bytes = bytes;
+        s
+    }
+
     fn parts(&mut self, n: usize) -> &mut [PartScratch] {
         if self.parts.len() < n {
             self.parts.resize_with(n, PartScratch::default);
@@ -225,6 +235,9 @@ pub fn forward(
     scratch: &mut ConvScratch,
     threads: usize,
 ) {
+    if winograd::applies(g) {
+        return winograd::forward(g, kernel, bias, x, rows, activation, y, &mut scratch.winograd);
+    }
     let (patch, f) = (g.patch(), g.filters);
     let total = rows * g.out_pixels();
     let tile = g.tile_rows();
@@ -280,6 +293,9 @@ pub fn backward(
     scratch: &mut ConvScratch,
     threads: usize,
 ) {
+    if winograd::applies(g) {
+        return winograd::backward(g, kernel, x, y, activation, dy, rows, weights, dx, &mut scratch.winograd);
+    }
     let (patch, pixels, f) = (g.patch(), g.out_pixels(), g.filters);
     let tile = g.tile_rows();
     if rows == 0 {

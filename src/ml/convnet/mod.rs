@@ -4,7 +4,8 @@
 //! NHWC order, so weights and flatten order line up with Keras's.
 //!
 //! - [`spec`]: the layer list of a pipeline file, its shapes and `summary`.
-//! - [`conv2d`], [`pooling`], [`dropout`]: one layer each, forward and backward
+//! - [`conv2d`], [`pooling`], [`dropout`]: one layer each, forward and backward;
+//!   [`winograd`]: the 3x3 convolutions with many channels, 2.25x fewer multiply-adds
 //!   (flatten is a copy: NHWC is already Keras's order; dense is two GEMMs in [`model`]).
 //! - [`matmul`]: the GEMM wrapper every layer uses, and its deterministic split.
 //! - [`init`]: glorot_uniform kernels, zero biases.
@@ -24,6 +25,7 @@ pub mod pooling;
 pub mod spec;
 pub mod store;
 pub mod vgg16;
+pub mod winograd;
 
 #[cfg(test)]
 mod tests;

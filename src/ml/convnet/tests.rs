@@ -394,56 +394,70 @@ fn tiled_convolution_matches_a_direct_one_across_tiles_parts_and_images() {
         ([9, 11, 3], 2, 1, Padding::Same, 4, 5, false),
     ] {
         let g = conv2d::ConvGeometry::new(input, [k, k], [s, s], padding, filters).unwrap();
-        let mut rng = ChaCha8Rng::seed_from_u64(21);
-        let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
-        let (x, kernel, bias) = (draw(rows * g.in_len()), draw(g.patch() * filters), draw(filters));
-        let dy = draw(rows * g.out_pixels() * filters);
-        let (y0, dk0, db0, dx0) = direct_conv(&g, &kernel, &x, &dy, rows);
-        let y0: Vec<f64> = y0.iter().enumerate().map(|(i, &v)| v + f64::from(bias[i % filters])).collect();
         assert_eq!(rows * g.out_pixels() > g.tile_rows(), tiles, "{input:?}");
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let mut scratch = conv2d::ConvScratch::default();
-                let mut y = vec![f32::NAN; 7];
-                conv2d::forward(&g, &kernel, &bias, &x, rows, None, &mut y, &mut scratch, threads);
-                close("y", &y, &y0);
-                let (mut dk, mut db, mut dx) = (vec![f32::NAN; dk0.len()], vec![f32::NAN; filters], vec![f32::NAN; 3]);
-                let mut d = dy.clone();
-                conv2d::backward(
-                    &g,
-                    &kernel,
-                    &x,
-                    &y,
-                    None,
-                    &mut d,
-                    rows,
-                    Some((&mut dk, &mut db)),
-                    Some(&mut dx),
-                    &mut scratch,
-                    threads,
-                );
-                close("dkernel", &dk, &dk0);
-                close("dbias", &db, &db0);
-                close("dx", &dx, &dx0);
-                // The input gradient alone (no weight gradients) is the same.
-                let (mut d, mut dx_only) = (dy.clone(), vec![f32::NAN; 3]);
-                conv2d::backward(
-                    &g,
-                    &kernel,
-                    &x,
-                    &y,
-                    None,
-                    &mut d,
-                    rows,
-                    None,
-                    Some(&mut dx_only),
-                    &mut scratch,
-                    threads,
-                );
-                assert_eq!(dx_only, dx, "{input:?}: input gradient without the weight gradients");
-            });
-        }
+        assert!(!winograd::applies(&g), "{input:?}");
+        conv_matches_direct(&g, rows);
+    }
+}
+
+#[test]
+fn winograd_convolution_matches_a_direct_one_for_any_size_and_padding() {
+    // Odd outputs (9x9 as block5's, 6x5) leave tiles half outside the
+    // image; 70 filters are no multiple of a vector.
+    for (input, padding, filters, rows) in
+        [([9, 9, 64], Padding::Same, 64, 3), ([8, 7, 64], Padding::Valid, 70, 2), ([4, 6, 80], Padding::Same, 64, 1)]
+    {
+        let g = conv2d::ConvGeometry::new(input, [3, 3], [1, 1], padding, filters).unwrap();
+        assert!(winograd::applies(&g), "{input:?}");
+        conv_matches_direct(&g, rows);
+    }
+}
+
+/// `conv2d::forward` and `backward` on `rows` random images against
+/// [`direct_conv`], on 1, 2 and 3 threads (and one image a Winograd group):
+/// every gradient, with and without the weight gradients.
+fn conv_matches_direct(g: &conv2d::ConvGeometry, rows: usize) {
+    let filters = g.filters;
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (x, kernel, bias) = (draw(rows * g.in_len()), draw(g.patch() * filters), draw(filters));
+    let dy = draw(rows * g.out_pixels() * filters);
+    let (y0, dk0, db0, dx0) = direct_conv(g, &kernel, &x, &dy, rows);
+    let y0: Vec<f64> = y0.iter().enumerate().map(|(i, &v)| v + f64::from(bias[i % filters])).collect();
+    // Winograd's groups: as many images as fit, or one image each.
+    for (threads, group_bytes) in [(1, None), (2, None), (3, None), (2, Some(1))] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut scratch = match group_bytes {
+                Some(b) => conv2d::ConvScratch::with_winograd_group_bytes(b),
+                None => conv2d::ConvScratch::default(),
+            };
+            let mut y = vec![f32::NAN; 7];
+            conv2d::forward(g, &kernel, &bias, &x, rows, None, &mut y, &mut scratch, threads);
+            close("y", &y, &y0);
+            let (mut dk, mut db, mut dx) = (vec![f32::NAN; dk0.len()], vec![f32::NAN; filters], vec![f32::NAN; 3]);
+            let mut d = dy.clone();
+            conv2d::backward(
+                g,
+                &kernel,
+                &x,
+                &y,
+                None,
+                &mut d,
+                rows,
+                Some((&mut dk, &mut db)),
+                Some(&mut dx),
+                &mut scratch,
+                threads,
+            );
+            close("dkernel", &dk, &dk0);
+            close("dbias", &db, &db0);
+            close("dx", &dx, &dx0);
+            // The input gradient alone (no weight gradients) is the same.
+            let (mut d, mut dx_only) = (dy.clone(), vec![f32::NAN; 3]);
+            conv2d::backward(g, &kernel, &x, &y, None, &mut d, rows, None, Some(&mut dx_only), &mut scratch, threads);
+            assert_eq!(dx_only, dx, "{g:?}: input gradient without the weight gradients");
+        });
     }
 }
 
