@@ -293,9 +293,6 @@ pub fn backward(
     scratch: &mut ConvScratch,
     threads: usize,
 ) {
-    if winograd::applies(g) {
-        return winograd::backward(g, kernel, x, y, activation, dy, rows, weights, dx, &mut scratch.winograd);
-    }
     let (patch, pixels, f) = (g.patch(), g.out_pixels(), g.filters);
     let tile = g.tile_rows();
     if rows == 0 {
@@ -304,6 +301,9 @@ pub fn backward(
             dbias.fill(0.0);
         }
         return;
+    }
+    if winograd::applies(g) {
+        return winograd::backward(g, kernel, x, y, activation, dy, rows, weights, dx, &mut scratch.winograd);
     }
     let want_weights = weights.is_some();
     // Whole images per part, so that each part owns its images' input

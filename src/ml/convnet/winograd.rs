@@ -303,6 +303,16 @@ fn prepare_kernel(kernel: &[f32], c: usize, f: usize, buf: &mut Vec<f32>) {
     });
 }
 
+/// The 16 products `out[p] (+)= op(a[p]) op(b[p])` (`m x n`, inner
+/// dimension `k`), one GEMM per thread.
+#[allow(clippy::too_many_arguments)]
+fn products(out: &mut [f32], a: &[f32], la: Layout, b: &[f32], lb: Layout, [m, n, k]: [usize; 3], accumulate: bool) {
+    out.par_chunks_mut(m * n)
+        .zip(a.par_chunks(m * k))
+        .zip(b.par_chunks(k * n))
+        .for_each(|((out, a), b)| matmul(m, n, k, a, la, b, lb, out, accumulate, 1));
+}
+
 /// Bytes of one group's transformed operands: the images of a batch are
 /// transformed and multiplied a group at a time, so memory stays bounded
 /// whatever the batch and image size (VGG16's block1 at 150x150 takes
@@ -343,12 +353,7 @@ pub fn forward(
         prepare_input(g, x, rows, &mut s.input);
         // The 16 products, one thread each.
         s.output.resize(P * tiles * f, 0.0);
-        let (u, v) = (&s.kernel, &s.input);
-        s.output
-            .par_chunks_mut(tiles * f)
-            .zip(v.par_chunks(tiles * c))
-            .zip(u.par_chunks(c * f))
-            .for_each(|((m, v), u)| matmul(tiles, f, c, v, Layout::N, u, Layout::N, m, false, 1));
+        products(&mut s.output, &s.input, Layout::N, &s.kernel, Layout::N, [tiles, f, c], false);
         // Back to pixels, whole images per part: each tile's 2x2 outputs into
         // `out`, then those inside the image onto `y` with the bias.
         let per = images_per_part(rows);
@@ -376,7 +381,8 @@ pub fn forward(
 
 /// The gradients of [`forward`] from `dy` (turned in place into the
 /// pre-activation's gradient when `activation` is given): kernel and bias
-/// (with `weights`) and input (with `dx`), as [`super::conv2d::backward`].
+/// (with `weights`) and input (with `dx`), as [`super::conv2d::backward`],
+/// which handles an empty batch.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     g: &ConvGeometry,
@@ -393,16 +399,6 @@ pub fn backward(
     let (c, f) = (g.in_c, g.filters);
     let (th, tw) = tile_grid(g);
     let out_len = g.out_pixels() * f;
-    if rows == 0 {
-        if let Some((dkernel, dbias)) = weights {
-            dkernel.fill(0.0);
-            dbias.fill(0.0);
-        }
-        if let Some(dx) = dx {
-            dx.clear();
-        }
-        return;
-    }
     if let Some(a) = activation {
         dy.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(d, y)| activation_backward(a, y, d));
     }
@@ -440,22 +436,12 @@ pub fn backward(
             // dU[p] += V[p]^T dM[p], summed over the groups in order.
             prepare_input(g, &x[i * group * g.in_len()..][..rows * g.in_len()], rows, &mut s.input);
             s.dkernel.resize(P * c * f, 0.0);
-            let (v, m) = (&s.input, &s.output);
-            s.dkernel
-                .par_chunks_mut(c * f)
-                .zip(v.par_chunks(tiles * c))
-                .zip(m.par_chunks(tiles * f))
-                .for_each(|((du, v), m)| matmul(c, f, tiles, v, Layout::T, m, Layout::N, du, i > 0, 1));
+            products(&mut s.dkernel, &s.input, Layout::T, &s.output, Layout::N, [c, f, tiles], i > 0);
         }
         if let Some(dx) = dx.as_deref_mut() {
             // dV[p] = dM[p] U[p]^T, then each tile's B dV Bt added onto its pixels.
             s.input.resize(P * tiles * c, 0.0);
-            let (m, u) = (&s.output, &s.kernel);
-            s.input
-                .par_chunks_mut(tiles * c)
-                .zip(m.par_chunks(tiles * f))
-                .zip(u.par_chunks(c * f))
-                .for_each(|((dv, m), u)| matmul(tiles, c, f, m, Layout::N, u, Layout::T, dv, false, 1));
+            products(&mut s.input, &s.output, Layout::N, &s.kernel, Layout::T, [tiles, c, f], false);
             let planes: Vec<&[f32]> = s.input.chunks(tiles * c).collect();
             let dx = &mut dx[i * group * g.in_len()..][..rows * g.in_len()];
             dx.par_chunks_mut(per * g.in_len()).enumerate().for_each(|(part, dx)| {
