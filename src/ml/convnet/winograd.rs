@@ -83,8 +83,9 @@ fn images_per_part(rows: usize) -> usize {
     rows.div_ceil(rayon::current_num_threads().clamp(1, rows.max(1))).max(1)
 }
 
-/// Cuts each of the 16 planes of `buf` (`plane` values each) into chunks of
-/// `chunk` values; part `i` gets the `i`-th chunk of every plane.
+/// Cuts each plane of `buf` (`plane` values each: the 16 positions, or a
+/// kernel's 9 taps) into chunks of `chunk` values; part `i` gets the `i`-th
+/// chunk of every plane.
 fn split_planes(buf: &mut [f32], plane: usize, chunk: usize) -> Vec<Vec<&mut [f32]>> {
     let parts = plane.div_ceil(chunk.max(1));
     let mut out: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::with_capacity(P)).collect();
@@ -251,9 +252,9 @@ fn per_channel<const I: usize, const O: usize>(
 fn rows_of<'a>(planes: &'a [&[f32]], i: usize, len: usize) -> [&'a [f32]; P] {
     std::array::from_fn(|p| &planes[p][i * len..][..len])
 }
-fn rows_of_mut<'a>(planes: &'a mut [&mut [f32]], i: usize, len: usize) -> [&'a mut [f32]; P] {
-    let v: Vec<&mut [f32]> = planes.iter_mut().map(|p| &mut p[i * len..][..len]).collect();
-    v.try_into().unwrap_or_else(|_| unreachable!("16 planes"))
+fn rows_of_mut<'a, const N: usize>(planes: &'a mut [&mut [f32]], i: usize, len: usize) -> [&'a mut [f32]; N] {
+    let mut rows = planes.iter_mut().map(|p| &mut p[i * len..][..len]);
+    std::array::from_fn(|_| rows.next().expect("a plane per position"))
 }
 
 /// Every tile of images `first..first + images`, in order: (image, tile row, tile column).
@@ -361,8 +362,8 @@ pub fn forward(
         y.par_chunks_mut(per * out_len).enumerate().for_each(|(part, y)| {
             let mut out = vec![0f32; 4 * f];
             for (t, (n, ty, tx)) in tiles_of(g, 0, y.len() / out_len).enumerate() {
-                let quarters: Vec<&mut [f32]> = out.chunks_exact_mut(f).collect();
-                let quarters: [&mut [f32]; 4] = quarters.try_into().unwrap_or_else(|_| unreachable!("4 outputs"));
+                let mut quarters = out.chunks_exact_mut(f);
+                let quarters: [&mut [f32]; 4] = std::array::from_fn(|_| quarters.next().expect("4 outputs"));
                 per_channel(rows_of(&planes, part * per * th * tw + t, f), quarters, f, |m| both::<4, 2, 16, 4>(m, at));
                 for (k, o) in out.chunks_exact(f).enumerate() {
                     let (oy, ox) = (2 * ty + k / 2, 2 * tx + k % 2);
@@ -448,10 +449,9 @@ pub fn backward(
                 dx.fill(0.0);
                 let mut tile = vec![0f32; P * c];
                 for (t, (n, ty, tx)) in tiles_of(g, 0, dx.len() / g.in_len()).enumerate() {
-                    let mut out: Vec<&mut [f32]> = tile.chunks_exact_mut(c).collect();
-                    per_channel(rows_of(&planes, part * per * th * tw + t, c), rows_of_mut(&mut out, 0, c), c, |v| {
-                        both::<4, 4, 16, 16>(v, b)
-                    });
+                    let mut out = tile.chunks_exact_mut(c);
+                    let out: [&mut [f32]; P] = std::array::from_fn(|_| out.next().expect("16 positions"));
+                    per_channel(rows_of(&planes, part * per * th * tw + t, c), out, c, |v| both::<4, 4, 16, 16>(v, b));
                     let image = &mut dx[n * g.in_len()..][..g.in_len()];
                     for (k, d) in tile.chunks_exact(c).enumerate() {
                         if let Some(px) = tile_pixel(g, ty, tx, k) {
@@ -466,16 +466,9 @@ pub fn backward(
         // dkernel = Gt dU G, channels split among the threads.
         let per_c = c.div_ceil(rayon::current_num_threads().max(1));
         let planes: Vec<&[f32]> = s.dkernel.chunks(c * f).collect();
-        let mut parts: Vec<Vec<&mut [f32]>> = (0..c.div_ceil(per_c)).map(|_| Vec::with_capacity(9)).collect();
-        for tap in dkernel.chunks_mut(c * f) {
-            for (part, rows) in parts.iter_mut().zip(tap.chunks_mut(per_c * f)) {
-                part.push(rows);
-            }
-        }
-        parts.into_par_iter().enumerate().for_each(|(part, mut taps)| {
+        split_planes(dkernel, c * f, per_c * f).into_par_iter().enumerate().for_each(|(part, mut taps)| {
             for r in 0..taps[0].len() / f {
-                let out: Vec<&mut [f32]> = taps.iter_mut().map(|t| &mut t[r * f..][..f]).collect();
-                let out: [&mut [f32]; 9] = out.try_into().unwrap_or_else(|_| unreachable!("9 taps"));
+                let out: [&mut [f32]; 9] = rows_of_mut(&mut taps, r, f);
                 per_channel(rows_of(&planes, part * per_c + r, f), out, f, |u| both::<4, 3, 16, 9>(u, gt));
             }
         });
