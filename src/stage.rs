@@ -118,6 +118,12 @@ pub trait Stage: Send {
     fn summary(&self) -> Option<serde_json::Value> {
         None
     }
+
+    /// How many images it emits for each image it takes, for the progress
+    /// total of the stages after it (`views`: one per view).
+    fn images_per_input(&self) -> u64 {
+        1
+    }
 }
 
 /// A stage with no input: produces items until done or told to stop.

@@ -127,3 +127,32 @@ fn views_are_cached_once_each_and_scored_by_their_mean_per_image() {
     assert!(close(accuracy(&views), &m["test_acc"]), "{} vs {m}", accuracy(&views));
     assert!(close(accuracy(&plain), &m["test_acc_one_view"]), "{} vs {m}", accuracy(&plain));
 }
+
+/// The progress log counts a sink against what reaches it: with two views
+/// per image, twice the files (it used to expect one per file, and ended
+/// at 80/40 with a wrong ETA all along).
+#[test]
+fn the_progress_total_counts_every_view() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    convflow::demo::generate(&data, 11).unwrap();
+    let views = "  - {id: views, kind: views, input: decode}\n";
+    let yaml = common::extraction_yaml(
+        &data.join("test"),
+        &common::tiny_model(),
+        &tmp.path().join("out"),
+        None,
+        views,
+        32,
+        "caffe",
+    )
+    .replace("input: decode\n    size", "input: views\n    size");
+    let pipeline = common::write_pipeline(tmp.path(), "p.yaml", &yaml);
+    let o = common::bin().args(["run", pipeline.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let files = 40;
+    let last = stderr.lines().rfind(|l| l.contains("progress: ")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(last.contains(&format!("files {files}/{files} ")), "{last}");
+    assert!(last.contains(&format!("write {n}/{n} ", n = 2 * files)), "{last}");
+}

@@ -405,6 +405,25 @@ fn wire_edges(graph: &Graph) -> Edges {
     edges
 }
 
+/// How many images each stage will see, where the sources know their count:
+/// a source's own total, then each stage's inputs summed (a fan-out sends
+/// every item to each consumer) times what it makes of one (`views`).
+fn expected_images(graph: &Graph, actors: &[Actor]) -> Vec<Option<u64>> {
+    let mut totals = vec![None; graph.stages.len()];
+    for &i in &graph.order {
+        totals[i] = match &actors[i] {
+            Actor::Source(s) => s.total(),
+            Actor::Single(s) => sum_inputs(&totals, &graph.stages[i].inputs).map(|n| n * s.images_per_input()),
+            Actor::Pool(pool) => sum_inputs(&totals, &graph.stages[i].inputs).map(|n| n * pool[0].images_per_input()),
+        };
+    }
+    totals
+}
+
+fn sum_inputs(totals: &[Option<u64>], inputs: &[usize]) -> Option<u64> {
+    inputs.iter().map(|&j| totals[j]).sum()
+}
+
 /// What watches the run: per-stage counters, the Prometheus series (each
 /// present from the start, reading 0 rather than missing) and the progress
 /// display of the sources and sinks.
@@ -440,10 +459,9 @@ impl Instruments {
         let time_metrics = TimeMetrics::new(&stats, &labels);
         time_metrics.sync();
         let mut tracked = Vec::new();
-        let totals: Vec<Option<u64>> =
-            actors.iter().map(|a| if let Actor::Source(s) = a { s.total() } else { None }).collect();
+        let totals = expected_images(graph, actors);
         for (i, stage) in graph.stages.iter().enumerate() {
-            if let Some(n) = totals[i] {
+            if let (Some(n), true) = (totals[i], stage.info.is_source()) {
                 labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
             }
             let role = if stage.info.is_source() {
@@ -453,16 +471,7 @@ impl Instruments {
             } else {
                 continue;
             };
-            let total = match role {
-                Role::Source => totals[i],
-                Role::Sink => graph
-                    .ancestors(i)
-                    .into_iter()
-                    .filter(|&j| graph.stages[j].info.is_source())
-                    .map(|j| totals[j])
-                    .sum::<Option<u64>>(),
-            };
-            tracked.push(Tracked { stage: stage.id().to_string(), role, total, stats: stats[i].clone() });
+            tracked.push(Tracked { stage: stage.id().to_string(), role, total: totals[i], stats: stats[i].clone() });
         }
         let progress = Progress::new(options.progress, tracked);
         Instruments { stats, labels, fills, cache_metrics, time_metrics, progress }

@@ -101,6 +101,10 @@ impl Stage for Views {
         }
         Ok(())
     }
+
+    fn images_per_input(&self) -> u64 {
+        self.config.views().len() as u64
+    }
 }
 
 #[cfg(test)]

@@ -158,11 +158,15 @@ impl Progress {
             .join("; ")
     }
 
-    /// Final positions; bars stay on screen, above the report table.
+    /// Final positions; bars stay on screen, above the report table, and
+    /// a log ends with a last line of the final counts.
     pub fn finish(&mut self) {
         for (t, bar) in self.tracked.iter().zip(&self.bars) {
             bar.set_position(t.count());
             bar.abandon();
+        }
+        if let ProgressMode::Lines(_) = self.mode {
+            tracing::info!("progress: {}", self.line());
         }
     }
 }
