@@ -186,19 +186,24 @@ fn cache_hits_skip_decode_and_inference_and_never_serve_stale_features() {
 }
 
 #[test]
-fn decode_workers_keep_source_order() {
+fn decode_workers_and_inference_sessions_keep_source_order() {
     let tmp = tempfile::tempdir().unwrap();
     let data = common::root().join("tests/fixtures/images");
     let model = common::tiny_model();
     let mut outputs = Vec::new();
-    for workers in [1, 3] {
-        let out = tmp.path().join(format!("w{workers}"));
-        let yaml =
-            common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale");
-        common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+    // One decoder; three; one per core (`auto`); and two model sessions,
+    // as on a GPU, whose batches finish in either order.
+    for (name, workers, sessions) in [("w1", "1", 1), ("w3", "3", 1), ("auto", "auto", 1), ("s2", "auto", 2)] {
+        let out = tmp.path().join(name);
+        let yaml = common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale")
+            .replace("    kind: onnx_features\n", &format!("    kind: onnx_features\n    workers: {sessions}\n"));
+        let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+        let features = report.stages.iter().find(|s| s.id == "features").unwrap();
+        assert_eq!(features.workers, sessions, "{yaml}");
         outputs.push((paths(&out), std::fs::read(out.join("features.npy")).unwrap()));
     }
-    assert_eq!(outputs[0], outputs[1]);
+    assert!(outputs.iter().all(|o| *o == outputs[0]));
+    assert!(!outputs[0].0.is_empty());
 }
 
 #[test]

@@ -266,6 +266,21 @@ fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str
     }
 }
 
+/// `workers: N`, or `auto`: one copy per core of this machine, so a decode
+/// pool grows with the machine it runs on (16 decoders feeding one GPU).
+fn workers(c: &mut Collector, node: &Node, stage: Option<&str>) -> Option<usize> {
+    if node.as_str() == Some("auto") {
+        return Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    }
+    match node.to_json().as_u64() {
+        Some(n) if n >= 1 => Some(n as usize),
+        _ => {
+            c.push(node.pos, stage, Some("workers"), format!("expected a whole number >= 1 or `auto`, found `{}`", node.to_json()));
+            None
+        }
+    }
+}
+
 fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
     let Some(entries) = node.as_map() else {
         c.push(node.pos, None, None, "each stage is a mapping with at least `id` and `kind`");
@@ -321,7 +336,7 @@ fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
         }
     }
 
-    let workers = node.get("workers").and_then(|(_, v)| positive_int(c, v, sid, "workers")).unwrap_or(1);
+    let workers = node.get("workers").and_then(|(_, v)| workers(c, v, sid)).unwrap_or(1);
     let channel_capacity = node.get("channel_capacity").and_then(|(_, v)| positive_int(c, v, sid, "channel_capacity"));
     let on_error = match node.get("on_error") {
         None => OnError::Skip,

@@ -100,7 +100,14 @@ pub fn prepare(ort_library: &Path) -> Result<(), String> {
             break;
         }
     }
-    dlopen(&provider).map_err(|e| {
+    // The provider itself must not be opened here: its globals take ONNX
+    // Runtime's host pointer when it loads, which ORT sets just before it
+    // opens the provider; opened earlier they keep a null one and the first
+    // session crashes (seen on an H200). Its own dependencies are opened by
+    // name instead, so the loader names the first one it cannot find.
+    let needed = needed_libraries(&provider)
+        .map_err(|e| format!("cannot read the CUDA provider {}: {e}", provider.display()))?;
+    needed.iter().filter(|n| !n.starts_with("libonnxruntime")).try_for_each(|n| dlopen(Path::new(n))).map_err(|e| {
         let searched = if dirs.is_empty() {
             "no CUDA library folder found".to_string()
         } else {
@@ -113,6 +120,64 @@ pub fn prepare(ort_library: &Path) -> Result<(), String> {
     })
 }
 
+/// The `DT_NEEDED` names of a 64-bit little-endian ELF shared library: what
+/// the loader will look for when it is opened, read without opening it.
+fn needed_libraries(path: &Path) -> Result<Vec<String>, String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let read = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map_err(|e| format!("{e} at byte {offset}"))?;
+        Ok(buf)
+    };
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    let header = read(0, 64)?;
+    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&header, 0x20), u16_at(&header, 0x36) as u64, u16_at(&header, 0x38));
+    // (type, offset, vaddr, filesz) of each program header.
+    let segments: Vec<(u32, u64, u64, u64)> = (0..phnum as u64)
+        .map(|i| {
+            let ph = read(phoff + i * phentsize, 56)?;
+            let kind = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
+            Ok((kind, u64_at(&ph, 8), u64_at(&ph, 16), u64_at(&ph, 32)))
+        })
+        .collect::<Result<_, String>>()?;
+    const PT_LOAD: u32 = 1;
+    const PT_DYNAMIC: u32 = 2;
+    let Some(&(_, dyn_off, _, dyn_size)) = segments.iter().find(|s| s.0 == PT_DYNAMIC) else {
+        return Ok(Vec::new()); // statically linked: needs nothing
+    };
+    let dynamic = read(dyn_off, dyn_size as usize)?;
+    let (mut names, mut strtab, mut strsz) = (Vec::new(), 0u64, 0u64);
+    for entry in dynamic.chunks_exact(16) {
+        match u64_at(entry, 0) {
+            0 => break,
+            1 => names.push(u64_at(entry, 8)),
+            5 => strtab = u64_at(entry, 8),
+            10 => strsz = u64_at(entry, 8),
+            _ => {}
+        }
+    }
+    // DT_STRTAB is an address: find the loaded segment that holds it.
+    let strtab_off = segments
+        .iter()
+        .find(|&&(kind, _, vaddr, filesz)| kind == PT_LOAD && (vaddr..vaddr + filesz).contains(&strtab))
+        .map(|&(_, offset, vaddr, _)| strtab - vaddr + offset)
+        .ok_or("its string table lies in no loaded segment")?;
+    let strings = read(strtab_off, strsz as usize)?;
+    names
+        .into_iter()
+        .map(|i| {
+            let tail = strings.get(i as usize..).ok_or("a library name lies outside the string table")?;
+            let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+            Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +188,14 @@ mod tests {
         std::fs::create_dir_all(&tmp).unwrap();
         let err = prepare(&tmp.join("libonnxruntime.so.1.31.1")).unwrap_err();
         assert!(err.contains("no CUDA execution provider") && err.contains(PROVIDER_LIBRARY), "{err}");
+    }
+
+    #[test]
+    fn the_libraries_an_executable_needs_are_read_from_its_elf_header() {
+        let needed = needed_libraries(&std::env::current_exe().unwrap()).unwrap();
+        assert!(needed.iter().any(|n| n.starts_with("libc.so")), "{needed:?}");
+        let err = needed_libraries(Path::new("Cargo.toml")).unwrap_err();
+        assert!(err.contains("not a 64-bit little-endian ELF"), "{err}");
     }
 
     #[test]

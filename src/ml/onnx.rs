@@ -9,9 +9,10 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::ep::ExecutionProvider;
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
-use ort::value::{Tensor, TensorElementType};
+use ort::value::{Tensor, TensorElementType, TensorRef};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,8 +98,35 @@ pub fn environment() -> Result<&'static Environment, OnnxError> {
     result.as_ref().map_err(|message| OnnxError::Library { path: PathBuf::new(), message: message.clone() })
 }
 
+/// How the CUDA provider computes and is fed; ignored on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// TensorFloat-32 for convolutions and matrix products: tensor-core
+    /// speed, a 10-bit mantissa in the products (docs/gpu.md gives its
+    /// measured effect on the features). Off by default: float32 as on the CPU.
+    pub tf32: bool,
+    /// Stage each batch in page-locked host memory, so the copy to the GPU
+    /// runs at full bus speed instead of through a bounce buffer.
+    pub pinned: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions { tf32: false, pinned: true }
+    }
+}
+
+/// A reusable page-locked input tensor of the last batch shape.
+struct PinnedInput {
+    allocator: Allocator,
+    tensor: Option<([usize; 4], Tensor<f32>)>,
+}
+
 pub struct OnnxModel {
     session: Session,
+    pinned: Option<PinnedInput>,
+    /// The input buffer of [`OnnxModel::run_filled`] when nothing is pinned.
+    scratch: Vec<f32>,
     pub input_name: String,
     pub output_name: String,
     /// Input dims as declared; -1 where symbolic.
@@ -110,6 +138,16 @@ pub struct OnnxModel {
 
 impl OnnxModel {
     pub fn load(path: &Path, device: Device, intra_threads: usize, spinning: bool) -> Result<OnnxModel, OnnxError> {
+        Self::load_with(path, device, intra_threads, spinning, CudaOptions::default())
+    }
+
+    pub fn load_with(
+        path: &Path,
+        device: Device,
+        intra_threads: usize,
+        spinning: bool,
+        cuda: CudaOptions,
+    ) -> Result<OnnxModel, OnnxError> {
         let env = environment()?;
         let model_err =
             |e: &dyn std::fmt::Display| OnnxError::Model { path: path.to_path_buf(), message: e.to_string() };
@@ -138,7 +176,7 @@ impl OnnxModel {
                 let attempt = ready.and_then(|()| {
                     base()
                         .map_err(|e| e.to_string())?
-                        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                        .with_execution_providers([ort::ep::CUDA::default().with_tf32(cuda.tf32).build().error_on_failure()])
                         .map_err(|e| e.to_string())
                         .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
                 });
@@ -174,7 +212,20 @@ impl OnnxModel {
                 return Err(model_err(&format!("{what} `{name}` is {found}; convflow needs a float32 tensor")));
             }
         }
+        // Pinned memory is an optimisation: where ORT offers no such
+        // allocator the batch goes from ordinary memory, as on the CPU.
+        let pinned = (provider == Provider::Cuda && cuda.pinned)
+            .then(|| {
+                MemoryInfo::new(AllocationDevice::CUDA_PINNED, 0, AllocatorType::Device, MemoryType::CPUInput)
+                    .and_then(|info| Allocator::new(&session, info))
+                    .map_err(|e| tracing::warn!("no pinned host memory for CUDA batches ({e}); using pageable memory"))
+                    .ok()
+            })
+            .flatten()
+            .map(|allocator| PinnedInput { allocator, tensor: None });
         Ok(OnnxModel {
+            pinned,
+            scratch: Vec::new(),
             input_name: input.name().to_string(),
             output_name: output.name().to_string(),
             input_dims,
@@ -213,14 +264,79 @@ impl OnnxModel {
         Ok(shape[1..].to_vec())
     }
 
+    /// Does a CUDA session stage its batches in pinned memory?
+    pub fn pinned(&self) -> bool {
+        self.pinned.is_some()
+    }
+
     /// Runs an NHWC batch; returns the output shape and data.
     pub fn run(&mut self, input: Vec<f32>, n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
-        let tensor = Tensor::from_array(([n, h, w, 3], input)).map_err(|e| OnnxError::Run(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(|e| OnnxError::Run(e.to_string()))?;
-        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(|e| OnnxError::Run(e.to_string()))?;
+        self.run_slice(&input, n, h, w)
+    }
+
+    /// [`OnnxModel::run`] on borrowed values: nothing is copied on the way
+    /// in except into the pinned buffer of a CUDA session.
+    pub fn run_slice(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+        let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
+        if input.len() != n * h * w * 3 {
+            return Err(OnnxError::Run(format!("{} values for a batch of [{n}, {h}, {w}, 3]", input.len())));
+        }
+        let outputs = match &mut self.pinned {
+            Some(pinned) => {
+                let shape = [n, h, w, 3];
+                if pinned.tensor.as_ref().is_none_or(|(s, _)| *s != shape) {
+                    pinned.tensor = Some((shape, Tensor::<f32>::new(&pinned.allocator, shape).map_err(run_err)?));
+                }
+                let Some((_, tensor)) = pinned.tensor.as_mut() else { unreachable!("set just above") };
+                // SAFETY: the tensor was allocated for exactly `n*h*w*3`
+                // float32 values (checked against `input` above) in
+                // page-locked host memory, which the CPU may write.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(input.as_ptr(), tensor.data_ptr_mut().cast::<f32>(), input.len());
+                }
+                self.session.run(ort::inputs![self.input_name.as_str() => tensor.view()]).map_err(run_err)?
+            }
+            None => {
+                let tensor = TensorRef::from_array_view(([n, h, w, 3], input)).map_err(run_err)?;
+                self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?
+            }
+        };
+        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run_err)?;
+        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+    }
+
+    /// Runs an NHWC batch that `fill` writes straight into the input buffer
+    /// (the pinned one on a GPU), so no copy of it is ever made.
+    pub fn run_filled(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        fill: impl FnOnce(&mut [f32]),
+    ) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+        let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
+        let (shape, len) = ([n, h, w, 3], n * h * w * 3);
+        let outputs = match &mut self.pinned {
+            Some(pinned) => {
+                if pinned.tensor.as_ref().is_none_or(|(s, _)| *s != shape) {
+                    pinned.tensor = Some((shape, Tensor::<f32>::new(&pinned.allocator, shape).map_err(run_err)?));
+                }
+                let Some((_, tensor)) = pinned.tensor.as_mut() else { unreachable!("set just above") };
+                // SAFETY: the tensor holds exactly `len` float32 values of
+                // page-locked host memory, which the CPU may write; the slice
+                // ends before the tensor is read.
+                fill(unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr_mut().cast::<f32>(), len) });
+                self.session.run(ort::inputs![self.input_name.as_str() => tensor.view()]).map_err(run_err)?
+            }
+            None => {
+                self.scratch.clear();
+                self.scratch.resize(len, 0.0);
+                fill(&mut self.scratch);
+                let tensor = TensorRef::from_array_view((shape, &self.scratch[..])).map_err(run_err)?;
+                self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?
+            }
+        };
+        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run_err)?;
         Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
     }
 }

@@ -20,15 +20,23 @@ pub const CAFFE_MEAN_BGR: [f32; 3] = [103.939, 116.779, 123.68];
 impl Preprocess {
     /// Appends one image to an NHWC float tensor.
     pub fn extend(self, img: &RgbImage, out: &mut Vec<f32>) {
-        let px = img.as_raw().chunks_exact(3);
+        let start = out.len();
+        out.resize(start + img.as_raw().len(), 0.0);
+        self.write(img, &mut out[start..]);
+    }
+
+    /// Writes one image into its slot of an NHWC float tensor (as many values
+    /// as the image has bytes): straight-line loops the compiler vectorises.
+    pub fn write(self, img: &RgbImage, out: &mut [f32]) {
+        let raw = img.as_raw();
         match self {
-            Preprocess::Rescale => out.extend(img.as_raw().iter().map(|&v| v as f32 * (1.0 / 255.0))),
-            Preprocess::None => out.extend(img.as_raw().iter().map(|&v| v as f32)),
+            Preprocess::Rescale => out.iter_mut().zip(raw).for_each(|(o, &v)| *o = v as f32 * (1.0 / 255.0)),
+            Preprocess::None => out.iter_mut().zip(raw).for_each(|(o, &v)| *o = v as f32),
             Preprocess::Caffe => {
-                for p in px {
-                    out.push(p[2] as f32 - CAFFE_MEAN_BGR[0]);
-                    out.push(p[1] as f32 - CAFFE_MEAN_BGR[1]);
-                    out.push(p[0] as f32 - CAFFE_MEAN_BGR[2]);
+                for (o, p) in out.chunks_exact_mut(3).zip(raw.chunks_exact(3)) {
+                    o[0] = p[2] as f32 - CAFFE_MEAN_BGR[0];
+                    o[1] = p[1] as f32 - CAFFE_MEAN_BGR[1];
+                    o[2] = p[0] as f32 - CAFFE_MEAN_BGR[2];
                 }
             }
         }

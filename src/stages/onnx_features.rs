@@ -5,11 +5,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheHandle, CacheSpec};
 use crate::item::{Features, Item, ItemKind, Payload};
-use crate::ml::{Device, OnnxModel, Preprocess};
+use crate::ml::{CudaOptions, Device, OnnxModel, Preprocess};
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -26,6 +27,12 @@ pub struct OnnxFeaturesConfig {
     /// Let idle ORT threads spin; off leaves the cores to decode between batches.
     #[serde(default)]
     pub spinning: bool,
+    /// CUDA only: TensorFloat-32 convolutions (faster, less exact).
+    #[serde(default)]
+    pub tf32: bool,
+    /// CUDA only: stage batches in page-locked host memory.
+    #[serde(default = "yes")]
+    pub pinned_memory: bool,
     /// Feature cache folder; empty or absent = no cache.
     #[serde(default)]
     pub cache: Option<PathBuf>,
@@ -35,7 +42,15 @@ pub struct OnnxFeaturesConfig {
     pub shared_cache: Option<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl OnnxFeaturesConfig {
+    fn cuda(&self) -> CudaOptions {
+        CudaOptions { tf32: self.tf32, pinned: self.pinned_memory }
+    }
+
     fn threads(&self) -> usize {
         if self.intra_threads > 0 {
             self.intra_threads
@@ -50,6 +65,9 @@ impl StageConfig for OnnxFeaturesConfig {
     const SUMMARY: &'static str = "runs an ONNX conv base (e.g. VGG16 without top) on image batches; cached";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Batch];
     const EMITS: Option<ItemKind> = Some(ItemKind::Features);
+    // Each copy holds its own session: on a GPU two copies overlap one
+    // batch's preprocessing and copy with the other's compute.
+    const PARALLEL: bool = true;
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
         OptionDoc {
@@ -71,6 +89,18 @@ impl StageConfig for OnnxFeaturesConfig {
             help: "ONNX Runtime intra-op threads",
         },
         OptionDoc { name: "spinning", ty: "bool", default: "false", help: "let idle ORT threads spin-wait" },
+        OptionDoc {
+            name: "tf32",
+            ty: "bool",
+            default: "false",
+            help: "CUDA: TensorFloat-32 convolutions, faster and less exact (docs/gpu.md)",
+        },
+        OptionDoc {
+            name: "pinned_memory",
+            ty: "bool",
+            default: "true",
+            help: "CUDA: stage batches in page-locked host memory",
+        },
         OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
         OptionDoc {
             name: "shared_cache",
@@ -105,11 +135,16 @@ impl StageConfig for OnnxFeaturesConfig {
         };
         let bytes = std::fs::read(&self.model)
             .map_err(|e| FieldError::new("model", format!("cannot read {}: {e}", self.model.display())))?;
-        let key = format!(
+        let mut key = format!(
             "model blake3 {}, preprocess {:?}, input NHWC float32",
             blake3::hash(&bytes).to_hex(),
             self.preprocess
         );
+        // TF32 features differ from float32 ones by ~1e-3: never served for
+        // each other. (Absent otherwise, so existing caches stay valid.)
+        if self.tf32 && self.device != Device::Cpu {
+            key.push_str(", tf32");
+        }
         let shared = self.shared_cache.clone().filter(|s| !s.is_empty());
         Ok(Some(CacheSpec { dir, key, shared }))
     }
@@ -129,8 +164,8 @@ impl StageConfig for OnnxFeaturesConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let mut model =
-            OnnxModel::load(&self.model, self.device, self.threads(), self.spinning).map_err(StageError::fatal)?;
+        let mut model = OnnxModel::load_with(&self.model, self.device, self.threads(), self.spinning, self.cuda())
+            .map_err(StageError::fatal)?;
         if let Some((h, w)) = ctx.image_size {
             let model_err = |e: String| StageError::fatal(format!("model {}: {e}", self.model.display()));
             model.check_size(h, w).map_err(model_err)?;
@@ -146,12 +181,14 @@ impl StageConfig for OnnxFeaturesConfig {
             latency: labels.histogram(crate::telemetry::INFERENCE_BATCH_SECONDS),
             model,
             preprocess: self.preprocess,
+            tf32: self.tf32,
             threads: self.threads(),
             cache: ctx.cache.clone(),
             lookup: !ctx.cache_probed_upstream,
             images: 0,
             batches: 0,
             seconds: 0.0,
+            preprocess_seconds: 0.0,
         })))
     }
 }
@@ -159,6 +196,7 @@ impl StageConfig for OnnxFeaturesConfig {
 struct OnnxFeatures {
     model: OnnxModel,
     preprocess: Preprocess,
+    tf32: bool,
     threads: usize,
     cache: Option<CacheHandle>,
     /// Look items up here (no source did it already).
@@ -166,6 +204,7 @@ struct OnnxFeatures {
     images: u64,
     batches: u64,
     seconds: f64,
+    preprocess_seconds: f64,
     /// `convflow_inference_batch_seconds`, one observation per model call.
     latency: metrics::Histogram,
 }
@@ -177,7 +216,7 @@ impl Stage for OnnxFeatures {
         };
         // Resolve cache hits first; the rest go to the model in one call.
         let mut slots: Vec<(crate::item::Meta, Option<Features>)> = Vec::with_capacity(members.len());
-        let mut tensor = Vec::new();
+        let mut images = Vec::new();
         let mut todo = Vec::new();
         let mut size = None;
         for m in members {
@@ -203,7 +242,7 @@ impl Stage for OnnxFeatures {
                                 ),
                             ));
                         }
-                        self.preprocess.extend(&img, &mut tensor);
+                        images.push(img);
                         todo.push(slots.len());
                     }
                     slots.push((m.meta, hit));
@@ -225,8 +264,19 @@ impl Stage for OnnxFeatures {
         if let Some((w, h)) = size {
             let started = Instant::now();
             let n = todo.len();
-            let (shape, data) = self.model.run(tensor, n, h as usize, w as usize).map_err(StageError::fatal)?;
-            let took = started.elapsed().as_secs_f64();
+            let per_image = (h * w * 3) as usize;
+            let (preprocess, mut preprocess_seconds) = (self.preprocess, 0.0);
+            // Each image is written into the input buffer by its own rayon
+            // task: on a GPU this runs serially with the model call, so it
+            // must take the machine's cores, not one.
+            let fill = |buf: &mut [f32]| {
+                let t = Instant::now();
+                buf.par_chunks_mut(per_image).zip(images.par_iter()).for_each(|(dst, img)| preprocess.write(img, dst));
+                preprocess_seconds = t.elapsed().as_secs_f64();
+            };
+            let (shape, data) = self.model.run_filled(n, h as usize, w as usize, fill).map_err(StageError::fatal)?;
+            let took = started.elapsed().as_secs_f64() - preprocess_seconds;
+            self.preprocess_seconds += preprocess_seconds;
             self.seconds += took;
             self.latency.record(took);
             self.images += n as u64;
@@ -258,9 +308,40 @@ impl Stage for OnnxFeatures {
             "provider": self.model.provider.to_string(),
             "fallback_warning": self.model.fallback_warning,
             "intra_threads": self.threads,
+            "tf32": self.tf32 && self.model.provider == crate::ml::Provider::Cuda,
+            "pinned_memory": self.model.pinned(),
             "images_inferred": self.images,
             "inference_batches": self.batches,
             "inference_seconds": (self.seconds * 1000.0).round() / 1000.0,
+            "preprocess_seconds": (self.preprocess_seconds * 1000.0).round() / 1000.0,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(model: &std::path::Path, device: Device, tf32: bool) -> OnnxFeaturesConfig {
+        serde_json::from_value(serde_json::json!({
+            "model": model, "device": device, "tf32": tf32, "cache": model.parent().unwrap().join("cache"),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn tf32_features_are_cached_apart_from_float32_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m.onnx");
+        std::fs::write(&model, b"model bytes").unwrap();
+        let key = |device, tf32| config(&model, device, tf32).cache().unwrap().unwrap().key;
+        let plain = key(Device::Auto, false);
+        assert_ne!(key(Device::Cuda, true), plain);
+        assert_ne!(key(Device::Auto, true), plain);
+        // On the CPU the option changes nothing, and neither may the key;
+        // float32 keys are as before the option existed.
+        assert_eq!(key(Device::Cpu, true), plain);
+        assert_eq!(key(Device::Cuda, false), plain);
+        assert!(plain.ends_with("input NHWC float32"), "{plain}");
     }
 }
