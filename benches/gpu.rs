@@ -182,8 +182,9 @@ stages:
                 let mut model =
                     OnnxModel::load_with(&self.model, self.device, threads, false, *cuda).expect("model loads");
                 for &batch in batches {
-                    let input: Vec<f32> =
-                        (0..batch).flat_map(|i| pool[(i % pool_images) * per_image..][..per_image].iter().copied()).collect();
+                    let input: Vec<f32> = (0..batch)
+                        .flat_map(|i| pool[(i % pool_images) * per_image..][..per_image].iter().copied())
+                        .collect();
                     let t = Instant::now();
                     for _ in 0..2 {
                         model.run_slice(&input, batch, size, size).expect("warm-up");

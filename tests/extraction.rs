@@ -195,8 +195,9 @@ fn decode_workers_and_inference_sessions_keep_source_order() {
     // as on a GPU, whose batches finish in either order.
     for (name, workers, sessions) in [("w1", "1", 1), ("w3", "3", 1), ("auto", "auto", 1), ("s2", "auto", 2)] {
         let out = tmp.path().join(name);
-        let yaml = common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale")
-            .replace("    kind: onnx_features\n", &format!("    kind: onnx_features\n    workers: {sessions}\n"));
+        let yaml =
+            common::extraction_yaml(&data, &model, &out, None, &format!("    workers: {workers}"), 64, "rescale")
+                .replace("    kind: onnx_features\n", &format!("    kind: onnx_features\n    workers: {sessions}\n"));
         let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
         let features = report.stages.iter().find(|s| s.id == "features").unwrap();
         assert_eq!(features.workers, sessions, "{yaml}");

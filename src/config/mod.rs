@@ -260,10 +260,14 @@ fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
 }
 
 fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str) -> Option<usize> {
+    whole_number(c, node, stage, field, "a whole number >= 1")
+}
+
+fn whole_number(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str, expected: &str) -> Option<usize> {
     match node.to_json().as_u64() {
         Some(n) if n >= 1 => Some(n as usize),
         _ => {
-            c.push(node.pos, stage, Some(field), format!("expected a whole number >= 1, found `{}`", node.to_json()));
+            c.push(node.pos, stage, Some(field), format!("expected {expected}, found `{}`", node.to_json()));
             None
         }
     }
@@ -271,17 +275,12 @@ fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str
 
 /// `workers: N`, or `auto`: one copy per core of this machine, so a decode
 /// pool grows with the machine it runs on (16 decoders feeding one GPU).
-fn workers(c: &mut Collector, node: &Node, stage: Option<&str>) -> Option<usize> {
+/// Returns the count and whether it was `auto`.
+fn workers(c: &mut Collector, node: &Node, stage: Option<&str>) -> Option<(usize, bool)> {
     if node.as_str() == Some("auto") {
-        return Some(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        return Some((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), true));
     }
-    match node.to_json().as_u64() {
-        Some(n) if n >= 1 => Some(n as usize),
-        _ => {
-            c.push(node.pos, stage, Some("workers"), format!("expected a whole number >= 1 or `auto`, found `{}`", node.to_json()));
-            None
-        }
-    }
+    whole_number(c, node, stage, "workers", "a whole number >= 1 or `auto`").map(|n| (n, false))
 }
 
 fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
@@ -339,8 +338,7 @@ fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {
         }
     }
 
-    let workers = node.get("workers").and_then(|(_, v)| workers(c, v, sid)).unwrap_or(1);
-    let workers_auto = node.get("workers").is_some_and(|(_, v)| v.as_str() == Some("auto"));
+    let (workers, workers_auto) = node.get("workers").and_then(|(_, v)| workers(c, v, sid)).unwrap_or((1, false));
     let channel_capacity = node.get("channel_capacity").and_then(|(_, v)| positive_int(c, v, sid, "channel_capacity"));
     let on_error = match node.get("on_error") {
         None => OnError::Skip,

@@ -132,6 +132,8 @@ pub struct OnnxModel {
     /// Input dims as declared; -1 where symbolic.
     pub input_dims: Vec<i64>,
     pub provider: Provider,
+    /// TF32 math in effect (asked for, and the session is on CUDA).
+    pub tf32: bool,
     /// Set when `auto` wanted CUDA and fell back to CPU: say so, never silently.
     pub fallback_warning: Option<String>,
 }
@@ -176,7 +178,10 @@ impl OnnxModel {
                 let attempt = ready.and_then(|()| {
                     base()
                         .map_err(|e| e.to_string())?
-                        .with_execution_providers([ort::ep::CUDA::default().with_tf32(cuda.tf32).build().error_on_failure()])
+                        .with_execution_providers([ort::ep::CUDA::default()
+                            .with_tf32(cuda.tf32)
+                            .build()
+                            .error_on_failure()])
                         .map_err(|e| e.to_string())
                         .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()))
                 });
@@ -224,6 +229,7 @@ impl OnnxModel {
             .flatten()
             .map(|allocator| PinnedInput { allocator, tensor: None });
         Ok(OnnxModel {
+            tf32: provider == Provider::Cuda && cuda.tf32,
             pinned,
             scratch: Vec::new(),
             input_name: input.name().to_string(),
@@ -276,7 +282,13 @@ impl OnnxModel {
 
     /// [`OnnxModel::run`] on borrowed values: nothing is copied on the way
     /// in except into the pinned buffer of a CUDA session.
-    pub fn run_slice(&mut self, input: &[f32], n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+    pub fn run_slice(
+        &mut self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
         if input.len() != n * h * w * 3 {
             return Err(OnnxError::Run(format!("{} values for a batch of [{n}, {h}, {w}, 3]", input.len())));
         }

@@ -23,6 +23,11 @@ pub mod views;
 
 pub use registry::{KindInfo, OptionsError, Registry};
 
+/// `#[serde(default = "super::yes")]`: an option that is on unless turned off.
+pub(crate) fn yes() -> bool {
+    true
+}
+
 /// A registry holding every built-in stage kind.
 pub fn builtin_registry() -> Registry {
     let mut r = Registry::new();

@@ -31,7 +31,7 @@ pub struct OnnxFeaturesConfig {
     #[serde(default)]
     pub tf32: bool,
     /// CUDA only: stage batches in page-locked host memory.
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     pub pinned_memory: bool,
     /// Feature cache folder; empty or absent = no cache.
     #[serde(default)]
@@ -40,10 +40,6 @@ pub struct OnnxFeaturesConfig {
     /// for the workers of a sharded run; empty or absent = none.
     #[serde(default)]
     pub shared_cache: Option<String>,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl OnnxFeaturesConfig {
@@ -181,7 +177,6 @@ impl StageConfig for OnnxFeaturesConfig {
             latency: labels.histogram(crate::telemetry::INFERENCE_BATCH_SECONDS),
             model,
             preprocess: self.preprocess,
-            tf32: self.tf32,
             threads: self.threads(),
             cache: ctx.cache.clone(),
             lookup: !ctx.cache_probed_upstream,
@@ -196,7 +191,6 @@ impl StageConfig for OnnxFeaturesConfig {
 struct OnnxFeatures {
     model: OnnxModel,
     preprocess: Preprocess,
-    tf32: bool,
     threads: usize,
     cache: Option<CacheHandle>,
     /// Look items up here (no source did it already).
@@ -308,7 +302,7 @@ impl Stage for OnnxFeatures {
             "provider": self.model.provider.to_string(),
             "fallback_warning": self.model.fallback_warning,
             "intra_threads": self.threads,
-            "tf32": self.tf32 && self.model.provider == crate::ml::Provider::Cuda,
+            "tf32": self.model.tf32,
             "pinned_memory": self.model.pinned(),
             "images_inferred": self.images,
             "inference_batches": self.batches,

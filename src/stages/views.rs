@@ -16,15 +16,11 @@ use crate::stage::{BuildContext, Built, Emit, OptionDoc, Stage, StageConfig, Sta
 #[serde(deny_unknown_fields)]
 pub struct ViewsConfig {
     /// Add the left-right mirror image (the book's `horizontal_flip`).
-    #[serde(default = "yes")]
+    #[serde(default = "super::yes")]
     pub horizontal_flip: bool,
     /// Add the upside-down image (and, with `horizontal_flip`, both).
     #[serde(default)]
     pub vertical_flip: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 impl StageConfig for ViewsConfig {
