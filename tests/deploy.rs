@@ -13,7 +13,7 @@ use std::process::Command;
 
 fn deploy_venv() -> PathBuf {
     let p = common::root().join("deploy/.venv/bin");
-    assert!(p.join("kubernetes-validate").exists(), "{} missing: run models/setup.sh", p.display());
+    assert!(p.join("kubernetes-validate").exists(), "{} missing: run tests/setup.sh", p.display());
     p
 }
 
@@ -22,7 +22,7 @@ fn render() -> String {
         .args(["kustomize", "deploy/k8s"])
         .current_dir(common::root())
         .output()
-        .expect("kubectl missing: run models/setup.sh (deploy/setup.sh installs it)");
+        .expect("kubectl missing: run tests/setup.sh (deploy/setup.sh installs it)");
     assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }

@@ -1,6 +1,6 @@
 //! Observability end to end: the `/metrics` endpoint during a CLI run, the
 //! snapshot beside report.json, skipped.csv, the bottleneck sentence, and a
-//! real Prometheus (Debian's package, installed by models/setup.sh)
+//! real Prometheus (Debian's package, installed by tests/setup.sh)
 //! scraping a running pipeline on loopback.
 
 mod common;
@@ -74,7 +74,7 @@ fn promtool_check(exposition: &str) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!("cannot run promtool ({e}): run models/setup.sh, it installs Debian's prometheus package")
+            panic!("cannot run promtool ({e}): run tests/setup.sh, it installs Debian's prometheus package")
         });
     child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
@@ -347,7 +347,7 @@ fn prometheus_scrapes_a_running_pipeline_and_ends_with_the_reports_counters() {
     let which = Command::new("sh").args(["-c", "command -v prometheus && command -v promtool"]).output().unwrap();
     assert!(
         which.status.success(),
-        "Prometheus is not installed (no `prometheus` or `promtool` on PATH): run models/setup.sh, which apt-get installs Debian's prometheus package"
+        "Prometheus is not installed (no `prometheus` or `promtool` on PATH): run tests/setup.sh, which apt-get installs Debian's prometheus package"
     );
     let tmp = tempfile::tempdir().unwrap();
     let metrics_addr = free_addr();
@@ -382,7 +382,7 @@ scrape_configs:
             .stdout(Stdio::null())
             .stderr(prom_log)
             .spawn()
-            .expect("cannot start prometheus (run models/setup.sh)"),
+            .expect("cannot start prometheus (run tests/setup.sh)"),
     );
     let prom_log = || std::fs::read_to_string(tmp.path().join("prometheus.log")).unwrap_or_default();
     wait_for("Prometheus to be ready", Duration::from_secs(30), || {

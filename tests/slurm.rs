@@ -20,7 +20,7 @@ fn slurm_array_job_and_afterok_merge_match_one_process() {
     if !missing.is_empty() || unsafe { libc::geteuid() } != 0 {
         assert!(
             std::env::var_os("CI").is_none(),
-            "missing on CI: {missing:?} (models/setup.sh installs Slurm), or not root"
+            "missing on CI: {missing:?} (tests/setup.sh installs Slurm), or not root"
         );
         eprintln!("skipping: {missing:?} missing or not root");
         return;

@@ -97,7 +97,7 @@ impl StageConfig for IdxReaderConfig {
                 if !p.is_file() {
                     errors.push(FieldError::new(
                         format!("splits[{i}].{field}"),
-                        format!("{} is not a file (models/setup.sh fetches MNIST)", p.display()),
+                        format!("{} is not a file (models/mnist.sh fetches MNIST)", p.display()),
                     ));
                 }
             }

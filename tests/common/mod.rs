@@ -38,15 +38,15 @@ pub fn shared_data() -> Option<PathBuf> {
     None
 }
 
-/// The MNIST files `models/setup.sh` fetches. CI has them; elsewhere the
+/// The MNIST files `models/mnist.sh` fetches (tests/setup.sh runs it). CI has them; elsewhere the
 /// tests that need them skip with a note.
 pub fn mnist() -> Option<PathBuf> {
     let p = root().join("models/mnist");
     if p.join("train-images-idx3-ubyte").is_file() && p.join("t10k-labels-idx1-ubyte").is_file() {
         return Some(p);
     }
-    assert!(std::env::var_os("CI").is_none(), "{} is missing on CI: run models/setup.sh", p.display());
-    eprintln!("skipping: {} not present (models/setup.sh fetches it)", p.display());
+    assert!(std::env::var_os("CI").is_none(), "{} is missing on CI: run tests/setup.sh", p.display());
+    eprintln!("skipping: {} not present (models/mnist.sh fetches it)", p.display());
     None
 }
 
