@@ -30,6 +30,14 @@ pub mod exit {
 }
 
 pub const DEMO_DATA: &str = ".convflow/demo-data";
+/// What `convflow demo` ends with: the README tour's next steps, runnable
+/// as they are (the pipelines default to the demo data and its cached features).
+const DEMO_NEXT: &str = "\
+Next:
+  cargo run --release -- run pipelines/feature_extraction.yaml       # train the book's classifier on these features (cached: seconds)
+  cargo run --release -- run pipelines/extract_features.yaml --set data_dir=DIR   # your photos: DIR/{train,validation,test}/<class>/*.jpg
+  README.md, \"A tour on the book's data\": chapter 5 step by step on the book's photos
+";
 pub const DEFAULT_CACHE: &str = ".convflow/cache";
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -307,10 +315,14 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
                 eprintln!("demo data: {n} synthetic images in {DEMO_DATA}");
             }
             let pipeline = PipelineArgs { file: PathBuf::from("pipelines/extract_features.yaml"), set };
-            match load_with_metrics(&pipeline, registry) {
-                Ok((g, metrics)) => run_graph(&g, None, &metrics, DEFAULT_DRAIN_DEADLINE, cli.quiet),
-                Err(e) => Ok(invalid(&e)),
+            let code = match load_with_metrics(&pipeline, registry) {
+                Ok((g, metrics)) => run_graph(&g, None, &metrics, DEFAULT_DRAIN_DEADLINE, cli.quiet)?,
+                Err(e) => invalid(&e),
+            };
+            if code == ExitCode::SUCCESS && !cli.quiet {
+                print!("{DEMO_NEXT}");
             }
+            Ok(code)
         }
         Command::Cache { action, dir } => cache_command(action, &dir),
         Command::Visualize { what } => {

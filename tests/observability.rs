@@ -466,3 +466,41 @@ scrape_configs:
         "{live}"
     );
 }
+
+/// What a newcomer sees from `convflow demo` (here through the tiny model):
+/// the table, each stage's details in words, the verdict and the report's
+/// path last, nothing raw (no JSON) after the table, the next commands; and
+/// on a machine with no NVIDIA driver, `device: auto` on the CPU is an info
+/// line, not a warning.
+#[test]
+fn the_demo_ends_with_a_readable_verdict_and_the_next_steps_and_no_gpu_is_no_warning() {
+    let clone = tempfile::tempdir().unwrap();
+    for dir in ["pipelines", "models"] {
+        std::os::unix::fs::symlink(common::root().join(dir), clone.path().join(dir)).unwrap();
+    }
+    let o = common::bin()
+        .current_dir(clone.path())
+        .env_remove("RUST_LOG")
+        .args(["demo", "--set", "image_size=64", "--set"])
+        .arg(format!("model={}", common::tiny_model().display()))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let header = lines.iter().position(|l| l.starts_with("stage ")).unwrap_or_else(|| panic!("no table:\n{stdout}"));
+    let next = lines.iter().position(|l| *l == "Next:").unwrap_or_else(|| panic!("no next steps:\n{stdout}"));
+    for l in &lines[header..next] {
+        assert!(!l.contains('{') && !l.contains('"'), "raw JSON after the table: {l}\n{stdout}");
+    }
+    assert!(stdout.contains("vgg16: ") && stdout.contains("images inferred 160"), "{stdout}");
+    assert!(lines[next - 1] == "report: out/features/report.json", "{stdout}");
+    assert!(lines[next - 2].contains("is the bottleneck"), "{stdout}");
+    assert!(lines[next + 1].contains("pipelines/feature_extraction.yaml"), "{stdout}");
+    if convflow::ml::cuda::nvidia_driver_present() {
+        eprintln!("skipping the no-GPU half: this machine has an NVIDIA driver");
+    } else {
+        assert!(!stderr.contains("WARN"), "a warning on a machine with no GPU:\n{stderr}");
+        assert!(stderr.contains("device: auto runs on the CPU (no NVIDIA GPU"), "{stderr}");
+    }
+}

@@ -69,6 +69,14 @@ fn dlopen(path: &Path) -> Result<(), String> {
     })
 }
 
+/// Whether this machine has an NVIDIA driver at all: its kernel module
+/// (`/proc/driver/nvidia`, visible in containers given a GPU too) or its
+/// user-space library `libcuda.so.1`. Without one, `device: auto` running on
+/// the CPU is the expected path, not a problem to warn about.
+pub fn nvidia_driver_present() -> bool {
+    Path::new("/proc/driver/nvidia").exists() || dlopen(Path::new("libcuda.so.1")).is_ok()
+}
+
 /// Makes the CUDA provider loadable, or says what stops it: no provider
 /// library beside `ort_library`, no NVIDIA driver, or the first CUDA / cuDNN
 /// library the loader cannot find, with the folders searched.

@@ -134,7 +134,8 @@ pub struct OnnxModel {
     pub provider: Provider,
     /// TF32 math in effect (asked for, and the session is on CUDA).
     pub tf32: bool,
-    /// Set when `auto` wanted CUDA and fell back to CPU: say so, never silently.
+    /// Set when `auto` wanted CUDA and fell back to CPU: say so, never
+    /// silently (logged as a warning where there is a GPU, as info where not).
     pub fallback_warning: Option<String>,
 }
 
@@ -190,7 +191,13 @@ impl OnnxModel {
                     (Err(e), Device::Cuda) => return Err(model_err(&format!("device: cuda requested but {e}"))),
                     (Err(e), _) => {
                         let warning = format!("device: auto fell back to CPU: {e}");
-                        tracing::warn!("{warning}");
+                        // With no NVIDIA GPU at all the CPU is the expected
+                        // device; a GPU that cannot be used is worth a warning.
+                        if super::cuda::nvidia_driver_present() {
+                            tracing::warn!("{warning}");
+                        } else {
+                            tracing::info!("device: auto runs on the CPU (no NVIDIA GPU on this machine)");
+                        }
                         (base()?.commit_from_file(path).map_err(|e| model_err(&e))?, Provider::Cpu, Some(warning))
                     }
                 }

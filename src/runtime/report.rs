@@ -214,8 +214,8 @@ impl RunReport {
             );
         }
         for s in &self.stages {
-            if let Some(d) = &s.details {
-                let _ = writeln!(out, "{}: {}", s.id, d);
+            if let Some(line) = s.details.as_ref().and_then(readable) {
+                let _ = writeln!(out, "{}: {line}", s.id);
             }
         }
         if let Some(c) = &self.cache {
@@ -228,15 +228,64 @@ impl RunReport {
                 let _ = writeln!(out, "{}", s.line());
             }
         }
-        if let Some(b) = &self.bottleneck {
-            let _ = writeln!(out, "{b}");
-        }
         if !self.skipped.is_empty() {
             let _ = writeln!(out, "skipped {} item(s):", self.skipped.len());
             for s in &self.skipped {
                 let _ = writeln!(out, "  {} [{}]: {}", s.path.display(), s.stage, s.reason);
             }
         }
+        // The verdict last, where the eye lands (the CLI adds the report's path).
+        if let Some(b) = &self.bottleneck {
+            let _ = writeln!(out, "{b}");
+        }
         out
+    }
+}
+
+/// A stage's details for people: `images inferred 160, provider cpu`, the
+/// short plain values of its summary, by name. Lists, objects, long texts
+/// (a fallback warning, already logged) and empty values stay in report.json.
+fn readable(details: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    let fields: Vec<String> = details
+        .as_object()?
+        .iter()
+        .filter_map(|(key, value)| {
+            let value = match value {
+                Value::Bool(b) => b.to_string(),
+                Value::Number(n) => match n.as_f64().filter(|_| n.is_f64()) {
+                    // Fractions to four places (a loss to 16 digits is noise on a terminal).
+                    Some(x) if x != 0.0 && x.abs() < 1e-3 => format!("{x:.2e}"),
+                    Some(x) => format!("{x:.4}").trim_end_matches('0').trim_end_matches('.').to_string(),
+                    None => n.to_string(),
+                },
+                Value::String(s) if !s.is_empty() && s.len() <= 60 && !s.contains('\n') => s.clone(),
+                _ => return None,
+            };
+            Some(format!("{} {value}", key.replace('_', " ")))
+        })
+        .collect();
+    (!fields.is_empty()).then(|| fields.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_read_as_words_and_nothing_raw_reaches_the_terminal() {
+        let details = serde_json::json!({
+            "provider": "cpu", "images_inferred": 160, "tf32": false, "inference_seconds": 9.5, "loss": 0.008447712287306786,
+            "tiny": 0.00001234, "zero": 0.0,
+            "fallback_warning": "device: auto fell back to CPU: this ONNX Runtime build has no CUDA execution provider",
+            "out_dir": null, "layers": [1, 2], "nested": {"a": 1},
+        });
+        let line = readable(&details).unwrap();
+        assert_eq!(
+            line,
+            "images inferred 160, inference seconds 9.5, loss 0.0084, provider cpu, tf32 false, tiny 1.23e-5, zero 0"
+        );
+        assert_eq!(readable(&serde_json::json!({"layers": [1]})), None);
+        assert_eq!(readable(&serde_json::json!(3)), None);
     }
 }
