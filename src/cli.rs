@@ -117,10 +117,19 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
-    /// Check a pipeline and print every problem with its line:column.
+    /// Check pipelines and print every problem with its line:column.
     Validate {
-        #[command(flatten)]
-        pipeline: PipelineArgs,
+        /// Pipeline YAML files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Override a param in each file: --set name=value (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = config::parse_override)]
+        set: Vec<(String, String)>,
+        /// Check the files alone, not what they point at: input folders,
+        /// models and weights need not exist (a fresh clone, a file written
+        /// for another machine).
+        #[arg(long)]
+        no_environment: bool,
     },
     /// Print every trainer's model as Keras's `model.summary()` does:
     /// layer, output shape, parameters, totals.
@@ -266,13 +275,17 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             print!("{}", if markdown { registry.describe_markdown() } else { registry.describe() });
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { pipeline } => Ok(match load(&pipeline, registry) {
-            Ok(g) => {
-                println!("{}: ok ({} stages)", pipeline.file.display(), g.stages.len());
-                ExitCode::SUCCESS
+        Command::Validate { files, set, no_environment } => {
+            let mut code = ExitCode::SUCCESS;
+            for file in files {
+                let checked = config::load(&file, &set).and_then(|cfg| Graph::build_checked(cfg, registry, !no_environment));
+                match checked {
+                    Ok(g) => println!("{}: ok ({} stages)", file.display(), g.stages.len()),
+                    Err(e) => code = invalid(&e),
+                }
             }
-            Err(e) => invalid(&e),
-        }),
+            Ok(code)
+        }
         Command::Summary { pipeline } => Ok(match load(&pipeline, registry) {
             Ok(g) => summary(&g),
             Err(e) => invalid(&e),

@@ -254,8 +254,17 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     /// each variant of an image apart.
     const RANDOM: bool = false;
 
-    /// Checks beyond types: ranges, files that must exist.
+    /// Checks beyond types that need nothing outside the file: ranges,
+    /// options that exclude each other.
     fn check(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
+
+    /// Checks of what the file points at: input folders, models and weights
+    /// that must exist. Run with [`StageConfig::check`] before every run;
+    /// `convflow validate --no-environment` skips them, so a file can be
+    /// checked on a machine that has not got its inputs.
+    fn check_environment(&self) -> Vec<FieldError> {
         Vec::new()
     }
 
@@ -315,6 +324,7 @@ pub struct SummaryInput {
 /// Type-erased [`StageConfig`], as stored in a validated graph.
 pub trait AnyStageConfig: Send + Sync {
     fn check(&self) -> Vec<FieldError>;
+    fn check_environment(&self) -> Vec<FieldError>;
     fn image_size(&self) -> Option<(u32, u32)>;
     fn image_channels(&self) -> Option<u32>;
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError>;
@@ -329,6 +339,9 @@ pub trait AnyStageConfig: Send + Sync {
 impl<C: StageConfig> AnyStageConfig for C {
     fn check(&self) -> Vec<FieldError> {
         StageConfig::check(self)
+    }
+    fn check_environment(&self) -> Vec<FieldError> {
+        StageConfig::check_environment(self)
     }
     fn image_size(&self) -> Option<(u32, u32)> {
         StageConfig::image_size(self)

@@ -79,3 +79,44 @@ fn graph_prints_dot_and_stages_lists_options() {
     }
     assert!(text.contains("preprocess") && text.contains("rescale"), "{text}");
 }
+
+/// A fresh clone: the pipeline files and nothing they point at (no demo
+/// data, models, caches or trained heads). `--no-environment` passes every
+/// shipped pipeline there, in one call; plain `validate` still checks the
+/// inputs and names the missing one.
+#[test]
+fn every_shipped_pipeline_validates_without_its_environment_on_a_fresh_clone() {
+    let clone = tempfile::tempdir().unwrap();
+    let pipelines = clone.path().join("pipelines");
+    fs::create_dir(&pipelines).unwrap();
+    let mut files = Vec::new();
+    for entry in fs::read_dir(common::root().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path.file_name().unwrap().to_owned();
+            fs::copy(&path, pipelines.join(&name)).unwrap();
+            files.push(std::path::Path::new("pipelines").join(name));
+        }
+    }
+    files.sort();
+    assert!(files.len() >= 10, "only {} pipelines", files.len());
+    let out = common::bin().current_dir(clone.path()).args(["validate", "--no-environment"]).args(&files).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    for f in &files {
+        assert!(stdout.contains(&format!("{}: ok", f.display())), "{} not reported ok:\n{stdout}", f.display());
+    }
+
+    let out = common::bin().current_dir(clone.path()).args(["validate", "pipelines/extract_features.yaml"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(".convflow/demo-data is not a folder"), "{stderr}");
+    assert!(stderr.contains("models/vgg16_notop.onnx not found"), "{stderr}");
+    // The file's own mistakes are still found without the environment.
+    let bad = fs::read_to_string(pipelines.join("extract_features.yaml")).unwrap().replace("kind: batch", "kind: batches");
+    fs::write(clone.path().join("bad.yaml"), bad).unwrap();
+    let out = common::bin().current_dir(clone.path()).args(["validate", "--no-environment", "bad.yaml"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown stage kind `batches`") && !stderr.contains("not a folder"), "{stderr}");
+}

@@ -37,7 +37,15 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// The graph, with every check: the file's and its environment's (input
+    /// folders, models, weights: [`crate::stage::StageConfig::check_environment`]).
     pub fn build(cfg: PipelineConfig, registry: &Registry) -> Result<Graph, ConfigErrors> {
+        Self::build_checked(cfg, registry, true)
+    }
+
+    /// `environment: false` checks the file alone, as `convflow validate
+    /// --no-environment` does: a pipeline is correct before its inputs exist.
+    pub fn build_checked(cfg: PipelineConfig, registry: &Registry, environment: bool) -> Result<Graph, ConfigErrors> {
         let file = cfg.file.clone();
         let mut errors = cfg.errors.clone();
         let mut err = |pos: Pos, stage: &str, field: Option<&str>, message: String| {
@@ -82,7 +90,11 @@ impl Graph {
             };
             match info.parse(s.options.to_json()) {
                 Ok(config) => {
-                    for fe in config.check() {
+                    let mut problems = config.check();
+                    if environment {
+                        problems.extend(config.check_environment());
+                    }
+                    for fe in problems {
                         // A field inside a list (`layers[3]`) points at its element.
                         let pos = if fe.field.contains('[') {
                             Some(s.options.find(&fe.field).pos)

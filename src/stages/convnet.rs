@@ -236,7 +236,9 @@ impl ConvnetConfig {
         }
     }
 
-    /// The fine-tuning options' own checks (files exist, no contradictions).
+    /// The fine-tuning options' own checks (no contradictions); the head's
+    /// layers when the file gives them (`head_from`'s are read by
+    /// [`StageConfig::check_environment`]).
     fn check_fine_tuning(&self, errors: &mut Vec<FieldError>) -> Option<Vec<LayerSpec>> {
         if let Some(f) = self.smooth_curves
             && !(f > 0.0 && f < 1.0)
@@ -251,13 +253,6 @@ impl ConvnetConfig {
                 errors.push(FieldError::new("frozen_base", "only with `base` (e.g. base: vgg16_block5)"));
             }
             Some(b) => {
-                let weights = self.base_weights();
-                if !weights.is_file() {
-                    errors.push(FieldError::new(
-                        if self.base_weights.is_some() { "base_weights" } else { "base" },
-                        format!("{} not found (models/setup.sh makes it)", weights.display()),
-                    ));
-                }
                 if let Some(s) = self.input_shape
                     && s[2] != b.channels()
                 {
@@ -269,25 +264,29 @@ impl ConvnetConfig {
             }
             None => {}
         }
-        let Some(dir) = &self.head_from else {
-            if self.layers.is_empty() {
-                errors.push(FieldError::new("layers", "required (or `head_from`: a dense_head's out_dir)"));
-                return None;
-            }
-            return Some(self.layers.clone());
-        };
-        if !self.layers.is_empty() {
-            errors.push(FieldError::new(
+        match (&self.head_from, self.layers.is_empty()) {
+            (None, true) => errors.push(FieldError::new("layers", "required (or `head_from`: a dense_head's out_dir)")),
+            (None, false) => return Some(self.layers.clone()),
+            (Some(_), false) => errors.push(FieldError::new(
                 "layers",
                 "give `layers` or `head_from`, not both: head_from's head is the layers",
-            ));
-            return None;
+            )),
+            (Some(_), true) => {}
         }
-        match HeadFrom::read(dir) {
-            Ok(h) => Some(h.layers),
-            Err(e) => {
-                errors.push(FieldError::new("head_from", e));
-                None
+        None
+    }
+
+    /// The base and the head resolve into a model of this input (a stand-in
+    /// one when none is declared: it still catches the structural mistakes,
+    /// dense on a map, conv2d on a vector; the sizes are checked on the
+    /// first image).
+    fn check_layers(&self, head: &[LayerSpec], errors: &mut Vec<FieldError>) {
+        let probe = self.input_shape.unwrap_or([1024, 1024, self.base.map_or(1, Base::channels)]);
+        if let Err(e) = resolve(probe, &self.specs(head)) {
+            let size_only = self.input_shape.is_none()
+                && matches!(&e, ConvnetError::Layer { message, .. } if message.contains("cannot"));
+            if !size_only {
+                errors.push(FieldError::new(self.field_of(&e), e.to_string()));
             }
         }
     }
@@ -369,16 +368,29 @@ impl StageConfig for ConvnetConfig {
         if !(self.rescale.is_finite() && self.rescale > 0.0) {
             errors.push(FieldError::new("rescale", "must be a positive number"));
         }
-        let Some(head) = self.check_fine_tuning(&mut errors) else { return errors };
-        // Without a declared shape, a stand-in one still catches the
-        // structural mistakes (dense on a map, conv2d on a vector); the sizes
-        // are checked on the first image.
-        let probe = self.input_shape.unwrap_or([1024, 1024, self.base.map_or(1, Base::channels)]);
-        if let Err(e) = resolve(probe, &self.specs(&head)) {
-            let size_only = self.input_shape.is_none()
-                && matches!(&e, ConvnetError::Layer { message, .. } if message.contains("cannot"));
-            if !size_only {
-                errors.push(FieldError::new(self.field_of(&e), e.to_string()));
+        if let Some(head) = self.check_fine_tuning(&mut errors) {
+            self.check_layers(&head, &mut errors);
+        }
+        errors
+    }
+
+    /// The base's weights exist, and `head_from`'s head is readable and fits.
+    fn check_environment(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.base.is_some() {
+            let weights = self.base_weights();
+            if !weights.is_file() {
+                errors.push(FieldError::new(
+                    if self.base_weights.is_some() { "base_weights" } else { "base" },
+                    format!("{} not found (models/setup.sh makes it)", weights.display()),
+                ));
+            }
+        }
+        // With `layers` as well, check() has said to give one of them.
+        if let Some(dir) = self.head_from.as_ref().filter(|_| self.layers.is_empty()) {
+            match HeadFrom::read(dir) {
+                Ok(h) => self.check_layers(&h.layers, &mut errors),
+                Err(e) => errors.push(FieldError::new("head_from", e)),
             }
         }
         errors

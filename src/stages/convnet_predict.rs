@@ -48,7 +48,7 @@ impl StageConfig for ConvnetPredictConfig {
         OptionDoc { name: "threads", ty: "int", default: "0 (one per core)", help: "math threads" },
     ];
 
-    fn check(&self) -> Vec<FieldError> {
+    fn check_environment(&self) -> Vec<FieldError> {
         missing_files(
             "model",
             &self.model,

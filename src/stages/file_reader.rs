@@ -96,6 +96,11 @@ impl StageConfig for FileReaderConfig {
         if self.epochs == 0 {
             errors.push(FieldError::new("epochs", "must be at least 1"));
         }
+        errors
+    }
+
+    fn check_environment(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
         if !self.dir.is_dir() {
             errors.push(FieldError::new("dir", format!("{} is not a folder", self.dir.display())));
         } else {

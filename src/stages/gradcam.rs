@@ -128,6 +128,13 @@ impl StageConfig for GradcamConfig {
         if !(self.intensity.is_finite() && self.intensity >= 0.0) {
             errors.push(FieldError::new("intensity", format!("must be a number >= 0, got {}", self.intensity)));
         }
+        errors
+    }
+
+    /// The layer and class are checked against the trained model, which
+    /// must exist (with the block5 weights it may sit on).
+    fn check_environment(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
         let c = match Classifier::describe(&self.model) {
             Ok(c) => c,
             Err(e) => {

@@ -36,7 +36,7 @@ impl StageConfig for HeadPredictConfig {
         OptionDoc { name: "out", ty: "path", default: "(required)", help: "predictions CSV" },
     ];
 
-    fn check(&self) -> Vec<FieldError> {
+    fn check_environment(&self) -> Vec<FieldError> {
         missing_files("head", &self.head, &["head.safetensors", "head.json"], "train a head with dense_head first")
     }
 

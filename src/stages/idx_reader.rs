@@ -92,6 +92,11 @@ impl StageConfig for IdxReaderConfig {
         if self.class_mode == ClassMode::None {
             errors.push(FieldError::new("class_mode", "categorical or binary: IDX files always have labels"));
         }
+        errors
+    }
+
+    fn check_environment(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
         for (i, s) in self.splits.iter().enumerate() {
             for (field, p) in [("images", &s.images), ("labels", &s.labels)] {
                 if !p.is_file() {

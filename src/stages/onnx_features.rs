@@ -106,7 +106,7 @@ impl StageConfig for OnnxFeaturesConfig {
         },
     ];
 
-    fn check(&self) -> Vec<FieldError> {
+    fn check_environment(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !self.model.is_file() {
             errors.push(FieldError::new(
