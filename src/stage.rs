@@ -135,6 +135,14 @@ pub trait Source: Send {
     fn total(&self) -> Option<u64> {
         None
     }
+
+    /// How many passes over its items `total` covers (`file_reader`'s
+    /// epochs). The first pass fills the feature caches and later ones are
+    /// served from them, many times faster: the progress ETA does not
+    /// extrapolate the first pass over the others.
+    fn passes(&self) -> u64 {
+        1
+    }
 }
 
 pub struct SourceContext<'a> {

@@ -409,10 +409,25 @@ fn wire_edges(graph: &Graph) -> Edges {
 /// a source's own total, then each stage's inputs summed (a fan-out sends
 /// every item to each consumer) times what it makes of one (`views`).
 fn expected_images(graph: &Graph, actors: &[Actor]) -> Vec<Option<u64>> {
+    expected(graph, actors, |s| s.total())
+}
+
+/// How many of those come in the sources' first pass (the cold one, when
+/// later passes come from a cache).
+fn first_pass_images(graph: &Graph, actors: &[Actor]) -> Vec<Option<u64>> {
+    expected(graph, actors, |s| s.total().map(|n| n / s.passes().max(1)))
+}
+
+/// What each stage sees when each source emits `of_source` of it.
+fn expected(
+    graph: &Graph,
+    actors: &[Actor],
+    of_source: impl Fn(&dyn crate::stage::Source) -> Option<u64>,
+) -> Vec<Option<u64>> {
     let mut totals = vec![None; graph.stages.len()];
     for &i in &graph.order {
         totals[i] = match &actors[i] {
-            Actor::Source(s) => s.total(),
+            Actor::Source(s) => of_source(s.as_ref()),
             Actor::Single(s) => sum_inputs(&totals, &graph.stages[i].inputs).map(|n| n * s.images_per_input()),
             Actor::Pool(pool) => sum_inputs(&totals, &graph.stages[i].inputs).map(|n| n * pool[0].images_per_input()),
         };
@@ -460,6 +475,7 @@ impl Instruments {
         time_metrics.sync();
         let mut tracked = Vec::new();
         let totals = expected_images(graph, actors);
+        let first_passes = first_pass_images(graph, actors);
         for (i, stage) in graph.stages.iter().enumerate() {
             if let (Some(n), true) = (totals[i], stage.info.is_source()) {
                 labels[i].gauge(telemetry::SOURCE_EXPECTED).set(n as f64);
@@ -471,7 +487,15 @@ impl Instruments {
             } else {
                 continue;
             };
-            tracked.push(Tracked { stage: stage.id().to_string(), role, total: totals[i], stats: stats[i].clone() });
+            // A first pass shorter than the total: several passes, the first cold.
+            let first_pass = first_passes[i].filter(|&p| totals[i].is_some_and(|n| p < n));
+            tracked.push(Tracked {
+                stage: stage.id().to_string(),
+                role,
+                total: totals[i],
+                first_pass,
+                stats: stats[i].clone(),
+            });
         }
         let progress = Progress::new(options.progress, tracked);
         Instruments { stats, labels, fills, cache_metrics, time_metrics, progress }

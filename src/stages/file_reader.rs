@@ -349,6 +349,10 @@ impl Source for FileReader {
         Some(self.listing.len() as u64 * self.epochs as u64)
     }
 
+    fn passes(&self) -> u64 {
+        self.epochs as u64
+    }
+
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
         let n = self.listing.len() as u64;
         for epoch in 0..self.epochs {
