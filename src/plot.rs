@@ -69,7 +69,11 @@ pub fn curves(path: &Path, history: &[Epoch]) -> Result<(), String> {
 
 fn draw(path: &Path, history: &[Epoch], note: &str) -> Result<(), String> {
     register_font()?;
-    let root = BitMapBackend::new(path, (1200, 480)).into_drawing_area();
+    // Drawn into memory and encoded by `image`: plotters' own PNG encoder
+    // would build a second, older `image` crate (and its codecs) into convflow.
+    let (width, height) = (1200u32, 480u32);
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(600);
     let panels: [Panel; 2] = [("accuracy", |e| e.2, |e| e.4), ("loss", |e| e.1, |e| e.3)];
@@ -116,5 +120,8 @@ fn draw(path: &Path, history: &[Epoch], note: &str) -> Result<(), String> {
             .draw()
             .map_err(|e| e.to_string())?;
     }
-    root.present().map_err(|e| e.to_string())
+    root.present().map_err(|e| e.to_string())?;
+    drop(root);
+    let picture = image::RgbImage::from_raw(width, height, pixels).ok_or("the plot's buffer has the wrong size")?;
+    picture.save(path).map_err(|e| format!("{}: {e}", path.display()))
 }
