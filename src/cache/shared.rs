@@ -54,9 +54,41 @@ fn tier_err(url: &str, message: impl std::fmt::Display) -> CacheError {
 /// (`file:///path` or a path).
 fn operator(url: &str) -> Result<opendal::Operator, CacheError> {
     opendal::install_default();
+    let built = if let Some(rest) = url.strip_prefix("s3://") {
+        s3_operator(url, rest)?
+    } else {
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        if path.is_empty() {
+            return Err(tier_err(url, "empty folder"));
+        }
+        let meta = std::fs::metadata(path)
+            .map_err(|e| tier_err(url, format!("{path}: {e} (create the shared folder first)")))?;
+        if !meta.is_dir() {
+            return Err(tier_err(url, format!("{path} is not a folder")));
+        }
+        // Objects are written beside and renamed into place: a reader never
+        // sees half of one, even on NFS.
+        let tmp = std::path::Path::new(path).join(".tmp");
+        let b = opendal::services::Fs::default().root(path).atomic_write_dir(&tmp.to_string_lossy());
+        opendal::Operator::new(b)
+    };
+    built.map_err(|e| tier_err(url, e))
+}
+
+/// Why an `s3://` tier cannot be used by this build, if it cannot.
+pub const S3_NOT_BUILT: &str = "s3:// needs convflow built with its `s3` feature (S3's HTTP and TLS stack, \
+                                off by default): cargo build --release --features s3";
+
+#[cfg(not(feature = "s3"))]
+fn s3_operator(url: &str, _rest: &str) -> Result<opendal::Result<opendal::Operator>, CacheError> {
+    Err(tier_err(url, S3_NOT_BUILT))
+}
+
+#[cfg(feature = "s3")]
+fn s3_operator(url: &str, rest: &str) -> Result<opendal::Result<opendal::Operator>, CacheError> {
     // First installed wins; S3 needs one (the fs service does not).
     opendal_http_transport_reqwest::install_default();
-    let built = if let Some(rest) = url.strip_prefix("s3://") {
+    Ok({
         // `?endpoint=URL&region=R` override the environment (MinIO, tests).
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let param =
@@ -76,23 +108,7 @@ fn operator(url: &str) -> Result<opendal::Operator, CacheError> {
             b = b.access_key_id(&k).secret_access_key(&s);
         }
         opendal::Operator::new(b)
-    } else {
-        let path = url.strip_prefix("file://").unwrap_or(url);
-        if path.is_empty() {
-            return Err(tier_err(url, "empty folder"));
-        }
-        let meta = std::fs::metadata(path)
-            .map_err(|e| tier_err(url, format!("{path}: {e} (create the shared folder first)")))?;
-        if !meta.is_dir() {
-            return Err(tier_err(url, format!("{path} is not a folder")));
-        }
-        // Objects are written beside and renamed into place: a reader never
-        // sees half of one, even on NFS.
-        let tmp = std::path::Path::new(path).join(".tmp");
-        let b = opendal::services::Fs::default().root(path).atomic_write_dir(&tmp.to_string_lossy());
-        opendal::Operator::new(b)
-    };
-    built.map_err(|e| tier_err(url, e))
+    })
 }
 
 /// The object for one store key: the context, then two levels of fan-out

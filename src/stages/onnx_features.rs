@@ -106,6 +106,15 @@ impl StageConfig for OnnxFeaturesConfig {
         },
     ];
 
+    fn check(&self) -> Vec<FieldError> {
+        // Said before any work, and by `validate`, rather than when the tier opens.
+        let s3 = self.shared_cache.as_deref().is_some_and(|s| s.starts_with("s3://"));
+        if s3 && !cfg!(feature = "s3") {
+            return vec![FieldError::new("shared_cache", crate::cache::shared::S3_NOT_BUILT)];
+        }
+        Vec::new()
+    }
+
     fn check_environment(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !self.model.is_file() {
@@ -337,5 +346,21 @@ mod tests {
         assert_eq!(key(Device::Cpu, true), plain);
         assert_eq!(key(Device::Cuda, false), plain);
         assert!(plain.ends_with("input NHWC float32"), "{plain}");
+    }
+
+    /// The S3 tier is a cargo feature: a build without it says how to get it.
+    #[test]
+    fn an_s3_tier_without_the_s3_feature_says_how_to_build_it() {
+        let mut c = config(std::path::Path::new("/m.onnx"), Device::Cpu, false);
+        c.shared_cache = Some("s3://bucket/prefix".into());
+        let errors = c.check();
+        if cfg!(feature = "s3") {
+            assert!(errors.is_empty(), "{:?}", errors.iter().map(|e| &e.message).collect::<Vec<_>>());
+        } else {
+            assert_eq!(errors.len(), 1);
+            assert!(errors[0].message.contains("--features s3"), "{}", errors[0].message);
+        }
+        c.shared_cache = Some("/shared/folder".into());
+        assert!(c.check().is_empty());
     }
 }
