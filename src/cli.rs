@@ -278,7 +278,8 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
         Command::Validate { files, set, no_environment } => {
             let mut code = ExitCode::SUCCESS;
             for file in files {
-                let checked = config::load(&file, &set).and_then(|cfg| Graph::build_checked(cfg, registry, !no_environment));
+                let checked =
+                    config::load(&file, &set).and_then(|cfg| Graph::build_checked(cfg, registry, !no_environment));
                 match checked {
                     Ok(g) => println!("{}: ok ({} stages)", file.display(), g.stages.len()),
                     Err(e) => code = invalid(&e),

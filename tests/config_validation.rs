@@ -100,22 +100,26 @@ fn every_shipped_pipeline_validates_without_its_environment_on_a_fresh_clone() {
     }
     files.sort();
     assert!(files.len() >= 10, "only {} pipelines", files.len());
-    let out = common::bin().current_dir(clone.path()).args(["validate", "--no-environment"]).args(&files).output().unwrap();
+    let out =
+        common::bin().current_dir(clone.path()).args(["validate", "--no-environment"]).args(&files).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}{stderr}");
     for f in &files {
         assert!(stdout.contains(&format!("{}: ok", f.display())), "{} not reported ok:\n{stdout}", f.display());
     }
 
-    let out = common::bin().current_dir(clone.path()).args(["validate", "pipelines/extract_features.yaml"]).output().unwrap();
+    let out =
+        common::bin().current_dir(clone.path()).args(["validate", "pipelines/extract_features.yaml"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains(".convflow/demo-data is not a folder"), "{stderr}");
     assert!(stderr.contains("models/vgg16_notop.onnx not found"), "{stderr}");
     // The file's own mistakes are still found without the environment.
-    let bad = fs::read_to_string(pipelines.join("extract_features.yaml")).unwrap().replace("kind: batch", "kind: batches");
+    let bad =
+        fs::read_to_string(pipelines.join("extract_features.yaml")).unwrap().replace("kind: batch", "kind: batches");
     fs::write(clone.path().join("bad.yaml"), bad).unwrap();
-    let out = common::bin().current_dir(clone.path()).args(["validate", "--no-environment", "bad.yaml"]).output().unwrap();
+    let out =
+        common::bin().current_dir(clone.path()).args(["validate", "--no-environment", "bad.yaml"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown stage kind `batches`") && !stderr.contains("not a folder"), "{stderr}");
