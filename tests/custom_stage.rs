@@ -19,6 +19,11 @@ fn example_bin() -> PathBuf {
         if profile.ends_with("release") {
             build.arg("--release");
         }
+        // The features this test was built with (the README's test command
+        // turns on `s3`): other ones would rebuild the whole library here.
+        if cfg!(feature = "s3") {
+            build.args(["--features", "s3"]);
+        }
         assert!(build.status().unwrap().success());
     }
     bin
