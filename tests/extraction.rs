@@ -244,3 +244,37 @@ fn on_error_fail_stops_the_run_and_names_the_stage() {
     assert!(text.contains("stage `decode` failed") && text.contains("on_error: fail"), "{text}");
     assert!(!out.join("features.npy").exists(), "a failed run publishes no outputs");
 }
+
+/// A channels-first model (a torchvision export's layout) runs unchanged:
+/// convflow feeds it NCHW and its features are the NHWC original's; the
+/// `tf` and `torch` modes are Keras's `preprocess_input`, checked against
+/// Python onnxruntime on convflow's own tensor.
+#[test]
+fn nchw_models_run_as_nchw_with_tf_and_torch_preprocessing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nchw = tmp.path().join("tiny_nchw.onnx");
+    let o = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/fixtures/models/make_nchw_copy.py"))
+        .arg(common::tiny_model())
+        .arg(&nchw)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = common::root().join("tests/fixtures/images");
+    for (mode, name) in [(Preprocess::Tf, "tf"), (Preprocess::Torch, "torch")] {
+        let mut outputs = Vec::new();
+        for (layout, model) in [("nhwc", common::tiny_model()), ("nchw", nchw.clone())] {
+            let out = tmp.path().join(format!("{name}-{layout}"));
+            let yaml = common::extraction_yaml(&data, &model, &out, None, "", 64, name);
+            common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+            outputs.push((read_f32(&out.join("features.npy")).unwrap(), paths(&out)));
+        }
+        let (((shape, nhwc), paths), ((nchw_shape, nchw_features), _)) = (&outputs[0], &outputs[1]);
+        assert_eq!(shape, nchw_shape);
+        common::assert_close(nchw_features, nhwc, 1e-5, &format!("{name}: NCHW copy vs NHWC original"));
+        let input = input_tensor(paths, 64, mode);
+        let (_, reference) = common::python_reference(&common::tiny_model(), &[9, 64, 64, 3], &input, tmp.path());
+        common::assert_close(nhwc, &reference, 1e-4, &format!("{name}: vs Python onnxruntime"));
+        assert!(input.iter().any(|&x| x < -0.5), "{name}: centred input, not x/255");
+    }
+}

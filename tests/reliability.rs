@@ -467,7 +467,7 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
             96,
             "the model takes 64x64 (HxW) images but the pipeline makes 96x96; set the resize stage's `size` to [64, 64]",
         ),
-        ("nchw", 64, "expected an NHWC image input [N,H,W,3], found [-1, 3, -1, -1]"),
+        ("rgba", 64, "expected an image input, [N,H,W,3] (NHWC) or [N,3,H,W] (NCHW), found [-1, -1, -1, 4]"),
         ("uint8_input", 64, "input `input` is"),
         ("int64_output", 64, "output `features` is"),
         ("reshape48", 64, "cannot take the pipeline's 64x64 images: inference failed:"),
@@ -486,7 +486,7 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
         }
     }
     // The same models where they fit.
-    for (model, size) in [("fixed64", 64), ("reshape48", 32), ("crop32", 40)] {
+    for (model, size) in [("fixed64", 64), ("reshape48", 32), ("crop32", 40), ("nchw", 64)] {
         let (code, err) = run_model(tmp.path(), &data, model, size);
         assert_eq!(code, Some(0), "{model} at {size}: {err}");
     }

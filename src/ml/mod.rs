@@ -17,5 +17,5 @@ pub mod onnx;
 pub mod optimizer;
 pub mod preprocess;
 
-pub use onnx::{CudaOptions, Device, OnnxModel, Provider};
+pub use onnx::{CudaOptions, Device, Layout, OnnxModel, Provider};
 pub use preprocess::Preprocess;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheHandle, CacheSpec};
 use crate::item::{Features, Item, ItemKind, Payload};
-use crate::ml::{CudaOptions, Device, OnnxModel, Preprocess};
+use crate::ml::{CudaOptions, Device, Layout, OnnxModel, Preprocess};
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,9 +68,9 @@ impl StageConfig for OnnxFeaturesConfig {
         OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
         OptionDoc {
             name: "preprocess",
-            ty: "rescale|caffe|none",
+            ty: "rescale|caffe|tf|torch|none",
             default: "rescale",
-            help: "x/255 (the book) or Keras VGG16's caffe",
+            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255",
         },
         OptionDoc {
             name: "device",
@@ -260,12 +260,16 @@ impl Stage for OnnxFeatures {
             let n = todo.len();
             let per_image = (h * w * 3) as usize;
             let (preprocess, mut preprocess_seconds) = (self.preprocess, 0.0);
+            let layout = self.model.layout;
             // Each image is written into the input buffer by its own rayon
             // task: on a GPU this runs serially with the model call, so it
             // must take the machine's cores, not one.
             let fill = |buf: &mut [f32]| {
                 let t = Instant::now();
-                buf.par_chunks_mut(per_image).zip(images.par_iter()).for_each(|(dst, img)| preprocess.write(img, dst));
+                buf.par_chunks_mut(per_image).zip(images.par_iter()).for_each(|(dst, img)| match layout {
+                    Layout::Nhwc => preprocess.write(img, dst),
+                    Layout::Nchw => preprocess.write_planar(img, dst),
+                });
                 preprocess_seconds = t.elapsed().as_secs_f64();
             };
             let (shape, data) = self.model.run_filled(n, h as usize, w as usize, fill).map_err(StageError::fatal)?;
