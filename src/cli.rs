@@ -131,6 +131,13 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// List the conv bases of the book's section 5.3.1: sizes, output
+    /// shape, preprocessing, parameters, where the weights come from, set up here or not.
+    Models {
+        /// The image size (height = width) to give the output shape at.
+        #[arg(long, default_value_t = 150)]
+        size: u32,
+    },
     /// Inspect the feature cache.
     Cache {
         #[command(subcommand)]
@@ -256,6 +263,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Stages { markdown } => {
             print!("{}", if markdown { registry.describe_markdown() } else { registry.describe() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { size } => {
+            print!("{}", crate::ml::bases::table(size));
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { pipeline } => Ok(match load(&pipeline, registry) {

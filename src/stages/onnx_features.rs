@@ -10,12 +10,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheHandle, CacheSpec};
 use crate::item::{Features, Item, ItemKind, Payload};
+use crate::ml::bases::{BASES, Base};
 use crate::ml::{CudaOptions, Device, Layout, OnnxModel, Preprocess};
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnnxFeaturesConfig {
+    /// A path, or a conv base's name (`vgg19`), read as that base's file.
+    #[serde(deserialize_with = "model_or_base")]
     pub model: PathBuf,
     #[serde(default)]
     pub preprocess: Preprocess,
@@ -56,6 +59,18 @@ impl OnnxFeaturesConfig {
     }
 }
 
+/// `model:` as a path, or a base of [`crate::ml::bases`] by name: its file
+/// under `models/`. A base convflow cannot run yet is refused here, so
+/// `validate` says so with the field's position.
+fn model_or_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    match Base::named(&path) {
+        Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
+        Some(base) => Ok(base.path()),
+        None => Ok(path),
+    }
+}
+
 impl StageConfig for OnnxFeaturesConfig {
     const KIND: &'static str = "onnx_features";
     const SUMMARY: &'static str = "runs an ONNX conv base (e.g. VGG16 without top) on image batches; cached";
@@ -65,7 +80,12 @@ impl StageConfig for OnnxFeaturesConfig {
     // batch's preprocessing and copy with the other's compute.
     const PARALLEL: bool = true;
     const OPTIONS: &'static [OptionDoc] = &[
-        OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
+        OptionDoc {
+            name: "model",
+            ty: "path | base name",
+            default: "(required)",
+            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19 (`convflow models`)",
+        },
         OptionDoc {
             name: "preprocess",
             ty: "rescale|caffe|tf|torch|none",
@@ -109,10 +129,11 @@ impl StageConfig for OnnxFeaturesConfig {
     fn check(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !self.model.is_file() {
-            errors.push(FieldError::new(
-                "model",
-                format!("{} not found (models/setup.sh produces the models)", self.model.display()),
-            ));
+            let how = match BASES.iter().find(|b| b.path() == self.model).and_then(|b| b.setup) {
+                Some(setup) => format!("run {setup}"),
+                None => "models/setup.sh produces the models".into(),
+            };
+            errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.display())));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = crate::cache::check_dir(dir)
