@@ -21,6 +21,8 @@
 //! - [`telemetry`]: metric names, per-stage counters, logging.
 //! - [`npy`]: streaming `.npy` output.
 //! - [`plot`]: the training curves picture.
+//! - [`publish`]: the output folders convflow owns: one writer at a time,
+//!   every entry switched to a new version at once.
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`shard`]: sharded runs on array engines: plan, parts, merge.
 //! - [`visualize`]: pictures of what a convnet learned (activations, filter
@@ -37,6 +39,7 @@ pub mod item;
 pub mod ml;
 pub mod npy;
 pub mod plot;
+pub mod publish;
 pub mod runtime;
 pub mod shard;
 pub mod stage;

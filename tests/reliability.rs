@@ -108,15 +108,22 @@ fn rows(out: &Path) -> Vec<usize> {
         .collect()
 }
 
-/// Nothing half-written is left: no published split, no staging folder.
+/// Nothing half-written is left: no published split, no staging folder
+/// (convflow's `.convflow-output` folder keeps only its marker and lock).
 fn assert_nothing_published(out: &Path) {
     for e in std::fs::read_dir(out).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            ["report.json", "metrics.prom", "skipped.csv", "p.yaml", "p2.yaml"].contains(&name.as_str()),
+            ["report.json", "metrics.prom", "skipped.csv", "p.yaml", "p2.yaml", ".convflow-output"]
+                .contains(&name.as_str()),
             "{name} left in {}",
             out.display()
         );
+    }
+    if let Ok(entries) = std::fs::read_dir(out.join(".convflow-output")) {
+        let mut names: Vec<String> = entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["OWNER", "lock"], "no version staged or published in {}", out.display());
     }
 }
 
@@ -337,8 +344,11 @@ fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_p
     let o = with_file_size_limit(&run, 200).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    let want = format!("error: stage `write` failed: writing {}: File too large", out.join(".train.partial").display());
-    assert!(err.contains(&want), "names the output folder and the reason:\n{err}");
+    let want = format!("error: stage `write` failed: writing {}/v-", out.join(".convflow-output").display());
+    assert!(
+        err.contains(&want) && err.contains("/train: File too large"),
+        "names the output folder and the reason:\n{err}"
+    );
     assert_nothing_published(out);
     assert_eq!(report(out)["interrupted"], false, "the report of the failed run is written");
 

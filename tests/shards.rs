@@ -100,6 +100,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
+            // convflow's bookkeeping (versions, lock) is not output; the links to it are.
+            if p.ends_with(convflow::publish::META) {
+                continue;
+            }
             if p.is_dir() { walk(base, &p, out) } else { out.push(p.strip_prefix(base).unwrap().to_path_buf()) }
         }
     }
