@@ -320,3 +320,56 @@ fn a_second_sharded_run_is_all_shared_tier_hits() {
         );
     }
 }
+
+/// The shared tier's object files (not its probe or temporary ones), sorted.
+fn tier_objects(dir: &Path) -> Vec<PathBuf> {
+    files(dir).into_iter().filter(|p| !p.starts_with(".tmp") && !p.starts_with("probe")).map(|p| dir.join(p)).collect()
+}
+
+#[test]
+fn swapped_shared_tier_objects_are_rejected_recomputed_and_never_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = make_data(root);
+    let file = pipeline(root, &data);
+    let file = file.to_str().unwrap();
+    std::fs::create_dir(root.join("shared")).unwrap();
+    let shared = format!("shared_cache={}", root.join("shared").display());
+    let run = |out: &str, cache: &str, shared: &str| {
+        let (out, cache) = (format!("out_dir={out}"), format!("cache_dir={cache}"));
+        ok(root, &["-q", "run", file, "--set", &out, "--set", &cache, "--set", shared]);
+    };
+    run("a", "cache-a", &shared);
+    // Two objects swapped: each well-formed, each under the other's name
+    // (what anyone who may write to the tier can do).
+    let objects = tier_objects(&root.join("shared"));
+    // `validation` holds the train images under new names: same content, same key.
+    assert_eq!(objects.len(), 9, "one object per image content that decodes");
+    let (x, y) = (std::fs::read(&objects[0]).unwrap(), std::fs::read(&objects[1]).unwrap());
+    std::fs::write(&objects[0], &y).unwrap();
+    std::fs::write(&objects[1], &x).unwrap();
+
+    run("b", "cache-b", &shared);
+    let b = report_of(&root.join("b/report.json"));
+    for f in ["train/features.npy", "validation/features.npy"] {
+        let same = std::fs::read(root.join("a").join(f)).unwrap() == std::fs::read(root.join("b").join(f)).unwrap();
+        assert!(same, "{f}: the swapped objects' features were served");
+    }
+    // Each swapped key is looked up by two images (train and validation);
+    // the second is rejected too when it comes before the first's recomputed
+    // value is stored, else it is a local hit.
+    let rejected = b["cache"]["shared"]["rejected"].as_u64().unwrap();
+    assert!((2..=4).contains(&rejected), "{b}");
+    assert_eq!(b["cache"]["misses"], rejected + 1, "a rejected object is a miss (and the broken file): {b}");
+    assert_eq!(b["cache"]["writes"], rejected, "what was rejected is recomputed: {b}");
+    // The local store holds only right values: verified, and a run from it
+    // alone writes the same features.
+    let verify = common::bin().current_dir(root).args(["cache", "verify", "--dir", "cache-b"]).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    run("c", "cache-b", "shared_cache=");
+    let c = report_of(&root.join("c/report.json"));
+    assert_eq!(c["cache"]["misses"], 1, "only the file that does not decode: {c}");
+    for f in ["train/features.npy", "validation/features.npy"] {
+        assert!(std::fs::read(root.join("a").join(f)).unwrap() == std::fs::read(root.join("c").join(f)).unwrap());
+    }
+}

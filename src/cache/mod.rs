@@ -318,12 +318,9 @@ impl CacheHandle {
         }
         let Some(tier) = &self.shared else { return Ok(None) };
         let Some(bytes) = tier.get(&key) else { return Ok(None) };
+        // Sealed with its key (checked by `get`), and the value's own checksum.
         let Some(found) = decode_value(&bytes) else {
-            tracing::warn!(
-                "shared cache tier {}: object for {} fails its checksum; recomputing",
-                tier.url(),
-                hex(&key)
-            );
+            tier.reject(&key, "holds a value that fails its checksum");
             return Ok(None);
         };
         tier.counters.hits.fetch_add(1, Ordering::Relaxed);

@@ -366,7 +366,7 @@ fn merged_report(
             }
             if r["cache"]["shared"].is_object() {
                 let mut shared = cache["shared"].take();
-                for k in ["hits", "writes", "errors"] {
+                for k in ["hits", "writes", "errors", "rejected"] {
                     add(&mut shared, k, &r["cache"]["shared"][k]);
                 }
                 cache["shared"] = shared;
