@@ -107,7 +107,8 @@ impl StageConfig for OnnxFeaturesConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors: Vec<FieldError> =
+            crate::config::threads_error("intra_threads", self.intra_threads).into_iter().collect();
         if !self.model.is_file() {
             errors.push(FieldError::new(
                 "model",
