@@ -370,6 +370,49 @@ fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_p
     }
 }
 
+// ---------------------------------------------------------------- a damaged cache file
+
+#[test]
+fn a_damaged_cache_file_is_set_aside_and_rebuilt_never_a_panic() {
+    let s = Scratch::new(16);
+    let pipe = Pipe { stall: None, ..s.pipe() };
+    let store = s.cache.join("features.redb");
+    // Every page past the header flipped (redb panicked reading it), then a
+    // file whose header is not redb's at all.
+    let damages: [fn(&mut [u8]); 2] = [|b| b[4096..].iter_mut().for_each(|x| *x ^= 0x5a), |b| b[..16].fill(0)];
+    for damage in damages {
+        let o = pipe.command("p.yaml").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut bytes = std::fs::read(&store).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&store, &bytes).unwrap();
+
+        // `cache verify` names the damage and the command that recovers.
+        let v = common::bin().args(["cache", "verify", "--dir"]).arg(&s.cache).output().unwrap();
+        let err = stderr(&v);
+        assert_eq!(v.status.code(), Some(1), "{err}");
+        let mv = format!("mv {} {}.damaged", store.display(), store.display());
+        assert!(err.contains("the store is damaged") && err.contains(&mv), "{err}");
+
+        // A run sets it aside, kept for inspection and named, and rebuilds.
+        let o = pipe.command("p.yaml").output().unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        let aside: Vec<PathBuf> = std::fs::read_dir(&s.cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("features.redb.damaged-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(std::fs::read(&aside[0]).unwrap() == bytes, "the damaged store is kept as it was");
+        assert!(err.contains(&format!("set aside as {}", aside[0].display())), "named in the log:\n{err}");
+        assert_eq!(report(&s.out)["cache"]["misses"], 160, "everything computed again");
+        assert_eq!(rows(&s.out), [80, 40, 40]);
+        assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+        std::fs::remove_file(&aside[0]).unwrap();
+    }
+}
+
 // ---------------------------------------------------------------- a cache folder that cannot be written
 
 /// `convflow validate` and `run` both refuse, before any work, naming the
