@@ -79,7 +79,14 @@ fn a_non_utf8_file_name_is_read_and_written_back_exactly() {
     common::run_yaml(&pipeline(tmp.path(), &data, false)).unwrap();
     let paths = std::fs::read(tmp.path().join("out/paths.txt")).unwrap();
     let last = paths.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap();
-    assert_eq!(Path::new(OsStr::from_bytes(last)), data.join("dogs").join(name), "paths.txt holds the exact bytes");
+    // Escaped (docs/extraction.md#names-in-text-files): one line of UTF-8 that reads back to the exact bytes.
+    assert!(std::str::from_utf8(last).unwrap().ends_with("/dogs/d\\xffg.jpg"), "{}", last.escape_ascii());
+    let read_back = convflow::names::unescape(last).unwrap();
+    assert_eq!(
+        Path::new(OsStr::from_bytes(&read_back)),
+        data.join("dogs").join(name),
+        "paths.txt names the exact bytes"
+    );
 }
 
 /// The pipeline's outputs in `out`: paths, and the features' bytes.

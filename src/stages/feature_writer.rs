@@ -100,13 +100,9 @@ impl SplitFiles {
                 _ => labels.push(&[label.index as f32])?,
             }
         }
-        // One path per line, its own bytes (a non-UTF-8 name stays openable); a newline
-        // in a name would break the row correspondence, so it is escaped.
-        use std::os::unix::ffi::OsStrExt;
-        let bytes = item.meta.path.as_os_str().as_bytes();
-        let escaped: Vec<u8> =
-            bytes.iter().flat_map(|&b| if b == b'\n' { vec![b'\\', b'n'] } else { vec![b] }).collect();
-        self.paths.write_all(&escaped)?;
+        // One path per line in convflow's one escaping (crate::names): any
+        // name, newlines and non-UTF-8 bytes included, reads back exactly.
+        self.paths.write_all(crate::names::escape_path(&item.meta.path).as_bytes())?;
         self.paths.write_all(b"\n")
     }
 

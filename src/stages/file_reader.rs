@@ -3,6 +3,8 @@
 //! Reads and hashes each file; with a cache probe, a known image leaves here
 //! as finished features and skips decode and inference.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -155,9 +157,10 @@ fn roots(cfg: &FileReaderConfig) -> Vec<(Option<Arc<str>>, PathBuf)> {
     }
 }
 
-/// The class folders of every root together, sorted (Keras's order).
-fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<String>, String> {
-    let mut class_names: Vec<String> = Vec::new();
+/// The class folders of every root together, sorted (Keras's order), as
+/// the bytes of their names: a name that is not UTF-8 is a class too.
+fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<OsString>, String> {
+    let mut class_names: Vec<OsString> = Vec::new();
     for (_, root) in roots {
         for name in subfolders(root)? {
             if !class_names.contains(&name) {
@@ -165,7 +168,7 @@ fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<String>, Str
             }
         }
     }
-    class_names.sort();
+    class_names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(class_names)
 }
 
@@ -181,10 +184,12 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
             "class_mode: binary needs exactly 2 class folders in {}, found {} ({})",
             cfg.dir.display(),
             class_names.len(),
-            class_names.join(", ")
+            class_names.iter().map(|c| crate::names::escape(c.as_bytes())).collect::<Vec<_>>().join(", ")
         ));
     }
-    let classes: Arc<[String]> = class_names.clone().into();
+    // A class's name as labels, classes.txt and reports show it: escaped
+    // (crate::names), the folder's own bytes read back from it exactly.
+    let classes: Arc<[String]> = class_names.iter().map(|c| crate::names::escape(c.as_bytes())).collect();
     let exts: Vec<String> = cfg.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect();
     let mut entries = Vec::new();
     for (split, root) in &roots {
@@ -230,7 +235,7 @@ pub(crate) fn listing(cfg: &FileReaderConfig) -> Result<Vec<crate::shard::plan::
 
 /// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder
 /// is one whatever `follow_links` says (that governs the folders below).
-fn subfolders(root: &Path) -> Result<Vec<String>, String> {
+fn subfolders(root: &Path) -> Result<Vec<OsString>, String> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
     for entry in rd.flatten() {
@@ -240,7 +245,7 @@ fn subfolders(root: &Path) -> Result<Vec<String>, String> {
             Err(_) => false,
         };
         if is_dir {
-            out.push(entry.file_name().to_string_lossy().into_owned());
+            out.push(entry.file_name());
         }
     }
     Ok(out)
