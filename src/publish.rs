@@ -231,10 +231,10 @@ impl Output {
                 }
             }
         }
-        if let Some(old) = old.filter(|o| o.as_os_str().as_bytes().starts_with(b"v-")) {
-            if let Err(e) = std::fs::remove_dir_all(self.meta.join(&old)) {
-                tracing::warn!("cannot remove the previous output {}: {e}", self.meta.join(old).display());
-            }
+        if let Some(old) = old.filter(|o| o.as_os_str().as_bytes().starts_with(b"v-"))
+            && let Err(e) = std::fs::remove_dir_all(self.meta.join(&old))
+        {
+            tracing::warn!("cannot remove the previous output {}: {e}", self.meta.join(old).display());
         }
         Ok(())
     }
