@@ -165,6 +165,12 @@ fn linked_files_are_read_linked_folders_follow_the_option_and_dangling_links_are
     std::os::unix::fs::symlink(photos.join("x.jpg"), data.join("cats/linked.jpg")).unwrap();
     std::os::unix::fs::symlink(photos.join("sub"), data.join("dogs/linked_folder")).unwrap();
     std::os::unix::fs::symlink(photos.join("gone.jpg"), data.join("dogs/dangling.jpg")).unwrap();
+    // Links to a device that never ends and to a FIFO that would block a read.
+    std::os::unix::fs::symlink("/dev/zero", data.join("dogs/zero.jpg")).unwrap();
+    let fifo = std::ffi::CString::new(photos.join("pipe").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::os::unix::fs::symlink(photos.join("pipe"), data.join("dogs/fifo.jpg")).unwrap();
 
     let out = run_with_report(tmp.path(), &data, false);
     let (paths, _) = outputs(&out);
@@ -172,13 +178,13 @@ fn linked_files_are_read_linked_folders_follow_the_option_and_dangling_links_are
         paths.iter().map(|p| p.strip_prefix(&format!("{}/", data.display())).unwrap().to_string()).collect();
     assert_eq!(rel, ["cats/a.jpg", "cats/linked.jpg", "dogs/b.jpg"]);
     let listed = skipped(&out);
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert!(
-        listed[0].contains("dangling.jpg")
-            && listed[0].contains("files")
-            && listed[0].contains("dangling symbolic link"),
-        "{listed:?}"
-    );
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let reason = |name: &str| listed.iter().find(|l| l.contains(name)).cloned().unwrap_or_default();
+    assert!(reason("dangling.jpg").contains("files") && reason("dangling.jpg").contains("dangling symbolic link"));
+    for special in ["zero.jpg", "fifo.jpg"] {
+        let r = reason(special);
+        assert!(r.contains("files") && r.contains("not a regular file (a device, FIFO or socket)"), "{listed:?}");
+    }
 
     std::fs::remove_dir_all(&out).unwrap();
     let out = run_with_report(tmp.path(), &data, true);

@@ -129,6 +129,29 @@ fn assert_nothing_published(out: &Path) {
 
 // ---------------------------------------------------------------- SIGTERM
 
+/// No process is left whose environment names `mark` (the stalled exec
+/// worker of a run that has exited), once the kernel has had a moment.
+fn assert_no_worker_left(mark: &Path) {
+    let needle = format!("MARK={}", mark.display());
+    let alive = || -> Vec<String> {
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .flatten()
+            .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|p| {
+                let env = std::fs::read(p.path().join("environ")).unwrap_or_default();
+                env.split(|&b| b == 0).any(|v| v == needle.as_bytes())
+            })
+            .map(|p| p.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !alive().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive().is_empty(), "exec workers outlived convflow: pids {:?}", alive());
+}
+
 /// A temporary folder with the demo data and the places a run uses (`mark`:
 /// the file a stalled run creates).
 struct Scratch {
@@ -199,6 +222,20 @@ fn sigterm_drains_flushes_the_cache_writes_the_report_and_exits_143() {
 }
 
 #[test]
+fn sighup_from_a_dropped_session_drains_writes_the_report_and_exits_129() {
+    let s = Scratch::new(17);
+    let (o, _) = s.signal(s.pipe().command("p.yaml"), &["HUP"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(129), "SIGHUP drains like SIGTERM, with its own code:\n{err}");
+    assert!(err.contains("stopped by SIGHUP"), "{err}");
+    let r = report(&s.out);
+    assert_eq!(r["interrupted"], true);
+    assert_nothing_published(&s.out);
+    let verify = FeatureCache::verify(&s.cache).unwrap();
+    assert!(verify.is_clean() && verify.entries == r["cache"]["writes"].as_u64().unwrap(), "{verify:?}");
+}
+
+#[test]
 fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exits_at_once() {
     let s = Scratch::new(12);
     // The stalled exec worker needs 5 s; the deadline is 0.5 s.
@@ -219,6 +256,7 @@ fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exi
     assert!(running.iter().all(|s| order.contains(s)), "{err}");
     assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
     assert!(!s.out.join("train").exists());
+    assert_no_worker_left(&s.mark);
 
     // A second signal does not wait for the drain at all.
     let (o, took) = s.signal(s.pipe().command("p.yaml"), &["INT", "TERM"]);
@@ -226,6 +264,7 @@ fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exi
     assert!(stderr(&o).contains("second signal (SIGTERM): exiting now"), "{}", stderr(&o));
     assert!(took < Duration::from_secs(4), "{took:?}");
     assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+    assert_no_worker_left(&s.mark);
     drop(s.tmp);
 }
 
