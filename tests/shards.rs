@@ -264,15 +264,21 @@ fn report_of(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The data, the pipeline and an empty shared tier folder in `root`: the
+/// pipeline file and the `shared_cache=...` override that names the tier.
+fn with_shared_tier(root: &Path) -> (String, String) {
+    let data = make_data(root);
+    let file = pipeline(root, &data).to_str().unwrap().to_string();
+    std::fs::create_dir(root.join("shared")).unwrap();
+    (file, format!("shared_cache={}", root.join("shared").display()))
+}
+
 #[test]
 fn a_second_sharded_run_is_all_shared_tier_hits() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let data = make_data(root);
-    let file = pipeline(root, &data);
-    let file = file.to_str().unwrap();
-    std::fs::create_dir(root.join("shared")).unwrap();
-    let shared = format!("shared_cache={}", root.join("shared").display());
+    let (file, shared) = with_shared_tier(root);
+    let file = file.as_str();
 
     // A tier that cannot be reached stops the run before any work.
     let (code, err) = fails(root, &["run", file, "--set", "shared_cache=/no/such/tier", "--set", "out_dir=never"]);
@@ -330,11 +336,8 @@ fn tier_objects(dir: &Path) -> Vec<PathBuf> {
 fn swapped_shared_tier_objects_are_rejected_recomputed_and_never_kept() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let data = make_data(root);
-    let file = pipeline(root, &data);
-    let file = file.to_str().unwrap();
-    std::fs::create_dir(root.join("shared")).unwrap();
-    let shared = format!("shared_cache={}", root.join("shared").display());
+    let (file, shared) = with_shared_tier(root);
+    let file = file.as_str();
     let run = |out: &str, cache: &str, shared: &str| {
         let (out, cache) = (format!("out_dir={out}"), format!("cache_dir={cache}"));
         ok(root, &["-q", "run", file, "--set", &out, "--set", &cache, "--set", shared]);
