@@ -127,7 +127,8 @@ impl StageConfig for OnnxFeaturesConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
+        let mut errors: Vec<FieldError> =
+            crate::config::threads_error("intra_threads", self.intra_threads).into_iter().collect();
         if !self.model.is_file() {
             let how = match BASES.iter().find(|b| b.path() == self.model).and_then(|b| b.setup) {
                 Some(setup) => format!("run {setup}"),
