@@ -226,7 +226,8 @@ fn other_formats_decode_as_pil_but_exif_rotation_and_16_bit_grey() {
             RgbImage::from_raw(sizes[i][0], sizes[i][1], raw).unwrap()
         })
         .collect();
-    let ours: Vec<RgbImage> = files.iter().map(|f| decode_image(&std::fs::read(f).unwrap(), u64::MAX).unwrap()).collect();
+    let ours: Vec<RgbImage> =
+        files.iter().map(|f| decode_image(&std::fs::read(f).unwrap(), u64::MAX).unwrap()).collect();
     for i in 0..exact.len() {
         assert!(ours[i] == pil[i], "{}: differs from PIL", names[i]);
     }
