@@ -1,7 +1,10 @@
 //! Per-image cost of `decode` and `resize` on real photos, 150x150 target:
-//!   decode/full              - the default: full decode (zune-jpeg through `image`)
+//!   decode/full              - the default: full decode (JPEG: libjpeg-turbo, PIL's pixels)
+//!   decode/full_image_rs     - the `image` crate's decoders (zune-jpeg), the default before:
+//!                              side by side with decode/full in one run
 //!   decode/min_size_150      - `min_size: 150`: libjpeg-turbo at the smallest DCT scale >= 150x150
-//!   resize_150/<filter>/...  - `resize` from a full decode and from a scaled one
+//!   resize_150/<filter>/...  - `resize` from a full decode and from a scaled one;
+//!                              nearest_fir: fast_image_resize's nearest, the rule before PIL's
 //!   decode_resize_150/...    - both, what the pipeline's two stages cost one image
 //!   decode_resize_150/min_size_150/nearest/2_threads - the same on two threads
 //!                              sharing the photos, nothing else: the most a
@@ -20,7 +23,7 @@ mod common;
 
 use std::hint::black_box;
 
-use convflow::stages::decode::{Decoder, decode_image};
+use convflow::stages::decode::{Decoder, decode_image, decode_image_rs};
 use convflow::stages::resize::{Filter, Resize};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use image::RgbImage;
@@ -38,6 +41,12 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             black_box(decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes"))
+        })
+    });
+    g.bench_function("full_image_rs", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(decode_image_rs(bytes[i % bytes.len()], u64::MAX).expect("decodes"))
         })
     });
     g.bench_function("min_size_150", |b| {
@@ -67,6 +76,31 @@ fn benches(c: &mut Criterion) {
             });
         }
     }
+    // fast_image_resize's nearest, the rule `resize` followed before PIL's.
+    let mut fir = fast_image_resize::Resizer::new();
+    let options = fast_image_resize::ResizeOptions::new().resize_alg(fast_image_resize::ResizeAlg::Nearest);
+    g.bench_function("nearest_fir/from_full", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                full[i % full.len()].clone()
+            },
+            |img| {
+                let (w, h) = img.dimensions();
+                let src = fast_image_resize::images::Image::from_vec_u8(
+                    w,
+                    h,
+                    img.into_raw(),
+                    fast_image_resize::PixelType::U8x3,
+                )
+                .expect("image");
+                let mut dst = fast_image_resize::images::Image::new(150, 150, fast_image_resize::PixelType::U8x3);
+                fir.resize(&src, &mut dst, &options).expect("resizes");
+                black_box(dst)
+            },
+            BatchSize::SmallInput,
+        )
+    });
     g.finish();
 
     let mut g = c.benchmark_group("decode_resize_150");
@@ -77,6 +111,19 @@ fn benches(c: &mut Criterion) {
             i += 1;
             let img = decode_image(bytes[i % bytes.len()], u64::MAX).expect("decodes");
             black_box(resize.apply(img).expect("resizes"))
+        })
+    });
+    g.bench_function("full_image_rs/nearest_fir", |b| {
+        b.iter(|| {
+            i += 1;
+            let img = decode_image_rs(bytes[i % bytes.len()], u64::MAX).expect("decodes");
+            let (w, h) = img.dimensions();
+            let src =
+                fast_image_resize::images::Image::from_vec_u8(w, h, img.into_raw(), fast_image_resize::PixelType::U8x3)
+                    .expect("image");
+            let mut dst = fast_image_resize::images::Image::new(150, 150, fast_image_resize::PixelType::U8x3);
+            fir.resize(&src, &mut dst, &options).expect("resizes");
+            black_box(dst)
         })
     });
     g.bench_function("min_size_150/nearest", |b| {

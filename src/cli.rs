@@ -1,6 +1,7 @@
 //! The `convflow` command. [`main`] takes a registry so a user's binary can
 //! add its own stages and get the very same CLI.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +23,9 @@ use crate::stages::Registry;
 pub mod exit {
     pub const FAILED: u8 = 1;
     pub const INVALID: u8 = 2;
+    /// 128 + SIGHUP: the terminal went away (a dropped SSH session);
+    /// drained the same way as Ctrl-C, so the report and cache are kept.
+    pub const HUNG_UP: u8 = 129;
     /// 128 + SIGINT, the shell convention for "stopped by Ctrl-C".
     pub const INTERRUPTED: u8 = 130;
     /// 128 + SIGTERM: stopped by `kill`, systemd or Kubernetes; drained the
@@ -148,6 +152,13 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// List the conv bases of the book's section 5.3.1: sizes, output
+    /// shape, preprocessing, parameters, where the weights come from, set up here or not.
+    Models {
+        /// The image size (height = width) to give the output shape at.
+        #[arg(long, default_value_t = 150)]
+        size: u32,
+    },
     /// Inspect the feature cache.
     Cache {
         #[command(subcommand)]
@@ -273,6 +284,10 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Stages { markdown } => {
             print!("{}", if markdown { registry.describe_markdown() } else { registry.describe() });
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { size } => {
+            print!("{}", crate::ml::bases::table(size));
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files, set, no_environment } => {
@@ -447,6 +462,8 @@ fn run_graph(
             (*report, exit::FAILED)
         }
         Err(e @ RunError::DrainTimeout { .. }) => {
+            // The stages still running are not waited for; their exec workers go now.
+            crate::stages::exec::kill_all_workers();
             eprintln!("error: {e}; no report written, outputs not published, the cache holds every committed batch");
             return Ok(ExitCode::from(stop_code()));
         }
@@ -473,14 +490,23 @@ fn run_graph(
         std::thread::sleep(metrics.linger);
     }
     if report.interrupted {
-        let by = if code == exit::TERMINATED { "SIGTERM" } else { "interrupt" };
-        eprintln!("stopped by {by}: sources stopped, in-flight items finished, cache flushed; outputs not published");
+        let by = match code {
+            exit::TERMINATED => "SIGTERM",
+            exit::HUNG_UP => "SIGHUP",
+            _ => "interrupt",
+        };
+        // After a hang-up stderr may be gone: a failed write is no reason to panic.
+        let _ = writeln!(
+            std::io::stderr(),
+            "stopped by {by}: sources stopped, in-flight items finished, cache flushed; outputs not published"
+        );
     }
     Ok(ExitCode::from(code))
 }
 
-/// SIGINT / SIGTERM set the interrupt flag and record which signal came
-/// (as its exit code: 130 or 143); a second one exits at once with its own code.
+/// SIGINT / SIGTERM / SIGHUP set the interrupt flag and record which signal
+/// came (as its exit code: 130, 143 or 129); a second one exits at once with
+/// its own code.
 fn watch_signals(signals: Arc<RunSignals>, drain_deadline: Duration) -> Arc<AtomicU8> {
     let stopped_by = Arc::new(AtomicU8::new(0));
     let record = stopped_by.clone();
@@ -488,16 +514,20 @@ fn watch_signals(signals: Arc<RunSignals>, drain_deadline: Duration) -> Arc<Atom
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
         rt.block_on(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+            else {
                 return;
             };
             loop {
                 let (name, code) = tokio::select! {
                     _ = int.recv() => ("SIGINT", exit::INTERRUPTED),
                     _ = term.recv() => ("SIGTERM", exit::TERMINATED),
+                    _ = hup.recv() => ("SIGHUP", exit::HUNG_UP),
                 };
                 if record.load(Ordering::Relaxed) != 0 {
-                    eprintln!("second signal ({name}): exiting now");
+                    let _ = writeln!(std::io::stderr(), "second signal ({name}): exiting now");
+                    crate::stages::exec::kill_all_workers();
                     std::process::exit(code as i32);
                 }
                 // The code first, so the run never ends seeing the flag without it.

@@ -20,7 +20,11 @@
 //! - [`cache`]: the content-addressed, crash-safe feature store.
 //! - [`telemetry`]: metric names, per-stage counters, logging.
 //! - [`npy`]: streaming `.npy` output.
+//! - [`names`]: the one escaping of file names written as text (bytes on
+//!   Linux, read back exactly).
 //! - [`plot`]: the training curves picture.
+//! - [`publish`]: the output folders convflow owns: one writer at a time,
+//!   every entry switched to a new version at once.
 //! - [`demo`]: the synthetic data set a fresh clone runs on.
 //! - [`shard`]: sharded runs on array engines: plan, parts, merge.
 //! - [`visualize`]: pictures of what a convnet learned (activations, filter
@@ -35,8 +39,10 @@ pub mod demo;
 pub mod graph;
 pub mod item;
 pub mod ml;
+pub mod names;
 pub mod npy;
 pub mod plot;
+pub mod publish;
 pub mod runtime;
 pub mod shard;
 pub mod stage;

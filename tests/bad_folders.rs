@@ -79,7 +79,14 @@ fn a_non_utf8_file_name_is_read_and_written_back_exactly() {
     common::run_yaml(&pipeline(tmp.path(), &data, false)).unwrap();
     let paths = std::fs::read(tmp.path().join("out/paths.txt")).unwrap();
     let last = paths.split(|&b| b == b'\n').rfind(|l| !l.is_empty()).unwrap();
-    assert_eq!(Path::new(OsStr::from_bytes(last)), data.join("dogs").join(name), "paths.txt holds the exact bytes");
+    // Escaped (docs/extraction.md#names-in-text-files): one line of UTF-8 that reads back to the exact bytes.
+    assert!(std::str::from_utf8(last).unwrap().ends_with("/dogs/d\\xffg.jpg"), "{}", last.escape_ascii());
+    let read_back = convflow::names::unescape(last).unwrap();
+    assert_eq!(
+        Path::new(OsStr::from_bytes(&read_back)),
+        data.join("dogs").join(name),
+        "paths.txt names the exact bytes"
+    );
 }
 
 /// The pipeline's outputs in `out`: paths, and the features' bytes.
@@ -158,6 +165,12 @@ fn linked_files_are_read_linked_folders_follow_the_option_and_dangling_links_are
     std::os::unix::fs::symlink(photos.join("x.jpg"), data.join("cats/linked.jpg")).unwrap();
     std::os::unix::fs::symlink(photos.join("sub"), data.join("dogs/linked_folder")).unwrap();
     std::os::unix::fs::symlink(photos.join("gone.jpg"), data.join("dogs/dangling.jpg")).unwrap();
+    // Links to a device that never ends and to a FIFO that would block a read.
+    std::os::unix::fs::symlink("/dev/zero", data.join("dogs/zero.jpg")).unwrap();
+    let fifo = std::ffi::CString::new(photos.join("pipe").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::os::unix::fs::symlink(photos.join("pipe"), data.join("dogs/fifo.jpg")).unwrap();
 
     let out = run_with_report(tmp.path(), &data, false);
     let (paths, _) = outputs(&out);
@@ -165,13 +178,13 @@ fn linked_files_are_read_linked_folders_follow_the_option_and_dangling_links_are
         paths.iter().map(|p| p.strip_prefix(&format!("{}/", data.display())).unwrap().to_string()).collect();
     assert_eq!(rel, ["cats/a.jpg", "cats/linked.jpg", "dogs/b.jpg"]);
     let listed = skipped(&out);
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert!(
-        listed[0].contains("dangling.jpg")
-            && listed[0].contains("files")
-            && listed[0].contains("dangling symbolic link"),
-        "{listed:?}"
-    );
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let reason = |name: &str| listed.iter().find(|l| l.contains(name)).cloned().unwrap_or_default();
+    assert!(reason("dangling.jpg").contains("files") && reason("dangling.jpg").contains("dangling symbolic link"));
+    for special in ["zero.jpg", "fifo.jpg"] {
+        let r = reason(special);
+        assert!(r.contains("files") && r.contains("not a regular file (a device, FIFO or socket)"), "{listed:?}");
+    }
 
     std::fs::remove_dir_all(&out).unwrap();
     let out = run_with_report(tmp.path(), &data, true);

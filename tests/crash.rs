@@ -119,7 +119,12 @@ fn ctrl_c_drains_flushes_the_cache_and_exits_130() {
     // The queues are full by then: allow the drain all the time a loaded machine needs.
     let mut child = extract(&data, &out, &cache).args(["--drain-deadline", "300"]).spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !out.join(".train.partial/paths.txt.partial").exists() {
+    // The run's version folder, out/.convflow-output/v-*, once its first rows are written.
+    let started = || {
+        let Ok(entries) = std::fs::read_dir(out.join(".convflow-output")) else { return false };
+        entries.flatten().any(|e| e.path().join("train/paths.txt.partial").exists())
+    };
+    while !started() {
         assert!(std::time::Instant::now() < deadline, "no rows after 120 s");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -229,7 +229,7 @@ fn k8s_indexed_job_command_lines_run_as_processes_with_a_retried_index() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["merged_from_shards"], shards);
-    assert!(std::fs::read_dir(root.join("shared/feature-cache/v1")).is_ok(), "features published to the shared tier");
+    assert!(std::fs::read_dir(root.join("shared/feature-cache/v2")).is_ok(), "features published to the shared tier");
 }
 
 #[test]

@@ -244,3 +244,75 @@ fn on_error_fail_stops_the_run_and_names_the_stage() {
     assert!(text.contains("stage `decode` failed") && text.contains("on_error: fail"), "{text}");
     assert!(!out.join("features.npy").exists(), "a failed run publishes no outputs");
 }
+
+/// A channels-first model (a torchvision export's layout) runs unchanged:
+/// convflow feeds it NCHW and its features are the NHWC original's; the
+/// `tf` and `torch` modes are Keras's `preprocess_input`, checked against
+/// Python onnxruntime on convflow's own tensor.
+#[test]
+fn nchw_models_run_as_nchw_with_tf_and_torch_preprocessing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let nchw = tmp.path().join("tiny_nchw.onnx");
+    let o = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/fixtures/models/make_nchw_copy.py"))
+        .arg(common::tiny_model())
+        .arg(&nchw)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let data = common::root().join("tests/fixtures/images");
+    for (mode, name) in [(Preprocess::Tf, "tf"), (Preprocess::Torch, "torch")] {
+        let mut outputs = Vec::new();
+        for (layout, model) in [("nhwc", common::tiny_model()), ("nchw", nchw.clone())] {
+            let out = tmp.path().join(format!("{name}-{layout}"));
+            let yaml = common::extraction_yaml(&data, &model, &out, None, "", 64, name);
+            common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+            outputs.push((read_f32(&out.join("features.npy")).unwrap(), paths(&out)));
+        }
+        let (((shape, nhwc), paths), ((nchw_shape, nchw_features), _)) = (&outputs[0], &outputs[1]);
+        assert_eq!(shape, nchw_shape);
+        common::assert_close(nchw_features, nhwc, 1e-5, &format!("{name}: NCHW copy vs NHWC original"));
+        let input = input_tensor(paths, 64, mode);
+        let (_, reference) = common::python_reference(&common::tiny_model(), &[9, 64, 64, 3], &input, tmp.path());
+        common::assert_close(nhwc, &reference, 1e-4, &format!("{name}: vs Python onnxruntime"));
+        assert!(input.iter().any(|&x| x < -0.5), "{name}: centred input, not x/255");
+    }
+}
+
+/// VGG19 (`models/bases.sh vgg19`: Keras's own weight file from a PyPI
+/// package, converted by models/make_keras_vgg.py) gives Keras's features:
+/// `extract` on four of the book's photos against
+/// `keras.applications.VGG19` on the same photos (`load_img`,
+/// `preprocess_input`), saved by tests/fixtures/bases/make_keras_features.py.
+#[test]
+fn vgg19_features_equal_keras_applications_vgg19() {
+    let Some(shared) = common::shared_data() else { return };
+    let model = common::root().join("models/vgg19_notop.onnx");
+    if !model.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing on CI: tests/setup.sh runs models/bases.sh vgg19",
+            model.display()
+        );
+        eprintln!("skipping: {} not present (models/bases.sh vgg19 makes it)", model.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    for p in ["cats/cat.1500.jpg", "cats/cat.1501.jpg", "dogs/dog.1500.jpg", "dogs/dog.1509.jpg"] {
+        std::fs::create_dir_all(data.join(p).parent().unwrap()).unwrap();
+        std::fs::copy(shared.join("test").join(p), data.join(p)).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let yaml = common::extraction_yaml(&data, &model, &out, None, "", 150, "caffe");
+    common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
+    let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
+    let (kshape, keras) = read_f32(&common::root().join("tests/fixtures/bases/vgg19_150.npy")).unwrap();
+    assert_eq!(shape, kshape);
+    let per_image: usize = shape[1..].iter().product();
+    for (i, (a, k)) in features.chunks(per_image).zip(keras.chunks(per_image)).enumerate() {
+        let scale = k.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = a.iter().zip(k).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= 1e-4 * scale, "photo {i}: {worst} of {scale}");
+    }
+}

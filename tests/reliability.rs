@@ -108,19 +108,49 @@ fn rows(out: &Path) -> Vec<usize> {
         .collect()
 }
 
-/// Nothing half-written is left: no published split, no staging folder.
+/// Nothing half-written is left: no published split, no staging folder
+/// (convflow's `.convflow-output` folder keeps only its marker and lock).
 fn assert_nothing_published(out: &Path) {
     for e in std::fs::read_dir(out).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            ["report.json", "metrics.prom", "skipped.csv", "p.yaml", "p2.yaml"].contains(&name.as_str()),
+            ["report.json", "metrics.prom", "skipped.csv", "p.yaml", "p2.yaml", ".convflow-output"]
+                .contains(&name.as_str()),
             "{name} left in {}",
             out.display()
         );
     }
+    if let Ok(entries) = std::fs::read_dir(out.join(".convflow-output")) {
+        let mut names: Vec<String> = entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["OWNER", "lock"], "no version staged or published in {}", out.display());
+    }
 }
 
 // ---------------------------------------------------------------- SIGTERM
+
+/// No process is left whose environment names `mark` (the stalled exec
+/// worker of a run that has exited), once the kernel has had a moment.
+fn assert_no_worker_left(mark: &Path) {
+    let needle = format!("MARK={}", mark.display());
+    let alive = || -> Vec<String> {
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .flatten()
+            .filter(|p| p.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+            .filter(|p| {
+                let env = std::fs::read(p.path().join("environ")).unwrap_or_default();
+                env.split(|&b| b == 0).any(|v| v == needle.as_bytes())
+            })
+            .map(|p| p.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !alive().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alive().is_empty(), "exec workers outlived convflow: pids {:?}", alive());
+}
 
 /// A temporary folder with the demo data and the places a run uses (`mark`:
 /// the file a stalled run creates).
@@ -192,6 +222,20 @@ fn sigterm_drains_flushes_the_cache_writes_the_report_and_exits_143() {
 }
 
 #[test]
+fn sighup_from_a_dropped_session_drains_writes_the_report_and_exits_129() {
+    let s = Scratch::new(17);
+    let (o, _) = s.signal(s.pipe().command("p.yaml"), &["HUP"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(129), "SIGHUP drains like SIGTERM, with its own code:\n{err}");
+    assert!(err.contains("stopped by SIGHUP"), "{err}");
+    let r = report(&s.out);
+    assert_eq!(r["interrupted"], true);
+    assert_nothing_published(&s.out);
+    let verify = FeatureCache::verify(&s.cache).unwrap();
+    assert!(verify.is_clean() && verify.entries == r["cache"]["writes"].as_u64().unwrap(), "{verify:?}");
+}
+
+#[test]
 fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exits_at_once() {
     let s = Scratch::new(12);
     // The stalled exec worker needs 5 s; the deadline is 0.5 s.
@@ -212,6 +256,7 @@ fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exi
     assert!(running.iter().all(|s| order.contains(s)), "{err}");
     assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
     assert!(!s.out.join("train").exists());
+    assert_no_worker_left(&s.mark);
 
     // A second signal does not wait for the drain at all.
     let (o, took) = s.signal(s.pipe().command("p.yaml"), &["INT", "TERM"]);
@@ -219,6 +264,7 @@ fn sigterm_past_the_drain_deadline_names_the_busy_stages_and_a_second_signal_exi
     assert!(stderr(&o).contains("second signal (SIGTERM): exiting now"), "{}", stderr(&o));
     assert!(took < Duration::from_secs(4), "{took:?}");
     assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+    assert_no_worker_left(&s.mark);
     drop(s.tmp);
 }
 
@@ -337,8 +383,11 @@ fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_p
     let o = with_file_size_limit(&run, 200).output().unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    let want = format!("error: stage `write` failed: writing {}: File too large", out.join(".train.partial").display());
-    assert!(err.contains(&want), "names the output folder and the reason:\n{err}");
+    let want = format!("error: stage `write` failed: writing {}/v-", out.join(".convflow-output").display());
+    assert!(
+        err.contains(&want) && err.contains("/train: File too large"),
+        "names the output folder and the reason:\n{err}"
+    );
     assert_nothing_published(out);
     assert_eq!(report(out)["interrupted"], false, "the report of the failed run is written");
 
@@ -357,6 +406,49 @@ fn a_full_disk_under_the_outputs_stops_the_run_naming_the_folder_and_leaves_no_p
         // The staged files are gone, so the report fits in the space they held.
         assert_nothing_published(&out);
         assert!(report(&out)["stages"].is_array());
+    }
+}
+
+// ---------------------------------------------------------------- a damaged cache file
+
+#[test]
+fn a_damaged_cache_file_is_set_aside_and_rebuilt_never_a_panic() {
+    let s = Scratch::new(16);
+    let pipe = Pipe { stall: None, ..s.pipe() };
+    let store = s.cache.join("features.redb");
+    // Every page past the header flipped (redb panicked reading it), then a
+    // file whose header is not redb's at all.
+    let damages: [fn(&mut [u8]); 2] = [|b| b[4096..].iter_mut().for_each(|x| *x ^= 0x5a), |b| b[..16].fill(0)];
+    for damage in damages {
+        let o = pipe.command("p.yaml").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut bytes = std::fs::read(&store).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&store, &bytes).unwrap();
+
+        // `cache verify` names the damage and the command that recovers.
+        let v = common::bin().args(["cache", "verify", "--dir"]).arg(&s.cache).output().unwrap();
+        let err = stderr(&v);
+        assert_eq!(v.status.code(), Some(1), "{err}");
+        let mv = format!("mv {} {}.damaged", store.display(), store.display());
+        assert!(err.contains("the store is damaged") && err.contains(&mv), "{err}");
+
+        // A run sets it aside, kept for inspection and named, and rebuilds.
+        let o = pipe.command("p.yaml").output().unwrap();
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        let aside: Vec<PathBuf> = std::fs::read_dir(&s.cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("features.redb.damaged-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(std::fs::read(&aside[0]).unwrap() == bytes, "the damaged store is kept as it was");
+        assert!(err.contains(&format!("set aside as {}", aside[0].display())), "named in the log:\n{err}");
+        assert_eq!(report(&s.out)["cache"]["misses"], 160, "everything computed again");
+        assert_eq!(rows(&s.out), [80, 40, 40]);
+        assert!(FeatureCache::verify(&s.cache).unwrap().is_clean());
+        std::fs::remove_file(&aside[0]).unwrap();
     }
 }
 
@@ -467,7 +559,7 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
             96,
             "the model takes 64x64 (HxW) images but the pipeline makes 96x96; set the resize stage's `size` to [64, 64]",
         ),
-        ("nchw", 64, "expected an NHWC image input [N,H,W,3], found [-1, 3, -1, -1]"),
+        ("rgba", 64, "expected an image input, [N,H,W,3] (NHWC) or [N,3,H,W] (NCHW), found [-1, -1, -1, 4]"),
         ("uint8_input", 64, "input `input` is"),
         ("int64_output", 64, "output `features` is"),
         ("reshape48", 64, "cannot take the pipeline's 64x64 images: inference failed:"),
@@ -486,7 +578,7 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
         }
     }
     // The same models where they fit.
-    for (model, size) in [("fixed64", 64), ("reshape48", 32), ("crop32", 40)] {
+    for (model, size) in [("fixed64", 64), ("reshape48", 32), ("crop32", 40), ("nchw", 64)] {
         let (code, err) = run_model(tmp.path(), &data, model, size);
         assert_eq!(code, Some(0), "{model} at {size}: {err}");
     }

@@ -100,6 +100,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
+            // convflow's bookkeeping (versions, lock) is not output; the links to it are.
+            if p.ends_with(convflow::publish::META) {
+                continue;
+            }
             if p.is_dir() { walk(base, &p, out) } else { out.push(p.strip_prefix(base).unwrap().to_path_buf()) }
         }
     }
@@ -260,15 +264,21 @@ fn report_of(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The data, the pipeline and an empty shared tier folder in `root`: the
+/// pipeline file and the `shared_cache=...` override that names the tier.
+fn with_shared_tier(root: &Path) -> (String, String) {
+    let data = make_data(root);
+    let file = pipeline(root, &data).to_str().unwrap().to_string();
+    std::fs::create_dir(root.join("shared")).unwrap();
+    (file, format!("shared_cache={}", root.join("shared").display()))
+}
+
 #[test]
 fn a_second_sharded_run_is_all_shared_tier_hits() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let data = make_data(root);
-    let file = pipeline(root, &data);
-    let file = file.to_str().unwrap();
-    std::fs::create_dir(root.join("shared")).unwrap();
-    let shared = format!("shared_cache={}", root.join("shared").display());
+    let (file, shared) = with_shared_tier(root);
+    let file = file.as_str();
 
     // A tier that cannot be reached stops the run before any work.
     let (code, err) = fails(root, &["run", file, "--set", "shared_cache=/no/such/tier", "--set", "out_dir=never"]);
@@ -314,5 +324,55 @@ fn a_second_sharded_run_is_all_shared_tier_hits() {
         assert!(
             std::fs::read(root.join("out-a").join(f)).unwrap() == std::fs::read(root.join("out-b").join(f)).unwrap()
         );
+    }
+}
+
+/// The shared tier's object files (not its probe or temporary ones), sorted.
+fn tier_objects(dir: &Path) -> Vec<PathBuf> {
+    files(dir).into_iter().filter(|p| !p.starts_with(".tmp") && !p.starts_with("probe")).map(|p| dir.join(p)).collect()
+}
+
+#[test]
+fn swapped_shared_tier_objects_are_rejected_recomputed_and_never_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (file, shared) = with_shared_tier(root);
+    let file = file.as_str();
+    let run = |out: &str, cache: &str, shared: &str| {
+        let (out, cache) = (format!("out_dir={out}"), format!("cache_dir={cache}"));
+        ok(root, &["-q", "run", file, "--set", &out, "--set", &cache, "--set", shared]);
+    };
+    run("a", "cache-a", &shared);
+    // Two objects swapped: each well-formed, each under the other's name
+    // (what anyone who may write to the tier can do).
+    let objects = tier_objects(&root.join("shared"));
+    // `validation` holds the train images under new names: same content, same key.
+    assert_eq!(objects.len(), 9, "one object per image content that decodes");
+    let (x, y) = (std::fs::read(&objects[0]).unwrap(), std::fs::read(&objects[1]).unwrap());
+    std::fs::write(&objects[0], &y).unwrap();
+    std::fs::write(&objects[1], &x).unwrap();
+
+    run("b", "cache-b", &shared);
+    let b = report_of(&root.join("b/report.json"));
+    for f in ["train/features.npy", "validation/features.npy"] {
+        let same = std::fs::read(root.join("a").join(f)).unwrap() == std::fs::read(root.join("b").join(f)).unwrap();
+        assert!(same, "{f}: the swapped objects' features were served");
+    }
+    // Each swapped key is looked up by two images (train and validation);
+    // the second is rejected too when it comes before the first's recomputed
+    // value is stored, else it is a local hit.
+    let rejected = b["cache"]["shared"]["rejected"].as_u64().unwrap();
+    assert!((2..=4).contains(&rejected), "{b}");
+    assert_eq!(b["cache"]["misses"], rejected + 1, "a rejected object is a miss (and the broken file): {b}");
+    assert_eq!(b["cache"]["writes"], rejected, "what was rejected is recomputed: {b}");
+    // The local store holds only right values: verified, and a run from it
+    // alone writes the same features.
+    let verify = common::bin().current_dir(root).args(["cache", "verify", "--dir", "cache-b"]).output().unwrap();
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    run("c", "cache-b", "shared_cache=");
+    let c = report_of(&root.join("c/report.json"));
+    assert_eq!(c["cache"]["misses"], 1, "only the file that does not decode: {c}");
+    for f in ["train/features.npy", "validation/features.npy"] {
+        assert!(std::fs::read(root.join("a").join(f)).unwrap() == std::fs::read(root.join("c").join(f)).unwrap());
     }
 }

@@ -7,7 +7,9 @@
 # put them (beside the nvidia-* packages, so convflow finds CUDA unaided),
 # then writes every figure under $OUT:
 #   env.txt         GPU, driver, libraries, what the provider links
-#   check.txt       extract_features.yaml on cpu / cuda / cuda+tf32: providers, feature differences
+#   check.txt       extract_features.yaml on cpu / cuda / cuda+tf32 / cuda+fp16: providers, feature differences
+#   gpu_fp16.json   benches/gpu.rs again on the half-precision model (models/make_fp16.py), in the same call
+#                   as gpu.json's float32 baseline
 #   extract.log     those runs' output
 #   gpu.json        benches/gpu.rs: bare model, decode ceiling, end to end
 #   bench.log       its progress lines;  dmon.log  nvidia-smi dmon during it
@@ -75,12 +77,13 @@ if ! grep -q "^cuda exit 0" "$OUT/check.txt"; then
 fi
 run tf32 --set device=cuda --set tf32=true
 run cuda64x2 --set device=cuda --set batch_size=64 --set inference_workers=2
+run fp16 --set device=cuda --set model=$CF/vgg16_notop.fp16.onnx --set batch_size=128 --set inference_workers=2
 python3 - "$OUT/check.txt" <<'PY'
 import json, sys, numpy as np
 out = open(sys.argv[1], "a")
 def load(run, split):
     return np.load(f"/tmp/o/{run}/{split}/features.npy"), open(f"/tmp/o/{run}/{split}/paths.txt").read()
-for run in ["cpu", "cuda", "tf32", "cuda64x2"]:
+for run in ["cpu", "cuda", "tf32", "cuda64x2", "fp16"]:
     try:
         rep = json.load(open(f"/tmp/o/{run}/report.json"))
         vgg = [s for s in rep["stages"] if s["id"] == "vgg16"][0]["details"]
@@ -88,7 +91,7 @@ for run in ["cpu", "cuda", "tf32", "cuda64x2"]:
               "bottleneck:", rep.get("bottleneck"), file=out)
     except Exception as e:
         print(run, "no report:", e, file=out)
-for run in ["cuda", "tf32", "cuda64x2"]:
+for run in ["cuda", "tf32", "cuda64x2", "fp16"]:
     for split in ["train", "validation", "test"]:
         try:
             a, pa = load("cpu", split); b, pb = load(run, split)
@@ -111,5 +114,12 @@ say "bench"
 CONVFLOW_GPU_PHOTOS=$CF/photos CONVFLOW_GPU_MODEL=$CF/vgg16_notop.onnx CONVFLOW_GPU_DEVICE=cuda \
   CONVFLOW_GPU_OUT=$OUT/gpu.json timeout ${BENCH_TIMEOUT:-420} $CF/bin/gpu_bench 2> "$OUT/bench.log"
 say "bench exit $?"
+# The half-precision model: bare and end to end at the batches where float32 peaked, and past them.
+say "bench fp16"
+CONVFLOW_GPU_PHOTOS=$CF/photos CONVFLOW_GPU_MODEL=$CF/vgg16_notop.fp16.onnx CONVFLOW_GPU_DEVICE=cuda \
+  CONVFLOW_GPU_SECTIONS=bare,e2e CONVFLOW_GPU_BATCHES=128,256,512 \
+  CONVFLOW_GPU_E2E=${FP16_E2E:-150/256/2/fp32,150/512/3/fp32,224/256/2/fp32} \
+  CONVFLOW_GPU_OUT=$OUT/gpu_fp16.json timeout ${BENCH_FP16_TIMEOUT:-240} $CF/bin/gpu_bench 2> "$OUT/bench_fp16.log"
+say "bench fp16 exit $?"
 pkill -f "nvidia-smi dmon" || true
 tail -40 "$OUT/bench.log"

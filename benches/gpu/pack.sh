@@ -4,7 +4,8 @@
 #   .device/part.NN   one xz tar, split; each call carries one part
 # The tar holds the release binaries (convflow, the gpu bench), the
 # onnxruntime-gpu 1.31.1 libraries (CUDA 13; from PyPI, sha256-checked), the
-# VGG16 conv base and 400 of the book's test photos. Nothing here is committed.
+# VGG16 conv base, its half-precision copy (models/make_fp16.py) and 400 of
+# the book's test photos. Nothing here is committed.
 #
 #   benches/gpu/pack.sh          then, on the device, in call order:
 #   carry [.device/part.00] ... and last: bash benches/gpu/device_check.sh
@@ -45,6 +46,7 @@ strip "$STAGE/cf/bin/"*
 # libjpeg-turbo is linked dynamically; the GPU machine's image may lack it.
 ldd target/release/convflow | awk '/libjpeg|libturbojpeg/ {print $3}' | xargs -r -I{} cp -L {} "$STAGE/cf/bin/"
 cp models/vgg16_notop.onnx "$STAGE/cf/"
+.venv/bin/python models/make_fp16.py models/vgg16_notop.onnx "$STAGE/cf/vgg16_notop.fp16.onnx"
 for c in cats dogs; do
   mkdir -p "$STAGE/cf/photos/$c"
   ls ../shared/data/cats_and_dogs_small/test/$c | sort | sed -n 1,200p \

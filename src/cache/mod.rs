@@ -28,6 +28,68 @@ const CACHE_BYTES: usize = 16 << 20;
 pub enum CacheError {
     #[error("feature cache {path}: {message}")]
     Store { path: PathBuf, message: String },
+    /// The file is not a sound redb store (a damaged disk, a file cut or
+    /// overwritten by hand). The message names the command that recovers.
+    #[error(
+        "feature cache {path}: the store is damaged ({message}); set it aside, and the next run builds a new one: mv {path} {path}.damaged"
+    )]
+    Damaged { path: PathBuf, message: String },
+}
+
+fn damaged(path: &Path, e: impl std::fmt::Display) -> CacheError {
+    CacheError::Damaged { path: path.to_path_buf(), message: e.to_string() }
+}
+
+/// Is this redb error a damaged file rather than a busy or unwritable one?
+fn is_damage(e: &redb::DatabaseError) -> bool {
+    match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => true,
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    }
+}
+
+/// A redb error as [`CacheError::Damaged`] when it says the file is
+/// corrupt, else as a plain store error (a full disk is not damage).
+fn classify(path: &Path, e: impl Into<redb::Error>) -> CacheError {
+    match e.into() {
+        e @ redb::Error::Corrupted(_) => damaged(path, e),
+        e => store_err(path, e),
+    }
+}
+
+thread_local! {
+    /// Set while [`guarded`] runs: a panic there is reported as damage, not printed.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs a call into redb, which on some damaged pages panics (an
+/// `unreachable!` in its B-tree code) instead of returning an error: the
+/// panic becomes [`CacheError::Damaged`], never "a bug in this stage".
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, CacheError>) -> Result<T, CacheError> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    match result {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "redb panicked".into());
+            Err(damaged(path, format!("redb: {why}")))
+        }
+    }
 }
 
 /// What a caching stage declares: where, and the part of the key it owns
@@ -130,7 +192,30 @@ fn create_atomically(dir: &Path, path: &Path) -> Result<(), CacheError> {
 }
 
 impl FeatureCache {
+    /// Opens the store in `dir`, made if missing. A store found damaged
+    /// here is set aside (renamed `features.redb.damaged-<unix time>`, kept
+    /// for inspection, named in the log) and a new one is built in its place.
     pub fn open(dir: &Path) -> Result<FeatureCache, CacheError> {
+        match Self::open_store(dir) {
+            Err(CacheError::Damaged { path, message }) => {
+                let secs =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+                let aside = path.with_file_name(format!("{FILE_NAME}.damaged-{secs}"));
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| store_err(&path, format!("damaged ({message}) and cannot be set aside: {e}")))?;
+                tracing::warn!(
+                    "feature cache {}: the store is damaged ({message}); set aside as {} and rebuilt (its features \
+                     are computed again)",
+                    path.display(),
+                    aside.display()
+                );
+                Self::open_store(dir)
+            }
+            r => r,
+        }
+    }
+
+    fn open_store(dir: &Path) -> Result<FeatureCache, CacheError> {
         std::fs::create_dir_all(dir).map_err(|e| store_err(dir, format!("cannot create the cache folder: {e}")))?;
         let path = dir.join(FILE_NAME);
         if !path.exists() {
@@ -138,18 +223,38 @@ impl FeatureCache {
         }
         // redb's default page cache is 1 GiB; features are written once and
         // read once per run, so a small cache keeps memory flat with data size.
-        let db = Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                store_err(&path, "in use by another convflow process; wait for it or use another cache_dir")
-            }
-            e => store_err(&path, e),
+        let opened = guarded(&path, || {
+            Database::builder().set_cache_size(CACHE_BYTES).create(&path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    store_err(&path, "in use by another convflow process; wait for it or use another cache_dir")
+                }
+                e if is_damage(&e) => damaged(&path, e),
+                e => store_err(&path, e),
+            })
         })?;
-        let cache = FeatureCache { db, path };
-        // Create the tables up front so readers never see them missing.
-        cache.write(|txn| {
-            txn.open_table(FEATURES)?;
-            txn.open_table(CONTEXTS)?;
-            Ok(())
+        let cache = FeatureCache { db: opened, path };
+        // Create the tables up front so readers never see them missing, and
+        // walk what every run touches first (the contexts, an insert, the
+        // features' root), so damage there is found now, not mid-run.
+        guarded(&cache.path, || {
+            cache.write(|txn| {
+                txn.open_table(FEATURES)?;
+                txn.open_table(CONTEXTS)?;
+                Ok(())
+            })?;
+            let err = |e: redb::Error| classify(&cache.path, e);
+            let txn = cache.db.begin_write().map_err(|e| err(e.into()))?;
+            {
+                let mut contexts = txn.open_table(CONTEXTS).map_err(|e| err(e.into()))?;
+                contexts.insert(&[0u8; 16][..], "probe").map_err(|e| err(e.into()))?;
+                for entry in contexts.iter().map_err(|e| err(e.into()))? {
+                    entry.map_err(|e| err(e.into()))?;
+                }
+                let features = txn.open_table(FEATURES).map_err(|e| err(e.into()))?;
+                features.len().map_err(|e| err(e.into()))?;
+                features.first().map_err(|e| err(e.into()))?;
+            }
+            txn.abort().map_err(|e| err(e.into()))
         })?;
         Ok(cache)
     }
@@ -176,9 +281,11 @@ impl FeatureCache {
         let hash = blake3::hash(description.as_bytes());
         let mut context = [0u8; 16];
         context.copy_from_slice(&hash.as_bytes()[..16]);
-        self.write(|txn| {
-            txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
-            Ok(())
+        guarded(&self.path, || {
+            self.write(|txn| {
+                txn.open_table(CONTEXTS)?.insert(&context[..], description)?;
+                Ok(())
+            })
         })?;
         Ok(CacheHandle {
             cache: self.clone(),
@@ -190,6 +297,10 @@ impl FeatureCache {
     }
 
     pub fn stats(&self) -> Result<CacheStats, CacheError> {
+        guarded(&self.path, || self.stats_unguarded())
+    }
+
+    fn stats_unguarded(&self) -> Result<CacheStats, CacheError> {
         let txn = self.db.begin_read().map_err(|e| store_err(&self.path, e))?;
         let features = txn.open_table(FEATURES).map_err(|e| store_err(&self.path, e))?;
         let contexts = txn.open_table(CONTEXTS).map_err(|e| store_err(&self.path, e))?;
@@ -225,8 +336,15 @@ impl FeatureCache {
         if !path.exists() {
             return Err(store_err(&path, "no cache here"));
         }
-        let mut db = Database::create(&path).map_err(|e| store_err(&path, e))?;
-        let structure_ok = db.check_integrity().map_err(|e| store_err(&path, e))?;
+        guarded(&path, || Self::verify_unguarded(&path))
+    }
+
+    fn verify_unguarded(path: &Path) -> Result<VerifyReport, CacheError> {
+        let path = path.to_path_buf();
+        let mut db =
+            Database::create(&path).map_err(|e| if is_damage(&e) { damaged(&path, e) } else { store_err(&path, e) })?;
+        let structure_ok =
+            db.check_integrity().map_err(|e| if is_damage(&e) { damaged(&path, e) } else { store_err(&path, e) })?;
         let txn = db.begin_read().map_err(|e| store_err(&path, e))?;
         let features = txn.open_table(FEATURES).map_err(|e| store_err(&path, e))?;
         let mut report = VerifyReport { structure_ok, entries: 0, corrupt: Vec::new() };
@@ -307,23 +425,20 @@ impl CacheHandle {
     fn lookup(&self, meta: &Meta) -> Result<Option<Features>, CacheError> {
         let path = &self.cache.path;
         let key = self.key(meta);
-        let local = {
+        let local = guarded(path, || {
             let txn = self.cache.db.begin_read().map_err(|e| store_err(path, e))?;
             let table = txn.open_table(FEATURES).map_err(|e| store_err(path, e))?;
             let value = table.get(&key[..]).map_err(|e| store_err(path, e))?;
-            value.and_then(|v| decode_value(v.value()))
-        };
+            Ok(value.and_then(|v| decode_value(v.value())))
+        })?;
         if local.is_some() {
             return Ok(local);
         }
         let Some(tier) = &self.shared else { return Ok(None) };
         let Some(bytes) = tier.get(&key) else { return Ok(None) };
+        // Sealed with its key (checked by `get`), and the value's own checksum.
         let Some(found) = decode_value(&bytes) else {
-            tracing::warn!(
-                "shared cache tier {}: object for {} fails its checksum; recomputing",
-                tier.url(),
-                hex(&key)
-            );
+            tier.reject(&key, "holds a value that fails its checksum");
             return Ok(None);
         };
         tier.counters.hits.fetch_add(1, Ordering::Relaxed);
@@ -374,12 +489,14 @@ impl CacheHandle {
             return Ok(());
         }
         let encoded: Vec<([u8; 32], Vec<u8>)> = entries.iter().map(|(m, f)| (self.key(m), encode_value(f))).collect();
-        self.cache.write(|txn| {
-            let mut table = txn.open_table(FEATURES)?;
-            for (key, value) in &encoded {
-                table.insert(&key[..], &value[..])?;
-            }
-            Ok(())
+        guarded(&self.cache.path, || {
+            self.cache.write(|txn| {
+                let mut table = txn.open_table(FEATURES)?;
+                for (key, value) in &encoded {
+                    table.insert(&key[..], &value[..])?;
+                }
+                Ok(())
+            })
         })?;
         self.counters.writes.fetch_add(entries.len() as u64, Ordering::Relaxed);
         // Committed locally first: a failing shared tier loses nothing.
@@ -483,10 +600,18 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)], "only the store remains");
         drop(cache);
-        // A store that exists but is not a database is still an error, never silently replaced.
+        // A store that exists but is not a database is never silently replaced:
+        // it is set aside as it was (and the log names it), and a new one is built.
         std::fs::write(dir.path().join(FILE_NAME), b"not redb").unwrap();
-        let e = FeatureCache::open(dir.path()).err().expect("a broken store is refused").to_string();
-        assert!(e.contains(FILE_NAME), "{e}");
+        let cache = FeatureCache::open(dir.path()).expect("a new store beside the broken one");
+        assert_eq!(cache.stats().unwrap().entries, 0);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(&format!("{FILE_NAME}.damaged-")))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(std::fs::read(&aside[0]).unwrap(), b"not redb", "kept for inspection");
     }
 
     #[test]

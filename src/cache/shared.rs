@@ -3,9 +3,13 @@
 //!
 //! The redb store takes an exclusive lock and must stay on a local disk;
 //! this tier is what the workers of a sharded run share. Keys are the
-//! store's keys, values its checksummed encoding, so two workers racing on
-//! one key write the same bytes and no lock is needed; a torn or foreign
-//! object fails its checksum and reads as a miss.
+//! store's keys; an object is the store's checksummed value sealed with its
+//! own key ([`seal`]), so two workers racing on one key write the same bytes
+//! and no lock is needed, and a torn object, or one copied, swapped or
+//! planted under another key's name, reads as a miss: counted (`rejected`),
+//! recomputed, never kept in the local store. The checksum is no signature:
+//! whoever may write to the tier can still forge a well-formed object for a
+//! key (docs/cache.md says what the tier does and does not protect against).
 //!
 //! A tier that cannot be reached stops the run before any work ([`open`]
 //! writes and reads back a probe). One that fails during the run costs no
@@ -30,6 +34,8 @@ pub struct SharedCounters {
     pub hits: AtomicU64,
     pub writes: AtomicU64,
     pub errors: AtomicU64,
+    /// Objects read that were not this key's (damaged, swapped, planted).
+    pub rejected: AtomicU64,
     pub first_error: Mutex<Option<String>>,
     pub given_up: AtomicBool,
 }
@@ -112,10 +118,37 @@ fn s3_operator(url: &str, rest: &str) -> Result<opendal::Result<opendal::Operato
 }
 
 /// The object for one store key: the context, then two levels of fan-out
-/// so no folder (or listing) holds millions of entries.
+/// so no folder (or listing) holds millions of entries. `v2`: sealed
+/// objects; the unsealed `v1/` objects of earlier versions are not read.
 fn object(key: &[u8; 32]) -> String {
     let h = super::hex(key);
-    format!("v1/{}/{}/{}", &h[..32], &h[32..34], &h[34..])
+    format!("v2/{}/{}/{}", &h[..32], &h[32..34], &h[34..])
+}
+
+const SEAL: &[u8; 4] = b"CFS2";
+
+/// An object's bytes: magic, the key it is stored under, the store's value,
+/// and a checksum over all three.
+fn seal(key: &[u8; 32], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 32 + value.len() + 32);
+    out.extend_from_slice(SEAL);
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// The value in an object read for `key`, or why it is not one.
+fn unseal<'a>(key: &[u8; 32], bytes: &'a [u8]) -> Result<&'a [u8], &'static str> {
+    let body = bytes.len().checked_sub(32).map(|n| &bytes[..n]).ok_or("too short")?;
+    if blake3::hash(body).as_bytes()[..] != bytes[body.len()..] || !body.starts_with(SEAL) || body.len() < 36 {
+        return Err("fails its checksum");
+    }
+    if &body[4..36] != key {
+        return Err("is stored under another key's name");
+    }
+    Ok(&body[36..])
 }
 
 impl SharedTier {
@@ -186,8 +219,15 @@ impl SharedTier {
         !self.counters.given_up.load(Ordering::Relaxed)
     }
 
-    /// The stored value for `key`, if the tier has it. A missing object is
-    /// a plain miss; any other failure is counted and also a miss.
+    /// Counts an object that is not `key`'s value, and says so.
+    pub fn reject(&self, key: &[u8; 32], why: &str) {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("shared cache tier {}: object {} {why}; recomputing", self.url, object(key));
+    }
+
+    /// The stored value for `key`, if the tier has it, unsealed. A missing
+    /// object is a plain miss; one that is not `key`'s is rejected; any
+    /// other failure is counted; all three are misses.
     pub fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
         if !self.live() {
             return None;
@@ -204,7 +244,13 @@ impl SharedTier {
         match got {
             Ok(v) => {
                 self.failures_in_a_row.store(0, Ordering::Relaxed);
-                v
+                match unseal(key, &v?) {
+                    Ok(value) => Some(value.to_vec()),
+                    Err(why) => {
+                        self.reject(key, why);
+                        None
+                    }
+                }
             }
             Err(e) => {
                 self.failed(&format!("reading {}", object(key)), e);
@@ -224,7 +270,7 @@ impl SharedTier {
             let mut tasks = tokio::task::JoinSet::new();
             for (key, value) in entries {
                 let op = op.clone();
-                tasks.spawn(async move { op.write(&object(&key), value).await.map(|_| ()) });
+                tasks.spawn(async move { op.write(&object(&key), seal(&key, &value)).await.map(|_| ()) });
             }
             while let Some(r) = tasks.join_next().await {
                 r.map_err(|e| opendal::Error::new(opendal::ErrorKind::Unexpected, e.to_string()))??;
@@ -251,6 +297,8 @@ pub struct SharedReport {
     pub writes: u64,
     /// Failed operations; every computed feature is in the local store anyway.
     pub errors: u64,
+    /// Objects that were not their key's (damaged, swapped, planted): misses.
+    pub rejected: u64,
     pub given_up: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
@@ -272,12 +320,14 @@ impl SharedReport {
                 hits: 0,
                 writes: 0,
                 errors: 0,
+                rejected: 0,
                 given_up: false,
                 first_error: None,
             });
             r.hits += c.hits.load(Ordering::Relaxed);
             r.writes += c.writes.load(Ordering::Relaxed);
             r.errors += c.errors.load(Ordering::Relaxed);
+            r.rejected += c.rejected.load(Ordering::Relaxed);
             r.given_up |= c.given_up.load(Ordering::Relaxed);
             if r.first_error.is_none() {
                 r.first_error = c.first_error.lock().ok().and_then(|e| e.clone());
@@ -288,6 +338,9 @@ impl SharedReport {
 
     pub fn line(&self) -> String {
         let mut s = format!("shared cache {}: {} hits, {} published", self.url, self.hits, self.writes);
+        if self.rejected > 0 {
+            s += &format!("; {} objects rejected (not their key's; recomputed)", self.rejected);
+        }
         if self.errors > 0 {
             s += &format!(
                 "; {} errors{} (computed features are all in the local store): {}",
@@ -372,5 +425,43 @@ mod tests {
         }
         let report = SharedReport::of([&hb].into_iter()).unwrap();
         assert!(report.line().contains("3 errors, given up"), "{}", report.line());
+    }
+
+    #[test]
+    fn an_object_under_another_keys_name_or_unsealed_is_a_counted_miss_never_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let url = tmp.path().to_str().unwrap().to_string();
+        let tier = Arc::new(SharedTier::open(&url).unwrap());
+        let a = Arc::new(FeatureCache::open(&tmp.path().join("a")).unwrap());
+        let ha = a.context("ctx", false).unwrap().with_shared(tier.clone());
+        let (one, two) = (Features { shape: vec![1], data: vec![1.0] }, Features { shape: vec![1], data: vec![2.0] });
+        ha.put_many(&[(&meta(1), &one), (&meta(2), &two)]).unwrap();
+        let (k1, k2) = (ha.key(&meta(1)), ha.key(&meta(2)));
+        let (p1, p2) = (tmp.path().join(object(&k1)), tmp.path().join(object(&k2)));
+        // Swapped: each is a well-formed object, of the other key.
+        let (b1, b2) = (std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        std::fs::write(&p1, &b2).unwrap();
+        std::fs::write(&p2, &b1).unwrap();
+        // An object in the unsealed form of earlier versions, under a third key.
+        let k3 = ha.key(&meta(3));
+        std::fs::create_dir_all(tmp.path().join(object(&k3)).parent().unwrap()).unwrap();
+        std::fs::write(tmp.path().join(object(&k3)), super::super::encode_value(&one)).unwrap();
+
+        let b = Arc::new(FeatureCache::open(&tmp.path().join("b")).unwrap());
+        let hb = b.context("ctx", false).unwrap().with_shared(tier.clone());
+        for m in [1, 2, 3] {
+            assert_eq!(hb.get_counted(&meta(m)).unwrap(), None, "object {m} is not its key's: a miss");
+        }
+        assert_eq!(tier.counters.rejected.load(Ordering::Relaxed), 3);
+        assert_eq!(tier.counters.hits.load(Ordering::Relaxed), 0);
+        assert_eq!(hb.counters.misses.load(Ordering::Relaxed), 3);
+        assert_eq!(b.stats().unwrap().entries, 0, "nothing rejected is kept locally");
+        // Recomputed and published again, the objects are right.
+        hb.put_many(&[(&meta(1), &one), (&meta(2), &two)]).unwrap();
+        let c = Arc::new(FeatureCache::open(&tmp.path().join("c")).unwrap());
+        let hc = c.context("ctx", false).unwrap().with_shared(tier.clone());
+        assert_eq!(hc.get_counted(&meta(1)).unwrap(), Some(one));
+        assert_eq!(hc.get_counted(&meta(2)).unwrap(), Some(two));
+        assert!(SharedReport::of([&hb].into_iter()).unwrap().line().contains("3 objects rejected"));
     }
 }

@@ -259,13 +259,47 @@ fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
     m
 }
 
-fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str) -> Option<usize> {
-    whole_number(c, node, stage, field, "a whole number >= 1")
+/// The most threads a setting may ask for: 16 per core of this machine (at
+/// least 64). Each `workers` copy and each math thread is an OS thread (an
+/// `exec` copy also a process); far past the cores they only cost memory,
+/// and in the hundreds of thousands the OS refuses them mid-run.
+pub fn max_threads() -> usize {
+    (16 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(64)
 }
 
-fn whole_number(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str, expected: &str) -> Option<usize> {
+/// The most items an edge may hold. Each slot can hold an image or a batch
+/// (megabytes), and the slots are allocated when the run starts.
+pub const MAX_CHANNEL_CAPACITY: usize = 4096;
+
+/// A thread count option (`0`: one per core) past [`max_threads`], as a
+/// stage's `check` reports it.
+pub fn threads_error(field: &str, n: usize) -> Option<crate::stage::FieldError> {
+    let max = max_threads();
+    (n > max).then(|| {
+        crate::stage::FieldError::new(field, format!("{n} threads; at most {max} (16 per core of this machine)"))
+    })
+}
+
+fn positive_int(c: &mut Collector, node: &Node, stage: Option<&str>, field: &str) -> Option<usize> {
+    let why = "the slots are allocated when the run starts, and each can hold an image";
+    whole_number(c, node, stage, field, "a whole number >= 1", (MAX_CHANNEL_CAPACITY, why))
+}
+
+/// A whole number from 1 to `max.0` (`max.1` says why there is a bound).
+fn whole_number(
+    c: &mut Collector,
+    node: &Node,
+    stage: Option<&str>,
+    field: &str,
+    expected: &str,
+    max: (usize, &str),
+) -> Option<usize> {
     match node.to_json().as_u64() {
-        Some(n) if n >= 1 => Some(n as usize),
+        Some(n) if n >= 1 && n <= max.0 as u64 => Some(n as usize),
+        Some(n) if n >= 1 => {
+            c.push(node.pos, stage, Some(field), format!("{n} is too many: at most {} ({})", max.0, max.1));
+            None
+        }
         _ => {
             c.push(node.pos, stage, Some(field), format!("expected {expected}, found `{}`", node.to_json()));
             None
@@ -280,7 +314,8 @@ fn workers(c: &mut Collector, node: &Node, stage: Option<&str>) -> Option<(usize
     if node.as_str() == Some("auto") {
         return Some((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), true));
     }
-    whole_number(c, node, stage, "workers", "a whole number >= 1 or `auto`").map(|n| (n, false))
+    let why = "16 per core of this machine: each copy is a thread";
+    whole_number(c, node, stage, "workers", "a whole number >= 1 or `auto`", (max_threads(), why)).map(|n| (n, false))
 }
 
 fn stage_spec(c: &mut Collector, node: &Node) -> Option<StageSpec> {

@@ -2,6 +2,8 @@
 //! A whole scalar `${a + b}` is the sum of integer params (or integers):
 //! a run's epochs made of two phases' (`fine_tune.yaml`).
 
+use std::collections::HashMap;
+
 use super::yaml::{Node, Pos, Value};
 
 /// The file's params with overrides applied, in file order. A param's value
@@ -21,6 +23,18 @@ pub fn collect(
                     if v.as_str().is_none() {
                         error(v.pos, Some(&name), "a param's value must be a scalar".into());
                         continue;
+                    }
+                    // Params are not substituted inside `params:`; taken
+                    // literally, `${x}` would reach a stage as those characters.
+                    // (Kept, so its uses are not also named as unknown.)
+                    if v.as_str().is_some_and(|t| t.replace("$${", "").contains("${")) {
+                        error(
+                            v.pos,
+                            Some(&name),
+                            "`${…}` inside `params:` is not substituted: write the value itself (or `$${` for a \
+                             literal `${`)"
+                                .into(),
+                        );
                     }
                     params.push((name, v.clone()));
                 }
@@ -49,21 +63,23 @@ pub fn collect(
 
 /// Replaces `${name}` in every scalar outside `params:`. `$${` is a literal `${`.
 pub fn substitute(root: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, String)) {
+    // One index, so a file of many params and uses is parsed in linear time.
+    let index: HashMap<&str, &Node> = params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     if let Value::Map(entries) = &mut root.value {
         for (k, v) in entries.iter_mut() {
             if k.as_str() != Some("params") {
-                walk(v, params, error);
+                walk(v, params, &index, error);
             }
         }
     }
 }
 
-fn walk(node: &mut Node, params: &[(String, Node)], error: &mut dyn FnMut(Pos, String)) {
+fn walk(node: &mut Node, params: &[(String, Node)], index: &HashMap<&str, &Node>, error: &mut dyn FnMut(Pos, String)) {
     match &mut node.value {
-        Value::Seq(items) => items.iter_mut().for_each(|n| walk(n, params, error)),
-        Value::Map(entries) => entries.iter_mut().for_each(|(_, v)| walk(v, params, error)),
+        Value::Seq(items) => items.iter_mut().for_each(|n| walk(n, params, index, error)),
+        Value::Map(entries) => entries.iter_mut().for_each(|(_, v)| walk(v, params, index, error)),
         Value::Scalar { text, .. } if text.contains("${") => {
-            let lookup = |name: &str| params.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+            let lookup = |name: &str| index.get(name).copied();
             // A whole-scalar reference keeps the param's type (numbers stay
             // numbers); a whole-scalar sum is a number.
             if let Some(name) = text.strip_prefix("${").and_then(|t| t.strip_suffix('}'))

@@ -7,6 +7,8 @@
 //! the last step; errors found by serde are mapped back to a position with
 //! [`Node::find`].
 
+use std::collections::HashSet;
+
 use saphyr_parser::{Event, Parser, ScalarStyle};
 
 /// 1-based line and column of a node in its file.
@@ -164,6 +166,8 @@ pub fn parse(text: &str) -> Result<Node, ParseError> {
     let mut stack: Vec<Node> = Vec::new();
     // Pending key for each open mapping, parallel to `stack`.
     let mut keys: Vec<Option<Node>> = Vec::new();
+    // The keys of each open mapping, for the duplicate check.
+    let mut seen: Vec<HashSet<String>> = Vec::new();
     let mut root: Option<Node> = None;
     for event in parser {
         let (event, span) = event.map_err(|e| ParseError {
@@ -181,10 +185,16 @@ pub fn parse(text: &str) -> Result<Node, ParseError> {
             Event::MappingStart(..) => {
                 stack.push(Node { pos, value: Value::Map(Vec::new()) });
                 keys.push(None);
+                seen.push(HashSet::new());
                 None
             }
-            Event::SequenceEnd | Event::MappingEnd => {
+            Event::SequenceEnd => {
                 keys.pop();
+                stack.pop()
+            }
+            Event::MappingEnd => {
+                keys.pop();
+                seen.pop();
                 stack.pop()
             }
             Event::Alias(_) => {
@@ -209,7 +219,9 @@ pub fn parse(text: &str) -> Result<Node, ParseError> {
                                     message: "mapping keys must be plain strings".into(),
                                 });
                             }
-                            if entries.iter().any(|(k, _)| k.as_str() == node.as_str()) {
+                            // A set per open mapping: a map of many keys is checked in linear time.
+                            let fresh = seen.last_mut().expect("a set per open mapping");
+                            if !fresh.insert(node.as_str().unwrap_or_default().to_string()) {
                                 return Err(ParseError {
                                     pos: node.pos,
                                     message: format!("duplicate key `{}`", node.as_str().unwrap_or_default()),

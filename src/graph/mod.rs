@@ -4,7 +4,7 @@
 //! and all problems are reported together. No threads, no tokio.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ConfigErrors, PipelineConfig, Pos, StageSpec};
 use crate::stage::SharedConfig;
@@ -179,6 +179,27 @@ impl Graph {
             }
         }
 
+        // A writer publishing inside the folder a reader lists would put its
+        // output among the photos (and the next run would read it back).
+        for (i, s) in cfg.stages.iter().enumerate() {
+            let Some(out) = option_of(&typed[i], "feature_writer", "dir") else { continue };
+            for j in reachable_upstream(&inputs, i) {
+                let Some(data) = option_of(&typed[j], "file_reader", "dir") else { continue };
+                if crate::publish::is_inside(Path::new(&out), Path::new(&data)) {
+                    err(
+                        s.options.key_pos("dir").unwrap_or(s.pos),
+                        &s.id,
+                        Some("dir"),
+                        format!(
+                            "`{out}` is inside `{data}`, the folder stage `{}` reads: choose an output folder \
+                             outside the data",
+                            cfg.stages[j].id
+                        ),
+                    );
+                }
+            }
+        }
+
         let order = match topological_order(&inputs) {
             Ok(order) => order,
             Err(cycle) => {
@@ -251,6 +272,27 @@ impl Graph {
         out.push_str("}\n");
         out
     }
+}
+
+/// A string option of a stage of `kind`, if the stage is one.
+fn option_of(typed: &Option<(KindInfo, SharedConfig)>, kind: &str, field: &str) -> Option<String> {
+    let (_, config) = typed.as_ref().filter(|(info, _)| info.kind == kind)?;
+    let options: serde_json::Value = serde_json::from_str(&config.canonical_json()).ok()?;
+    options[field].as_str().map(str::to_string)
+}
+
+/// Every stage feeding `i`, directly or not (safe on a cycle).
+fn reachable_upstream(inputs: &[Vec<usize>], i: usize) -> Vec<usize> {
+    let mut seen = vec![false; inputs.len()];
+    let mut stack = inputs[i].clone();
+    let mut found = Vec::new();
+    while let Some(j) = stack.pop() {
+        if !std::mem::replace(&mut seen[j], true) {
+            found.push(j);
+            stack.extend(&inputs[j]);
+        }
+    }
+    found
 }
 
 fn ids(stages: &[StageSpec]) -> String {

@@ -122,6 +122,44 @@ struct PinnedInput {
     tensor: Option<([usize; 4], Tensor<f32>)>,
 }
 
+/// Where a model wants the colour channels of its image input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// [N, H, W, 3]: Keras, and tf2onnx exports of it.
+    Nhwc,
+    /// [N, 3, H, W]: PyTorch (torchvision) exports.
+    Nchw,
+}
+
+impl Layout {
+    /// The layout an input of these declared dims (-1 where symbolic) has;
+    /// `None` when it is not a 3-channel image batch either way. Channels
+    /// last wins a tie ([N, 3, W, 3] is not an image anyone exports).
+    pub fn of(dims: &[i64]) -> Option<Layout> {
+        match dims {
+            [_, _, _, 3] => Some(Layout::Nhwc),
+            [_, 3, _, _] => Some(Layout::Nchw),
+            _ => None,
+        }
+    }
+
+    /// The input tensor's shape for `n` images of `h` x `w`.
+    pub fn shape(self, n: usize, h: usize, w: usize) -> [usize; 4] {
+        match self {
+            Layout::Nhwc => [n, h, w, 3],
+            Layout::Nchw => [n, 3, h, w],
+        }
+    }
+
+    /// (height, width) as declared, -1 where symbolic.
+    fn size(self, dims: &[i64]) -> (i64, i64) {
+        match self {
+            Layout::Nhwc => (dims[1], dims[2]),
+            Layout::Nchw => (dims[2], dims[3]),
+        }
+    }
+}
+
 pub struct OnnxModel {
     session: Session,
     pinned: Option<PinnedInput>,
@@ -131,6 +169,8 @@ pub struct OnnxModel {
     pub output_name: String,
     /// Input dims as declared; -1 where symbolic.
     pub input_dims: Vec<i64>,
+    /// Channels last or first, from the input dims.
+    pub layout: Layout,
     pub provider: Provider,
     /// TF32 math in effect (asked for, and the session is on CUDA).
     pub tf32: bool,
@@ -207,13 +247,13 @@ impl OnnxModel {
         let output = session.outputs().first().ok_or_else(|| model_err(&"model has no output"))?;
         let input_dims: Vec<i64> =
             input.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
-        if input_dims.len() != 4 || input_dims[3] != 3 {
+        let Some(layout) = Layout::of(&input_dims) else {
             return Err(model_err(&format!(
-                "expected an NHWC image input [N,H,W,3], found {:?} (`{}`)",
+                "expected an image input, [N,H,W,3] (NHWC) or [N,3,H,W] (NCHW), found {:?} (`{}`)",
                 input_dims,
                 input.name()
             )));
-        }
+        };
         // The images go in as float32 and the features come out as float32.
         for (what, name, ty) in [
             ("input", input.name(), input.dtype().tensor_type()),
@@ -242,6 +282,7 @@ impl OnnxModel {
             input_name: input.name().to_string(),
             output_name: output.name().to_string(),
             input_dims,
+            layout,
             provider,
             fallback_warning,
             session,
@@ -250,7 +291,7 @@ impl OnnxModel {
 
     /// Refuses an image size the model's fixed input dims cannot take.
     pub fn check_size(&self, height: u32, width: u32) -> Result<(), String> {
-        let (h, w) = (self.input_dims[1], self.input_dims[2]);
+        let (h, w) = self.layout.size(&self.input_dims);
         if (h > 0 && h != height as i64) || (w > 0 && w != width as i64) {
             return Err(format!(
                 "the model takes {h}x{w} (HxW) images but the pipeline makes {height}x{width}; \
@@ -282,7 +323,7 @@ impl OnnxModel {
         self.pinned.is_some()
     }
 
-    /// Runs an NHWC batch; returns the output shape and data.
+    /// Runs a batch in the model's [`Layout`]; returns the output shape and data.
     pub fn run(&mut self, input: Vec<f32>, n: usize, h: usize, w: usize) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
         self.run_slice(&input, n, h, w)
     }
@@ -296,20 +337,21 @@ impl OnnxModel {
         h: usize,
         w: usize,
     ) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
+        let shape = self.layout.shape(n, h, w);
         if input.len() != n * h * w * 3 {
-            return Err(OnnxError::Run(format!("{} values for a batch of [{n}, {h}, {w}, 3]", input.len())));
+            return Err(OnnxError::Run(format!("{} values for a batch of {shape:?}", input.len())));
         }
         if self.pinned.is_some() {
             return self.run_filled(n, h, w, |buf| buf.copy_from_slice(input));
         }
         let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
-        let tensor = TensorRef::from_array_view(([n, h, w, 3], input)).map_err(run_err)?;
+        let tensor = TensorRef::from_array_view((shape, input)).map_err(run_err)?;
         let outputs = self.session.run(ort::inputs![self.input_name.as_str() => tensor]).map_err(run_err)?;
         first_output(&outputs)
     }
 
-    /// Runs an NHWC batch that `fill` writes straight into the input buffer
-    /// (the pinned one on a GPU), so no copy of it is ever made.
+    /// Runs a batch (in the model's [`Layout`]) that `fill` writes straight
+    /// into the input buffer (the pinned one on a GPU), so no copy of it is ever made.
     pub fn run_filled(
         &mut self,
         n: usize,
@@ -318,7 +360,7 @@ impl OnnxModel {
         fill: impl FnOnce(&mut [f32]),
     ) -> Result<(Vec<usize>, Vec<f32>), OnnxError> {
         let run_err = |e: ort::Error| OnnxError::Run(e.to_string());
-        let (shape, len) = ([n, h, w, 3], n * h * w * 3);
+        let (shape, len) = (self.layout.shape(n, h, w), n * h * w * 3);
         let outputs = match &mut self.pinned {
             Some(pinned) => {
                 if pinned.tensor.as_ref().is_none_or(|(s, _)| *s != shape) {

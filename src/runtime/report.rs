@@ -18,6 +18,8 @@ use crate::telemetry::StageStats;
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
     pub stage: String,
+    /// Written escaped ([`crate::names`]), so any name fits the report.
+    #[serde(serialize_with = "crate::names::serialize_path")]
     pub path: PathBuf,
     pub reason: String,
 }
@@ -172,7 +174,7 @@ impl RunReport {
             let _ = writeln!(
                 out,
                 "{},{},{}",
-                csv_field(&s.path.to_string_lossy()),
+                csv_field(&crate::names::escape_path(&s.path)),
                 csv_field(&s.stage),
                 csv_field(&s.reason)
             );

@@ -4,13 +4,13 @@
 //!
 //! `manifest.tsv`: `SPLIT<TAB>LABEL<TAB>PATH\n`, SPLIT and LABEL indices
 //! into the plan's `splits` and `classes` (`-` for none), PATH the file's
-//! own bytes with `\` and newline escaped (`\\`, `\n`), so any Unix name
-//! survives. `manifest.idx`: the byte offset (u64 little-endian) of every
+//! name in convflow's one escaping ([`crate::names`]), so any Unix name
+//! survives (a manifest of earlier versions, raw bytes with `\\` and `\n`
+//! escaped, reads the same). `manifest.idx`: the byte offset (u64 little-endian) of every
 //! [`INDEX_EVERY`]th line.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.tsv";
@@ -26,30 +26,11 @@ pub struct ManifestEntry {
 }
 
 fn escape(path: &Path, out: &mut Vec<u8>) {
-    for &b in path.as_os_str().as_bytes() {
-        match b {
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b => out.push(b),
-        }
-    }
+    out.extend_from_slice(crate::names::escape_path(path).as_bytes());
 }
 
 fn unescape(bytes: &[u8]) -> Result<PathBuf, String> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut it = bytes.iter();
-    while let Some(&b) = it.next() {
-        if b != b'\\' {
-            out.push(b);
-            continue;
-        }
-        match it.next() {
-            Some(b'\\') => out.push(b'\\'),
-            Some(b'n') => out.push(b'\n'),
-            other => return Err(format!("bad escape `\\{}`", other.map(|&c| c as char).unwrap_or(' '))),
-        }
-    }
-    Ok(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    crate::names::unescape_path(bytes)
 }
 
 fn index_field(v: Option<u32>, out: &mut Vec<u8>) {
@@ -135,15 +116,16 @@ pub fn read_range(dir: &Path, start: u64, end: u64) -> Result<Vec<ManifestEntry>
     Ok(out)
 }
 
-/// The escaped form `feature_writer` gives a path in `paths.txt` (newlines
-/// only), to match its rows back to manifest entries.
+/// The escaped form `feature_writer` gives a path in `paths.txt`, to match
+/// its rows back to manifest entries.
 pub fn paths_txt_form(path: &Path) -> Vec<u8> {
-    path.as_os_str().as_bytes().iter().flat_map(|&b| if b == b'\n' { vec![b'\\', b'n'] } else { vec![b] }).collect()
+    crate::names::escape_path(path).into_bytes()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStringExt;
 
     #[test]
     fn ranges_read_back_exactly_with_odd_names() {

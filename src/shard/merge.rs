@@ -15,6 +15,7 @@ use super::part::{self, MARKER, OUT, POSITIONS, PartMeta};
 use super::plan::{Plan, PlanError, short};
 use crate::graph::Graph;
 use crate::npy::NpyWriter;
+use crate::stages::feature_writer::FILES;
 
 /// The copy buffer: the merge's memory, whatever the data's size.
 const CHUNK: usize = 4 << 20;
@@ -192,24 +193,15 @@ fn copy_npy(path: &Path, into: &mut Option<NpyWriter>, target: &Path, buf: &mut 
 }
 
 /// Writes one output folder (`""`: the writer's folder) from every part
-/// that has it, in shard order; returns (rows, bytes).
+/// that has it, in shard order, into `work` (a folder of the claimed
+/// output's new version); returns (rows, bytes).
 fn merge_output(
     name: &str,
     parts: &[(PathBuf, PartMeta)],
-    dest: &Path,
+    work: &Path,
     buf: &mut [u8],
 ) -> Result<(u64, u64), PlanError> {
-    // A split folder is built under a hidden name and renamed into place,
-    // as the feature_writer does; the writer's own folder file by file.
-    let (work, publish) = if name.is_empty() {
-        (dest.to_path_buf(), None)
-    } else {
-        (dest.join(format!(".{name}.partial")), Some(dest.join(name)))
-    };
-    if publish.is_some() && work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|e| io_err(&work, e))?;
-    }
-    std::fs::create_dir_all(&work).map_err(|e| io_err(&work, e))?;
+    std::fs::create_dir_all(work).map_err(|e| io_err(work, e))?;
     let mut features = None;
     let mut labels = None;
     let paths_partial = work.join("paths.txt.partial");
@@ -251,12 +243,6 @@ fn merge_output(
     if let Some((_, text)) = classes {
         std::fs::write(work.join("classes.txt"), text).map_err(|e| io_err(&work.join("classes.txt"), e))?;
     }
-    if let Some(target) = publish {
-        if target.exists() {
-            std::fs::remove_dir_all(&target).map_err(|e| io_err(&target, e))?;
-        }
-        std::fs::rename(&work, &target).map_err(|e| io_err(&target, e))?;
-    }
     Ok((rows, bytes))
 }
 
@@ -297,8 +283,15 @@ pub fn merge_into(
     for (dir, meta) in &parts {
         check_part(dir, meta)?;
     }
-    std::fs::create_dir_all(dest).map_err(|e| io_err(dest, e))?;
     let names: std::collections::BTreeSet<&String> = parts.iter().flat_map(|(_, m)| m.outputs.keys()).collect();
+    // Claimed before any data is copied, and published at once, as the
+    // feature_writer does (crate::publish).
+    let entries: Vec<std::ffi::OsString> = names
+        .iter()
+        .flat_map(|n| if n.is_empty() { FILES.to_vec() } else { vec![n.as_str()] })
+        .map(Into::into)
+        .collect();
+    let output = crate::publish::Output::claim(dest, &entries).map_err(PlanError::Other)?;
     let mut buf = vec![0u8; CHUNK];
     let mut summary = MergeSummary {
         parts: parts.len() as u64,
@@ -307,11 +300,12 @@ pub fn merge_into(
         bytes: 0,
     };
     for name in names {
-        let (rows, bytes) = merge_output(name, &parts, dest, &mut buf)?;
+        let (rows, bytes) = merge_output(name, &parts, &part::output_path(output.staging(), name), &mut buf)?;
         let shown = part::output_path(dest, name).display().to_string();
         summary.rows.insert(shown, rows);
         summary.bytes += bytes;
     }
+    output.publish().map_err(PlanError::Other)?;
     Ok((summary, parts))
 }
 
@@ -372,7 +366,7 @@ fn merged_report(
             }
             if r["cache"]["shared"].is_object() {
                 let mut shared = cache["shared"].take();
-                for k in ["hits", "writes", "errors"] {
+                for k in ["hits", "writes", "errors", "rejected"] {
                     add(&mut shared, k, &r["cache"]["shared"][k]);
                 }
                 cache["shared"] = shared;

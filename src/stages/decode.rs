@@ -1,4 +1,7 @@
-//! `decode`: encoded bytes -> 8-bit RGB. EXIF orientation is applied;
+//! `decode`: encoded bytes -> 8-bit RGB. JPEGs go through libjpeg-turbo
+//! with PIL's settings, so their pixels are exactly PIL's (and so those of
+//! Keras's `load_img`); other formats through the `image` crate
+//! (docs/keras-pixels.md says where that differs). EXIF orientation is applied;
 //! grayscale, CMYK, 16-bit and alpha images become plain RGB (alpha is
 //! dropped, as PIL's `convert('RGB')` does for Keras).
 //!
@@ -55,6 +58,16 @@ pub struct DecodeConfig {
     /// from the canonical options when `rgb`, so existing cache keys stay valid.
     #[serde(default, skip_serializing_if = "ColorMode::is_rgb")]
     pub color_mode: ColorMode,
+    /// Not an option: names the pixel rules in the feature cache key, so
+    /// features made under an earlier rule (zune-jpeg's pixels, before
+    /// libjpeg-turbo's as in PIL) are never served for this one.
+    #[serde(skip_deserializing, default = "pixel_rules")]
+    pixel_rules: &'static str,
+}
+
+/// The rules `decode` follows; change it when the same bytes and options give other pixels.
+fn pixel_rules() -> &'static str {
+    "pil-13"
 }
 
 /// The channels a decoded image has, in Keras's words.
@@ -173,18 +186,16 @@ struct Decode {
 pub struct Decoder {
     max_pixels: u64,
     load_truncated: bool,
-    /// (height, width) and the decompressor that honours it.
-    scaled: Option<((u32, u32), jpeg::ScaledJpeg)>,
+    /// (height, width) a JPEG decoded at a reduced DCT scale must still cover.
+    min_size: Option<(u32, u32)>,
+    /// The libjpeg-turbo decompressor every JPEG goes through first.
+    jpeg: jpeg::ScaledJpeg,
 }
 
 impl Decoder {
     /// `min_size`: (height, width) that a JPEG decoded at a reduced scale must still cover.
     pub fn new(max_pixels: u64, min_size: Option<(u32, u32)>) -> Result<Self, String> {
-        let scaled = match min_size {
-            Some(size) => Some((size, jpeg::ScaledJpeg::new()?)),
-            None => None,
-        };
-        Ok(Decoder { max_pixels, load_truncated: false, scaled })
+        Ok(Decoder { max_pixels, load_truncated: false, min_size, jpeg: jpeg::ScaledJpeg::new()? })
     }
 
     /// PIL's `LOAD_TRUNCATED_IMAGES` (see [`DecodeConfig`]).
@@ -198,32 +209,35 @@ impl Decoder {
         if !self.load_truncated {
             complete::check(bytes)?;
         }
-        if let Some(((min_h, min_w), jpeg)) = &mut self.scaled
-            && bytes.starts_with(&[0xFF, 0xD8, 0xFF])
-            && let Some(img) = decode_scaled(jpeg, bytes, *min_h, *min_w, self.max_pixels)
-        {
+        if let Some(img) = decode_jpeg(&mut self.jpeg, bytes, self.min_size, self.max_pixels) {
             return Ok(img);
         }
         decode_any(bytes, self.max_pixels)
     }
 }
 
-/// The scaled JPEG path; `None` hands the file to [`decode_image`]: no
-/// scale fits (small image), an unusual colour space (CMYK), a file over
+/// A JPEG through libjpeg-turbo with PIL's settings (its default integer
+/// IDCT, fancy upsampling, RGB out), so the pixels are the ones PIL, and so
+/// Keras's `load_img`, sees; at a reduced DCT scale when `min_size` allows.
+/// `None` hands the file to the `image` crate's decoders: not a JPEG, an
+/// unusual colour space (CMYK, which PIL converts its own way), a file over
 /// `max_pixels`, or anything libjpeg finds wrong, even a mere warning, so
-/// bad files get the same treatment and messages as without `min_size`.
-fn decode_scaled(
+/// bad files get one treatment and one set of messages on every path.
+fn decode_jpeg(
     jpeg: &mut jpeg::ScaledJpeg,
     bytes: &[u8],
-    min_h: u32,
-    min_w: u32,
+    min_size: Option<(u32, u32)>,
     max_pixels: u64,
 ) -> Option<RgbImage> {
+    if !bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return None;
+    }
     let (header, img) = jpeg
         .decode(bytes, |h| {
             if !matches!(h.components, 1 | 3) || (h.width as u64) * (h.height as u64) > max_pixels {
                 return None;
             }
+            let Some((min_h, min_w)) = min_size else { return Some(8) };
             // The target is in display orientation; a quarter turn swaps the stored sides.
             let swapped = matches!(
                 h.orientation,
@@ -233,9 +247,7 @@ fn decode_scaled(
                     | Orientation::Rotate270FlipH
             );
             let (need_w, need_h) = if swapped { (min_h, min_w) } else { (min_w, min_h) };
-            let m = jpeg::scale_eighths(h.width, h.height, need_w, need_h);
-            // Full size: the default decoder, so such images match a run without min_size exactly.
-            (m < 8).then_some(m)
+            Some(jpeg::scale_eighths(h.width, h.height, need_w, need_h))
         })
         .ok()?;
     let img = img?;
@@ -247,9 +259,31 @@ fn decode_scaled(
     Some(dynamic.into_rgb8())
 }
 
+thread_local! {
+    /// One libjpeg decompressor per thread for [`decode_image`], made on first use.
+    static JPEG: std::cell::RefCell<Option<jpeg::ScaledJpeg>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Decodes one file's bytes; the error says why, for the skipped list. A
-/// file cut short is an error ("truncated: ...").
+/// file cut short is an error ("truncated: ..."). JPEGs give PIL's pixels.
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
+    complete::check(bytes)?;
+    let jpeg = JPEG.with_borrow_mut(|slot| {
+        if slot.is_none() {
+            *slot = jpeg::ScaledJpeg::new().ok();
+        }
+        slot.as_mut().and_then(|jpeg| decode_jpeg(jpeg, bytes, None, max_pixels))
+    });
+    match jpeg {
+        Some(img) => Ok(img),
+        None => decode_any(bytes, max_pixels),
+    }
+}
+
+/// The `image` crate's decoders alone (zune-jpeg for JPEG), the default
+/// before JPEGs went through libjpeg-turbo: for the decode benchmark's
+/// side-by-side row. Its JPEG pixels differ from PIL's by up to a few levels.
+pub fn decode_image_rs(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, String> {
     complete::check(bytes)?;
     decode_any(bytes, max_pixels)
 }
@@ -362,7 +396,9 @@ mod tests {
         let err = parse(serde_json::json!({"min_size": "big"})).unwrap_err();
         assert!(err.contains("a size [height, width], or one number for both"), "{err}");
         let unset: DecodeConfig = serde_json::from_value(serde_json::json!({})).unwrap();
-        assert_eq!(serde_json::to_string(&unset).unwrap(), r#"{"max_pixels":178956970}"#);
+        assert_eq!(serde_json::to_string(&unset).unwrap(), r#"{"max_pixels":178956970,"pixel_rules":"pil-13"}"#);
+        let err = serde_json::from_value::<DecodeConfig>(serde_json::json!({"pixel_rules": "x"})).unwrap_err();
+        assert!(err.to_string().contains("unknown field `pixel_rules`"), "not an option: {err}");
     }
 
     #[test]

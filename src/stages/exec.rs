@@ -69,10 +69,28 @@ pub const MAGIC: &[u8; 16] = b"convflow-exec/1\n";
 pub const PROTOCOL: u32 = 1;
 /// Largest JSON header accepted.
 pub const MAX_HEADER: u32 = 1 << 20;
-/// Largest payload accepted from a worker (a garbage length stops here).
-pub const MAX_PAYLOAD: u64 = 1 << 32;
+/// Largest payload accepted from a worker: an answer is a uint8 image, of
+/// at most decode's default `max_pixels` in RGB (a garbage length stops here,
+/// before anything is allocated or read).
+pub const MAX_PAYLOAD: u64 = 3 * 178_956_970;
 /// Lines of the child's stderr kept for error messages.
 const STDERR_TAIL: usize = 20;
+
+/// The process groups of the running workers (each leads its own). When
+/// convflow exits without unwinding (past the drain deadline, on a second
+/// signal) nothing drops the workers: [`kill_all_workers`] takes them, and
+/// whatever they started, along instead of leaving them running.
+static GROUPS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills every running worker's process group (convflow is exiting).
+pub fn kill_all_workers() {
+    if let Ok(groups) = GROUPS.lock() {
+        for &group in groups.iter() {
+            // SAFETY: killpg only sends a signal; `group` is a child not yet reaped, so not reused.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,6 +289,9 @@ impl Worker {
             cmd.process_group(0);
         }
         let mut child = cmd.spawn().map_err(|e| format!("cannot start `{}`: {e}", command_line(&config.command)))?;
+        if let Ok(mut groups) = GROUPS.lock() {
+            groups.push(child.id() as i32);
+        }
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -426,10 +447,16 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.requests = None;
+        let group = self.child.id() as i32;
         if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
+            // The whole group: what the worker started goes with it.
+            // SAFETY: killpg only sends a signal; the child is not reaped yet.
+            unsafe { libc::killpg(group, libc::SIGKILL) };
         }
         let _ = self.child.wait();
+        if let Ok(mut groups) = GROUPS.lock() {
+            groups.retain(|&g| g != group);
+        }
     }
 }
 
@@ -490,12 +517,36 @@ fn read_frame<R: Read>(r: &mut BufReader<R>) -> Result<Frame, Lost> {
     if nbytes > MAX_PAYLOAD {
         return Err(Lost::Garbage(format!("`nbytes` {nbytes} is over {MAX_PAYLOAD}")));
     }
+    // The header's own description of the payload must agree with its size,
+    // checked before the payload is read (memory follows the header, which
+    // is checked, never a length alone).
+    if let Some(declared) = declared_bytes(&header)
+        && declared != nbytes
+    {
+        return Err(Lost::Garbage(format!(
+            "`nbytes` {nbytes}, but {} {} is {declared} bytes",
+            header.get("dtype").map(|v| v.to_string()).unwrap_or_default(),
+            header.get("shape").map(|v| v.to_string()).unwrap_or_default()
+        )));
+    }
     let mut payload = vec![0u8; nbytes as usize];
     let got = read_full(r, &mut payload).map_err(io)?;
     if got < payload.len() {
         return Err(Lost::Exited(format!("output ended inside a payload ({got} of {nbytes} bytes)")));
     }
     Ok(Frame { header, payload })
+}
+
+/// The payload size a header's `dtype` and `shape` describe, when it has both
+/// (and the dtype is one of the protocol's).
+fn declared_bytes(header: &serde_json::Map<String, serde_json::Value>) -> Option<u64> {
+    let size = match header.get("dtype")?.as_str()? {
+        "uint8" => 1,
+        "float32" => 4,
+        _ => return None,
+    };
+    let dims = header.get("shape")?.as_array()?;
+    dims.iter().try_fold(size, |n: u64, d| n.checked_mul(d.as_u64()?)).or(Some(u64::MAX))
 }
 
 /// Magic, length and JSON header of a request (the payload goes separately).
@@ -706,6 +757,30 @@ mod tests {
         assert!(why.contains("inside"), "{why}");
         let Err(Lost::Exited(why)) = read_frame(&mut BufReader::new(&b""[..])) else { panic!() };
         assert_eq!(why, "end of output");
+
+        // A header whose shape does not match its size is refused before the
+        // payload is read: this reader fails if it is asked for one byte of it.
+        struct HeaderOnly(Vec<u8>, usize);
+        impl Read for HeaderOnly {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let rest = &self.0[self.1..];
+                if rest.is_empty() {
+                    return Err(std::io::Error::other("the payload was read"));
+                }
+                let n = rest.len().min(buf.len());
+                buf[..n].copy_from_slice(&rest[..n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        for (header, why) in [
+            (r#"{"ok": true, "shape": [2, 2, 3], "dtype": "uint8", "nbytes": 400000000}"#, "is 12 bytes"),
+            (r#"{"ok": true, "shape": [60000, 60000, 3], "dtype": "uint8", "nbytes": 10800000000}"#, "is over"),
+        ] {
+            let mut r = BufReader::with_capacity(8, HeaderOnly(frame(header, &[]), 0));
+            let Err(Lost::Garbage(got)) = read_frame(&mut r) else { panic!("{header}: not refused from its header") };
+            assert!(got.contains(why), "{got}");
+        }
 
         let wrong = frame(r#"{"seq": 3, "ok": true, "shape": [1, 2], "dtype": "uint8", "nbytes": 2}"#, &[0, 0]);
         let err = answer_image(read_frame(&mut BufReader::new(&wrong[..])).ok().unwrap(), 3).unwrap_err();

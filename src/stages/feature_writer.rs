@@ -1,10 +1,12 @@
 //! `feature_writer`: `features.npy` (float32 [N, ...]), `labels.npy`,
 //! `paths.txt` and `classes.txt`, row i of each describing the same image,
 //! in `dir/<split>/` when the source read splits. Rows stream to disk as
-//! they come (bounded memory); files appear under their final names only
-//! when the run completes.
+//! they come (bounded memory) into a fresh version of `dir`
+//! ([`crate::publish`]), which becomes the published one, every split at
+//! once, only when the run completes.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::item::{ClassMode, Item, ItemKind, Label, Payload};
 use crate::npy::NpyWriter;
+use crate::publish::Output;
 use crate::stage::{BuildContext, Built, Emit, OptionDoc, RunSignals, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,22 +33,35 @@ impl StageConfig for FeatureWriterConfig {
     const OPTIONS: &'static [OptionDoc] =
         &[OptionDoc { name: "dir", ty: "path", default: "(required)", help: "output folder (a sub-folder per split)" }];
 
-    fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+    fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
+        // Claimed before any work: a folder that is not ours, or another
+        // run writing here, stops the run now rather than after the compute.
+        let output = Output::claim(&self.dir, &expected_entries(&ctx.upstream)).map_err(StageError::fatal)?;
         Ok(Built::Stage(Box::new(FeatureWriter {
-            dir: self.dir.clone(),
+            output: Some(output),
             splits: BTreeMap::new(),
             written: BTreeMap::new(),
         })))
     }
 }
 
+/// The files a writer without splits publishes.
+pub const FILES: [&str; 4] = ["features.npy", "labels.npy", "paths.txt", "classes.txt"];
+
+/// What the run will publish, when a `file_reader` upstream says: its
+/// splits, or the files themselves.
+fn expected_entries(upstream: &[(String, serde_json::Value)]) -> Vec<OsString> {
+    let Some((_, reader)) = upstream.iter().find(|(kind, _)| kind == "file_reader") else { return Vec::new() };
+    match reader["splits"].as_array() {
+        Some(splits) if !splits.is_empty() => splits.iter().filter_map(|s| s.as_str()).map(OsString::from).collect(),
+        _ => FILES.iter().map(OsString::from).collect(),
+    }
+}
+
 struct SplitFiles {
-    /// Where the files are written while the run goes on.
+    /// Where the files are written while the run goes on: the claimed
+    /// output's version folder (or a split's folder in it).
     dir: PathBuf,
-    /// For a split folder: its final name. The files are staged in a hidden
-    /// sibling and the folder renamed into place at the end, so a reader (or
-    /// a kill at any moment) never sees one split's files from two runs.
-    publish: Option<PathBuf>,
     features: NpyWriter,
     labels: Option<NpyWriter>,
     paths: BufWriter<File>,
@@ -53,18 +69,7 @@ struct SplitFiles {
 }
 
 impl SplitFiles {
-    fn create(target: &Path, staged: bool, row_shape: &[usize], label: Option<&Label>) -> std::io::Result<SplitFiles> {
-        let (dir, publish) = match (staged, target.file_name(), target.parent()) {
-            (true, Some(name), Some(parent)) => {
-                let staging = parent.join(format!(".{}.partial", name.to_string_lossy()));
-                if staging.exists() {
-                    std::fs::remove_dir_all(&staging)?;
-                }
-                (staging, Some(target.to_path_buf()))
-            }
-            _ => (target.to_path_buf(), None),
-        };
-        let dir = dir.as_path();
+    fn create(dir: &Path, row_shape: &[usize], label: Option<&Label>) -> std::io::Result<SplitFiles> {
         std::fs::create_dir_all(dir)?;
         let labels = match label {
             Some(l) if l.mode == ClassMode::Binary => Some(NpyWriter::create(&dir.join("labels.npy"), &[])?),
@@ -75,7 +80,6 @@ impl SplitFiles {
         };
         Ok(SplitFiles {
             dir: dir.to_path_buf(),
-            publish,
             features: NpyWriter::create(&dir.join("features.npy"), row_shape)?,
             labels,
             paths: BufWriter::new(File::create(dir.join("paths.txt.partial"))?),
@@ -96,13 +100,9 @@ impl SplitFiles {
                 _ => labels.push(&[label.index as f32])?,
             }
         }
-        // One path per line, its own bytes (a non-UTF-8 name stays openable); a newline
-        // in a name would break the row correspondence, so it is escaped.
-        use std::os::unix::ffi::OsStrExt;
-        let bytes = item.meta.path.as_os_str().as_bytes();
-        let escaped: Vec<u8> =
-            bytes.iter().flat_map(|&b| if b == b'\n' { vec![b'\\', b'n'] } else { vec![b] }).collect();
-        self.paths.write_all(&escaped)?;
+        // One path per line in convflow's one escaping (crate::names): any
+        // name, newlines and non-UTF-8 bytes included, reads back exactly.
+        self.paths.write_all(crate::names::escape_path(&item.meta.path).as_bytes())?;
         self.paths.write_all(b"\n")
     }
 
@@ -117,18 +117,7 @@ impl SplitFiles {
         if let Some(classes) = self.classes {
             std::fs::write(self.dir.join("classes.txt"), classes.join("\n") + "\n")?;
         }
-        if let Some(target) = &self.publish {
-            if target.exists() {
-                std::fs::remove_dir_all(target)?;
-            }
-            std::fs::rename(&self.dir, target)?;
-        }
         Ok(rows)
-    }
-
-    /// The folder the files end up in.
-    fn final_dir(&self) -> &Path {
-        self.publish.as_deref().unwrap_or(&self.dir)
     }
 
     fn discard(self) {
@@ -137,14 +126,12 @@ impl SplitFiles {
         if let Some(l) = self.labels {
             l.discard();
         }
-        if self.publish.is_some() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
     }
 }
 
 struct FeatureWriter {
-    dir: PathBuf,
+    /// The claimed folder (its lock held); taken when published.
+    output: Option<Output>,
     splits: BTreeMap<Option<Arc<str>>, (SplitFiles, usize)>,
     /// Rows per finished output folder, for the run report.
     written: BTreeMap<String, usize>,
@@ -156,6 +143,7 @@ impl Drop for FeatureWriter {
     /// folder nor keep holding the space that ran out.
     fn drop(&mut self) {
         std::mem::take(&mut self.splits).into_values().for_each(|(f, _)| f.discard());
+        self.output.take();
     }
 }
 
@@ -166,11 +154,16 @@ impl Stage for FeatureWriter {
         };
         let split = item.meta.split.clone();
         if !self.splits.contains_key(&split) {
+            let output = self.output.as_ref().ok_or_else(|| StageError::fatal("output already published"))?;
             let dir = match &split {
-                Some(s) => self.dir.join(&**s),
-                None => self.dir.clone(),
+                Some(s) => {
+                    // A split no file_reader announced is checked here, before its first row.
+                    crate::publish::check_entry(output.dir(), OsStr::new(&**s)).map_err(StageError::fatal)?;
+                    output.staging().join(&**s)
+                }
+                None => output.staging().to_path_buf(),
             };
-            let files = SplitFiles::create(&dir, split.is_some(), &f.shape, item.meta.label.as_ref())
+            let files = SplitFiles::create(&dir, &f.shape, item.meta.label.as_ref())
                 .map_err(|e| StageError::fatal(format!("cannot create outputs in {}: {e}", dir.display())))?;
             self.splits.insert(split.clone(), (files, 0));
         }
@@ -188,16 +181,26 @@ impl Stage for FeatureWriter {
 
     fn finish(&mut self, _out: &mut dyn Emit, signals: &RunSignals) -> Result<(), StageError> {
         let splits = std::mem::take(&mut self.splits);
-        if signals.interrupted() || signals.aborted() {
-            // Incomplete arrays would look like results: leave nothing behind.
+        let output = self.output.take().ok_or_else(|| StageError::fatal("output already published"))?;
+        if signals.interrupted() || signals.aborted() || splits.is_empty() {
+            // Incomplete arrays would look like results: leave nothing behind
+            // (dropping the claim removes its version folder).
             splits.into_values().for_each(|(f, _)| f.discard());
             return Ok(());
         }
-        for (files, _) in splits.into_values() {
-            let dir = files.final_dir().to_path_buf();
+        let mut written = BTreeMap::new();
+        for (split, (files, _)) in splits {
+            let dir = files.dir.clone();
             let rows = files.finish().map_err(|e| StageError::fatal(format!("finishing {}: {e}", dir.display())))?;
-            self.written.insert(dir.display().to_string(), rows);
+            let shown = match split {
+                Some(s) => output.dir().join(&*s),
+                None => output.dir().to_path_buf(),
+            };
+            written.insert(shown.display().to_string(), rows);
         }
+        // Every split at once: a reader sees the old output or this one.
+        output.publish().map_err(StageError::fatal)?;
+        self.written = written;
         Ok(())
     }
 

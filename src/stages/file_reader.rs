@@ -3,6 +3,8 @@
 //! Reads and hashes each file; with a cache probe, a known image leaves here
 //! as finished features and skips decode and inference.
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,6 +46,10 @@ pub struct FileReaderConfig {
     /// a cache downstream computes at most K x images features, ever.
     #[serde(default)]
     pub variants: u32,
+    /// Files larger than this many MiB are skipped (and listed) unread, so
+    /// a run's memory is bounded by its options, not by what lies in the folder.
+    #[serde(default = "default_max_file_mb", skip_serializing_if = "is_default_max_file_mb")]
+    pub max_file_mb: u64,
     /// Set by `convflow run --shard`, not written by hand: read this range
     /// of a plan's manifest instead of listing `dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -52,6 +58,53 @@ pub struct FileReaderConfig {
 
 fn default_epochs() -> u32 {
     1
+}
+
+fn default_max_file_mb() -> u64 {
+    1024
+}
+
+/// The default is left out of the canonical options, so cache keys and
+/// plans made before the option existed stay valid.
+fn is_default_max_file_mb(mb: &u64) -> bool {
+    *mb == default_max_file_mb()
+}
+
+/// Files above this size are checked from their first bytes before they
+/// are read: a huge file that is no image costs nothing.
+const SNIFF_ABOVE: u64 = 16 << 20;
+
+const NOT_REGULAR: &str = "not a regular file (a device, FIFO or socket): not read";
+
+/// Reads a file whole, unless it is over `max_mb` MiB or, large, does not
+/// start like an image: then why it is skipped.
+fn read_bounded(path: &Path, max_mb: u64) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Seek};
+    // Checked before opening: opening a FIFO waits for a writer.
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file()) {
+        return Err(NOT_REGULAR.into());
+    }
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("cannot read: {e}"))?.len();
+    let max = max_mb.saturating_mul(1 << 20);
+    if len > max {
+        return Err(format!("{len} bytes, over max_file_mb ({max_mb} MiB): not read"));
+    }
+    if len > SNIFF_ABOVE {
+        let mut head = [0u8; 32];
+        let n = file.read(&mut head).map_err(|e| format!("cannot read: {e}"))?;
+        if image::guess_format(&head[..n]).is_err() {
+            return Err(format!("not a recognised image format (its first bytes; the {len} bytes are not read)"));
+        }
+        file.rewind().map_err(|e| format!("cannot read: {e}"))?;
+    }
+    // Bounded even if the file grows after the size was read.
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("over max_file_mb ({max_mb} MiB) (it grew while read): not read"));
+    }
+    Ok(bytes)
 }
 
 fn default_extensions() -> Vec<String> {
@@ -88,6 +141,12 @@ impl StageConfig for FileReaderConfig {
             default: "0 (fresh each epoch)",
             help: "K fixed augmented variants per image; each epoch draws one",
         },
+        OptionDoc {
+            name: "max_file_mb",
+            ty: "int",
+            default: "1024",
+            help: "larger files are skipped unread (and listed); a large one that does not start like an image too",
+        },
         OptionDoc { name: "shard", ty: "-", default: "(none)", help: "set by `convflow run --shard`: a plan's range" },
     ];
 
@@ -95,6 +154,9 @@ impl StageConfig for FileReaderConfig {
         let mut errors = Vec::new();
         if self.epochs == 0 {
             errors.push(FieldError::new("epochs", "must be at least 1"));
+        }
+        if self.max_file_mb == 0 {
+            errors.push(FieldError::new("max_file_mb", "must be at least 1"));
         }
         errors
     }
@@ -138,6 +200,7 @@ impl StageConfig for FileReaderConfig {
             shuffle: self.shuffle,
             seed: self.seed,
             splits: self.splits.clone().into(),
+            max_file_mb: self.max_file_mb,
         })))
     }
 }
@@ -160,9 +223,10 @@ fn roots(cfg: &FileReaderConfig) -> Vec<(Option<Arc<str>>, PathBuf)> {
     }
 }
 
-/// The class folders of every root together, sorted (Keras's order).
-fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<String>, String> {
-    let mut class_names: Vec<String> = Vec::new();
+/// The class folders of every root together, sorted (Keras's order), as
+/// the bytes of their names: a name that is not UTF-8 is a class too.
+fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<OsString>, String> {
+    let mut class_names: Vec<OsString> = Vec::new();
     for (_, root) in roots {
         for name in subfolders(root)? {
             if !class_names.contains(&name) {
@@ -170,7 +234,7 @@ fn class_names(roots: &[(Option<Arc<str>>, PathBuf)]) -> Result<Vec<String>, Str
             }
         }
     }
-    class_names.sort();
+    class_names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(class_names)
 }
 
@@ -186,10 +250,12 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
             "class_mode: binary needs exactly 2 class folders in {}, found {} ({})",
             cfg.dir.display(),
             class_names.len(),
-            class_names.join(", ")
+            class_names.iter().map(|c| crate::names::escape(c.as_bytes())).collect::<Vec<_>>().join(", ")
         ));
     }
-    let classes: Arc<[String]> = class_names.clone().into();
+    // A class's name as labels, classes.txt and reports show it: escaped
+    // (crate::names), the folder's own bytes read back from it exactly.
+    let classes: Arc<[String]> = class_names.iter().map(|c| crate::names::escape(c.as_bytes())).collect();
     let exts: Vec<String> = cfg.extensions.iter().map(|e| e.trim_start_matches('.').to_ascii_lowercase()).collect();
     let mut entries = Vec::new();
     for (split, root) in &roots {
@@ -235,7 +301,7 @@ pub(crate) fn listing(cfg: &FileReaderConfig) -> Result<Vec<crate::shard::plan::
 
 /// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder
 /// is one whatever `follow_links` says (that governs the folders below).
-fn subfolders(root: &Path) -> Result<Vec<String>, String> {
+fn subfolders(root: &Path) -> Result<Vec<OsString>, String> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
     for entry in rd.flatten() {
@@ -245,7 +311,7 @@ fn subfolders(root: &Path) -> Result<Vec<String>, String> {
             Err(_) => false,
         };
         if is_dir {
-            out.push(entry.file_name().to_string_lossy().into_owned());
+            out.push(entry.file_name());
         }
     }
     Ok(out)
@@ -296,7 +362,13 @@ fn walk(
                     out.push((path, None));
                 }
             } else if has_ext() {
-                out.push((path, Some("dangling symbolic link: its target does not exist")));
+                // Neither a file nor a folder: gone, or a device or FIFO,
+                // which reading would never end (/dev/zero) or block on.
+                let problem = match std::fs::metadata(&path) {
+                    Ok(_) => NOT_REGULAR,
+                    Err(_) => "dangling symbolic link: its target does not exist",
+                };
+                out.push((path, Some(problem)));
             }
         } else if t.is_dir() && recurse {
             walk(&path, exts, follow, recurse, out, stack)?;
@@ -316,6 +388,7 @@ struct FileReader {
     shuffle: bool,
     seed: u64,
     splits: Arc<[String]>,
+    max_file_mb: u64,
 }
 
 impl FileReader {
@@ -368,10 +441,10 @@ impl Source for FileReader {
                     (ctx.skip)(StageError::item(&entry.path, problem));
                     continue;
                 }
-                let bytes = match std::fs::read(&entry.path) {
+                let bytes = match read_bounded(&entry.path, self.max_file_mb) {
                     Ok(b) => b,
-                    Err(e) => {
-                        (ctx.skip)(StageError::item(&entry.path, format!("cannot read: {e}")));
+                    Err(why) => {
+                        (ctx.skip)(StageError::item(&entry.path, why));
                         continue;
                     }
                 };

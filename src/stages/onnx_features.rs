@@ -10,12 +10,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheHandle, CacheSpec};
 use crate::item::{Features, Item, ItemKind, Payload};
-use crate::ml::{CudaOptions, Device, OnnxModel, Preprocess};
+use crate::ml::bases::{BASES, Base};
+use crate::ml::{CudaOptions, Device, Layout, OnnxModel, Preprocess};
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnnxFeaturesConfig {
+    /// A path, or a conv base's name (`vgg19`), read as that base's file.
+    #[serde(deserialize_with = "model_or_base")]
     pub model: PathBuf,
     #[serde(default)]
     pub preprocess: Preprocess,
@@ -56,6 +59,18 @@ impl OnnxFeaturesConfig {
     }
 }
 
+/// `model:` as a path, or a base of [`crate::ml::bases`] by name: its file
+/// under `models/`. A base convflow cannot run yet is refused here, so
+/// `validate` says so with the field's position.
+fn model_or_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let path = PathBuf::deserialize(d)?;
+    match Base::named(&path) {
+        Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
+        Some(base) => Ok(base.path()),
+        None => Ok(path),
+    }
+}
+
 impl StageConfig for OnnxFeaturesConfig {
     const KIND: &'static str = "onnx_features";
     const SUMMARY: &'static str = "runs an ONNX conv base (e.g. VGG16 without top) on image batches; cached";
@@ -65,12 +80,17 @@ impl StageConfig for OnnxFeaturesConfig {
     // batch's preprocessing and copy with the other's compute.
     const PARALLEL: bool = true;
     const OPTIONS: &'static [OptionDoc] = &[
-        OptionDoc { name: "model", ty: "path", default: "(required)", help: "ONNX model, NHWC float input [N,H,W,3]" },
+        OptionDoc {
+            name: "model",
+            ty: "path | base name",
+            default: "(required)",
+            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19 (`convflow models`)",
+        },
         OptionDoc {
             name: "preprocess",
-            ty: "rescale|caffe|none",
+            ty: "rescale|caffe|tf|torch|none",
             default: "rescale",
-            help: "x/255 (the book) or Keras VGG16's caffe",
+            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255",
         },
         OptionDoc {
             name: "device",
@@ -107,21 +127,24 @@ impl StageConfig for OnnxFeaturesConfig {
     ];
 
     fn check(&self) -> Vec<FieldError> {
+        let mut errors: Vec<FieldError> =
+            crate::config::threads_error("intra_threads", self.intra_threads).into_iter().collect();
         // Said before any work, and by `validate`, rather than when the tier opens.
         let s3 = self.shared_cache.as_deref().is_some_and(|s| s.starts_with("s3://"));
         if s3 && !cfg!(feature = "s3") {
-            return vec![FieldError::new("shared_cache", crate::cache::shared::S3_NOT_BUILT)];
+            errors.push(FieldError::new("shared_cache", crate::cache::shared::S3_NOT_BUILT));
         }
-        Vec::new()
+        errors
     }
 
     fn check_environment(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if !self.model.is_file() {
-            errors.push(FieldError::new(
-                "model",
-                format!("{} not found (models/setup.sh produces the models)", self.model.display()),
-            ));
+            let how = match BASES.iter().find(|b| b.path() == self.model).and_then(|b| b.setup) {
+                Some(setup) => format!("run {setup}"),
+                None => "models/setup.sh produces the models".into(),
+            };
+            errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.display())));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = crate::cache::check_dir(dir)
@@ -269,12 +292,16 @@ impl Stage for OnnxFeatures {
             let n = todo.len();
             let per_image = (h * w * 3) as usize;
             let (preprocess, mut preprocess_seconds) = (self.preprocess, 0.0);
+            let layout = self.model.layout;
             // Each image is written into the input buffer by its own rayon
             // task: on a GPU this runs serially with the model call, so it
             // must take the machine's cores, not one.
             let fill = |buf: &mut [f32]| {
                 let t = Instant::now();
-                buf.par_chunks_mut(per_image).zip(images.par_iter()).for_each(|(dst, img)| preprocess.write(img, dst));
+                buf.par_chunks_mut(per_image).zip(images.par_iter()).for_each(|(dst, img)| match layout {
+                    Layout::Nhwc => preprocess.write(img, dst),
+                    Layout::Nchw => preprocess.write_planar(img, dst),
+                });
                 preprocess_seconds = t.elapsed().as_secs_f64();
             };
             let (shape, data) = self.model.run_filled(n, h as usize, w as usize, fill).map_err(StageError::fatal)?;

@@ -1,6 +1,8 @@
-//! `resize`: to a fixed size with fast_image_resize (SIMD). `nearest` is
-//! Keras's `load_img` default; the convolution filters match PIL's resize,
-//! which Keras uses for the others.
+//! `resize`: to a fixed size. `nearest`, Keras's `load_img` default, picks
+//! exactly the source pixels PIL's `Image.NEAREST` picks (see
+//! [`pil_nearest_indices`]); the convolution filters run on
+//! fast_image_resize (SIMD) and follow PIL's resize, which Keras uses for the
+//! others, to within a level or two (docs/keras-pixels.md).
 
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
@@ -25,7 +27,7 @@ pub enum Filter {
 impl Filter {
     fn algorithm(self) -> ResizeAlg {
         match self {
-            Filter::Nearest => ResizeAlg::Nearest,
+            Filter::Nearest => unreachable!("nearest is PIL's rule, not fast_image_resize's"),
             Filter::Bilinear => ResizeAlg::Convolution(FilterType::Bilinear),
             Filter::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
             Filter::Lanczos => ResizeAlg::Convolution(FilterType::Lanczos3),
@@ -42,6 +44,16 @@ pub struct ResizeConfig {
     pub size: [u32; 2],
     #[serde(default)]
     pub filter: Filter,
+    /// Not an option: names the pixel rules in the feature cache key, so
+    /// features made under an earlier rule (fast_image_resize's nearest,
+    /// before PIL's) are never served for this one.
+    #[serde(skip_deserializing, default = "pixel_rules")]
+    pixel_rules: &'static str,
+}
+
+/// The rules `resize` follows; change it when the same image and options give other pixels.
+fn pixel_rules() -> &'static str {
+    "pil-13"
 }
 
 impl StageConfig for ResizeConfig {
@@ -116,6 +128,10 @@ impl Resize {
     }
 
     fn resize_raw(&mut self, w: u32, h: u32, raw: Vec<u8>, pixel: PixelType) -> Result<Vec<u8>, String> {
+        if self.filter == Filter::Nearest {
+            let channels = if pixel == PixelType::U8x3 { 3 } else { 1 };
+            return Ok(nearest(&raw, w, h, channels, self.width, self.height));
+        }
         let src = FirImage::from_vec_u8(w, h, raw, pixel).map_err(|e| e.to_string())?;
         let mut dst = FirImage::new(self.width, self.height, pixel);
         self.resizer
@@ -123,6 +139,40 @@ impl Resize {
             .map_err(|e| e.to_string())?;
         Ok(dst.into_vec())
     }
+}
+
+/// PIL's `Image.NEAREST` source index for each of `to` output indices
+/// along a side of `from` pixels. PIL (`ImagingScaleAffine`) starts half a
+/// step in and walks in float64 steps of `from / to`, truncating each
+/// position. The summed rounding error makes it pick the neighbouring pixel
+/// wherever the exact `(i + 0.5) * from / to` is a whole number (500 -> 150
+/// does, at every third index), so this repeats PIL's walk rather than the
+/// formula: 872 of 7,194 (from, to) pairs differ otherwise.
+pub fn pil_nearest_indices(from: u32, to: u32) -> Vec<u32> {
+    let step = f64::from(from) / f64::from(to);
+    let mut position = step * 0.5;
+    (0..to)
+        .map(|_| {
+            // Positions stay inside [0, from): the clamp only guards the last index.
+            let index = (position as u32).min(from - 1);
+            position += step;
+            index
+        })
+        .collect()
+}
+
+/// Nearest-neighbour resize of packed 8-bit pixels, `channels` bytes each, with PIL's indices.
+fn nearest(src: &[u8], w: u32, h: u32, channels: usize, out_w: u32, out_h: u32) -> Vec<u8> {
+    let columns: Vec<usize> = pil_nearest_indices(w, out_w).into_iter().map(|x| x as usize * channels).collect();
+    let row_len = w as usize * channels;
+    let mut out = Vec::with_capacity(out_w as usize * out_h as usize * channels);
+    for y in pil_nearest_indices(h, out_h) {
+        let row = &src[y as usize * row_len..][..row_len];
+        for &x in &columns {
+            out.extend_from_slice(&row[x..x + channels]);
+        }
+    }
+    out
 }
 
 impl Stage for Resize {
