@@ -133,7 +133,7 @@ impl Base {
     /// `width`, for the VGGs (five 2x2 max pools, each rounding down); `None`
     /// for the bases whose arithmetic convflow does not run yet.
     pub fn features_shape(&self, height: u32, width: u32) -> Option<[u32; 3]> {
-        self.name.starts_with("vgg").then(|| [height >> 5, width >> 5, self.channels])
+        self.name.starts_with("vgg").then_some([height >> 5, width >> 5, self.channels])
     }
 
     /// Refuses an image size this base cannot take, as Keras does.
