@@ -472,18 +472,22 @@ fn run_graph(
             return Ok(ExitCode::from(exit::FAILED));
         }
     };
-    if !quiet {
-        print!("{}", report.table());
-    }
-    for path in report_paths {
+    // The reports first, then the terminal: a reader that has gone (`convflow
+    // run | head`) must cost neither the report nor the exit code.
+    for path in &report_paths {
         runtime::write_report(&report, path).with_context(|| format!("cannot write the report {}", path.display()))?;
         if let Some(e) = &exporter {
             let snapshot = runtime::beside(path, runtime::METRICS_SNAPSHOT);
             e.write_snapshot(&snapshot).with_context(|| format!("cannot write {}", snapshot.display()))?;
         }
-        if !quiet {
-            println!("report: {}", path.display());
+    }
+    if !quiet {
+        let mut text = report.table();
+        for path in &report_paths {
+            text.push_str(&format!("report: {}\n", path.display()));
         }
+        // A closed stdout (EPIPE) is the reader's choice, not a failure of the run.
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
     }
     if let Some(addr) = metrics.listen.filter(|_| !metrics.linger.is_zero()) {
         tracing::info!("metrics: serving the final values at http://{addr}/metrics for {:?}", metrics.linger);

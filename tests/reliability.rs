@@ -747,3 +747,33 @@ fn image_bytes_the_fuzzer_found_are_skipped_not_panics() {
         }
     }
 }
+
+/// `convflow run ... | head`: the reader closes the pipe before the table
+/// is printed. The run still exits 0 with its report written (it panicked
+/// with exit 101 on EPIPE, after the table and before the report).
+#[test]
+fn a_reader_that_closes_stdout_costs_neither_the_report_nor_the_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = demo(tmp.path(), 31);
+    let out = tmp.path().join("out");
+    let file = common::write_pipeline(
+        tmp.path(),
+        "p.yaml",
+        &Pipe { data: &data, out: &out, cache: None, size: 32, stall: None }.yaml(),
+    );
+    let report = tmp.path().join("report.json");
+    let mut child = common::bin()
+        .arg("run")
+        .arg(&file)
+        .arg("--report")
+        .arg(&report)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // `head` has read what it wanted and gone
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(report["interrupted"], false);
+}
