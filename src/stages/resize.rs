@@ -163,13 +163,22 @@ pub fn pil_nearest_indices(from: u32, to: u32) -> Vec<u32> {
 
 /// Nearest-neighbour resize of packed 8-bit pixels, `channels` bytes each, with PIL's indices.
 fn nearest(src: &[u8], w: u32, h: u32, channels: usize, out_w: u32, out_h: u32) -> Vec<u8> {
-    let columns: Vec<usize> = pil_nearest_indices(w, out_w).into_iter().map(|x| x as usize * channels).collect();
-    let row_len = w as usize * channels;
-    let mut out = Vec::with_capacity(out_w as usize * out_h as usize * channels);
-    for y in pil_nearest_indices(h, out_h) {
-        let row = &src[y as usize * row_len..][..row_len];
-        for &x in &columns {
-            out.extend_from_slice(&row[x..x + channels]);
+    match channels {
+        3 => gather::<3>(src, w, h, out_w, out_h),
+        _ => gather::<1>(src, w, h, out_w, out_h),
+    }
+}
+
+/// [`nearest`] for `C`-byte pixels: whole pixels copied as arrays, one output row at a time.
+fn gather<const C: usize>(src: &[u8], w: u32, h: u32, out_w: u32, out_h: u32) -> Vec<u8> {
+    let columns: Vec<usize> = pil_nearest_indices(w, out_w).into_iter().map(|x| x as usize).collect();
+    let (pixels, _) = src.as_chunks::<C>();
+    let mut out = vec![0u8; out_w as usize * out_h as usize * C];
+    let (out_pixels, _) = out.as_chunks_mut::<C>();
+    for (dst_row, y) in out_pixels.chunks_exact_mut(out_w as usize).zip(pil_nearest_indices(h, out_h)) {
+        let row = &pixels[y as usize * w as usize..][..w as usize];
+        for (dst, &x) in dst_row.iter_mut().zip(&columns) {
+            *dst = row[x];
         }
     }
     out
