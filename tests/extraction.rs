@@ -253,13 +253,7 @@ fn on_error_fail_stops_the_run_and_names_the_stage() {
 fn nchw_models_run_as_nchw_with_tf_and_torch_preprocessing() {
     let tmp = tempfile::tempdir().unwrap();
     let nchw = tmp.path().join("tiny_nchw.onnx");
-    let o = std::process::Command::new(common::python())
-        .arg(common::root().join("tests/fixtures/models/make_nchw_copy.py"))
-        .arg(common::tiny_model())
-        .arg(&nchw)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_python("tests/fixtures/models/make_nchw_copy.py", [common::tiny_model(), nchw.clone()]);
     let data = common::root().join("tests/fixtures/images");
     for (mode, name) in [(Preprocess::Tf, "tf"), (Preprocess::Torch, "torch")] {
         let mut outputs = Vec::new();
@@ -310,9 +304,5 @@ fn vgg19_features_equal_keras_applications_vgg19() {
     let (kshape, keras) = read_f32(&common::root().join("tests/fixtures/bases/vgg19_150.npy")).unwrap();
     assert_eq!(shape, kshape);
     let per_image: usize = shape[1..].iter().product();
-    for (i, (a, k)) in features.chunks(per_image).zip(keras.chunks(per_image)).enumerate() {
-        let scale = k.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = a.iter().zip(k).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(worst <= 1e-4 * scale, "photo {i}: {worst} of {scale}");
-    }
+    common::assert_close_per_image(&features, &keras, per_image, 1e-4, |i| format!("photo {i}"));
 }

@@ -38,13 +38,7 @@ fn device_cuda_without_cuda_fails_before_any_work_naming_what_is_missing() {
 fn a_half_precision_model_runs_on_the_cpu_near_float32_and_is_cached_apart() {
     let tmp = tempfile::tempdir().unwrap();
     let half = tmp.path().join("tiny.fp16.onnx");
-    let o = std::process::Command::new(common::python())
-        .arg(common::root().join("models/make_fp16.py"))
-        .arg(common::tiny_model())
-        .arg(&half)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_python("models/make_fp16.py", [common::tiny_model(), half.clone()]);
     let cache = tmp.path().join("cache");
     let data = common::root().join("tests/fixtures/images");
     let mut features = Vec::new();
@@ -63,9 +57,5 @@ fn a_half_precision_model_runs_on_the_cpu_near_float32_and_is_cached_apart() {
     assert_eq!(shape, half_shape);
     assert!(full != halfs, "half precision rounds differently: not float32's features");
     let per_image: usize = shape[1..].iter().product();
-    for (a, b) in full.chunks(per_image).zip(halfs.chunks(per_image)) {
-        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(worst <= 1e-2 * scale, "{worst} of {scale}");
-    }
+    common::assert_close_per_image(halfs, full, per_image, 1e-2, |i| format!("image {i}"));
 }

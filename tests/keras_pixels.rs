@@ -23,6 +23,9 @@ fn crc(bytes: &[u8]) -> u32 {
     c.sum()
 }
 
+/// Pillow's side of every comparison here.
+const PIL_SCRIPT: &str = "tests/fixtures/pil/make_pil_fixtures.py";
+
 fn fixtures() -> PathBuf {
     common::root().join("tests/fixtures/pil")
 }
@@ -98,14 +101,8 @@ fn the_books_photos_decode_and_resize_as_pil() {
         .collect();
     files.sort();
     assert_eq!(files.len(), 1000);
-    let out = std::process::Command::new(common::python())
-        .arg(fixtures().join("make_pil_fixtures.py"))
-        .arg("crc")
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pil: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let args = std::iter::once(PathBuf::from("crc")).chain(files.iter().cloned());
+    let pil: serde_json::Value = serde_json::from_slice(&common::run_python(PIL_SCRIPT, args)).unwrap();
     let mut failures = Vec::new();
     for f in &files {
         let name = f.to_str().unwrap();
@@ -163,25 +160,18 @@ fn extract_features_equals_the_keras_loop_on_jpegs_image_by_image() {
             let dir = out.join(split);
             let (shape, features) = convflow::npy::read_f32(&dir.join("features.npy")).unwrap();
             let reference_npy = tmp.path().join(format!("{split}-{preprocess}.npy"));
-            let python = std::process::Command::new(common::python())
-                .arg(common::root().join("models/keras_loop_reference.py"))
-                .arg(common::vgg16())
-                .args(["150", preprocess])
-                .arg(dir.join("paths.txt"))
-                .arg(&reference_npy)
-                .output()
-                .unwrap();
-            assert!(python.status.success(), "{}", String::from_utf8_lossy(&python.stderr));
+            let args = [common::vgg16(), "150".into(), preprocess.into(), dir.join("paths.txt"), reference_npy.clone()];
+            common::run_python("models/keras_loop_reference.py", args);
             let (rshape, reference) = convflow::npy::read_f32(&reference_npy).unwrap();
             assert_eq!(shape, rshape);
             let per_image: usize = shape[1..].iter().product();
             let paths = std::fs::read_to_string(dir.join("paths.txt")).unwrap();
-            for ((got, want), path) in features.chunks(per_image).zip(reference.chunks(per_image)).zip(paths.lines()) {
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let worst = got.iter().zip(want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(worst <= 1e-4 * scale, "{path} ({preprocess}): max difference {worst} of {scale}");
-                rows += 1;
-            }
+            let paths: Vec<&str> = paths.lines().collect();
+            assert_eq!(paths.len() * per_image, features.len());
+            common::assert_close_per_image(&features, &reference, per_image, 1e-4, |i| {
+                format!("{} ({preprocess})", paths[i])
+            });
+            rows += paths.len();
         }
         assert_eq!(rows, n);
     }
@@ -211,15 +201,8 @@ fn other_formats_decode_as_pil_but_exif_rotation_and_16_bit_grey() {
     let names: Vec<&str> = exact.iter().copied().chain(["images/dogs/rotated.jpg", "images/dogs/deep.png"]).collect();
     let files: Vec<PathBuf> = names.iter().map(|f| common::root().join("tests/fixtures").join(f)).collect();
     let tmp = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(common::python())
-        .arg(fixtures().join("make_pil_fixtures.py"))
-        .arg("raw")
-        .arg(tmp.path())
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let sizes: Vec<[u32; 2]> = serde_json::from_slice(&out.stdout).unwrap();
+    let args = [PathBuf::from("raw"), tmp.path().to_path_buf()].into_iter().chain(files.iter().cloned());
+    let sizes: Vec<[u32; 2]> = serde_json::from_slice(&common::run_python(PIL_SCRIPT, args)).unwrap();
     let pil: Vec<RgbImage> = (0..names.len())
         .map(|i| {
             let raw = std::fs::read(tmp.path().join(format!("{i}.rgb"))).unwrap();

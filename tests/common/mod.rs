@@ -56,6 +56,25 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// Runs a script of this repository with the set-up's Python; its stdout.
+/// A failure shows the script's stderr.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: impl IntoIterator<Item = S>) -> Vec<u8> {
+    let o = Command::new(python()).arg(root().join(script)).args(args).output().unwrap();
+    assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    o.stdout
+}
+
+/// Each image's largest difference (rows of `per_image` values) within
+/// `rel` of that image's largest value in `want`; `name(i)` names image i.
+pub fn assert_close_per_image(got: &[f32], want: &[f32], per_image: usize, rel: f32, name: impl Fn(usize) -> String) {
+    assert_eq!(got.len(), want.len(), "lengths differ");
+    for (i, (g, w)) in got.chunks(per_image).zip(want.chunks(per_image)).enumerate() {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = g.iter().zip(w).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(worst <= rel * scale, "{}: max difference {worst} of {scale}", name(i));
+    }
+}
+
 /// Runs Python onnxruntime on an NHWC float32 tensor and returns its output.
 pub fn python_reference(model: &Path, shape: &[usize], input: &[f32], dir: &Path) -> (Vec<usize>, Vec<f32>) {
     let inp = dir.join("ref_input.npy");
