@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub metrics: bool,
     /// Live progress of sources and sinks.
     pub progress: ProgressMode,
+    /// One shard of a sharded run: the source's items and the sink's folder.
+    pub shard: Option<crate::stage::ShardRun>,
 }
 
 impl Default for RunOptions {
@@ -55,6 +57,7 @@ impl Default for RunOptions {
             drain_deadline: Duration::from_secs(30),
             metrics: true,
             progress: ProgressMode::Off,
+            shard: None,
         }
     }
 }
@@ -221,15 +224,6 @@ fn probe_source(graph: &Graph, i: usize) -> Option<usize> {
     }
 }
 
-/// The nearest image size fixed upstream of stage `i`.
-fn image_size(graph: &Graph, i: usize) -> Option<(u32, u32)> {
-    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_size())
-}
-
-fn image_channels(graph: &Graph, i: usize) -> Option<u32> {
-    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_channels())
-}
-
 /// The cache counters live in the cache handles (plain atomics the cache
 /// code bumps); they are copied into the metrics while the run goes and
 /// once more at its end, so the last values equal the report's.
@@ -337,12 +331,6 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
     let mut actors = Vec::new();
     for (i, stage) in graph.stages.iter().enumerate() {
         let copies = if stage.info.is_source() { 1 } else { stage.spec.workers };
-        let upstream: Vec<(String, serde_json::Value)> = graph
-            .ancestors(i)
-            .into_iter()
-            .map(|j| &graph.stages[j])
-            .map(|s| (s.info.kind.to_string(), serde_json::from_str(&s.config.canonical_json()).unwrap_or_default()))
-            .collect();
         let mut built = Vec::new();
         let shared = Arc::new(crate::stage::SharedByCopies::default());
         for worker in 0..copies {
@@ -353,13 +341,12 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
                 worker,
                 workers: copies,
                 shared: shared.clone(),
-                image_size: image_size(graph, i),
-                image_channels: image_channels(graph, i),
+                input: &stage.input,
                 cache: caches.handles.get(&i).cloned(),
                 cache_probe: caches.probes.get(&i).cloned(),
                 cache_probed_upstream: caches.probed.contains(&i),
-                upstream: upstream.clone(),
                 signals: options.signals.clone(),
+                shard: options.shard.as_ref(),
             };
             let b = stage
                 .config

@@ -13,7 +13,8 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheHandle;
-use crate::item::{ClassMode, Item, ItemKind, Label, Meta, Payload};
+use crate::facts::{Facts, LabelFacts};
+use crate::item::{ClassMode, Item, ItemKind, Label, Listed, Meta, Payload};
 use crate::stage::{
     BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError,
 };
@@ -50,10 +51,6 @@ pub struct FileReaderConfig {
     /// a run's memory is bounded by its options, not by what lies in the folder.
     #[serde(default = "default_max_file_mb", skip_serializing_if = "is_default_max_file_mb")]
     pub max_file_mb: u64,
-    /// Set by `convflow run --shard`, not written by hand: read this range
-    /// of a plan's manifest instead of listing `dir`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<crate::shard::ShardInput>,
 }
 
 fn default_epochs() -> u32 {
@@ -116,6 +113,8 @@ impl StageConfig for FileReaderConfig {
     const SUMMARY: &'static str = "lists images in class folders (Keras flow_from_directory), reads and hashes them";
     const ACCEPTS: &'static [ItemKind] = &[];
     const EMITS: Option<ItemKind> = Some(ItemKind::Bytes);
+    const PLACE_OPTIONS: &'static [&'static str] = &["dir"];
+    const LISTS_FILES: bool = true;
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc { name: "dir", ty: "path", default: "(required)", help: "folder with one sub-folder per class" },
         OptionDoc { name: "splits", ty: "[string]", default: "[]", help: "read dir/<split>/<class>/ for each split" },
@@ -147,7 +146,6 @@ impl StageConfig for FileReaderConfig {
             default: "1024",
             help: "larger files are skipped unread (and listed); a large one that does not start like an image too",
         },
-        OptionDoc { name: "shard", ty: "-", default: "(none)", help: "set by `convflow run --shard`: a plan's range" },
     ];
 
     fn check(&self) -> Vec<FieldError> {
@@ -175,19 +173,41 @@ impl StageConfig for FileReaderConfig {
         errors
     }
 
-    fn class_outputs(&self) -> Option<usize> {
-        match self.class_mode {
-            ClassMode::Binary => Some(1),
-            ClassMode::Categorical => class_names(&roots(self)).ok().map(|c| c.len()).filter(|&n| n > 0),
-            ClassMode::None => None,
-        }
+    fn facts(&self, _input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        // The class folders, when the folder is there to be listed.
+        let classes = match (self.class_mode, env) {
+            (ClassMode::None, _) | (_, false) => None,
+            _ => class_names(&roots(self))
+                .ok()
+                .filter(|c| !c.is_empty())
+                .map(|c| c.iter().map(|n| n.to_string_lossy().into_owned()).collect()),
+        };
+        Ok(Facts {
+            labels: (self.class_mode != ClassMode::None).then_some(LabelFacts { mode: self.class_mode, classes }),
+            splits: self.splits.clone(),
+            epochs: self.epochs,
+            shuffled: self.shuffle,
+            variants: self.variants,
+            views: 1,
+            source_dir: Some(self.dir.clone()),
+            ..Facts::default()
+        })
+    }
+
+    /// The listing `convflow plan` writes into its manifest, in emission
+    /// order. A dangling link stays in it: the shard that reads it skips and
+    /// lists it (`cannot read: ...`).
+    fn listing(&self) -> Result<Vec<Listed>, String> {
+        Ok(list(self)?.into_iter().map(|e| (e.path, e.label, e.split)).collect())
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let listing = match &self.shard {
-            Some(input) => crate::shard::plan::read_listing(input)
-                .map_err(StageError::fatal)?
-                .into_iter()
+        // A shard reads its range of the plan's listing instead of the folder.
+        let listing = match ctx.shard {
+            Some(shard) => shard
+                .items
+                .iter()
+                .cloned()
                 .map(|(path, label, split)| Entry { path, label, split, problem: None })
                 .collect(),
             None => list(self).map_err(StageError::fatal)?,
@@ -290,13 +310,6 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         return Err(format!("no images with extensions [{}] under {}", exts.join(", "), cfg.dir.display()));
     }
     Ok(entries)
-}
-
-/// The listing `convflow plan` writes into its manifest, in emission order.
-/// A dangling link stays in it: the shard that reads it skips and lists it
-/// (`cannot read: ...`).
-pub(crate) fn listing(cfg: &FileReaderConfig) -> Result<Vec<crate::shard::plan::Listed>, String> {
-    Ok(list(cfg)?.into_iter().map(|e| (e.path, e.label, e.split)).collect())
 }
 
 /// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder
