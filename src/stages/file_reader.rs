@@ -54,6 +54,30 @@ pub struct FileReaderConfig {
     /// of a plan's manifest instead of listing `dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<crate::shard::ShardInput>,
+    /// Set by a program that embeds convflow (the Python `Loader`), never
+    /// by a pipeline file: one pass over exactly these positions of the
+    /// listing, in this order, instead of `epochs` passes. It samples
+    /// (shuffles, shards by rank, resumes) without the files it leaves out
+    /// ever being read.
+    #[serde(skip)]
+    pub order: Option<ExplicitOrder>,
+}
+
+/// One pass chosen from outside: listing positions (repeats allowed, as a
+/// sampler's padding needs) emitted as epoch `epoch`, so per-item random
+/// draws (augmentation) are those of that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitOrder {
+    pub epoch: u32,
+    pub positions: Vec<usize>,
+}
+
+/// One listed file, as [`FileReaderConfig::listing`] returns it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub path: PathBuf,
+    pub label: Option<Label>,
+    pub split: Option<Arc<str>>,
 }
 
 fn default_epochs() -> u32 {
@@ -109,6 +133,25 @@ fn read_bounded(path: &Path, max_mb: u64) -> Result<Vec<u8>, String> {
 
 fn default_extensions() -> Vec<String> {
     ["jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff"].iter().map(|s| s.to_string()).collect()
+}
+
+impl FileReaderConfig {
+    /// The files this source reads, in its unshuffled order (the positions
+    /// [`ExplicitOrder`] refers to): the class folders' listing, or the
+    /// shard's range of a plan.
+    pub fn listing(&self) -> Result<Vec<Listed>, String> {
+        Ok(self.entries()?.into_iter().map(|e| Listed { path: e.path, label: e.label, split: e.split }).collect())
+    }
+
+    fn entries(&self) -> Result<Vec<Entry>, String> {
+        Ok(match &self.shard {
+            Some(input) => crate::shard::plan::read_listing(input)?
+                .into_iter()
+                .map(|(path, label, split)| Entry { path, label, split, problem: None })
+                .collect(),
+            None => list(self)?,
+        })
+    }
 }
 
 impl StageConfig for FileReaderConfig {
@@ -184,14 +227,10 @@ impl StageConfig for FileReaderConfig {
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let listing = match &self.shard {
-            Some(input) => crate::shard::plan::read_listing(input)
-                .map_err(StageError::fatal)?
-                .into_iter()
-                .map(|(path, label, split)| Entry { path, label, split, problem: None })
-                .collect(),
-            None => list(self).map_err(StageError::fatal)?,
-        };
+        let listing = self.entries().map_err(StageError::fatal)?;
+        if let Some(bad) = self.order.as_ref().and_then(|o| o.positions.iter().find(|&&p| p >= listing.len())) {
+            return Err(StageError::fatal(format!("position {bad} is past the {} files listed", listing.len())));
+        }
         Ok(Built::Source(Box::new(FileReader {
             listing,
             probe: ctx.cache_probe.clone(),
@@ -201,6 +240,7 @@ impl StageConfig for FileReaderConfig {
             seed: self.seed,
             splits: self.splits.clone().into(),
             max_file_mb: self.max_file_mb,
+            explicit: self.order.clone(),
         })))
     }
 }
@@ -389,9 +429,18 @@ struct FileReader {
     seed: u64,
     splits: Arc<[String]>,
     max_file_mb: u64,
+    explicit: Option<ExplicitOrder>,
 }
 
 impl FileReader {
+    /// The passes to make: (epoch, listing positions in order, last pass?).
+    fn passes_to_make(&self) -> Vec<(u32, Vec<usize>, bool)> {
+        match &self.explicit {
+            Some(o) => vec![(o.epoch, o.positions.clone(), true)],
+            None => (0..self.epochs).map(|e| (e, self.order(e), e + 1 == self.epochs)).collect(),
+        }
+    }
+
     /// The listing's order in `epoch`: sorted, or shuffled from (seed,
     /// epoch); epoch 0 uses the seed's own stream.
     fn order(&self, epoch: u32) -> Vec<usize> {
@@ -419,20 +468,23 @@ impl FileReader {
 
 impl Source for FileReader {
     fn total(&self) -> Option<u64> {
-        Some(self.listing.len() as u64 * self.epochs as u64)
+        match &self.explicit {
+            Some(o) => Some(o.positions.len() as u64),
+            None => Some(self.listing.len() as u64 * self.epochs as u64),
+        }
     }
 
     fn passes(&self) -> u64 {
-        self.epochs as u64
+        if self.explicit.is_some() { 1 } else { self.epochs as u64 }
     }
 
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
         let n = self.listing.len() as u64;
-        for epoch in 0..self.epochs {
-            if epoch > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
+        for (pass, (epoch, positions, last)) in self.passes_to_make().into_iter().enumerate() {
+            if pass > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            for (i, index) in self.order(epoch).into_iter().enumerate() {
+            for (i, index) in positions.into_iter().enumerate() {
                 if ctx.signals.should_stop() {
                     return Ok(());
                 }
@@ -469,7 +521,7 @@ impl Source for FileReader {
                 };
                 out.emit(Item { meta, payload })?;
             }
-            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last: epoch + 1 == self.epochs })?;
+            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last })?;
         }
         Ok(())
     }
