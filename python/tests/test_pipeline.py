@@ -1,5 +1,6 @@
 """Pipeline: validate, run (as `convflow run`, bit for bit), stream, errors."""
 
+import importlib.util
 import json
 import os
 import re
@@ -165,3 +166,28 @@ def test_the_onnxruntime_package_library_is_used_unless_ort_dylib_path_says_othe
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == lib
     env["ORT_DYLIB_PATH"] = "/mine/libonnxruntime.so"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == env["ORT_DYLIB_PATH"]
+
+
+PROGRESS_SCRIPT = """
+import sys
+import convflow
+convflow.Pipeline(sys.argv[1], data_dir=sys.argv[2]).run(progress=sys.argv[3] == "on")
+"""
+
+
+def test_progress_goes_to_python_and_nothing_reaches_raw_stderr(loader_pipeline, small_data, tmp_path):
+    # A file that fails to decode: the CLI would log a warning; from Python
+    # it is in the report, never on the process's stderr.
+    data = tmp_path / "data"
+    shutil.copytree(small_data / "train", data / "train")
+    (data / "train" / "cats" / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    run = lambda mode: subprocess.run([sys.executable, "-c", PROGRESS_SCRIPT, str(loader_pipeline), str(data), mode],
+                                      capture_output=True, text=True, timeout=120, cwd=ROOT)
+    quiet = run("off")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == "", quiet.stderr
+    shown = run("on")
+    assert shown.returncode == 0
+    if importlib.util.find_spec("tqdm") is not None:
+        assert "63/63" in shown.stderr and "img" in shown.stderr, shown.stderr  # tqdm's bar, through Python
+    else:
+        assert shown.stderr == ""
