@@ -88,7 +88,7 @@ fn listing(py: Python<'_>, path: &str, params: Vec<(String, String)>, stage: &st
     let graph = pipeline::build(py, cfg, true)?;
     let (_, source) =
         pipeline::file_source(&graph).map_err(|e| PyValueError::new_err(format!("stage `{stage}`: {e}")))?;
-    let listed = source.listing().map_err(|e| RunError::new_err(e))?;
+    let listed = source.listing().map_err(RunError::new_err)?;
     Ok(listed.into_iter().map(|l| l.split.map(|s| s.to_string())).collect())
 }
 

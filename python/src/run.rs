@@ -60,10 +60,6 @@ impl Drop for Run {
     }
 }
 
-fn run_error(e: &RunError) -> String {
-    e.to_string()
-}
-
 /// Writes the reports as `convflow run` does: report.json, skipped.csv and
 /// the metrics snapshot beside each.
 fn write_reports(
@@ -155,12 +151,9 @@ impl Run {
                     }
                     Err(e @ RunError::DrainTimeout { .. }) => {
                         convflow::stages::exec::kill_all_workers();
-                        Outcome {
-                            error: Some(format!("{}; no report written, outputs not published", run_error(&e))),
-                            report: None,
-                        }
+                        Outcome { error: Some(format!("{e}; no report written, outputs not published")), report: None }
                     }
-                    Err(e) => Outcome { error: Some(run_error(&e)), report: None },
+                    Err(e) => Outcome { error: Some(e.to_string()), report: None },
                 };
                 let _ = done_tx.send(outcome);
             })
