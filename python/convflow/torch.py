@@ -36,9 +36,10 @@ def tensors(x, y, channels_first=False, dtype=None, scale=None, pin_memory=False
 
 class IterableDataset(torch.utils.data.IterableDataset):
     """A Loader as an IterableDataset of whole batches (DataLoader with
-    `batch_size=None`); Lightning calls `set_epoch` through the DataLoader's
-    sampler-less path only if you do, so call `ds.set_epoch(epoch)` in
-    `on_train_epoch_start`."""
+    `batch_size=None`, `num_workers=0`). With Lightning, call
+    `ds.set_epoch(self.current_epoch)` in `on_train_epoch_start` (an
+    IterableDataset has no sampler for Lightning to set the epoch on), and
+    save `ds.state_dict()` in a checkpoint hook to resume mid-epoch."""
 
     def __init__(self, loader, channels_first=False, dtype=None, scale=None, pin_memory=False):
         super().__init__()
