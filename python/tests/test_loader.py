@@ -148,8 +148,10 @@ def test_the_gil_is_released_while_next_waits(loader_pipeline, small_data):
         t.join()
     assert b is not None
     during = [x for x in ticks if start < x < start + took]
-    # The thread ran all along the call (it ticks every ~1 ms when free).
-    assert took > 0.05 and len(during) > took * 200, (took, len(during))
+    # The thread ran during the call: holding the GIL, the call would have
+    # let it tick not once (it ticks every ~1 ms when free; a loaded machine
+    # stretches that, hence the low bar).
+    assert took > 0.05 and len(during) >= 10, (took, len(during))
 
 
 def test_a_second_iterator_replaces_the_first(loader_pipeline, small_data):
