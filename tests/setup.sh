@@ -8,6 +8,8 @@
 #                          and tests/slurm.rs
 #   models/vgg19_notop.onnx  models/bases.sh vgg19, for tests/extraction.rs's check
 #                          of VGG19 against Keras's features
+#   python/.venv           python/tests/setup.sh: the convflow wheel built from this
+#                          checkout, pytest, keras + jax; for tests/python.rs (pytest)
 # Running pipelines needs none of it: models/setup.sh alone is the demo's set-up.
 # Idempotent and quick when everything is there.
 set -euo pipefail
@@ -37,4 +39,5 @@ fi
 
 "$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
 "$ROOT/models/bases.sh" vgg19 || die "models/bases.sh vgg19 failed"
+"$ROOT/python/tests/setup.sh" || die "python/tests/setup.sh failed"
 log "done"

@@ -21,9 +21,11 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::cache::{CacheHandle, FeatureCache};
 use crate::graph::Graph;
 use crate::stage::{BuildContext, Built, RunSignals};
-use crate::telemetry::progress::{Progress, Role, Tracked};
+pub use crate::telemetry::progress::Tracked;
+use crate::telemetry::progress::{Progress, Role};
 use crate::telemetry::{self, ProgressMode, StageLabels, StageStats};
-use actor::{EmitMetrics, Emitter, Envelope, StageRun};
+pub use actor::Envelope;
+use actor::{EmitMetrics, Emitter, StageRun};
 pub use report::{RunReport, Skipped};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,21 @@ impl Default for RunOptions {
             shard: None,
         }
     }
+}
+
+/// What a program that embeds convflow (the Python package) adds to a run;
+/// the CLI adds nothing.
+#[derive(Default)]
+pub struct RunHooks {
+    /// (stage id, sender): what the stage emits, its end-of-epoch markers
+    /// included, also goes here, after its own edges. A full channel holds
+    /// the stage back as an edge does; a dropped receiver stops it (and so
+    /// the run) as a closed edge does.
+    pub taps: Vec<(String, Sender<Envelope>)>,
+    /// Called once, when every stage is built and before any starts, with
+    /// the counters that progress reads (a source's items out, a sink's
+    /// items in), so the embedding program can show progress its own way.
+    pub watch: Option<Box<dyn FnOnce(Vec<Tracked>) + Send>>,
 }
 
 /// State every actor shares: signals, the skipped list, errors, summaries.
@@ -303,6 +320,11 @@ enum Actor {
 /// missing model stops before any work), wire the bounded edges, start one
 /// thread per actor, supervise them to the end; then report.
 pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
+    run_with(graph, options, RunHooks::default())
+}
+
+/// [`run`], with taps on stages' outputs and a view of the progress counters.
+pub fn run_with(graph: &Graph, options: &RunOptions, hooks: RunHooks) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let caches = plan_caches(graph)?;
     let actors = build_actors(graph, options, &caches)?;
@@ -314,8 +336,18 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         failure: Mutex::new(None),
         summaries: Mutex::new(HashMap::new()),
     });
+    let mut taps: Vec<Vec<Sender<Envelope>>> = vec![Vec::new(); graph.stages.len()];
+    for (id, tx) in hooks.taps {
+        let Some(i) = graph.stages.iter().position(|s| s.id() == id) else {
+            return Err(RunError::Build { stage: id, message: "no such stage to tap".into() });
+        };
+        taps[i].push(tx);
+    }
     let mut instruments = Instruments::new(graph, options, &caches, &edges, &actors);
-    let running = start_actors(graph, actors, edges, &instruments, &shared)?;
+    if let Some(watch) = hooks.watch {
+        watch(instruments.progress.tracked().to_vec());
+    }
+    let running = start_actors(graph, actors, edges, taps, &instruments, &shared)?;
     supervise(graph, options, running, &mut instruments)?;
 
     let report = report::build(graph, &instruments.stats, &shared, &caches.handles, started.elapsed(), setup);
@@ -507,6 +539,7 @@ fn start_actors(
     graph: &Graph,
     actors: Vec<Actor>,
     mut edges: Edges,
+    mut taps: Vec<Vec<Sender<Envelope>>>,
     inst: &Instruments,
     shared: &Arc<Shared>,
 ) -> Result<Running, RunError> {
@@ -516,7 +549,13 @@ fn start_actors(
         let stage = &graph.stages[i];
         let l = &inst.labels[i];
         let out = Emitter {
-            senders: stage.outputs.iter().filter_map(|&j| edges.senders[j].clone()).collect(),
+            // Taps last: `fills` below pairs with the edges only.
+            senders: stage
+                .outputs
+                .iter()
+                .filter_map(|&j| edges.senders[j].clone())
+                .chain(std::mem::take(&mut taps[i]))
+                .collect(),
             stats: inst.stats[i].clone(),
             metrics: EmitMetrics {
                 items_out: l.counter(telemetry::ITEMS_OUT),

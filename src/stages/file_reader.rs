@@ -51,6 +51,22 @@ pub struct FileReaderConfig {
     /// a run's memory is bounded by its options, not by what lies in the folder.
     #[serde(default = "default_max_file_mb", skip_serializing_if = "is_default_max_file_mb")]
     pub max_file_mb: u64,
+    /// Set by a program that embeds convflow (the Python `Loader`), never
+    /// by a pipeline file: one pass over exactly these positions of the
+    /// listing, in this order, instead of `epochs` passes. It samples
+    /// (shuffles, shards by rank, resumes) without the files it leaves out
+    /// ever being read.
+    #[serde(skip)]
+    pub order: Option<ExplicitOrder>,
+}
+
+/// One pass chosen from outside: listing positions (repeats allowed, as a
+/// sampler's padding needs) emitted as epoch `epoch`, so per-item random
+/// draws (augmentation) are those of that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitOrder {
+    pub epoch: u32,
+    pub positions: Vec<usize>,
 }
 
 fn default_epochs() -> u32 {
@@ -203,7 +219,7 @@ impl StageConfig for FileReaderConfig {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         // A shard reads its range of the plan's listing instead of the folder.
-        let listing = match ctx.shard {
+        let listing: Vec<Entry> = match ctx.shard {
             Some(shard) => shard
                 .items
                 .iter()
@@ -212,6 +228,9 @@ impl StageConfig for FileReaderConfig {
                 .collect(),
             None => list(self).map_err(StageError::fatal)?,
         };
+        if let Some(bad) = self.order.as_ref().and_then(|o| o.positions.iter().find(|&&p| p >= listing.len())) {
+            return Err(StageError::fatal(format!("position {bad} is past the {} files listed", listing.len())));
+        }
         Ok(Built::Source(Box::new(FileReader {
             listing,
             probe: ctx.cache_probe.clone(),
@@ -221,6 +240,7 @@ impl StageConfig for FileReaderConfig {
             seed: self.seed,
             splits: self.splits.clone().into(),
             max_file_mb: self.max_file_mb,
+            explicit: self.order.clone(),
         })))
     }
 }
@@ -402,9 +422,18 @@ struct FileReader {
     seed: u64,
     splits: Arc<[String]>,
     max_file_mb: u64,
+    explicit: Option<ExplicitOrder>,
 }
 
 impl FileReader {
+    /// The passes to make: (epoch, listing positions in order, last pass?).
+    fn passes_to_make(&self) -> Vec<(u32, Vec<usize>, bool)> {
+        match &self.explicit {
+            Some(o) => vec![(o.epoch, o.positions.clone(), true)],
+            None => (0..self.epochs).map(|e| (e, self.order(e), e + 1 == self.epochs)).collect(),
+        }
+    }
+
     /// The listing's order in `epoch`: sorted, or shuffled from (seed,
     /// epoch); epoch 0 uses the seed's own stream.
     fn order(&self, epoch: u32) -> Vec<usize> {
@@ -432,20 +461,23 @@ impl FileReader {
 
 impl Source for FileReader {
     fn total(&self) -> Option<u64> {
-        Some(self.listing.len() as u64 * self.epochs as u64)
+        match &self.explicit {
+            Some(o) => Some(o.positions.len() as u64),
+            None => Some(self.listing.len() as u64 * self.epochs as u64),
+        }
     }
 
     fn passes(&self) -> u64 {
-        self.epochs as u64
+        if self.explicit.is_some() { 1 } else { self.epochs as u64 }
     }
 
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
         let n = self.listing.len() as u64;
-        for epoch in 0..self.epochs {
-            if epoch > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
+        for (pass, (epoch, positions, last)) in self.passes_to_make().into_iter().enumerate() {
+            if pass > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            for (i, index) in self.order(epoch).into_iter().enumerate() {
+            for (i, index) in positions.into_iter().enumerate() {
                 if ctx.signals.should_stop() {
                     return Ok(());
                 }
@@ -482,7 +514,7 @@ impl Source for FileReader {
                 };
                 out.emit(Item { meta, payload })?;
             }
-            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last: epoch + 1 == self.epochs })?;
+            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last })?;
         }
         Ok(())
     }
