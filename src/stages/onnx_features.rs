@@ -67,7 +67,10 @@ fn model_or_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::E
     match Base::named(&path) {
         Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
         Some(base) => Ok(base.path()),
-        None => Ok(path),
+        None => match Base::unknown(&path) {
+            Some(e) => Err(serde::de::Error::custom(e)),
+            None => Ok(path),
+        },
     }
 }
 
@@ -84,7 +87,7 @@ impl StageConfig for OnnxFeaturesConfig {
             name: "model",
             ty: "path | base name",
             default: "(required)",
-            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19 (`convflow models`)",
+            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19, xception, inception_v3, resnet50, mobilenet (`convflow models`)",
         },
         OptionDoc {
             name: "preprocess",
@@ -145,6 +148,8 @@ impl StageConfig for OnnxFeaturesConfig {
                 None => "models/setup.sh produces the models".into(),
             };
             errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.display())));
+        } else if let Some(Err(e)) = Base::of_file(&self.model).map(|b| b.check_file(&self.model)) {
+            errors.push(FieldError::new("model", e));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = crate::cache::check_dir(dir)
