@@ -200,6 +200,31 @@ impl Graph {
             }
         }
 
+        // A conv base has a smallest input (Xception 71, Inception V3 75):
+        // said here, at the model field, rather than by ONNX Runtime mid-run.
+        // (Until the typed facts of issue 33 carry the image size.)
+        for (i, s) in cfg.stages.iter().enumerate() {
+            let Some(model) = option_of(&typed[i], "onnx_features", "model") else { continue };
+            let Some(base) = crate::ml::bases::Base::of_file(Path::new(&model)) else { continue };
+            let nearest = reachable_upstream(&inputs, i)
+                .into_iter()
+                .find_map(|j| typed[j].as_ref().and_then(|(_, c)| c.image_size()).map(|size| (j, size)));
+            if let Some((j, (h, w))) = nearest
+                && let Err(e) = base.check_size(h, w)
+            {
+                err(
+                    s.options.key_pos("model").unwrap_or(s.pos),
+                    &s.id,
+                    Some("model"),
+                    format!(
+                        "{e} (stage `{}`): set its `size` to at least {m}x{m}",
+                        cfg.stages[j].id,
+                        m = base.min_size
+                    ),
+                );
+            }
+        }
+
         let order = match topological_order(&inputs) {
             Ok(order) => order,
             Err(cycle) => {
