@@ -84,6 +84,15 @@ impl Base {
     }
 }
 
+/// The conv base (`convflow models`) whose features a `head.json` records
+/// the head was trained on, if its `onnx_features` ran a base's file.
+fn trained_on(path: &Path) -> Option<&'static crate::ml::bases::Base> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let stages = v["features_from"].as_array()?;
+    let model = stages.iter().rev().find(|s| s["kind"] == "onnx_features")?["options"]["model"].as_str()?;
+    crate::ml::bases::Base::of_file(Path::new(model))
+}
+
 /// The classes and the preprocessing of the features a `head.json` records
 /// (`features_from`: the stages that made them); none when there is no file.
 fn described(path: &Path) -> Result<(Option<Vec<String>>, Option<String>), String> {
@@ -143,6 +152,14 @@ impl HeadFrom {
             return Err(err("the head has no dense layer".into()));
         }
         let (classes, preprocess) = described(&dir.join("head.json"))?;
+        if let Some(base) = trained_on(&dir.join("head.json")).filter(|b| b.name != "vgg16") {
+            return Err(err(format!(
+                "this head was trained on {} features; Grad-CAM, activations and fine-tuning need the base's \
+                 layers in convflow's own backend, which has VGG16's only: use a head trained on vgg16 features \
+                 for them (prediction and export work with any base)",
+                base.name
+            )));
+        }
         Ok(HeadFrom {
             file,
             input_dim,
