@@ -4,7 +4,7 @@
 //! installs when it is missing).
 
 fn main() {
-    let shim = "src/stages/decode/libjpeg_shim.c";
+    let shim = "src/imaging/decode/libjpeg_shim.c";
     println!("cargo:rerun-if-changed={shim}");
     if !["/usr/include/jpeglib.h", "/usr/local/include/jpeglib.h"].iter().any(|p| std::path::Path::new(p).exists()) {
         println!(

@@ -24,8 +24,8 @@ mod common;
 use std::hint::black_box;
 
 use convflow::augment::{AugmentOptions, Kernel, apply_transform_with};
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use image::RgbImage;
 

@@ -23,8 +23,8 @@ mod common;
 
 use std::hint::black_box;
 
-use convflow::stages::decode::{Decoder, decode_image, decode_image_rs};
-use convflow::stages::resize::{Filter, Resize};
+use convflow::imaging::decode::{Decoder, decode_image, decode_image_rs};
+use convflow::imaging::resize::{Filter, Resize};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use image::RgbImage;
 

@@ -13,9 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::ml::{Device, OnnxModel, Preprocess};
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())

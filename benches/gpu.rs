@@ -32,11 +32,11 @@ mod common;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::item::{Item, ItemKind};
 use convflow::ml::{CudaOptions, Device, OnnxModel, Preprocess};
 use convflow::stage::{BuildContext, Built, Emit, OptionDoc, Stage, StageConfig, StageError};
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 

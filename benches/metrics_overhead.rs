@@ -22,8 +22,9 @@ use convflow::config;
 use convflow::graph::Graph;
 use convflow::item::{Item, ItemKind, Meta, Payload};
 use convflow::runtime::{self, RunOptions};
+use convflow::stage::Registry;
 use convflow::stage::*;
-use convflow::stages::{Registry, builtin_registry};
+use convflow::stages::builtin_registry;
 use serde::{Deserialize, Serialize};
 
 fn env_or(name: &str, default: usize) -> usize {

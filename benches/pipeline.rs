@@ -16,9 +16,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::ml::{Device, OnnxModel, Preprocess};
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn benches(c: &mut Criterion) {

@@ -34,6 +34,9 @@ impl ItemKind {
     }
 }
 
+/// One item a listing source will emit: its path, label and split.
+pub type Listed = (std::path::PathBuf, Option<Label>, Option<Arc<str>>);
+
 /// How labels are encoded, as in Keras's `flow_from_directory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

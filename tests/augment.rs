@@ -12,10 +12,10 @@ use std::sync::{LazyLock, Mutex};
 use convflow::augment::{AugmentOptions, Fill, FillMode, Kernel, Transform, apply_transform, apply_transform_with};
 use convflow::config;
 use convflow::graph::Graph;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::item::{Item, ItemKind, Payload};
 use convflow::runtime::{self, RunOptions};
 use convflow::stage::*;
-use convflow::stages::resize::{Filter, Resize};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 

@@ -66,10 +66,11 @@ fn set_overrides_params_and_rejects_unknown_ones() {
 
 #[test]
 fn graph_prints_dot_and_stages_lists_options() {
-    let dot = common::bin().args(["graph", "tests/fixtures/pipelines/valid-params.yaml"]).output().unwrap();
+    let dot = common::bin().args(["graph", "--dot", "tests/fixtures/pipelines/valid-params.yaml"]).output().unwrap();
     let dot = String::from_utf8_lossy(&dot.stdout);
     assert!(dot.starts_with("digraph \"params_demo\""), "{dot}");
-    assert!(dot.contains("\"decode\" -> \"resize\" [label=\"image\"]"), "{dot}");
+    // Each edge is labelled with what it carries (issue 33), not its item kind alone.
+    assert!(dot.contains("\"decode\" -> \"resize\" [label=\"image\\nimages of any size, 3 channel(s)"), "{dot}");
     assert!(dot.contains("workers: 2"), "{dot}");
 
     let stages = common::bin().arg("stages").output().unwrap();

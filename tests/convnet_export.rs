@@ -24,9 +24,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::ml::Preprocess;
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 
 /// The model's input: height 31, width 29 (odd, and not square).
 const H: u32 = 31;
@@ -293,7 +293,7 @@ fn images_that_do_not_fit_stop_convnet_predict_naming_stage_and_shapes() {
         String::from_utf8_lossy(&o.stderr).to_string()
     };
 
-    // Resized upstream to another size: refused when the stage is built.
+    // Resized upstream to another size: refused before any work (by validation, issue 33).
     let err = run("[32, 32]");
     assert!(err.contains("classify") && err.contains("[32, 32, 3]") && err.contains("[31, 29, 3]"), "{err}");
 

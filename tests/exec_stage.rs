@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use convflow::item::{Item, ItemKind, Meta, Payload};
 use convflow::runtime::{RunError, RunOptions, RunReport};
+use convflow::stage::Registry;
 use convflow::stage::{BuildContext, Built, Emit, OptionDoc, Source, SourceContext, Stage, StageConfig, StageError};
-use convflow::stages::Registry;
 use serde::{Deserialize, Serialize};
 
 // ---- test-only stages -------------------------------------------------------

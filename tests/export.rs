@@ -6,9 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::ml::Preprocess;
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 
 fn csv_probabilities(path: &Path) -> (Vec<String>, Vec<f32>) {
     let text = std::fs::read_to_string(path).unwrap();

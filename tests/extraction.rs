@@ -7,10 +7,10 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
+use convflow::imaging::decode::decode_image;
+use convflow::imaging::resize::{Filter, Resize};
 use convflow::ml::Preprocess;
 use convflow::npy::read_f32;
-use convflow::stages::decode::decode_image;
-use convflow::stages::resize::{Filter, Resize};
 
 fn copy_tree(from: &Path, to: &Path) {
     for entry in walk(from) {

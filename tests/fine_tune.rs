@@ -207,6 +207,25 @@ fn before_any_step_the_fine_tuned_model_is_the_dense_head_on_the_frozen_base() {
         ],
     );
     ok(&o, "predict_fine_tuned.yaml");
+    // The fine-tuned model took caffe maps of 150x150 images: others are
+    // refused by `validate`, naming both sides (issue 33).
+    for (set, says) in [
+        (("preprocess", "rescale"), ["preprocess `caffe`", "preprocess `rescale`"]),
+        (("image_size", "224"), ["of 150x150", "of 224x224"]),
+    ] {
+        let o = common::bin()
+            .args(["validate", "pipelines/predict_fine_tuned.yaml", "--set"])
+            .arg(format!("convnet={}", out.display()))
+            .arg("--set")
+            .arg(format!("input_dir={}", test.display()))
+            .arg("--set")
+            .arg(format!("{}={}", set.0, set.1))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{set:?}: {err}");
+        assert!(err.contains("stage `classify`") && says.iter().all(|s| err.contains(s)), "{set:?}: {err}");
+    }
     let (pa, pb) = (probabilities(&a), probabilities(&b));
     assert_eq!(pa.len(), 6);
     assert_eq!(pa.keys().collect::<std::collections::BTreeSet<_>>(), pb.keys().collect());
@@ -317,10 +336,10 @@ fn exported_classifier_gives_the_pipelines_probabilities(data: &Path, cache: &Pa
         .collect();
     assert_eq!(rows.len(), 6);
     // The same resized pixels (the resize stage's default, nearest), raw 0..255.
-    let mut resize = convflow::stages::resize::Resize::new(150, 150, convflow::stages::resize::Filter::Nearest);
+    let mut resize = convflow::imaging::resize::Resize::new(150, 150, convflow::imaging::resize::Filter::Nearest);
     let mut pixels = Vec::new();
     for (p, _) in &rows {
-        let img = convflow::stages::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
+        let img = convflow::imaging::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
         convflow::ml::Preprocess::None.extend(&resize.apply(img).unwrap(), &mut pixels);
     }
     let onnx = model.join("classifier.onnx");
@@ -422,11 +441,15 @@ fn a_head_or_maps_that_do_not_fit_stop_the_run_naming_the_stage_and_what_differs
     h.save_safetensors(&good.join("head.safetensors")).unwrap();
     let described = r#"{"classes": ["cats", "dogs"], "features_from": [{"kind": "onnx_features", "options": {"preprocess": "rescale"}}]}"#;
     std::fs::write(good.join("head.json"), described).unwrap();
+    // Refused by validation now (issue 33: the edge's facts), not when the stage is built.
     let o = fine_tune(&data, &cache, &good, &out, 1, "1.0e-5");
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("convnet `fine_tune`") && err.contains("preprocess `rescale`") && err.contains("`caffe`"),
+        err.contains("stage `fine_tune`")
+            && err.contains("field `head_from`")
+            && err.contains("preprocess `rescale`")
+            && err.contains("`caffe`"),
         "{err}"
     );
     std::fs::write(good.join("head.json"), described.replace("rescale", "caffe")).unwrap();

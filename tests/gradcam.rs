@@ -109,8 +109,8 @@ fn table(out: &Path) -> Vec<std::collections::HashMap<String, String>> {
 fn pixels(paths: &[PathBuf], to: &Path) {
     let mut w = convflow::npy::NpyWriter::create(to, &[150, 150, 3]).unwrap();
     for p in paths {
-        let img = convflow::stages::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
-        let img = convflow::stages::resize::Resize::new(150, 150, Default::default()).apply(img).unwrap();
+        let img = convflow::imaging::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
+        let img = convflow::imaging::resize::Resize::new(150, 150, Default::default()).apply(img).unwrap();
         w.push(&img.as_raw().iter().map(|&v| f32::from(v)).collect::<Vec<_>>()).unwrap();
     }
     w.finish().unwrap();
@@ -250,7 +250,7 @@ fn heatmaps_of_real_photos_are_the_numpy_references() {
     let list = t.dir.join("photos.txt");
     let mut text = String::new();
     for (i, p) in paths.iter().enumerate() {
-        let photo = convflow::stages::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
+        let photo = convflow::imaging::decode::decode_image(&std::fs::read(p).unwrap(), u64::MAX).unwrap();
         let png = t.dir.join(format!("photo{i}.png"));
         photo.save(&png).unwrap();
         text.push_str(&format!("{}\n", png.display()));
@@ -332,6 +332,43 @@ fn a_bad_layer_or_class_stops_before_any_work_naming_the_stage_and_field() {
         ],
     );
     ok(&o, "layer conv2d_1 (= block5_conv2)");
+}
+
+/// The head was trained on caffe features of 150x150 photos (through the
+/// real VGG16): maps of other pixels are refused by `validate`, naming both
+/// sides, on the Grad-CAM path and on `predict.yaml` (issue 33); left `auto`,
+/// both take the head's own.
+#[test]
+fn maps_of_other_pixels_than_the_heads_are_refused_before_any_work() {
+    let Some(t) = trained() else { return };
+    let test = t.data.join("test");
+    for pipeline in ["pipelines/heatmaps.yaml", "pipelines/predict.yaml"] {
+        let field = if pipeline.contains("heatmaps") { "model" } else { "head" };
+        for (set, says) in [
+            (("preprocess", "rescale"), vec!["preprocess `caffe`", "preprocess `rescale`"]),
+            (("image_size", "224"), vec!["of 150x150", "of 224x224"]),
+        ] {
+            let o = run(
+                &["validate", pipeline],
+                &[
+                    ("head", t.head.display().to_string()),
+                    ("input_dir", test.display().to_string()),
+                    (set.0, set.1.to_string()),
+                ],
+            );
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{pipeline} {set:?}: {err}");
+            assert!(err.contains(&format!("field `{field}`")), "{pipeline} {set:?}: {err}");
+            assert!(says.iter().all(|s| err.contains(s)), "{pipeline} {set:?}: {err}");
+        }
+        let o = run(
+            &["graph", pipeline],
+            &[("head", t.head.display().to_string()), ("input_dir", test.display().to_string())],
+        );
+        let text = String::from_utf8_lossy(&o.stdout);
+        ok(&o, pipeline);
+        assert!(text.contains("images 150x150x3") && text.contains("caffe features of"), "{pipeline}:\n{text}");
+    }
 }
 
 #[test]

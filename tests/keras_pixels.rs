@@ -10,8 +10,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use convflow::stages::decode::{Decoder, decode_image};
-use convflow::stages::resize::{Filter, Resize, pil_nearest_indices};
+use convflow::imaging::decode::{Decoder, decode_image};
+use convflow::imaging::resize::{Filter, Resize, pil_nearest_indices};
 use image::RgbImage;
 
 /// (height, width) targets the fixtures record, as `make_pil_fixtures.py`'s SIZES.

@@ -16,8 +16,9 @@ use convflow::config;
 use convflow::graph::Graph;
 use convflow::item::{Item, ItemKind};
 use convflow::runtime::{self, RunOptions};
+use convflow::stage::Registry;
 use convflow::stage::*;
-use convflow::stages::{Registry, builtin_registry};
+use convflow::stages::builtin_registry;
 use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------- helpers

@@ -594,7 +594,7 @@ fn models_that_do_not_fit_the_images_are_refused_before_any_work_saying_what_to_
 fn gif_bmp_webp_and_tiff_decode_to_plain_rgb() {
     let dir = common::root().join("tests/fixtures/formats");
     let near = |rel: &str, want: [u8; 3], tol: i32| {
-        let img = convflow::stages::decode::decode_image(&std::fs::read(dir.join(rel)).unwrap(), u64::MAX)
+        let img = convflow::imaging::decode::decode_image(&std::fs::read(dir.join(rel)).unwrap(), u64::MAX)
             .unwrap_or_else(|e| panic!("{rel}: {e}"));
         assert_eq!(img.dimensions(), (40, 30), "{rel}");
         let got = img.get_pixel(20, 15).0;
@@ -739,7 +739,7 @@ fn config_inputs_the_fuzzer_found_are_errors_with_positions_not_panics() {
 #[test]
 fn image_bytes_the_fuzzer_found_are_skipped_not_panics() {
     for (name, bytes) in fuzz_finds("decode") {
-        let result = std::panic::catch_unwind(|| convflow::stages::decode::decode_image(&bytes, 1 << 20));
+        let result = std::panic::catch_unwind(|| convflow::imaging::decode::decode_image(&bytes, 1 << 20));
         match result {
             Ok(Ok(img)) => assert!(u64::from(img.width()) * u64::from(img.height()) <= 1 << 20, "{name}"),
             Ok(Err(reason)) => assert!(!reason.is_empty(), "{name}"),

@@ -12,8 +12,8 @@ use convflow::config;
 use convflow::graph::Graph;
 use convflow::item::{Item, ItemKind, Meta, Payload};
 use convflow::runtime::{self, RunError, RunOptions};
+use convflow::stage::Registry;
 use convflow::stage::*;
-use convflow::stages::Registry;
 use serde::{Deserialize, Serialize};
 
 #[derive(Default)]

@@ -9,6 +9,8 @@
 #   models/{vgg19,xception,mobilenet}_notop.onnx  models/bases.sh, for
 #                          tests/extraction.rs's checks of these bases against
 #                          Keras's features (~100 MB of downloads beyond vgg19's)
+#   python/.venv           python/tests/setup.sh: the convflow wheel built from this
+#                          checkout, pytest, keras + jax; for tests/python.rs (pytest)
 # Running pipelines needs none of it: models/setup.sh alone is the demo's set-up.
 # Idempotent and quick when everything is there.
 set -euo pipefail
@@ -38,4 +40,5 @@ fi
 
 "$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
 "$ROOT/models/bases.sh" vgg19 xception mobilenet || die "models/bases.sh vgg19 xception mobilenet failed"
+"$ROOT/python/tests/setup.sh" || die "python/tests/setup.sh failed"
 log "done"

@@ -87,13 +87,15 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         .args(["--set", &format!("out={}", csv.display())])
         .args(["--set", &format!("cache_dir={}", tmp.path().join("cache2").display())])
         .args(["--set", &format!("model={}", common::tiny_model().display())])
+        .args(["--set", "image_size=150"])
         .output()
         .unwrap();
-    // predict.yaml resizes to 150 by default; the head was trained on 96x96 tiny features
-    // (4x4x16 vs 3x3x16): a clear error naming the stage, no CSV.
-    assert_eq!(predict.status.code(), Some(1));
+    // The head was trained on 96x96 tiny features (3x3x16), these are 150x150's (4x4x16):
+    // refused before any work (by validation, issue 33; it used to fail at the first
+    // batch), naming both sides, no CSV. predict.yaml's default, `auto`, is the head's size.
+    assert_eq!(predict.status.code(), Some(2));
     let err = String::from_utf8_lossy(&predict.stderr);
-    assert!(err.contains("stage `classify` failed") && err.contains("do not fit the head"), "{err}");
+    assert!(err.contains("stage `classify`") && err.contains("of 96x96") && err.contains("of 150x150"), "{err}");
     assert!(!csv.exists());
 
     // At the head's own size (`image_size`, which every shipped pipeline takes) it fits.

@@ -106,7 +106,7 @@ fn views_are_cached_once_each_and_scored_by_their_mean_per_image() {
         std::fs::create_dir_all(mirrored.join(class)).unwrap();
         for entry in std::fs::read_dir(test.join(class)).unwrap() {
             let path = entry.unwrap().path();
-            let img = convflow::stages::decode::decode_image(&std::fs::read(&path).unwrap(), u64::MAX).unwrap();
+            let img = convflow::imaging::decode::decode_image(&std::fs::read(&path).unwrap(), u64::MAX).unwrap();
             let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
             image::imageops::flip_horizontal(&img).save(mirrored.join(class).join(format!("{stem}.png"))).unwrap();
         }

@@ -259,12 +259,23 @@ fn metrics_config(c: &mut Collector, node: &Node) -> MetricsConfig {
     m
 }
 
+/// The cores of this machine, as far as this process may use them.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// A `threads` option: 0 means one per core, shared out among `copies`
+/// copies of the stage (at least one each); any other number is taken as it is.
+pub fn threads(n: usize, copies: usize) -> usize {
+    if n > 0 { n } else { (cores() / copies.max(1)).max(1) }
+}
+
 /// The most threads a setting may ask for: 16 per core of this machine (at
 /// least 64). Each `workers` copy and each math thread is an OS thread (an
 /// `exec` copy also a process); far past the cores they only cost memory,
 /// and in the hundreds of thousands the OS refuses them mid-run.
 pub fn max_threads() -> usize {
-    (16 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(64)
+    (16 * cores()).max(64)
 }
 
 /// The most items an edge may hold. Each slot can hold an image or a batch
@@ -312,7 +323,7 @@ fn whole_number(
 /// Returns the count and whether it was `auto`.
 fn workers(c: &mut Collector, node: &Node, stage: Option<&str>) -> Option<(usize, bool)> {
     if node.as_str() == Some("auto") {
-        return Some((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), true));
+        return Some((cores(), true));
     }
     let why = "16 per core of this machine: each copy is a thread";
     whole_number(c, node, stage, "workers", "a whole number >= 1 or `auto`", (max_threads(), why)).map(|n| (n, false))

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, ConfigErrors, PipelineConfig, Pos, StageSpec};
-use crate::stage::SharedConfig;
-use crate::stages::{KindInfo, Registry};
+use crate::facts::{Facts, StageRecord, Wants};
+use crate::stage::{KindInfo, Registry, SharedConfig};
 
 pub struct GraphStage {
     pub spec: StageSpec,
@@ -18,6 +18,10 @@ pub struct GraphStage {
     pub inputs: Vec<usize>,
     /// Indices of the stages this one feeds.
     pub outputs: Vec<usize>,
+    /// What arrives on its input (a source: nothing).
+    pub input: Facts,
+    /// What it emits.
+    pub output: Facts,
 }
 
 impl GraphStage {
@@ -95,14 +99,7 @@ impl Graph {
                         problems.extend(config.check_environment());
                     }
                     for fe in problems {
-                        // A field inside a list (`layers[3]`) points at its element.
-                        let pos = if fe.field.contains('[') {
-                            Some(s.options.find(&fe.field).pos)
-                        } else {
-                            s.options.key_pos(fe.field.split(['.', '[']).next().unwrap_or_default())
-                        }
-                        .unwrap_or(s.pos);
-                        err(pos, &s.id, Some(&fe.field), fe.message);
+                        err(field_pos(s, &fe.field), &s.id, Some(&fe.field), fe.message);
                     }
                     typed.push(Some((info.clone(), config)));
                 }
@@ -179,52 +176,6 @@ impl Graph {
             }
         }
 
-        // A writer publishing inside the folder a reader lists would put its
-        // output among the photos (and the next run would read it back).
-        for (i, s) in cfg.stages.iter().enumerate() {
-            let Some(out) = option_of(&typed[i], "feature_writer", "dir") else { continue };
-            for j in reachable_upstream(&inputs, i) {
-                let Some(data) = option_of(&typed[j], "file_reader", "dir") else { continue };
-                if crate::publish::is_inside(Path::new(&out), Path::new(&data)) {
-                    err(
-                        s.options.key_pos("dir").unwrap_or(s.pos),
-                        &s.id,
-                        Some("dir"),
-                        format!(
-                            "`{out}` is inside `{data}`, the folder stage `{}` reads: choose an output folder \
-                             outside the data",
-                            cfg.stages[j].id
-                        ),
-                    );
-                }
-            }
-        }
-
-        // A conv base has a smallest input (Xception 71, Inception V3 75):
-        // said here, at the model field, rather than by ONNX Runtime mid-run.
-        // (Until the typed facts of issue 33 carry the image size.)
-        for (i, s) in cfg.stages.iter().enumerate() {
-            let Some(model) = option_of(&typed[i], "onnx_features", "model") else { continue };
-            let Some(base) = crate::ml::bases::Base::of_file(Path::new(&model)) else { continue };
-            let nearest = reachable_upstream(&inputs, i)
-                .into_iter()
-                .find_map(|j| typed[j].as_ref().and_then(|(_, c)| c.image_size()).map(|size| (j, size)));
-            if let Some((j, (h, w))) = nearest
-                && let Err(e) = base.check_size(h, w)
-            {
-                err(
-                    s.options.key_pos("model").unwrap_or(s.pos),
-                    &s.id,
-                    Some("model"),
-                    format!(
-                        "{e} (stage `{}`): set its `size` to at least {m}x{m}",
-                        cfg.stages[j].id,
-                        m = base.min_size
-                    ),
-                );
-            }
-        }
-
         let order = match topological_order(&inputs) {
             Ok(order) => order,
             Err(cycle) => {
@@ -234,6 +185,56 @@ impl Graph {
                 Vec::new()
             }
         };
+
+        // What flows on each edge: options left out take what the stages
+        // after them want, then each stage's facts follow from its input's.
+        let mut edge_facts = None;
+        if errors.is_empty() {
+            let mut configs: Vec<SharedConfig> =
+                typed.iter_mut().map(|t| t.as_ref().expect("no errors").1.clone()).collect();
+            let wanted = wants_of_outputs(&configs, &inputs, &order, environment);
+            for (config, wants) in configs.iter_mut().zip(&wanted) {
+                if let Some(resolved) = config.resolve(wants) {
+                    *config = resolved;
+                }
+            }
+            let mut input_facts = vec![Facts::default(); cfg.stages.len()];
+            let mut output_facts = vec![Facts::default(); cfg.stages.len()];
+            for &i in &order {
+                let s = &cfg.stages[i];
+                let (info, _) = typed[i].as_ref().expect("no errors");
+                let input = match merge(inputs[i].iter().map(|&j| (&cfg.stages[j].id, &output_facts[j]))) {
+                    Ok(input) => input,
+                    Err(message) => {
+                        errors.push(error(&file, s.pos, &s.id, "inputs", message));
+                        continue;
+                    }
+                };
+                match configs[i].facts(&input, environment) {
+                    Ok(mut out) => {
+                        out.kind = info.emits;
+                        out.made_by.push(StageRecord {
+                            id: s.id.clone(),
+                            kind: info.kind.to_string(),
+                            options: configs[i].canonical_json(),
+                        });
+                        output_facts[i] = out;
+                    }
+                    Err(problems) => {
+                        for fe in problems {
+                            errors.push(error(&file, field_pos(s, &fe.field), &s.id, &fe.field, fe.message));
+                        }
+                    }
+                }
+                input_facts[i] = input;
+            }
+            for (t, config) in typed.iter_mut().zip(configs) {
+                if let Some((_, c)) = t {
+                    *c = config;
+                }
+            }
+            edge_facts = Some((input_facts, output_facts));
+        }
 
         if !errors.is_empty() {
             errors.sort_by_key(|e| (e.pos.line, e.pos.col));
@@ -246,14 +247,16 @@ impl Graph {
                 outputs[j].push(i);
             }
         }
+        let (input_facts, output_facts) = edge_facts.expect("no errors");
         let stages = cfg
             .stages
             .into_iter()
             .zip(typed)
             .zip(inputs.into_iter().zip(outputs))
-            .map(|((spec, t), (inputs, outputs))| {
+            .zip(input_facts.into_iter().zip(output_facts))
+            .map(|(((spec, t), (inputs, outputs)), (input, output))| {
                 let (info, config) = t.expect("errors were returned above");
-                GraphStage { spec, info, config, inputs, outputs }
+                GraphStage { spec, info, config, inputs, outputs, input, output }
             })
             .collect();
         Ok(Graph {
@@ -279,7 +282,26 @@ impl Graph {
         self.order.iter().copied().filter(|&j| seen[j]).collect()
     }
 
-    /// Graphviz DOT, edges labelled with the item kind they carry.
+    /// `convflow graph`'s text: each stage, then what flows on each of its
+    /// output edges.
+    pub fn facts_text(&self) -> String {
+        let mut out = format!("{} ({})\n", self.name, self.file.display());
+        for &i in &self.order {
+            let s = &self.stages[i];
+            let from = if s.inputs.is_empty() {
+                String::new()
+            } else {
+                format!(" <- {}", s.inputs.iter().map(|&j| self.stages[j].id()).collect::<Vec<_>>().join(", "))
+            };
+            out.push_str(&format!("  {} ({}){from}\n", s.id(), s.info.kind));
+            if s.info.emits.is_some() {
+                out.push_str(&format!("      => {}\n", s.output.summary()));
+            }
+        }
+        out
+    }
+
+    /// Graphviz DOT, edges labelled with what they carry.
     pub fn to_dot(&self) -> String {
         let mut out =
             format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, fontname=\"Helvetica\"];\n", self.name);
@@ -290,8 +312,8 @@ impl Graph {
         for s in &self.stages {
             for &j in &s.inputs {
                 let up = &self.stages[j];
-                let kind = up.info.emits.map(|k| k.name()).unwrap_or("");
-                out.push_str(&format!("  \"{}\" -> \"{}\" [label=\"{}\"];\n", up.id(), s.id(), kind));
+                let label = up.output.summary().replace('"', "\\\"").replace("; ", "\\n");
+                out.push_str(&format!("  \"{}\" -> \"{}\" [label=\"{}\"];\n", up.id(), s.id(), label));
             }
         }
         out.push_str("}\n");
@@ -299,25 +321,70 @@ impl Graph {
     }
 }
 
-/// A string option of a stage of `kind`, if the stage is one.
-fn option_of(typed: &Option<(KindInfo, SharedConfig)>, kind: &str, field: &str) -> Option<String> {
-    let (_, config) = typed.as_ref().filter(|(info, _)| info.kind == kind)?;
-    let options: serde_json::Value = serde_json::from_str(&config.canonical_json()).ok()?;
-    options[field].as_str().map(str::to_string)
+fn error(file: &Path, pos: Pos, stage: &str, field: &str, message: String) -> ConfigError {
+    ConfigError {
+        file: file.to_path_buf(),
+        pos,
+        stage: Some(stage.to_string()),
+        field: Some(field.to_string()),
+        message,
+    }
 }
 
-/// Every stage feeding `i`, directly or not (safe on a cycle).
-fn reachable_upstream(inputs: &[Vec<usize>], i: usize) -> Vec<usize> {
-    let mut seen = vec![false; inputs.len()];
-    let mut stack = inputs[i].clone();
-    let mut found = Vec::new();
-    while let Some(j) = stack.pop() {
-        if !std::mem::replace(&mut seen[j], true) {
-            found.push(j);
-            stack.extend(&inputs[j]);
+/// Where a stage's field is written; a field inside a list (`layers[3]`)
+/// points at its element.
+fn field_pos(s: &StageSpec, field: &str) -> Pos {
+    if field.contains('[') {
+        Some(s.options.find(field).pos)
+    } else {
+        s.options.key_pos(field.split(['.', '[']).next().unwrap_or_default())
+    }
+    .unwrap_or(s.pos)
+}
+
+/// What the stages after each stage want of its output: each stage's own
+/// wants of its input, with what is wanted of its output passed up where
+/// it says nothing (a head's image size reaches the `resize` before the base).
+fn wants_of_outputs(configs: &[SharedConfig], inputs: &[Vec<usize>], order: &[usize], env: bool) -> Vec<Wants> {
+    let mut wanted = vec![Wants::default(); configs.len()];
+    for &i in order.iter().rev() {
+        let own = configs[i].wants(env).or(&wanted[i]);
+        for &j in &inputs[i] {
+            wanted[j] = std::mem::take(&mut wanted[j]).or(&own);
         }
     }
-    found
+    wanted
+}
+
+/// The facts arriving at a stage fed by several: the first input's, with
+/// every input's splits; inputs that carry different things are an error.
+fn merge<'a>(mut inputs: impl Iterator<Item = (&'a String, &'a Facts)>) -> Result<Facts, String> {
+    let Some((first_id, first)) = inputs.next() else { return Ok(Facts::default()) };
+    let mut merged = first.clone();
+    for (id, other) in inputs {
+        let same = other.kind == first.kind
+            && other.image_size == first.image_size
+            && other.channels == first.channels
+            && other.features == first.features;
+        if !same {
+            return Err(format!(
+                "its inputs carry different items: `{first_id}` {}; `{id}` {}",
+                first.summary(),
+                other.summary()
+            ));
+        }
+        for split in &other.splits {
+            if !merged.splits.contains(split) {
+                merged.splits.push(split.clone());
+            }
+        }
+        for record in &other.made_by {
+            if !merged.made_by.contains(record) {
+                merged.made_by.push(record.clone());
+            }
+        }
+    }
+    Ok(merged)
 }
 
 fn ids(stages: &[StageSpec]) -> String {

@@ -30,6 +30,17 @@ pub const TORCH_MEAN_RGB: [f32; 3] = [0.485, 0.456, 0.406];
 pub const TORCH_STD_RGB: [f32; 3] = [0.229, 0.224, 0.225];
 
 impl Preprocess {
+    /// Its name in pipeline files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preprocess::Rescale => "rescale",
+            Preprocess::Caffe => "caffe",
+            Preprocess::Tf => "tf",
+            Preprocess::Torch => "torch",
+            Preprocess::None => "none",
+        }
+    }
+
     /// Appends one image to an NHWC float tensor.
     pub fn extend(self, img: &RgbImage, out: &mut Vec<f32>) {
         let start = out.len();

@@ -21,9 +21,11 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use crate::cache::{CacheHandle, FeatureCache};
 use crate::graph::Graph;
 use crate::stage::{BuildContext, Built, RunSignals};
-use crate::telemetry::progress::{Progress, Role, Tracked};
+pub use crate::telemetry::progress::Tracked;
+use crate::telemetry::progress::{Progress, Role};
 use crate::telemetry::{self, ProgressMode, StageLabels, StageStats};
-use actor::{EmitMetrics, Emitter, Envelope, StageRun};
+pub use actor::Envelope;
+use actor::{EmitMetrics, Emitter, StageRun};
 pub use report::{RunReport, Skipped};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,8 @@ pub struct RunOptions {
     pub metrics: bool,
     /// Live progress of sources and sinks.
     pub progress: ProgressMode,
+    /// One shard of a sharded run: the source's items and the sink's folder.
+    pub shard: Option<crate::stage::ShardRun>,
 }
 
 impl Default for RunOptions {
@@ -55,8 +59,24 @@ impl Default for RunOptions {
             drain_deadline: Duration::from_secs(30),
             metrics: true,
             progress: ProgressMode::Off,
+            shard: None,
         }
     }
+}
+
+/// What a program that embeds convflow (the Python package) adds to a run;
+/// the CLI adds nothing.
+#[derive(Default)]
+pub struct RunHooks {
+    /// (stage id, sender): what the stage emits, its end-of-epoch markers
+    /// included, also goes here, after its own edges. A full channel holds
+    /// the stage back as an edge does; a dropped receiver stops it (and so
+    /// the run) as a closed edge does.
+    pub taps: Vec<(String, Sender<Envelope>)>,
+    /// Called once, when every stage is built and before any starts, with
+    /// the counters that progress reads (a source's items out, a sink's
+    /// items in), so the embedding program can show progress its own way.
+    pub watch: Option<Box<dyn FnOnce(Vec<Tracked>) + Send>>,
 }
 
 /// State every actor shares: signals, the skipped list, errors, summaries.
@@ -221,15 +241,6 @@ fn probe_source(graph: &Graph, i: usize) -> Option<usize> {
     }
 }
 
-/// The nearest image size fixed upstream of stage `i`.
-fn image_size(graph: &Graph, i: usize) -> Option<(u32, u32)> {
-    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_size())
-}
-
-fn image_channels(graph: &Graph, i: usize) -> Option<u32> {
-    graph.ancestors(i).into_iter().rev().find_map(|j| graph.stages[j].config.image_channels())
-}
-
 /// The cache counters live in the cache handles (plain atomics the cache
 /// code bumps); they are copied into the metrics while the run goes and
 /// once more at its end, so the last values equal the report's.
@@ -309,6 +320,11 @@ enum Actor {
 /// missing model stops before any work), wire the bounded edges, start one
 /// thread per actor, supervise them to the end; then report.
 pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
+    run_with(graph, options, RunHooks::default())
+}
+
+/// [`run`], with taps on stages' outputs and a view of the progress counters.
+pub fn run_with(graph: &Graph, options: &RunOptions, hooks: RunHooks) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let caches = plan_caches(graph)?;
     let actors = build_actors(graph, options, &caches)?;
@@ -320,8 +336,18 @@ pub fn run(graph: &Graph, options: &RunOptions) -> Result<RunReport, RunError> {
         failure: Mutex::new(None),
         summaries: Mutex::new(HashMap::new()),
     });
+    let mut taps: Vec<Vec<Sender<Envelope>>> = vec![Vec::new(); graph.stages.len()];
+    for (id, tx) in hooks.taps {
+        let Some(i) = graph.stages.iter().position(|s| s.id() == id) else {
+            return Err(RunError::Build { stage: id, message: "no such stage to tap".into() });
+        };
+        taps[i].push(tx);
+    }
     let mut instruments = Instruments::new(graph, options, &caches, &edges, &actors);
-    let running = start_actors(graph, actors, edges, &instruments, &shared)?;
+    if let Some(watch) = hooks.watch {
+        watch(instruments.progress.tracked().to_vec());
+    }
+    let running = start_actors(graph, actors, edges, taps, &instruments, &shared)?;
     supervise(graph, options, running, &mut instruments)?;
 
     let report = report::build(graph, &instruments.stats, &shared, &caches.handles, started.elapsed(), setup);
@@ -337,12 +363,6 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
     let mut actors = Vec::new();
     for (i, stage) in graph.stages.iter().enumerate() {
         let copies = if stage.info.is_source() { 1 } else { stage.spec.workers };
-        let upstream: Vec<(String, serde_json::Value)> = graph
-            .ancestors(i)
-            .into_iter()
-            .map(|j| &graph.stages[j])
-            .map(|s| (s.info.kind.to_string(), serde_json::from_str(&s.config.canonical_json()).unwrap_or_default()))
-            .collect();
         let mut built = Vec::new();
         let shared = Arc::new(crate::stage::SharedByCopies::default());
         for worker in 0..copies {
@@ -353,13 +373,12 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
                 worker,
                 workers: copies,
                 shared: shared.clone(),
-                image_size: image_size(graph, i),
-                image_channels: image_channels(graph, i),
+                input: &stage.input,
                 cache: caches.handles.get(&i).cloned(),
                 cache_probe: caches.probes.get(&i).cloned(),
                 cache_probed_upstream: caches.probed.contains(&i),
-                upstream: upstream.clone(),
                 signals: options.signals.clone(),
+                shard: options.shard.as_ref(),
             };
             let b = stage
                 .config
@@ -520,6 +539,7 @@ fn start_actors(
     graph: &Graph,
     actors: Vec<Actor>,
     mut edges: Edges,
+    mut taps: Vec<Vec<Sender<Envelope>>>,
     inst: &Instruments,
     shared: &Arc<Shared>,
 ) -> Result<Running, RunError> {
@@ -529,7 +549,13 @@ fn start_actors(
         let stage = &graph.stages[i];
         let l = &inst.labels[i];
         let out = Emitter {
-            senders: stage.outputs.iter().filter_map(|&j| edges.senders[j].clone()).collect(),
+            // Taps last: `fills` below pairs with the edges only.
+            senders: stage
+                .outputs
+                .iter()
+                .filter_map(|&j| edges.senders[j].clone())
+                .chain(std::mem::take(&mut taps[i]))
+                .collect(),
             stats: inst.stats[i].clone(),
             metrics: EmitMetrics {
                 items_out: l.counter(telemetry::ITEMS_OUT),

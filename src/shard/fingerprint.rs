@@ -7,13 +7,6 @@
 
 use crate::graph::Graph;
 
-/// Options that say where or how fast, never what: left out per kind.
-const PLACES: &[(&str, &[&str])] = &[
-    ("file_reader", &["dir", "shard"]),
-    ("feature_writer", &["dir"]),
-    ("onnx_features", &["cache", "shared_cache", "device", "intra_threads", "spinning"]),
-];
-
 /// Fields that name a model file: their bytes count, not their path.
 const MODEL_FIELDS: &[&str] = &["model"];
 
@@ -23,10 +16,9 @@ pub fn stage_options(graph: &Graph, i: usize) -> Result<serde_json::Value, Strin
     let mut options: serde_json::Value = serde_json::from_str(&stage.config.canonical_json())
         .map_err(|e| format!("stage `{}`: options are not JSON: {e}", stage.id()))?;
     if let Some(map) = options.as_object_mut() {
-        for (_, fields) in PLACES.iter().filter(|(k, _)| *k == stage.info.kind) {
-            for f in *fields {
-                map.remove(*f);
-            }
+        // Options that say where or how fast, never what (the stage kind says which).
+        for f in stage.info.place_options {
+            map.remove(*f);
         }
         for f in MODEL_FIELDS {
             if let Some(serde_json::Value::String(p)) = map.get(*f) {

@@ -18,7 +18,6 @@
 //!   its marker written last; a finished part is never redone.
 //! - [`merge`]: checks every part and streams the final files.
 
-pub mod cli;
 pub mod fingerprint;
 pub mod manifest;
 pub mod merge;

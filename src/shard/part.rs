@@ -112,10 +112,7 @@ pub fn prepare(graph: &mut Graph, plan: &Plan, plan_dir: &Path, index: u64, coun
     }
     std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     let input = plan.shard_input(plan_dir, index);
-    let (source, sink) = super::plan::shardable(graph)?;
-    let input_json = serde_json::to_value(&input).map_err(|e| PlanError::Other(e.to_string()))?;
-    rewrite(graph, source, "shard", input_json)?;
-    rewrite(graph, sink, "dir", dir.join(OUT).display().to_string().into())?;
+    super::plan::shardable(graph)?;
     graph.report = Some(dir.join(REPORT));
     Ok(Prepared::Run(Staging {
         dir,
@@ -138,19 +135,6 @@ pub fn foreign(target: &Path, meta: &PartMeta, plan: &Plan) -> PlanError {
         meta.shards,
         short(&plan.fingerprint)
     ))
-}
-
-/// Replaces one option of stage `i` (re-typed, so it is checked as if written).
-fn rewrite(graph: &mut Graph, i: usize, field: &str, value: serde_json::Value) -> Result<(), PlanError> {
-    let stage = &mut graph.stages[i];
-    let mut options: serde_json::Value = serde_json::from_str(&stage.config.canonical_json())
-        .map_err(|e| PlanError::Other(format!("stage `{}`: {e}", stage.id())))?;
-    options[field] = value;
-    stage.config = stage
-        .info
-        .parse(options)
-        .map_err(|e| PlanError::Other(format!("stage `{}`: field `{}`: {}", stage.id(), e.field, e.message)))?;
-    Ok(())
 }
 
 fn hostname() -> String {
@@ -209,6 +193,13 @@ pub fn output_path(out: &Path, name: &str) -> PathBuf {
 }
 
 impl Staging {
+    /// What the run of this shard gives its stages: the source's range of
+    /// the plan's listing, and the staging folder the sink writes into.
+    pub fn shard_run(&self) -> Result<crate::stage::ShardRun, PlanError> {
+        let items = super::plan::read_listing(&self.input).map_err(PlanError::Other)?;
+        Ok(crate::stage::ShardRun { items, out_dir: self.dir.join(OUT) })
+    }
+
     /// Records every row's position, writes the marker last and renames
     /// the staging folder into place.
     pub fn publish(mut self) -> Result<PathBuf, PlanError> {

@@ -58,17 +58,20 @@ pub fn shardable(graph: &Graph) -> Result<(usize, usize), PlanError> {
         return Err(no(format!("it has {} sources; a sharded run splits exactly one file_reader", sources.len())));
     };
     let s = &graph.stages[source];
-    if s.info.kind != "file_reader" {
-        return Err(no(format!("stage `{}` is a `{}`; only a file_reader source can be sharded", s.id(), s.info.kind)));
+    if !s.info.lists_files {
+        return Err(no(format!(
+            "stage `{}` is a `{}`, which does not list its items; only a listing source (file_reader) can be sharded",
+            s.id(),
+            s.info.kind
+        )));
     }
-    let options = fingerprint::stage_options(graph, source).map_err(PlanError::Other)?;
-    if options["epochs"] != 1 {
+    if s.output.epochs != 1 {
         return Err(no(format!(
             "stage `{}`: field `epochs`: must be 1 (training needs every item in one process)",
             s.id()
         )));
     }
-    if options["shuffle"] == true {
+    if s.output.shuffled {
         return Err(no(format!(
             "stage `{}`: field `shuffle`: a sharded run writes in listing order; set it false",
             s.id()
@@ -83,7 +86,7 @@ pub fn shardable(graph: &Graph) -> Result<(usize, usize), PlanError> {
             names.join(", ")
         )));
     };
-    if graph.stages[sink].info.kind != "feature_writer" {
+    if !graph.stages[sink].info.writes_parts {
         let k = &graph.stages[sink];
         return Err(no(format!(
             "stage `{}` is a `{}`; the parts a merge joins come from a feature_writer",
@@ -91,7 +94,7 @@ pub fn shardable(graph: &Graph) -> Result<(usize, usize), PlanError> {
             k.info.kind
         )));
     }
-    if let Some(v) = graph.stages.iter().find(|s| s.info.kind == "views") {
+    if let Some(v) = graph.stages.iter().find(|s| s.output.views > 1) {
         return Err(no(format!(
             "stage `{}`: several rows per image (views) cannot be given one position each",
             v.id()
@@ -155,15 +158,14 @@ pub fn make(graph: &Graph, dir: &Path, shards: u64) -> Result<Plan, PlanError> {
         return Err(io_err(&dir.join(PLAN), "a plan is already here: plan into a new folder (its parts belong to it)"));
     }
     std::fs::create_dir_all(Plan::parts_dir(dir)).map_err(|e| io_err(dir, e))?;
-    let reader_cfg: crate::stages::file_reader::FileReaderConfig =
-        serde_json::from_str(&graph.stages[source].config.canonical_json())
-            .map_err(|e| PlanError::Other(format!("stage `{}`: {e}", graph.stages[source].id())))?;
-    let listing = crate::stages::file_reader::listing(&reader_cfg)
+    let listing = graph.stages[source]
+        .config
+        .listing()
         .map_err(|e| PlanError::Other(format!("stage `{}`: {e}", graph.stages[source].id())))?;
     let classes: Vec<String> =
         listing.iter().find_map(|(_, l, _)| l.as_ref().map(|l| l.classes.to_vec())).unwrap_or_default();
     let class_mode = listing.iter().find_map(|(_, l, _)| l.as_ref().map(|l| l.mode)).unwrap_or(ClassMode::None);
-    let splits = reader_cfg.splits.clone();
+    let splits = graph.stages[source].output.splits.clone();
     let entries = listing.into_iter().map(|(path, label, split)| ManifestEntry {
         split: split.and_then(|s| splits.iter().position(|x| **x == *s)).map(|i| i as u32),
         label: label.map(|l| l.index),
@@ -192,7 +194,7 @@ pub fn make(graph: &Graph, dir: &Path, shards: u64) -> Result<Plan, PlanError> {
 
 /// What a sharded `file_reader` emits: its range of the manifest, with the
 /// labels and splits the plan recorded (the same values listing would give).
-pub type Listed = (PathBuf, Option<crate::item::Label>, Option<std::sync::Arc<str>>);
+pub use crate::item::Listed;
 
 pub fn read_listing(input: &ShardInput) -> Result<Vec<Listed>, String> {
     let plan = Plan::load(&input.plan_dir).map_err(|e| e.to_string())?;

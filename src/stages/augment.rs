@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::augment::AugmentOptions;
+use crate::facts::Facts;
 use crate::item::{Item, ItemKind, Payload};
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
@@ -61,8 +62,12 @@ impl StageConfig for AugmentConfig {
         self.0.check()
     }
 
-    fn image_size(&self) -> Option<(u32, u32)> {
-        self.0.size()
+    fn facts(&self, input: &Facts, _env: bool) -> Result<Facts, Vec<FieldError>> {
+        let mut out = input.clone();
+        if let Some((h, w)) = self.0.size() {
+            out.image_size = Some([h, w]);
+        }
+        Ok(out)
     }
 
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
 use super::predictions::read_description;
-use super::resize::Filter;
+use crate::facts::{Facts, TrainedOn};
+use crate::imaging::resize::Filter;
 use crate::ml::convnet::spec::{Resolved, resolve};
 use crate::ml::convnet::vgg16::BLOCK5_CONVS;
 use crate::ml::convnet::{Convnet, LayerSpec};
@@ -51,9 +52,9 @@ pub struct Classifier {
     pub classes: Vec<String>,
     /// What each input value is multiplied by (a convnet's training `rescale`).
     pub rescale: f32,
-    /// The `onnx_features` preprocessing the training maps or features were
-    /// made with, when recorded: the maps here must be made the same way.
-    pub preprocess: Option<String>,
+    /// What it was trained on (a head's without a `head.json`: unknown):
+    /// the maps arriving must be made the same way.
+    pub trained_on: Option<TrainedOn>,
     /// The filter of the `resize` stage that made a convnet's training images
     /// (the default where none is recorded), to resize a new image the same way.
     pub resize_filter: Filter,
@@ -85,14 +86,14 @@ impl Classifier {
         }
         if dir.join(HEAD_FILE).is_file() {
             let head = HeadFrom::read(dir)?;
-            let classes = head.classes.clone().ok_or_else(|| {
+            let classes = head.trained_on.as_ref().map(|t| t.classes.clone()).ok_or_else(|| {
                 format!("{}: lists no classes (written by dense_head)", dir.join("head.json").display())
             })?;
             let mut specs = Base::Vgg16Block5.specs();
             specs.extend_from_slice(&head.layers);
             return Ok(Classifier {
                 dir: dir.to_path_buf(),
-                preprocess: head.preprocess.clone(),
+                trained_on: head.trained_on.clone(),
                 trained: Trained::Head(Box::new(head)),
                 base: Some(Base::Vgg16Block5),
                 specs,
@@ -120,18 +121,12 @@ impl Classifier {
         let specs: Vec<LayerSpec> =
             serde_json::from_str(field("layers")?).map_err(|e| format!("{}: bad `layers`: {e}", weights.display()))?;
         let (info, classes) = read_description(&dir.join("model.json")).map_err(|e| e.to_string())?;
+        let trained_on = TrainedOn::from_description(&info, &dir.join("model.json"))?;
         let base = match info["base"].as_str() {
             None => None,
             Some("vgg16_block5") => Some(Base::Vgg16Block5),
             Some(other) => return Err(format!("{}: unknown base `{other}`", dir.join("model.json").display())),
         };
-        let made_by = |kind: &str| {
-            info["images_from"].as_array().and_then(|stages| stages.iter().rev().find(|s| s["kind"] == kind))
-        };
-        let preprocess = made_by("onnx_features").and_then(|s| s["options"]["preprocess"].as_str());
-        let resize_filter = made_by("resize")
-            .and_then(|s| serde_json::from_value::<Filter>(s["options"]["filter"].clone()).ok())
-            .unwrap_or_default();
         // Without the training rescale the pixels would not be what the model learnt on.
         let rescale =
             info["rescale"].as_f64().map(|r| r as f32).filter(|r| r.is_finite() && *r > 0.0).ok_or_else(|| {
@@ -145,8 +140,8 @@ impl Classifier {
             input: Some(input),
             classes,
             rescale,
-            preprocess: preprocess.map(str::to_string),
-            resize_filter,
+            resize_filter: trained_on.resize_filter.unwrap_or_default(),
+            trained_on: Some(trained_on),
         })
     }
 
@@ -228,18 +223,16 @@ impl Classifier {
         matches!(self.trained, Trained::Head(_))
     }
 
-    /// The maps arriving must be made with the preprocessing the classifier
-    /// was trained on: a head trained on `rescale` features means nothing on
-    /// `caffe` maps. `upstream`: the stages before, as (kind, options).
-    pub fn check_preprocess(&self, stage: &str, upstream: &[(String, serde_json::Value)]) -> Result<(), String> {
-        let Some(want) = self.preprocess.as_deref() else { return Ok(()) };
-        let ours = upstream.iter().filter(|(k, _)| k == "onnx_features").filter_map(|(_, o)| o["preprocess"].as_str());
-        match ours.into_iter().find(|p| *p != want) {
-            Some(ours) => Err(format!(
-                "gradcam `{stage}`: the classifier in {} was trained on maps made with preprocess `{want}`, but \
-                 the maps here are made with `{ours}`: use the same (e.g. --set preprocess={want})",
-                self.dir.display()
-            )),
+    /// What arrives must be what it was trained on: a head trained on
+    /// `rescale` features means nothing on `caffe` maps, nor a convnet
+    /// trained at 150x150 on 224x224 images. A head on VGG16's block5 takes
+    /// block4 maps where it was trained on block5's features: only their
+    /// pixels are compared.
+    pub fn check_input(&self, input: &Facts) -> Result<(), String> {
+        let Some(t) = &self.trained_on else { return Ok(()) };
+        let differs = if self.base.is_some() { t.pixels_mismatch(input) } else { t.mismatch(input) };
+        match differs {
+            Some(m) => Err(format!("the classifier in {} was {m}", self.dir.display())),
             None => Ok(()),
         }
     }

@@ -29,17 +29,18 @@ use std::sync::{Arc, Mutex};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::fine_tune::{Base, DEFAULT_BLOCK5_WEIGHTS, HeadFrom};
+use super::fine_tune::{Base, DEFAULT_BLOCK5_WEIGHTS, HEAD_FILE, HeadFrom};
 use super::trainer::checkpoint::ModelState;
 use super::trainer::{
     Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
 };
+use crate::facts::{Facts, Wants};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
 use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
 use crate::ml::loss::LossKind;
 use crate::ml::optimizer::OptimizerSpec;
-use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError, Upstream};
+use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,7 +148,7 @@ fn default_test() -> String {
 
 impl ConvnetConfig {
     fn threads(&self) -> usize {
-        if self.threads > 0 { self.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+        crate::config::threads(self.threads, 1)
     }
 
     /// Keras's `model.summary()` of the whole stack (the base's layers
@@ -221,19 +222,41 @@ impl ConvnetConfig {
 
     /// Streaming, the training source's epochs are the run's: some must
     /// be left after the frozen ones.
-    fn check_source_epochs(&self, f: &FrozenBase, ctx: &BuildContext<'_>) -> Result<(), String> {
-        let trains = |o: &serde_json::Value| {
-            o["splits"].as_array().is_none_or(|s| s.iter().any(|s| s.as_str() == Some(self.train_split.as_str())))
-        };
-        let source = ctx.upstream.iter().find(|(kind, o)| kind == "file_reader" && trains(o));
-        match source.and_then(|(_, o)| o["epochs"].as_u64()) {
-            Some(total) if total as usize <= f.epochs => Err(format!(
+    fn check_source_epochs(&self, f: &FrozenBase, input: &Facts) -> Result<(), String> {
+        let total = input.epochs as usize;
+        if total > 0 && total <= f.epochs {
+            return Err(format!(
                 "frozen_base.epochs is {} but the training source gives {total} epochs: none is left to train \
                  the base in (give the source frozen_base.epochs + the epochs of fine-tuning)",
                 f.epochs
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
+    }
+
+    /// What reaches the model: the images resized upstream, or, past an
+    /// onnx_features stage, its maps (block4's, for a base, of a size the
+    /// image size fixes). A size the model cannot take is an error here,
+    /// before any image is read.
+    fn arriving(&self, input: &Facts) -> Result<Option<[usize; 3]>, String> {
+        let maps = input.features.is_some();
+        let arriving = input.image_size.and_then(|[h, w]| {
+            let hw = [h as usize, w as usize];
+            match (self.base, maps) {
+                (Some(b), true) => Some(b.input_for_image(hw)),
+                (None, false) => Some([hw[0], hw[1], input.channels.map_or(0, |c| c as usize)]),
+                _ => None,
+            }
+        });
+        if let (Some(got), Some(want)) = (arriving, self.input_shape) {
+            // Channels are checked here when a stage upstream fixes them (decode), else at the first image.
+            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
+            if got != want {
+                let what = if maps { "block4 maps" } else { "images" };
+                return Err(format!("{what} arrive as {got:?} (resized upstream) but input_shape is {want:?}"));
+            }
+        }
+        Ok(arriving)
     }
 
     /// The fine-tuning options' own checks (no contradictions); the head's
@@ -396,55 +419,66 @@ impl StageConfig for ConvnetConfig {
         errors
     }
 
-    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
+    fn model_summary(&self, stage_id: &str, input: &Facts) -> Option<Result<String, String>> {
         // The items arriving from upstream, unless the shape is declared.
         if self.input_shape.is_some() {
             return Some(self.summary(stage_id, None));
         }
-        let input = match upstream().map(|u| u.shape) {
-            Ok(Some(s)) if s.len() == 3 => Some([s[0], s[1], s[2]]),
-            Ok(Some(s)) => {
+        let input = match input.item_shape() {
+            Some(s) if s.len() == 3 => Some([s[0], s[1], s[2]]),
+            Some(s) => {
                 return Some(Err(format!("its input items are of shape {s:?}, not [height, width, channels]")));
             }
-            Ok(None) => None,
-            Err(e) => return Some(Err(e)),
+            None => None,
         };
         Some(self.summary(stage_id, input))
     }
 
+    /// What arrives must fit the model, and, fine-tuning from a head, be
+    /// made from the pixels the head was trained on: refused here, by
+    /// `validate`, before any image is read.
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.arriving(input) {
+            errors.push(FieldError::new("input_shape", e));
+        }
+        if let (Some(f), true) = (&self.frozen_base, self.streaming)
+            && let Err(e) = self.check_source_epochs(f, input)
+        {
+            errors.push(FieldError::new("frozen_base", e));
+        }
+        if let Some(head) = self.head_from.as_deref().filter(|d| env && d.join(HEAD_FILE).is_file())
+            && let Err(e) = HeadFrom::read(head).and_then(|h| h.check_input(input))
+        {
+            errors.push(FieldError::new("head_from", e));
+        }
+        if errors.is_empty() { Ok(input.clone()) } else { Err(errors) }
+    }
+
+    /// Fine-tuning from a head: its preprocessing and image size, for
+    /// `auto` options upstream.
+    fn wants(&self, env: bool) -> Wants {
+        let head = self.head_from.as_deref().filter(|_| env).and_then(|d| HeadFrom::read(d).ok());
+        match head.and_then(|h| h.trained_on) {
+            Some(t) => t.wants(format!(
+                "the head in {}",
+                self.head_from.as_deref().unwrap_or(std::path::Path::new("")).display()
+            )),
+            None => Wants::default(),
+        }
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let stage = ctx.stage_id;
-        // What reaches the model: the images resized upstream, or, past an
-        // onnx_features stage, its maps (block4's, for a base, of a size the
-        // image size fixes; a size the model cannot take stops the run here,
-        // before any image is read).
-        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
-        let arriving = ctx.image_size.and_then(|(h, w)| {
-            let hw = [h as usize, w as usize];
-            match (self.base, maps) {
-                (Some(b), true) => Some(b.input_for_image(hw)),
-                (None, false) => Some([hw[0], hw[1], ctx.image_channels.map_or(0, |c| c as usize)]),
-                _ => None,
-            }
-        });
-        if let (Some(got), Some(want)) = (arriving, self.input_shape) {
-            // Channels are checked here when a stage upstream fixes them (decode), else at the first image.
-            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
-            if got != want {
-                let what = if maps { "block4 maps" } else { "images" };
-                return Err(StageError::fatal(format!(
-                    "convnet `{stage}`: {what} arrive as {got:?} (resized upstream) but input_shape is {want:?}"
-                )));
-            }
-        }
+        let arriving = self.arriving(ctx.input).map_err(|e| StageError::fatal(format!("convnet `{stage}`: {e}")))?;
         let fatal = |e: String| StageError::fatal(format!("convnet `{stage}`: {e}"));
         if let (Some(f), true) = (&self.frozen_base, self.streaming) {
-            self.check_source_epochs(f, ctx).map_err(fatal)?;
+            self.check_source_epochs(f, ctx.input).map_err(fatal)?;
         }
         let head = self.head_from.as_deref().map(HeadFrom::read).transpose().map_err(fatal)?;
         let expect = if self.base.is_some() { arriving } else { None };
         if let Some(h) = &head {
-            h.check_preprocess(stage, &ctx.upstream).map_err(StageError::fatal)?;
+            h.check_input(ctx.input).map_err(fatal)?;
             if let Some(input) = self.input_shape.or(expect) {
                 h.check_fits(stage, self.base, input).map_err(StageError::fatal)?;
             }

@@ -14,8 +14,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::classifier::Classifier;
 use super::convnet::input_row;
 use super::predictions::{PredictionsCsv, missing_files, read_description};
+use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
@@ -57,29 +59,32 @@ impl StageConfig for ConvnetPredictConfig {
         )
     }
 
+    /// What arrives must be what the model was trained on: refused here,
+    /// by `validate`, before any image is read.
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        let complete = ["model.safetensors", "model.json"].iter().all(|f| self.model.join(f).is_file());
+        if !env || !complete {
+            return Ok(input.clone());
+        }
+        self.check_arriving(input).map(|_| input.clone()).map_err(|e| vec![FieldError::new("model", e)])
+    }
+
+    /// The preprocessing and image size the model was trained on, for
+    /// `auto` options upstream.
+    fn wants(&self, env: bool) -> Wants {
+        let file = self.model.join("model.json");
+        match TrainedOn::read(&file).ok().filter(|_| env) {
+            Some(t) => t.wants(format!("the model in {}", self.model.display())),
+            None => Wants::default(),
+        }
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let threads = if self.threads > 0 {
-            self.threads
-        } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        };
+        let threads = crate::config::threads(self.threads, 1);
         let model = Convnet::load_safetensors(&self.model.join("model.safetensors"), threads)
             .map_err(|e| StageError::fatal(format!("convnet_predict `{}`: {e}", ctx.stage_id)))?;
-        let input = model.input_shape();
-        // Images resized upstream to another size would all fail: say so now.
-        // (Past an onnx_features stage the items are its maps, such as the
-        // block4 maps a fine-tuned VGG16 takes: checked as they arrive.)
-        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
-        if let Some((h, w)) = ctx.image_size.filter(|_| !maps) {
-            let got = [h as usize, w as usize, ctx.image_channels.map_or(input[2], |c| c as usize)];
-            if got != input {
-                return Err(StageError::fatal(format!(
-                    "convnet_predict `{}`: images arrive as {got:?} (resized upstream) but the model in {} takes {input:?}",
-                    ctx.stage_id,
-                    self.model.display()
-                )));
-            }
-        }
+        self.check_arriving(ctx.input)
+            .map_err(|e| StageError::fatal(format!("convnet_predict `{}`: {e}", ctx.stage_id)))?;
         let description = self.model.join("model.json");
         let (meta, classes) = read_description(&description)?;
         // Without the training rescale the pixels would not be what the model learnt on.
@@ -99,6 +104,26 @@ impl StageConfig for ConvnetPredictConfig {
             stage: ctx.stage_id.to_string(),
             dir: self.model.clone(),
         })))
+    }
+}
+
+impl ConvnetPredictConfig {
+    /// Images resized upstream to another size would all fail, as would
+    /// maps of other pixels: said before any work. (Past an onnx_features
+    /// stage the items are its maps, such as the block4 maps a fine-tuned
+    /// VGG16 takes: their size is checked as they arrive.)
+    fn check_arriving(&self, input: &Facts) -> Result<(), String> {
+        let c = Classifier::describe(&self.model)?;
+        if let (Some([h, w]), Some(want), None) = (input.image_size, c.input, &input.features) {
+            let got = [h as usize, w as usize, input.channels.map_or(want[2], |c| c as usize)];
+            if got != want {
+                return Err(format!(
+                    "images arrive as {got:?} (resized upstream) but the model in {} takes {want:?}",
+                    self.model.display()
+                ));
+            }
+        }
+        c.check_input(input)
     }
 }
 

@@ -14,12 +14,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
+use crate::facts::Facts;
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::LayerSpec as ConvLayerSpec;
 use crate::ml::convnet::spec::{self, Shape};
 use crate::ml::head::{Head, LayerSpec, Optimizer, OptimizerSpec};
 use crate::ml::loss::LossKind;
-use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError, SummaryInput, Upstream};
+use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
 
 /// The early-stopping options live with the shared trainer; named here too, where they were first.
 pub use super::trainer::{EarlyStopping, Monitor};
@@ -148,8 +149,8 @@ impl StageConfig for DenseHeadConfig {
         Ok(Built::Stage(Box::new(TrainerStage::new(self.clone(), ctx))))
     }
 
-    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
-        Some(upstream().and_then(|input| self.summary(stage_id, &input)))
+    fn model_summary(&self, stage_id: &str, input: &Facts) -> Option<Result<String, String>> {
+        Some(self.summary(stage_id, input))
     }
 }
 
@@ -157,12 +158,15 @@ impl DenseHeadConfig {
     /// Keras's `model.summary()` of the head on the features upstream: each
     /// image's features, flattened, are its input vector (the book's
     /// `input_dim=4 * 4 * 512`).
-    fn summary(&self, title: &str, input: &SummaryInput) -> Result<String, String> {
-        let shape = input.shape.as_ref().ok_or(
-            "the features' shape is not known before the run: no `onnx_features` stage upstream \
-             whose images are resized",
-        )?;
-        let layers = match (&self.layers, input.class_outputs) {
+    fn summary(&self, title: &str, input: &Facts) -> Result<String, String> {
+        let from = input.made_by.last().map_or("", |r| r.id.as_str());
+        let shape = input.item_shape().ok_or_else(|| {
+            format!(
+                "the features' shape is not known before the run: they come from `{from}`, whose images are of no \
+                 fixed size: put a `resize` before it"
+            )
+        })?;
+        let layers = match (&self.layers, input.class_outputs()) {
             (Some(layers), _) => layers.clone(),
             (None, Some(outputs)) => LayerSpec::book_categorical(outputs),
             (None, None) => {
@@ -207,11 +211,7 @@ impl TrainerKind for DenseHeadConfig {
         let outputs = if d.mode == ClassMode::Categorical { d.classes.len() } else { 1 };
         let layers = self.layers.clone().unwrap_or_else(|| LayerSpec::book_categorical(outputs));
         let mut head = Head::new(d.dim, &layers, self.seed).map_err(|e| e.to_string())?;
-        let threads = if self.threads > 0 {
-            self.threads
-        } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        };
+        let threads = crate::config::threads(self.threads, 1);
         head.set_threads(threads);
         Ok(NewModel {
             model: HeadModel(head),

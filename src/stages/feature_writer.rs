@@ -14,10 +14,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::facts::Facts;
 use crate::item::{ClassMode, Item, ItemKind, Label, Payload};
 use crate::npy::NpyWriter;
 use crate::publish::Output;
-use crate::stage::{BuildContext, Built, Emit, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,13 +31,33 @@ impl StageConfig for FeatureWriterConfig {
     const SUMMARY: &'static str = "writes features.npy, labels.npy, paths.txt (numpy.load-able), per split";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Features];
     const EMITS: Option<ItemKind> = None;
+    const PLACE_OPTIONS: &'static [&'static str] = &["dir"];
+    const WRITES_PARTS: bool = true;
     const OPTIONS: &'static [OptionDoc] =
         &[OptionDoc { name: "dir", ty: "path", default: "(required)", help: "output folder (a sub-folder per split)" }];
+
+    /// A writer publishing inside the folder the source lists would put its
+    /// output among the photos (and the next run would read it back).
+    fn facts(&self, input: &Facts, _env: bool) -> Result<Facts, Vec<FieldError>> {
+        match &input.source_dir {
+            Some(data) if crate::publish::is_inside(&self.dir, data) => Err(vec![FieldError::new(
+                "dir",
+                format!(
+                    "`{}` is inside `{}`, the folder the source reads: choose an output folder outside the data",
+                    self.dir.display(),
+                    data.display()
+                ),
+            )]),
+            _ => Ok(input.clone()),
+        }
+    }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         // Claimed before any work: a folder that is not ours, or another
         // run writing here, stops the run now rather than after the compute.
-        let output = Output::claim(&self.dir, &expected_entries(&ctx.upstream)).map_err(StageError::fatal)?;
+        // A shard writes its part where the run says, not where the file does.
+        let dir = ctx.shard.map_or(&self.dir, |s| &s.out_dir);
+        let output = Output::claim(dir, &expected_entries(ctx.input)).map_err(StageError::fatal)?;
         Ok(Built::Stage(Box::new(FeatureWriter {
             output: Some(output),
             splits: BTreeMap::new(),
@@ -48,13 +69,11 @@ impl StageConfig for FeatureWriterConfig {
 /// The files a writer without splits publishes.
 pub const FILES: [&str; 4] = ["features.npy", "labels.npy", "paths.txt", "classes.txt"];
 
-/// What the run will publish, when a `file_reader` upstream says: its
-/// splits, or the files themselves.
-fn expected_entries(upstream: &[(String, serde_json::Value)]) -> Vec<OsString> {
-    let Some((_, reader)) = upstream.iter().find(|(kind, _)| kind == "file_reader") else { return Vec::new() };
-    match reader["splits"].as_array() {
-        Some(splits) if !splits.is_empty() => splits.iter().filter_map(|s| s.as_str()).map(OsString::from).collect(),
-        _ => FILES.iter().map(OsString::from).collect(),
+/// What the run will publish: a folder per split, or the files themselves.
+fn expected_entries(input: &Facts) -> Vec<OsString> {
+    match input.splits.is_empty() {
+        false => input.splits.iter().map(OsString::from).collect(),
+        true => FILES.iter().map(OsString::from).collect(),
     }
 }
 

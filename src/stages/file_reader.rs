@@ -13,7 +13,8 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheHandle;
-use crate::item::{ClassMode, Item, ItemKind, Label, Meta, Payload};
+use crate::facts::{Facts, LabelFacts};
+use crate::item::{ClassMode, Item, ItemKind, Label, Listed, Meta, Payload};
 use crate::stage::{
     BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError,
 };
@@ -50,10 +51,22 @@ pub struct FileReaderConfig {
     /// a run's memory is bounded by its options, not by what lies in the folder.
     #[serde(default = "default_max_file_mb", skip_serializing_if = "is_default_max_file_mb")]
     pub max_file_mb: u64,
-    /// Set by `convflow run --shard`, not written by hand: read this range
-    /// of a plan's manifest instead of listing `dir`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shard: Option<crate::shard::ShardInput>,
+    /// Set by a program that embeds convflow (the Python `Loader`), never
+    /// by a pipeline file: one pass over exactly these positions of the
+    /// listing, in this order, instead of `epochs` passes. It samples
+    /// (shuffles, shards by rank, resumes) without the files it leaves out
+    /// ever being read.
+    #[serde(skip)]
+    pub order: Option<ExplicitOrder>,
+}
+
+/// One pass chosen from outside: listing positions (repeats allowed, as a
+/// sampler's padding needs) emitted as epoch `epoch`, so per-item random
+/// draws (augmentation) are those of that epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitOrder {
+    pub epoch: u32,
+    pub positions: Vec<usize>,
 }
 
 fn default_epochs() -> u32 {
@@ -116,6 +129,8 @@ impl StageConfig for FileReaderConfig {
     const SUMMARY: &'static str = "lists images in class folders (Keras flow_from_directory), reads and hashes them";
     const ACCEPTS: &'static [ItemKind] = &[];
     const EMITS: Option<ItemKind> = Some(ItemKind::Bytes);
+    const PLACE_OPTIONS: &'static [&'static str] = &["dir"];
+    const LISTS_FILES: bool = true;
     const OPTIONS: &'static [OptionDoc] = &[
         OptionDoc { name: "dir", ty: "path", default: "(required)", help: "folder with one sub-folder per class" },
         OptionDoc { name: "splits", ty: "[string]", default: "[]", help: "read dir/<split>/<class>/ for each split" },
@@ -147,7 +162,6 @@ impl StageConfig for FileReaderConfig {
             default: "1024",
             help: "larger files are skipped unread (and listed); a large one that does not start like an image too",
         },
-        OptionDoc { name: "shard", ty: "-", default: "(none)", help: "set by `convflow run --shard`: a plan's range" },
     ];
 
     fn check(&self) -> Vec<FieldError> {
@@ -175,23 +189,48 @@ impl StageConfig for FileReaderConfig {
         errors
     }
 
-    fn class_outputs(&self) -> Option<usize> {
-        match self.class_mode {
-            ClassMode::Binary => Some(1),
-            ClassMode::Categorical => class_names(&roots(self)).ok().map(|c| c.len()).filter(|&n| n > 0),
-            ClassMode::None => None,
-        }
+    fn facts(&self, _input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        // The class folders, when the folder is there to be listed.
+        let classes = match (self.class_mode, env) {
+            (ClassMode::None, _) | (_, false) => None,
+            _ => class_names(&roots(self))
+                .ok()
+                .filter(|c| !c.is_empty())
+                .map(|c| c.iter().map(|n| n.to_string_lossy().into_owned()).collect()),
+        };
+        Ok(Facts {
+            labels: (self.class_mode != ClassMode::None).then_some(LabelFacts { mode: self.class_mode, classes }),
+            splits: self.splits.clone(),
+            epochs: self.epochs,
+            shuffled: self.shuffle,
+            variants: self.variants,
+            views: 1,
+            source_dir: Some(self.dir.clone()),
+            ..Facts::default()
+        })
+    }
+
+    /// The listing `convflow plan` writes into its manifest, in emission
+    /// order. A dangling link stays in it: the shard that reads it skips and
+    /// lists it (`cannot read: ...`).
+    fn listing(&self) -> Result<Vec<Listed>, String> {
+        Ok(list(self)?.into_iter().map(|e| (e.path, e.label, e.split)).collect())
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let listing = match &self.shard {
-            Some(input) => crate::shard::plan::read_listing(input)
-                .map_err(StageError::fatal)?
-                .into_iter()
+        // A shard reads its range of the plan's listing instead of the folder.
+        let listing: Vec<Entry> = match ctx.shard {
+            Some(shard) => shard
+                .items
+                .iter()
+                .cloned()
                 .map(|(path, label, split)| Entry { path, label, split, problem: None })
                 .collect(),
             None => list(self).map_err(StageError::fatal)?,
         };
+        if let Some(bad) = self.order.as_ref().and_then(|o| o.positions.iter().find(|&&p| p >= listing.len())) {
+            return Err(StageError::fatal(format!("position {bad} is past the {} files listed", listing.len())));
+        }
         Ok(Built::Source(Box::new(FileReader {
             listing,
             probe: ctx.cache_probe.clone(),
@@ -201,6 +240,7 @@ impl StageConfig for FileReaderConfig {
             seed: self.seed,
             splits: self.splits.clone().into(),
             max_file_mb: self.max_file_mb,
+            explicit: self.order.clone(),
         })))
     }
 }
@@ -290,13 +330,6 @@ fn list(cfg: &FileReaderConfig) -> Result<Vec<Entry>, String> {
         return Err(format!("no images with extensions [{}] under {}", exts.join(", "), cfg.dir.display()));
     }
     Ok(entries)
-}
-
-/// The listing `convflow plan` writes into its manifest, in emission order.
-/// A dangling link stays in it: the shard that reads it skips and lists it
-/// (`cannot read: ...`).
-pub(crate) fn listing(cfg: &FileReaderConfig) -> Result<Vec<crate::shard::plan::Listed>, String> {
-    Ok(list(cfg)?.into_iter().map(|e| (e.path, e.label, e.split)).collect())
 }
 
 /// The class folders: as Keras's `os.path.isdir`, a symbolic link to a folder
@@ -389,9 +422,18 @@ struct FileReader {
     seed: u64,
     splits: Arc<[String]>,
     max_file_mb: u64,
+    explicit: Option<ExplicitOrder>,
 }
 
 impl FileReader {
+    /// The passes to make: (epoch, listing positions in order, last pass?).
+    fn passes_to_make(&self) -> Vec<(u32, Vec<usize>, bool)> {
+        match &self.explicit {
+            Some(o) => vec![(o.epoch, o.positions.clone(), true)],
+            None => (0..self.epochs).map(|e| (e, self.order(e), e + 1 == self.epochs)).collect(),
+        }
+    }
+
     /// The listing's order in `epoch`: sorted, or shuffled from (seed,
     /// epoch); epoch 0 uses the seed's own stream.
     fn order(&self, epoch: u32) -> Vec<usize> {
@@ -419,20 +461,23 @@ impl FileReader {
 
 impl Source for FileReader {
     fn total(&self) -> Option<u64> {
-        Some(self.listing.len() as u64 * self.epochs as u64)
+        match &self.explicit {
+            Some(o) => Some(o.positions.len() as u64),
+            None => Some(self.listing.len() as u64 * self.epochs as u64),
+        }
     }
 
     fn passes(&self) -> u64 {
-        self.epochs as u64
+        if self.explicit.is_some() { 1 } else { self.epochs as u64 }
     }
 
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
         let n = self.listing.len() as u64;
-        for epoch in 0..self.epochs {
-            if epoch > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
+        for (pass, (epoch, positions, last)) in self.passes_to_make().into_iter().enumerate() {
+            if pass > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            for (i, index) in self.order(epoch).into_iter().enumerate() {
+            for (i, index) in positions.into_iter().enumerate() {
                 if ctx.signals.should_stop() {
                     return Ok(());
                 }
@@ -469,7 +514,7 @@ impl Source for FileReader {
                 };
                 out.emit(Item { meta, payload })?;
             }
-            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last: epoch + 1 == self.epochs })?;
+            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last })?;
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::facts::{Facts, TrainedOn};
 use crate::ml::convnet::spec::resolve;
 use crate::ml::convnet::vgg16::{self, BLOCK4_CHANNELS};
 use crate::ml::convnet::{Convnet, LayerSpec, Shape};
@@ -84,31 +85,6 @@ impl Base {
     }
 }
 
-/// The conv base (`convflow models`) whose features a `head.json` records
-/// the head was trained on, if its `onnx_features` ran a base's file.
-fn trained_on(path: &Path) -> Option<&'static crate::ml::bases::Base> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
-    let stages = v["features_from"].as_array()?;
-    let model = stages.iter().rev().find(|s| s["kind"] == "onnx_features")?["options"]["model"].as_str()?;
-    crate::ml::bases::Base::of_file(Path::new(model))
-}
-
-/// The classes and the preprocessing of the features a `head.json` records
-/// (`features_from`: the stages that made them); none when there is no file.
-fn described(path: &Path) -> Result<(Option<Vec<String>>, Option<String>), String> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, None)),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let classes = v["classes"].as_array().map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect());
-    let preprocess = v["features_from"].as_array().and_then(|stages| {
-        stages.iter().rev().find(|s| s["kind"] == "onnx_features").and_then(|s| s["options"]["preprocess"].as_str())
-    });
-    Ok((classes, preprocess.map(str::to_string)))
-}
-
 /// A dense head trained by `dense_head`, read from its `out_dir`.
 #[derive(Debug, Clone)]
 pub struct HeadFrom {
@@ -121,10 +97,9 @@ pub struct HeadFrom {
     pub denses: Vec<(Vec<usize>, Vec<f32>, Vec<f32>)>,
     /// blake3 of the file: a checkpoint made from another head is not resumed.
     pub blake3: String,
-    /// What `head.json` beside it records: the classes, in order, and the
-    /// preprocessing of the features it was trained on (absent: not checked).
-    pub classes: Option<Vec<String>>,
-    pub preprocess: Option<String>,
+    /// What `head.json` beside it records (absent: not checked): the
+    /// classes in order, the features it was trained on.
+    pub trained_on: Option<TrainedOn>,
 }
 
 impl HeadFrom {
@@ -151,8 +126,13 @@ impl HeadFrom {
         if denses.is_empty() {
             return Err(err("the head has no dense layer".into()));
         }
-        let (classes, preprocess) = described(&dir.join("head.json"))?;
-        if let Some(base) = trained_on(&dir.join("head.json")).filter(|b| b.name != "vgg16") {
+        let description = dir.join("head.json");
+        let trained_on = description.is_file().then(|| TrainedOn::read(&description)).transpose()?;
+        let base = trained_on
+            .as_ref()
+            .and_then(|t| t.features.as_ref())
+            .and_then(|f| crate::ml::bases::Base::of_file(Path::new(&f.model)));
+        if let Some(base) = base.filter(|b| b.name != "vgg16") {
             return Err(err(format!(
                 "this head was trained on {} features; Grad-CAM, activations and fine-tuning need the base's \
                  layers in convflow's own backend, which has VGG16's only: use a head trained on vgg16 features \
@@ -160,28 +140,16 @@ impl HeadFrom {
                 base.name
             )));
         }
-        Ok(HeadFrom {
-            file,
-            input_dim,
-            layers,
-            denses,
-            blake3: blake3::hash(&bytes).to_hex().to_string(),
-            classes,
-            preprocess,
-        })
+        Ok(HeadFrom { file, input_dim, layers, denses, blake3: blake3::hash(&bytes).to_hex().to_string(), trained_on })
     }
 
     /// The head's features and these maps must start from the same pixels:
     /// a head trained on `rescale` features fine-tuned on `caffe` maps would
-    /// start from weights that mean nothing there. `upstream`: the stages
-    /// before this one, as (kind, options).
-    pub fn check_preprocess(&self, stage: &str, upstream: &[(String, serde_json::Value)]) -> Result<(), String> {
-        let Some(head) = self.preprocess.as_deref() else { return Ok(()) };
-        let ours = upstream.iter().filter(|(k, _)| k == "onnx_features").filter_map(|(_, o)| o["preprocess"].as_str());
-        match ours.into_iter().find(|p| *p != head) {
-            Some(ours) => Err(format!(
-                "convnet `{stage}`: the head in {} was trained on features with preprocess `{head}`, but the maps \
-                 here are made with `{ours}`: train the head with the same preprocessing (e.g. --set preprocess={ours})",
+    /// start from weights that mean nothing there.
+    pub fn check_input(&self, input: &Facts) -> Result<(), String> {
+        match self.trained_on.as_ref().and_then(|t| t.pixels_mismatch(input)) {
+            Some(m) => Err(format!(
+                "the head in {} was {m}: train the head with the same preprocessing and image size",
                 self.file.display()
             )),
             None => Ok(()),
@@ -190,7 +158,7 @@ impl HeadFrom {
 
     /// The data's classes must be the head's, in the same order.
     pub fn check_classes(&self, stage: &str, classes: &[String]) -> Result<(), String> {
-        match &self.classes {
+        match self.trained_on.as_ref().map(|t| &t.classes) {
             Some(head) if head.as_slice() != classes => Err(format!(
                 "convnet `{stage}`: the head in {} was trained on classes {head:?}, the data has {classes:?}",
                 self.file.display()

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::classifier::Classifier;
 use super::convnet::input_row;
 use super::fine_tune::DEFAULT_BLOCK5_WEIGHTS;
+use crate::facts::{Facts, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
@@ -83,6 +84,40 @@ impl GradcamConfig {
         c.classes.iter().position(|n| *n == self.class).map(ClassChoice::Index).ok_or_else(|| {
             format!("the model in {} has classes {:?}; give one of them or `{PREDICTED}`", c.dir.display(), c.classes)
         })
+    }
+}
+
+impl GradcamConfig {
+    /// What reaches the model when a resize upstream fixes it: the images,
+    /// or past onnx_features, the block4 maps of their size; an error when
+    /// the classifier cannot take them.
+    fn arriving(&self, classifier: &Classifier, input: &Facts) -> Result<Option<[usize; 3]>, String> {
+        let maps = input.features.is_some();
+        if classifier.base.is_some() && !maps {
+            return Err(format!(
+                "the classifier in {} sits on VGG16's block5 and takes block4 maps: put an onnx_features stage \
+                 with models/vgg16_block4.onnx before it",
+                self.model.display()
+            ));
+        }
+        classifier.check_input(input)?;
+        let arriving = match (input.image_size, classifier.base, maps) {
+            (Some([h, w]), Some(b), true) => Some(b.input_for_image([h as usize, w as usize])),
+            (Some([h, w]), None, false) => Some([h as usize, w as usize, input.channels.map_or(0, |c| c as usize)]),
+            _ => None,
+        };
+        if let (Some(got), Some(want)) = (arriving, classifier.input) {
+            // Channels are checked at the first image where no stage upstream fixes them.
+            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
+            if got != want {
+                let what = if maps { "block4 maps" } else { "images" };
+                return Err(format!(
+                    "{what} arrive as {got:?} (resized upstream) but the model in {} takes {want:?}",
+                    self.model.display()
+                ));
+            }
+        }
+        Ok(arriving)
     }
 }
 
@@ -158,49 +193,39 @@ impl StageConfig for GradcamConfig {
         errors
     }
 
+    /// What arrives must be what the classifier was trained on, of the size
+    /// it takes: refused here, by `validate`, before any image is read.
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        if !env {
+            return Ok(input.clone());
+        }
+        match Classifier::describe(&self.model) {
+            Ok(c) => self.arriving(&c, input).map(|_| input.clone()).map_err(|e| vec![FieldError::new("model", e)]),
+            // check_environment names what is missing.
+            Err(_) => Ok(input.clone()),
+        }
+    }
+
+    /// The preprocessing and image size the classifier was trained on, for
+    /// `auto` options upstream.
+    fn wants(&self, env: bool) -> Wants {
+        match Classifier::describe(&self.model).ok().filter(|_| env).and_then(|c| c.trained_on) {
+            Some(t) => t.wants(format!("the classifier in {}", self.model.display())),
+            None => Wants::default(),
+        }
+    }
+
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let stage = ctx.stage_id;
         let fatal = |e: String| StageError::fatal(format!("gradcam `{stage}`: {e}"));
         let classifier = Classifier::describe(&self.model).map_err(fatal)?;
         let layer = classifier.conv_layer(self.layer.as_deref()).map_err(fatal)?;
         let choice = self.choice(&classifier).map_err(fatal)?;
-        let maps = ctx.upstream.iter().any(|(kind, _)| kind == "onnx_features");
-        if classifier.base.is_some() && !maps {
-            return Err(fatal(format!(
-                "the classifier in {} sits on VGG16's block5 and takes block4 maps: put an onnx_features stage \
-                 with models/vgg16_block4.onnx before it",
-                self.model.display()
-            )));
-        }
-        classifier.check_preprocess(stage, &ctx.upstream).map_err(StageError::fatal)?;
-        let threads = match self.threads {
-            0 => (std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) / ctx.workers.max(1)).max(1),
-            n => n,
-        };
-        // What reaches the model when a resize upstream fixes it: the images,
-        // or past onnx_features, the block4 maps of their size. A size the
-        // model cannot take stops the run here, before any image is read.
-        let arriving = match (ctx.image_size, classifier.base, maps) {
-            (Some((h, w)), Some(b), true) => Some(b.input_for_image([h as usize, w as usize])),
-            (Some((h, w)), None, false) => Some([h as usize, w as usize, ctx.image_channels.map_or(0, |c| c as usize)]),
-            _ => None,
-        };
-        if let (Some(got), Some(want)) = (arriving, classifier.input) {
-            // Channels are checked at the first image where no stage upstream fixes them.
-            let got = if got[2] == 0 { [got[0], got[1], want[2]] } else { got };
-            if got != want {
-                let what = if maps { "block4 maps" } else { "images" };
-                return Err(fatal(format!(
-                    "{what} arrive as {got:?} (resized upstream) but the model in {} takes {want:?}",
-                    self.model.display()
-                )));
-            }
-        }
+        let arriving = self.arriving(&classifier, ctx.input).map_err(fatal)?;
+        let threads = crate::config::threads(self.threads, ctx.workers);
         let input = classifier.input.or(arriving);
         let model = input.map(|i| classifier.build(i, &self.base_weights(), threads)).transpose().map_err(fatal)?;
         let table = ctx.shared.get_or_try_init(|| Ok(table::Table::new(&self.out_dir, ctx.workers)))?;
-        let option =
-            |kind: &str, key: &str| ctx.upstream.iter().find(|(k, _)| k == kind).and_then(|(_, o)| o.get(key).cloned());
         Ok(Built::Stage(Box::new(Gradcam {
             stage: stage.to_string(),
             model,
@@ -210,10 +235,8 @@ impl StageConfig for GradcamConfig {
             choice,
             intensity: self.intensity,
             out_dir: self.out_dir.clone(),
-            source_dir: option("file_reader", "dir").and_then(|d| d.as_str().map(PathBuf::from)),
-            max_pixels: option("decode", "max_pixels")
-                .and_then(|m| m.as_u64())
-                .unwrap_or_else(crate::stages::decode::default_max_pixels),
+            source_dir: ctx.input.source_dir.clone(),
+            max_pixels: ctx.input.max_pixels.unwrap_or_else(crate::imaging::decode::default_max_pixels),
             classifier,
             table,
             done: 0,
@@ -315,7 +338,7 @@ impl Stage for Gradcam {
         // The book draws on the photo as it is on disk, not the model's 150x150.
         let bytes =
             std::fs::read(&path).map_err(|e| StageError::item(&path, format!("cannot re-read the photo: {e}")))?;
-        let photo = crate::stages::decode::decode_image(&bytes, self.max_pixels)
+        let photo = crate::imaging::decode::decode_image(&bytes, self.max_pixels)
             .map_err(|e| StageError::item(&path, format!("cannot re-read the photo: {e}")))?;
         let picture = heatmap::superimpose(&photo, &h, self.intensity);
         let to = self.picture_path(&path);

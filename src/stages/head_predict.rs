@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::predictions::{PredictionsCsv, missing_files, read_description};
+use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind, Payload};
 use crate::ml::head::Head;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
@@ -40,12 +41,49 @@ impl StageConfig for HeadPredictConfig {
         missing_files("head", &self.head, &["head.safetensors", "head.json"], "train a head with dense_head first")
     }
 
+    /// The preprocessing and image size the head was trained on, for
+    /// `preprocess: auto` and `size: auto` upstream.
+    fn wants(&self, env: bool) -> Wants {
+        match self.trained_on(env) {
+            Some(Ok(t)) => t.wants(format!("the head in {}", self.head.display())),
+            _ => Wants::default(),
+        }
+    }
+
+    /// Features other than the head was trained on are refused here, both named.
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        match self.trained_on(env) {
+            Some(Ok(t)) => match t.mismatch(input) {
+                Some(m) => Err(vec![FieldError::new(
+                    "head",
+                    format!(
+                        "the head in {} was {m}: use the same model, preprocessing and image size (leave \
+                         `preprocess` and `size` out, or `auto`, to get the head's)",
+                        self.head.display()
+                    ),
+                )]),
+                None => Ok(input.clone()),
+            },
+            Some(Err(e)) => Err(vec![FieldError::new("head", e)]),
+            None => Ok(input.clone()),
+        }
+    }
+
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         let head = Head::load_safetensors(&self.head.join("head.safetensors")).map_err(StageError::fatal)?;
         let (_, classes) = read_description(&self.head.join("head.json"))?;
         let csv = PredictionsCsv::new(self.out.clone(), classes, head.output_dim(), CHUNK)
             .map_err(|e| StageError::fatal(format!("{}: {e}", self.head.display())))?;
         Ok(Built::Stage(Box::new(HeadPredict { head, csv })))
+    }
+}
+
+impl HeadPredictConfig {
+    /// What `head.json` records, when the files may be read and it is there
+    /// (a missing one is `check_environment`'s error).
+    fn trained_on(&self, env: bool) -> Option<Result<TrainedOn, String>> {
+        let file = self.head.join("head.json");
+        (env && file.is_file()).then(|| TrainedOn::read(&file))
     }
 }
 

@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use crate::facts::{Facts, LabelFacts};
 use crate::item::{ClassMode, Features, Item, ItemKind, Label, Meta, Payload};
 use crate::stage::{
     BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError,
@@ -76,9 +77,17 @@ impl StageConfig for IdxReaderConfig {
         OptionDoc { name: "epochs", ty: "int", default: "1", help: "passes over the images, reshuffled each" },
     ];
 
-    /// Binary only: a categorical class count is the files' largest label + 1.
-    fn class_outputs(&self) -> Option<usize> {
-        (self.class_mode == ClassMode::Binary).then_some(1)
+    /// Pixels as `[h, w, 1]` tensors: features no model made. The class
+    /// names are the labels' digits, known once the files are read.
+    fn facts(&self, _input: &Facts, _env: bool) -> Result<Facts, Vec<FieldError>> {
+        Ok(Facts {
+            channels: Some(1),
+            labels: Some(LabelFacts { mode: self.class_mode, classes: None }),
+            splits: self.splits.iter().map(|s| s.name.clone()).collect(),
+            epochs: self.epochs,
+            views: 1,
+            ..Facts::default()
+        })
     }
 
     fn check(&self) -> Vec<FieldError> {

@@ -1,4 +1,4 @@
-//! Built-in stages, one file each, and the registry that names them.
+//! The built-in stages, one file each, and [`builtin_registry`] naming them.
 
 pub mod augment;
 pub mod batch;
@@ -16,12 +16,11 @@ pub mod head_predict;
 pub mod idx_reader;
 pub mod onnx_features;
 pub mod predictions;
-pub mod registry;
 pub mod resize;
 pub mod trainer;
 pub mod views;
 
-pub use registry::{KindInfo, OptionsError, Registry};
+use crate::stage::Registry;
 
 /// `#[serde(default = "super::yes")]`: an option that is on unless turned off.
 pub(crate) fn yes() -> bool {

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheHandle, CacheSpec};
+use crate::facts::{Facts, FeatureFacts, Wants};
 use crate::item::{Features, Item, ItemKind, Payload};
 use crate::ml::bases::{BASES, Base};
 use crate::ml::{CudaOptions, Device, Layout, OnnxModel, Preprocess};
@@ -18,10 +19,11 @@ use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, Stag
 #[serde(deny_unknown_fields)]
 pub struct OnnxFeaturesConfig {
     /// A path, or a conv base's name (`vgg19`), read as that base's file.
-    #[serde(deserialize_with = "model_or_base")]
-    pub model: PathBuf,
-    #[serde(default)]
-    pub preprocess: Preprocess,
+    pub model: ModelRef,
+    /// `auto` (`None`): what the stages after it were trained on, else
+    /// the named base's own mode, else `rescale` (the book's).
+    #[serde(default, with = "auto_preprocess")]
+    pub preprocess: Option<Preprocess>,
     #[serde(default)]
     pub device: Device,
     /// ONNX Runtime intra-op threads; 0 = one per core.
@@ -45,32 +47,84 @@ pub struct OnnxFeaturesConfig {
     pub shared_cache: Option<String>,
 }
 
+/// `model:` as written: a path, or a base of [`crate::ml::bases`] by name
+/// (read as its file under `models/`). Written back as the path, so the
+/// options (and the cache keys made of them) are the same either way.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    pub path: PathBuf,
+    /// The base it names, when given by name.
+    pub base: Option<&'static Base>,
+}
+
+impl Serialize for ModelRef {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.path.serialize(s)
+    }
+}
+
+/// A base convflow cannot run yet is refused here, so `validate` says so
+/// with the field's position.
+impl<'de> Deserialize<'de> for ModelRef {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let path = PathBuf::deserialize(d)?;
+        match Base::named(&path) {
+            Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
+            Some(base) => Ok(ModelRef { path: base.path(), base: Some(base) }),
+            None => match Base::unknown(&path) {
+                Some(e) => Err(serde::de::Error::custom(e)),
+                None => Ok(ModelRef { path, base: None }),
+            },
+        }
+    }
+}
+
+/// `preprocess:` a mode, or `auto` (also when absent).
+mod auto_preprocess {
+    use super::Preprocess;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<Preprocess>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => p.serialize(s),
+            None => s.serialize_str("auto"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Preprocess>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged, expecting = "rescale, caffe, tf, torch, none or auto")]
+        enum Mode {
+            Mode(Preprocess),
+            Auto(String),
+        }
+        match Mode::deserialize(d)? {
+            Mode::Mode(p) => Ok(Some(p)),
+            Mode::Auto(w) if w == "auto" => Ok(None),
+            Mode::Auto(w) => Err(serde::de::Error::custom(format!(
+                "unknown preprocess `{w}`: rescale, caffe, tf, torch, none or auto"
+            ))),
+        }
+    }
+}
+
 impl OnnxFeaturesConfig {
+    /// The mode the model's input is made with, once resolved.
+    fn preprocess(&self) -> Preprocess {
+        self.preprocess.or(self.model.base.map(|b| b.preprocess)).unwrap_or_default()
+    }
+
+    /// The base this model is, by name or by its file's path.
+    fn base(&self) -> Option<&'static Base> {
+        self.model.base.or_else(|| BASES.iter().find(|b| b.path() == self.model.path))
+    }
+
     fn cuda(&self) -> CudaOptions {
         CudaOptions { tf32: self.tf32, pinned: self.pinned_memory }
     }
 
     fn threads(&self) -> usize {
-        if self.intra_threads > 0 {
-            self.intra_threads
-        } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        }
-    }
-}
-
-/// `model:` as a path, or a base of [`crate::ml::bases`] by name: its file
-/// under `models/`. A base convflow cannot run yet is refused here, so
-/// `validate` says so with the field's position.
-fn model_or_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
-    let path = PathBuf::deserialize(d)?;
-    match Base::named(&path) {
-        Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
-        Some(base) => Ok(base.path()),
-        None => match Base::unknown(&path) {
-            Some(e) => Err(serde::de::Error::custom(e)),
-            None => Ok(path),
-        },
+        crate::config::threads(self.intra_threads, 1)
     }
 }
 
@@ -79,6 +133,7 @@ impl StageConfig for OnnxFeaturesConfig {
     const SUMMARY: &'static str = "runs an ONNX conv base (e.g. VGG16 without top) on image batches; cached";
     const ACCEPTS: &'static [ItemKind] = &[ItemKind::Batch];
     const EMITS: Option<ItemKind> = Some(ItemKind::Features);
+    const PLACE_OPTIONS: &'static [&'static str] = &["cache", "shared_cache", "device", "intra_threads", "spinning"];
     // Each copy holds its own session: on a GPU two copies overlap one
     // batch's preprocessing and copy with the other's compute.
     const PARALLEL: bool = true;
@@ -91,9 +146,9 @@ impl StageConfig for OnnxFeaturesConfig {
         },
         OptionDoc {
             name: "preprocess",
-            ty: "rescale|caffe|tf|torch|none",
-            default: "rescale",
-            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255",
+            ty: "rescale|caffe|tf|torch|none|auto",
+            default: "auto",
+            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255; auto: what the trained model after it was trained on, else a named base's mode, else rescale",
         },
         OptionDoc {
             name: "device",
@@ -142,13 +197,13 @@ impl StageConfig for OnnxFeaturesConfig {
 
     fn check_environment(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        if !self.model.is_file() {
-            let how = match BASES.iter().find(|b| b.path() == self.model).and_then(|b| b.setup) {
+        if !self.model.path.is_file() {
+            let how = match self.base().and_then(|b| b.setup) {
                 Some(setup) => format!("run {setup}"),
                 None => "models/setup.sh produces the models".into(),
             };
-            errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.display())));
-        } else if let Some(Err(e)) = Base::of_file(&self.model).map(|b| b.check_file(&self.model)) {
+            errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.path.display())));
+        } else if let Some(Err(e)) = Base::of_file(&self.model.path).map(|b| b.check_file(&self.model.path)) {
             errors.push(FieldError::new("model", e));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
@@ -166,12 +221,12 @@ impl StageConfig for OnnxFeaturesConfig {
             }
             return Ok(None);
         };
-        let bytes = std::fs::read(&self.model)
-            .map_err(|e| FieldError::new("model", format!("cannot read {}: {e}", self.model.display())))?;
+        let bytes = std::fs::read(&self.model.path)
+            .map_err(|e| FieldError::new("model", format!("cannot read {}: {e}", self.model.path.display())))?;
         let mut key = format!(
             "model blake3 {}, preprocess {:?}, input NHWC float32",
             blake3::hash(&bytes).to_hex(),
-            self.preprocess
+            self.preprocess()
         );
         // TF32 features differ from float32 ones by ~1e-3: never served for
         // each other. (Absent otherwise, so existing caches stay valid.)
@@ -182,25 +237,71 @@ impl StageConfig for OnnxFeaturesConfig {
         Ok(Some(CacheSpec { dir, key, shared }))
     }
 
-    /// One black image of the upstream size through the model (on the CPU):
-    /// the model's output shape, whatever its symbolic dims.
-    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
-        let Some([h, w, _]) = image else {
-            return Some(Err("its image size is not fixed: put a `resize` before it".into()));
+    /// A named base sets the size of the images before it (`resize: {size: auto}`),
+    /// unless a trained model after it says otherwise.
+    fn wants(&self, _env: bool) -> Wants {
+        match self.model.base {
+            Some(b) => Wants {
+                image_size: Some([b.native_size, b.native_size]),
+                by: format!("the conv base `{}`", b.name),
+                ..Wants::default()
+            },
+            None => Wants::default(),
+        }
+    }
+
+    fn resolve(&self, wants: &Wants) -> Option<Self> {
+        let preprocess = self.preprocess.or(wants.preprocess).unwrap_or_else(|| self.preprocess());
+        (self.preprocess != Some(preprocess))
+            .then(|| OnnxFeaturesConfig { preprocess: Some(preprocess), ..self.clone() })
+    }
+
+    /// Features of this model and preprocessing; their shape where the
+    /// images' size is fixed: worked out for a base, else one black image
+    /// through the model (on the CPU, when the files may be read).
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        let size = input.image_size;
+        if let (Some(base), Some([h, w])) = (self.base(), size) {
+            base.check_size(h, w).map_err(|e| vec![FieldError::new("model", e)])?;
+        }
+        let readable = env && self.model.path.is_file();
+        let shape = match (self.base().and_then(|b| size.and_then(|[h, w]| b.features_shape(h, w))), size) {
+            (Some(shape), _) => Some(shape.iter().map(|&d| d as usize).collect()),
+            (None, Some([h, w])) if readable => Some(
+                OnnxModel::load(&self.model.path, Device::Cpu, 1, false)
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut m| {
+                        m.check_size(h, w)?;
+                        m.probe(h, w)
+                    })
+                    .map_err(|e| {
+                        vec![FieldError::new(
+                            "model",
+                            format!("{}: cannot take the pipeline's {h}x{w} images: {e}", self.model.path.display()),
+                        )]
+                    })?,
+            ),
+            _ => None,
         };
-        Some(
-            OnnxModel::load(&self.model, Device::Cpu, 1, false)
-                .map_err(|e| e.to_string())
-                .and_then(|mut m| m.probe(h as u32, w as u32))
-                .map_err(|e| format!("model {}: {e}", self.model.display())),
-        )
+        let model_blake3 = readable
+            .then(|| std::fs::read(&self.model.path).ok().map(|b| blake3::hash(&b).to_hex().to_string()))
+            .flatten();
+        let model = self
+            .model
+            .path
+            .file_name()
+            .map_or_else(|| self.model.path.display().to_string(), |f| f.to_string_lossy().into_owned());
+        Ok(Facts {
+            features: Some(FeatureFacts { model, model_blake3, preprocess: self.preprocess(), shape }),
+            ..input.clone()
+        })
     }
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
-        let mut model = OnnxModel::load_with(&self.model, self.device, self.threads(), self.spinning, self.cuda())
+        let mut model = OnnxModel::load_with(&self.model.path, self.device, self.threads(), self.spinning, self.cuda())
             .map_err(StageError::fatal)?;
-        if let Some((h, w)) = ctx.image_size {
-            let model_err = |e: String| StageError::fatal(format!("model {}: {e}", self.model.display()));
+        if let Some([h, w]) = ctx.input.image_size {
+            let model_err = |e: String| StageError::fatal(format!("model {}: {e}", self.model.path.display()));
             model.check_size(h, w).map_err(model_err)?;
             model.probe(h, w).map(drop).map_err(|e| {
                 model_err(format!(
@@ -213,7 +314,7 @@ impl StageConfig for OnnxFeaturesConfig {
         Ok(Built::Stage(Box::new(OnnxFeatures {
             latency: labels.histogram(crate::telemetry::INFERENCE_BATCH_SECONDS),
             model,
-            preprocess: self.preprocess,
+            preprocess: self.preprocess(),
             threads: self.threads(),
             cache: ctx.cache.clone(),
             lookup: !ctx.cache_probed_upstream,

@@ -9,8 +9,9 @@ use image::imageops::{flip_horizontal, flip_vertical};
 use image::{ImageBuffer, Pixel};
 use serde::{Deserialize, Serialize};
 
+use crate::facts::Facts;
 use crate::item::{Item, ItemKind, Payload};
-use crate::stage::{BuildContext, Built, Emit, OptionDoc, Stage, StageConfig, StageError};
+use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, Stage, StageConfig, StageError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +43,10 @@ impl StageConfig for ViewsConfig {
     const AFFECTS_PIXELS: bool = true;
     // A cached original cannot stand in for its mirror image: this stage needs pixels.
     const PASSES_PRECOMPUTED: bool = false;
+
+    fn facts(&self, input: &Facts, _env: bool) -> Result<Facts, Vec<FieldError>> {
+        Ok(Facts { views: self.views().len() as u8, ..input.clone() })
+    }
 
     fn build(&self, _ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         Ok(Built::Stage(Box::new(Views { config: self.clone() })))

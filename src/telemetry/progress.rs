@@ -42,6 +42,7 @@ pub enum Role {
     Sink,
 }
 
+#[derive(Clone)]
 pub struct Tracked {
     pub stage: String,
     pub role: Role,
@@ -55,7 +56,8 @@ pub struct Tracked {
 }
 
 impl Tracked {
-    fn count(&self) -> u64 {
+    /// Items done so far: what a source emitted, what a sink took in.
+    pub fn count(&self) -> u64 {
         match self.role {
             Role::Source => self.stats.items_out.load(Ordering::Relaxed),
             Role::Sink => self.stats.items_in.load(Ordering::Relaxed),
@@ -89,6 +91,11 @@ fn eta(seconds: f64) -> String {
 }
 
 impl Progress {
+    /// What it watches (a source's items out, a sink's items in).
+    pub fn tracked(&self) -> &[Tracked] {
+        &self.tracked
+    }
+
     pub fn new(mode: ProgressMode, tracked: Vec<Tracked>) -> Self {
         let now = Instant::now();
         let (multi, bars) = match mode {

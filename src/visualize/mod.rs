@@ -12,7 +12,6 @@
 //! any layer's input these need.
 
 pub mod activations;
-pub mod command;
 pub mod filters;
 pub mod heatmap;
 pub mod picture;

@@ -20,6 +20,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::facts::{Facts, StageRecord, TrainedOn};
 use crate::item::{ClassMode, Item};
 use crate::ml::loss::LossKind;
 use crate::stage::{BuildContext, Emit, EpochEnd, RunSignals, Stage, StageError};
@@ -207,11 +208,7 @@ pub trait TrainerKind: Send + 'static {
 impl<K: TrainerKind> TrainerStage<K> {
     pub fn new(kind: K, ctx: &BuildContext<'_>) -> TrainerStage<K> {
         let cfg = kind.common();
-        let provenance = ctx
-            .upstream
-            .iter()
-            .map(|(kind, options)| serde_json::json!({ "kind": kind, "options": options }))
-            .collect::<Vec<_>>();
+        let provenance = records(ctx.input);
         let fingerprint = checkpoint::fingerprint(&kind.options(), &provenance);
         let stream = cfg.streaming.then(|| Stream {
             trainer: None,
@@ -230,7 +227,7 @@ impl<K: TrainerKind> TrainerStage<K> {
             cfg,
             data: Default::default(),
             summary: None,
-            provenance,
+            input: ctx.input.clone(),
             spilled: false,
             stream,
             signals: ctx.signals.clone(),
@@ -407,9 +404,9 @@ pub struct TrainerStage<K: TrainerKind> {
     cfg: Common,
     data: Data,
     summary: Option<serde_json::Value>,
-    /// The stages that made the features, recorded in head.json so the head
-    /// can be used (and exported) with the same model and preprocessing.
-    provenance: Vec<serde_json::Value>,
+    /// What arrives: recorded beside the weights (`trained_on`, and the
+    /// stages that made the items), so the model is used on the same.
+    input: Facts,
     spilled: bool,
     /// `streaming: true`: the training state between items.
     stream: Option<Stream<K::M>>,
@@ -629,7 +626,7 @@ impl<M: Model> Trainer<M> {
         kind: &K,
         cfg: &Common,
         d: &Data,
-        provenance: &[serde_json::Value],
+        input: &Facts,
     ) -> Result<serde_json::Value, String> {
         let train_seconds = self.seconds_before + self.started.elapsed().as_secs_f64();
         let best_epoch = self.best.map(|(_, e)| e);
@@ -647,11 +644,12 @@ impl<M: Model> Trainer<M> {
             crate::plot::smoothed_curves(&out.join("curves_smoothed.png"), &epochs, factor)
                 .map_err(|e| format!("curves_smoothed.png: {e}"))?;
         }
+        let trained_on = TrainedOn::from_edge(input, d.classes.to_vec(), d.mode);
         let description = serde_json::json!({
             "layers": self.layers, "input_shape": d.feature_shape, "classes": d.classes,
-            "class_mode": d.mode, "threads": self.threads, "seed": cfg.seed,
+            "class_mode": d.mode, "threads": self.threads, "seed": cfg.seed, "trained_on": trained_on,
         });
-        kind.save_model(&self.head, out, description, provenance)?;
+        kind.save_model(&self.head, out, description, &records(input))?;
 
         let last = history.last();
         let test = if d.test.n > 0 { Some(d.test.evaluate(&mut self.head, d.dim, self.outputs)?) } else { None };
@@ -904,14 +902,9 @@ impl<K: TrainerKind> Stage for TrainerStage<K> {
             let trainer = self.stream.as_mut().and_then(|st| st.trainer.take()).ok_or_else(|| {
                 StageError::fatal(format!("no items of split `{}` to train on", self.cfg.train_split))
             })?;
-            trainer.save(&self.kind, &self.cfg, &self.data, &self.provenance).map_err(StageError::fatal)?
+            trainer.save(&self.kind, &self.cfg, &self.data, &self.input).map_err(StageError::fatal)?
         } else {
-            let run = Collected {
-                cfg: &self.cfg,
-                d: &self.data,
-                provenance: &self.provenance,
-                fingerprint: &self.fingerprint,
-            };
+            let run = Collected { cfg: &self.cfg, d: &self.data, input: &self.input, fingerprint: &self.fingerprint };
             run.train(&self.kind, signals).map_err(StageError::fatal)?
         };
         self.summary = Some(summary);
@@ -934,7 +927,7 @@ fn monitor_value(r: &EpochRecord, m: Monitor) -> Option<f32> {
 struct Collected<'a> {
     cfg: &'a Common,
     d: &'a Data,
-    provenance: &'a [serde_json::Value],
+    input: &'a Facts,
     fingerprint: &'a str,
 }
 
@@ -980,8 +973,13 @@ impl Collected<'_> {
                 break;
             }
         }
-        t.save(kind, cfg, d, self.provenance)
+        t.save(kind, cfg, d, self.input)
     }
+}
+
+/// The stages that made the items, as a trained model's description lists them.
+fn records(input: &Facts) -> Vec<serde_json::Value> {
+    input.made_by.iter().map(StageRecord::to_json).collect()
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> std::io::Result<()> {

@@ -29,6 +29,9 @@ pub struct KindInfo {
     pub affects_pixels: bool,
     pub passes_precomputed: bool,
     pub random: bool,
+    pub place_options: &'static [&'static str],
+    pub lists_files: bool,
+    pub writes_parts: bool,
     parse: ParseFn,
 }
 
@@ -55,7 +58,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry; see [`crate::stages::builtin_registry`] for one with the built-ins.
+    /// An empty registry; see `stages::builtin_registry()` for one with the built-ins.
     pub fn new() -> Self {
         Self::default()
     }
@@ -75,6 +78,9 @@ impl Registry {
                 affects_pixels: C::AFFECTS_PIXELS,
                 passes_precomputed: C::PASSES_PRECOMPUTED,
                 random: C::RANDOM,
+                place_options: C::PLACE_OPTIONS,
+                lists_files: C::LISTS_FILES,
+                writes_parts: C::WRITES_PARTS,
                 parse: parse_config::<C>,
             },
         );

@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use image::RgbImage;
 
-use super::{activations, filters, picture};
+use crate::imaging::resize::{Filter, Resize};
 use crate::ml::convnet::vgg16::{self, CONV_BASE_LAYERS};
 use crate::ml::convnet::{Convnet, Shape};
 use crate::ml::preprocess::Preprocess;
 use crate::npy::NpyWriter;
 use crate::stages::classifier::Classifier;
-use crate::stages::resize::{Filter, Resize};
+use crate::visualize::{activations, filters, picture};
 
 pub const DEFAULT_WEIGHTS: &str = "models/vgg16_convs.safetensors";
 
@@ -90,7 +90,7 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     fn threads(&self) -> usize {
-        if self.threads > 0 { self.threads } else { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) }
+        crate::config::threads(self.threads, 1)
     }
 }
 
@@ -171,7 +171,7 @@ pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
 /// The model `activations` runs and the image as it takes it.
 fn activation_input(image: &Path, model: &str, size: usize, args: &ModelArgs) -> anyhow::Result<(Convnet, Vec<f32>)> {
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
-    let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
+    let img = crate::imaging::decode::decode_image(&bytes, u64::MAX)
         .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
     if model == "vgg16" {
         let net = vgg16::conv_base([size, size], "block5_pool", &args.weights, args.threads())?;
@@ -190,7 +190,7 @@ fn activation_input(image: &Path, model: &str, size: usize, args: &ModelArgs) ->
     let img = resized(img, h, w, trained.resize_filter)?;
     let rescale = trained.rescale;
     let x: Vec<f32> = if c == 1 {
-        crate::stages::decode::to_gray(&img).as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
+        crate::imaging::decode::to_gray(&img).as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
     } else {
         img.as_raw().iter().map(|&v| f32::from(v) * rescale).collect()
     };

@@ -1,6 +1,9 @@
 //! The `convflow` command. [`main`] takes a registry so a user's binary can
 //! add its own stages and get the very same CLI.
 
+mod shard;
+mod visualize;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,8 +19,7 @@ use crate::cache::FeatureCache;
 use crate::config::{self, ConfigErrors, MetricsConfig};
 use crate::graph::Graph;
 use crate::runtime::{self, RunError, RunOptions};
-use crate::stage::{RunSignals, SummaryInput};
-use crate::stages::Registry;
+use crate::stage::{Registry, RunSignals};
 
 /// Exit codes a script can rely on.
 pub mod exit {
@@ -141,10 +143,13 @@ enum Command {
         #[command(flatten)]
         pipeline: PipelineArgs,
     },
-    /// Print the pipeline graph as Graphviz DOT.
+    /// Print what flows on each edge of the pipeline (`--dot`: as Graphviz DOT).
     Graph {
         #[command(flatten)]
         pipeline: PipelineArgs,
+        /// Graphviz DOT (edges labelled with their facts) instead of text.
+        #[arg(long)]
+        dot: bool,
     },
     /// List stage kinds with their options and defaults.
     Stages {
@@ -191,7 +196,7 @@ enum Command {
     /// Pictures of what a convnet learned (section 5.4): activations, filter patterns.
     Visualize {
         #[command(subcommand)]
-        what: crate::visualize::command::Visualize,
+        what: visualize::Visualize,
     },
     /// Make the synthetic demo data set (if missing) and run
     /// pipelines/extract_features.yaml on it.
@@ -229,9 +234,8 @@ pub fn main(registry: Registry) -> ExitCode {
 fn summary(g: &Graph) -> ExitCode {
     let mut printed = 0;
     let mut failed = false;
-    for (i, s) in g.stages.iter().enumerate() {
-        let upstream = || summary_input(g, i);
-        match s.config.model_summary(s.id(), &upstream) {
+    for s in &g.stages {
+        match s.config.model_summary(s.id(), &s.input) {
             None => {}
             Some(Ok(text)) => {
                 print!("{}{text}", if printed > 0 { "\n" } else { "" });
@@ -247,26 +251,6 @@ fn summary(g: &Graph) -> ExitCode {
         println!("{}: no trainer with a summary", g.file.display());
     }
     if failed { ExitCode::from(exit::INVALID) } else { ExitCode::SUCCESS }
-}
-
-/// What reaches stage `i`: the features shape of the nearest stage that
-/// makes features (worked out from the images upstream of it), else the
-/// nearest image size with its channels; and the source's class outputs.
-fn summary_input(g: &Graph, i: usize) -> Result<SummaryInput, String> {
-    let image_above = |i: usize| {
-        let up = g.ancestors(i).into_iter().rev();
-        let size = up.clone().find_map(|j| g.stages[j].config.image_size());
-        let channels = up.clone().find_map(|j| g.stages[j].config.image_channels()).unwrap_or(3);
-        size.map(|(h, w)| [h as usize, w as usize, channels as usize])
-    };
-    let ancestors: Vec<usize> = g.ancestors(i).into_iter().rev().collect();
-    let shape = match ancestors.iter().find_map(|&j| g.stages[j].config.features_shape(image_above(j)).map(|r| (j, r)))
-    {
-        Some((j, shape)) => Some(shape.map_err(|e| format!("its input comes from `{}`: {e}", g.stages[j].id()))?),
-        None => image_above(i).map(|s| s.to_vec()),
-    };
-    let class_outputs = ancestors.iter().find_map(|&j| g.stages[j].config.class_outputs());
-    Ok(SummaryInput { shape, class_outputs })
 }
 
 fn load(args: &PipelineArgs, registry: &Registry) -> Result<Graph, ConfigErrors> {
@@ -306,9 +290,9 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             Ok(g) => summary(&g),
             Err(e) => invalid(&e),
         }),
-        Command::Graph { pipeline } => Ok(match load(&pipeline, registry) {
+        Command::Graph { pipeline, dot } => Ok(match load(&pipeline, registry) {
             Ok(g) => {
-                print!("{}", g.to_dot());
+                print!("{}", if dot { g.to_dot() } else { g.facts_text() });
                 ExitCode::SUCCESS
             }
             Err(e) => invalid(&e),
@@ -321,21 +305,23 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
                     }
                     match (shard, plan) {
                         (Some(spec), Some(plan)) => {
-                            let run = |g: &Graph| run_graph(g, report.as_deref(), &metrics, drain_deadline, cli.quiet);
-                            crate::shard::cli::run_shard(g, spec, &plan, cli.quiet, run)
+                            let run = |g: &Graph, shard| {
+                                run_graph(g, report.as_deref(), &metrics, drain_deadline, cli.quiet, Some(shard))
+                            };
+                            shard::run_shard(g, spec, &plan, cli.quiet, run)
                         }
-                        _ => run_graph(&g, report.as_deref(), &metrics, drain_deadline, cli.quiet),
+                        _ => run_graph(&g, report.as_deref(), &metrics, drain_deadline, cli.quiet, None),
                     }
                 }
                 Err(e) => Ok(invalid(&e)),
             }
         }
         Command::Plan { pipeline, shards, out } => match load(&pipeline, registry) {
-            Ok(g) => crate::shard::cli::plan(&g, shards, &out, cli.quiet),
+            Ok(g) => shard::plan(&g, shards, &out, cli.quiet),
             Err(e) => Ok(invalid(&e)),
         },
         Command::Merge { pipeline, plan, report } => match load(&pipeline, registry) {
-            Ok(g) => crate::shard::cli::merge(&g, &plan, report.as_deref(), cli.quiet),
+            Ok(g) => shard::merge(&g, &plan, report.as_deref(), cli.quiet),
             Err(e) => Ok(invalid(&e)),
         },
         Command::Demo { set } => {
@@ -345,7 +331,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
             }
             let pipeline = PipelineArgs { file: PathBuf::from("pipelines/extract_features.yaml"), set };
             let code = match load_with_metrics(&pipeline, registry) {
-                Ok((g, metrics)) => run_graph(&g, None, &metrics, DEFAULT_DRAIN_DEADLINE, cli.quiet)?,
+                Ok((g, metrics)) => run_graph(&g, None, &metrics, DEFAULT_DRAIN_DEADLINE, cli.quiet, None)?,
                 Err(e) => invalid(&e),
             };
             if code == ExitCode::SUCCESS && !cli.quiet {
@@ -355,7 +341,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
         }
         Command::Cache { action, dir } => cache_command(action, &dir),
         Command::Visualize { what } => {
-            crate::visualize::command::run(what, cli.quiet)?;
+            visualize::run(what, cli.quiet)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::AugmentPreview { image, out, count, seed, config } => {
@@ -367,7 +353,7 @@ fn dispatch(cli: Cli, registry: &Registry) -> anyhow::Result<ExitCode> {
                 }
             };
             let bytes = std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
-            let img = crate::stages::decode::decode_image(&bytes, u64::MAX)
+            let img = crate::imaging::decode::decode_image(&bytes, u64::MAX)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
             let grid = crate::augment::preview_grid(&img, &opts, blake3::hash(&bytes).as_bytes(), count, 4);
             grid.save(&out).with_context(|| format!("writing {}", out.display()))?;
@@ -391,7 +377,10 @@ fn preview_options(config: Option<&str>, seed: Option<u64>) -> Result<AugmentOpt
                 node.to_json()
             } else {
                 let cfg = config::load(Path::new(path), &[]).map_err(|e| e.to_string())?;
-                let stage = cfg.stages.iter().find(|s| s.kind == "augment");
+                let stage = cfg
+                    .stages
+                    .iter()
+                    .find(|s| s.kind == <crate::stages::augment::AugmentConfig as crate::stage::StageConfig>::KIND);
                 stage.ok_or_else(|| format!("{path} has no augment stage"))?.options.to_json()
             }
         }
@@ -430,6 +419,7 @@ fn run_graph(
     metrics: &MetricsConfig,
     drain_deadline: Duration,
     quiet: bool,
+    shard: Option<crate::stage::ShardRun>,
 ) -> anyhow::Result<ExitCode> {
     let report_paths: Vec<&Path> = graph.report.iter().map(PathBuf::as_path).chain(extra_report).collect();
     // Metrics are recorded when someone will read them: the endpoint, or
@@ -450,6 +440,7 @@ fn run_graph(
         drain_deadline,
         metrics: exporter.is_some(),
         progress: crate::telemetry::ProgressMode::auto(quiet),
+        shard,
     };
     let result = runtime::run(graph, &options);
     let (report, code) = match result {

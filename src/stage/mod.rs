@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+mod registry;
+
+pub use registry::{KindInfo, OptionsError, Registry};
+
 use crate::cache::{CacheHandle, CacheSpec};
-use crate::item::{Item, ItemKind};
+use crate::facts::{Facts, Wants};
+use crate::item::{Item, ItemKind, Listed};
 
 /// Where a stage's outputs go. Blocks while the next stage's input is full.
 pub trait Emit {
@@ -169,10 +174,8 @@ pub struct BuildContext<'a> {
     pub workers: usize,
     /// One slot all copies of this stage share in this run; see [`SharedByCopies`].
     pub shared: Arc<SharedByCopies>,
-    /// The image size (height, width) produced upstream, when a stage fixes it.
-    pub image_size: Option<(u32, u32)>,
-    /// The channels of the images produced upstream, when a stage fixes them.
-    pub image_channels: Option<u32>,
+    /// What arrives on this stage's input, as the graph worked it out.
+    pub input: &'a Facts,
     /// The feature cache opened for this stage, when it declared one.
     pub cache: Option<CacheHandle>,
     /// For sources: look items up in a downstream stage's cache before
@@ -181,11 +184,21 @@ pub struct BuildContext<'a> {
     /// True when a source already looked every item up in `cache`, so
     /// whatever arrives still undone is known to be a miss.
     pub cache_probed_upstream: bool,
-    /// Every stage upstream, as (kind, options JSON), in graph order: what
-    /// made the items this stage sees (a trained head records it).
-    pub upstream: Vec<(String, serde_json::Value)>,
     /// The run's signals (a trainer that stops early sets `epochs_done`).
     pub signals: Arc<RunSignals>,
+    /// In a sharded run (`convflow run --shard`): what the source emits and
+    /// where the sink writes, in place of what the file says.
+    pub shard: Option<&'a ShardRun>,
+}
+
+/// What one shard of a sharded run gives its stages: a typed run input,
+/// never written in a pipeline file.
+#[derive(Debug, Clone)]
+pub struct ShardRun {
+    /// The items the source emits, in order: its range of the plan's manifest.
+    pub items: Vec<Listed>,
+    /// The folder the sink writes its part into.
+    pub out_dir: PathBuf,
 }
 
 /// What the copies of one stage (`workers: N`) share in one run: the first
@@ -238,7 +251,7 @@ impl FieldError {
 }
 
 /// A stage kind, implemented on its typed config. Register it with
-/// [`crate::stages::Registry::register`]; built-ins are registered the same way.
+/// [`Registry::register`]; built-ins are registered the same way.
 pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     /// The `kind:` name in pipeline files.
     const KIND: &'static str;
@@ -261,6 +274,13 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
     /// content hash), as augmentation does? Then the feature cache keeps
     /// each variant of an image apart.
     const RANDOM: bool = false;
+    /// Options that say where or how fast, never what: left out of a
+    /// sharded run's fingerprint, so workers with other local paths agree.
+    const PLACE_OPTIONS: &'static [&'static str] = &[];
+    /// A source whose items a sharded run's plan can list ([`StageConfig::listing`]).
+    const LISTS_FILES: bool = false;
+    /// A sink whose output folder can be one shard's part, which a merge joins.
+    const WRITES_PARTS: bool = false;
 
     /// Checks beyond types that need nothing outside the file: ranges,
     /// options that exclude each other.
@@ -276,14 +296,36 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
         Vec::new()
     }
 
-    /// The image size this stage produces, if it fixes one.
-    fn image_size(&self) -> Option<(u32, u32)> {
+    /// What this stage emits, given what arrives (`input`; a source gets
+    /// [`Facts::default`]): one typed function per stage kind, which also
+    /// refuses an input the stage cannot take, naming both sides. `env`:
+    /// files the pipeline points at (a trained model's folder) may be read;
+    /// false under `validate --no-environment`. The default passes the
+    /// input's facts on unchanged.
+    fn facts(&self, input: &Facts, _env: bool) -> Result<Facts, Vec<FieldError>> {
+        Ok(input.clone())
+    }
+
+    /// What this stage needs of what arrives (a head: the preprocessing and
+    /// image size it was trained on), so that options left out upstream
+    /// (`preprocess: auto`, `size: auto`) take the right value.
+    fn wants(&self, _env: bool) -> Wants {
+        Wants::default()
+    }
+
+    /// These options with what was left out filled in from what the stages
+    /// after it want; `None`: nothing to fill.
+    fn resolve(&self, _wants: &Wants) -> Option<Self>
+    where
+        Self: Sized,
+    {
         None
     }
 
-    /// The channels of the images this stage produces, if it fixes them (`decode`: 3 or 1).
-    fn image_channels(&self) -> Option<u32> {
-        None
+    /// For a source with [`StageConfig::LISTS_FILES`]: every item it would
+    /// emit, in order, for `convflow plan`.
+    fn listing(&self) -> Result<Vec<Listed>, String> {
+        Err(format!("`{}` does not list its items", Self::KIND))
     }
 
     /// The cache this stage reads and fills, if any.
@@ -293,55 +335,27 @@ pub trait StageConfig: DeserializeOwned + Serialize + Send + Sync + 'static {
 
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
 
-    /// For a source of labelled items: the outputs a classifier of its
-    /// labels has (1 for `binary`, the class count for `categorical`), if
-    /// known before the run. `convflow summary` sizes a default head by it.
-    fn class_outputs(&self) -> Option<usize> {
-        None
-    }
-
-    /// For a stage that turns images into features (`onnx_features`): the
-    /// shape of one image's features for images of `image` `[height, width,
-    /// channels]`, for `convflow summary`. `None`: not such a stage.
-    fn features_shape(&self, _image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
-        None
-    }
-
     /// For a trainer: its model as Keras's `model.summary()` prints it
-    /// (`convflow summary`), given what arrives from upstream (worked out
-    /// when asked: it may load a model). `None`: not a trainer with a summary.
-    fn model_summary(&self, _stage_id: &str, _upstream: Upstream<'_>) -> Option<Result<String, String>> {
+    /// (`convflow summary`), given what arrives. `None`: not a trainer
+    /// with a summary.
+    fn model_summary(&self, _stage_id: &str, _input: &Facts) -> Option<Result<String, String>> {
         None
     }
-}
-
-/// Works out a trainer's [`SummaryInput`] on demand.
-pub type Upstream<'a> = &'a dyn Fn() -> Result<SummaryInput, String>;
-
-/// What `convflow summary` knows of a trainer's input before any item exists.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SummaryInput {
-    /// The shape of one item: `[height, width, channels]` of the images
-    /// resized upstream, or the features shape of the nearest stage that
-    /// makes features.
-    pub shape: Option<Vec<usize>>,
-    /// The source's [`StageConfig::class_outputs`].
-    pub class_outputs: Option<usize>,
 }
 
 /// Type-erased [`StageConfig`], as stored in a validated graph.
 pub trait AnyStageConfig: Send + Sync {
     fn check(&self) -> Vec<FieldError>;
     fn check_environment(&self) -> Vec<FieldError>;
-    fn image_size(&self) -> Option<(u32, u32)>;
-    fn image_channels(&self) -> Option<u32>;
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>>;
+    fn wants(&self, env: bool) -> Wants;
+    fn resolve(&self, wants: &Wants) -> Option<SharedConfig>;
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError>;
+    fn listing(&self) -> Result<Vec<Listed>, String>;
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError>;
     /// Canonical JSON of the options, defaults filled in (for cache keys).
     fn canonical_json(&self) -> String;
-    fn class_outputs(&self) -> Option<usize>;
-    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>>;
-    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>>;
+    fn model_summary(&self, stage_id: &str, input: &Facts) -> Option<Result<String, String>>;
 }
 
 impl<C: StageConfig> AnyStageConfig for C {
@@ -351,14 +365,20 @@ impl<C: StageConfig> AnyStageConfig for C {
     fn check_environment(&self) -> Vec<FieldError> {
         StageConfig::check_environment(self)
     }
-    fn image_size(&self) -> Option<(u32, u32)> {
-        StageConfig::image_size(self)
+    fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
+        StageConfig::facts(self, input, env)
     }
-    fn image_channels(&self) -> Option<u32> {
-        StageConfig::image_channels(self)
+    fn wants(&self, env: bool) -> Wants {
+        StageConfig::wants(self, env)
+    }
+    fn resolve(&self, wants: &Wants) -> Option<SharedConfig> {
+        StageConfig::resolve(self, wants).map(|c| Arc::new(c) as SharedConfig)
     }
     fn cache(&self) -> Result<Option<CacheSpec>, FieldError> {
         StageConfig::cache(self)
+    }
+    fn listing(&self) -> Result<Vec<Listed>, String> {
+        StageConfig::listing(self)
     }
     fn build(&self, ctx: &BuildContext<'_>) -> Result<Built, StageError> {
         StageConfig::build(self, ctx)
@@ -366,14 +386,8 @@ impl<C: StageConfig> AnyStageConfig for C {
     fn canonical_json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
-    fn class_outputs(&self) -> Option<usize> {
-        StageConfig::class_outputs(self)
-    }
-    fn features_shape(&self, image: Option<[usize; 3]>) -> Option<Result<Vec<usize>, String>> {
-        StageConfig::features_shape(self, image)
-    }
-    fn model_summary(&self, stage_id: &str, upstream: Upstream<'_>) -> Option<Result<String, String>> {
-        StageConfig::model_summary(self, stage_id, upstream)
+    fn model_summary(&self, stage_id: &str, input: &Facts) -> Option<Result<String, String>> {
+        StageConfig::model_summary(self, stage_id, input)
     }
 }
 

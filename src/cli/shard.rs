@@ -1,14 +1,13 @@
-//! The `plan`, `run --shard` and `merge` commands, kept here so the CLI
-//! module only dispatches.
+//! The `plan`, `run --shard` and `merge` commands.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use super::ShardSpec;
-use super::part::{self, Prepared};
-use super::plan::{self, Plan};
-use crate::cli::exit;
+use super::exit;
 use crate::graph::Graph;
+use crate::shard::ShardSpec;
+use crate::shard::part::{self, Prepared};
+use crate::shard::plan::{self, Plan};
 
 pub fn plan(graph: &Graph, shards: u64, out: &Path, quiet: bool) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
@@ -33,7 +32,7 @@ pub fn run_shard(
     spec: ShardSpec,
     plan_dir: &Path,
     quiet: bool,
-    run: impl FnOnce(&Graph) -> anyhow::Result<ExitCode>,
+    run: impl FnOnce(&Graph, crate::stage::ShardRun) -> anyhow::Result<ExitCode>,
 ) -> anyhow::Result<ExitCode> {
     let (index, count) = match spec.resolve(&|v| std::env::var(v).ok()) {
         Ok(x) => x,
@@ -54,7 +53,7 @@ pub fn run_shard(
         Prepared::Run(staging) => staging,
     };
     let prepared = started.elapsed();
-    let code = run(&graph)?;
+    let code = run(&graph, staging.shard_run()?)?;
     if code != ExitCode::SUCCESS {
         // The staging folder goes with `staging`: nothing half-done is published.
         return Ok(code);
@@ -76,9 +75,9 @@ pub fn run_shard(
 pub fn merge(graph: &Graph, plan_dir: &Path, report: Option<&Path>, quiet: bool) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
     let plan = Plan::load(plan_dir)?;
-    let summary = super::merge::merge(graph, &plan, plan_dir, report)?;
+    let summary = crate::shard::merge::merge(graph, &plan, plan_dir, report)?;
     if !quiet {
-        println!("{} ({:.2} s)", super::merge::describe(&summary), started.elapsed().as_secs_f64());
+        println!("{} ({:.2} s)", crate::shard::merge::describe(&summary), started.elapsed().as_secs_f64());
     }
     Ok(ExitCode::SUCCESS)
 }
