@@ -262,7 +262,10 @@ impl StageConfig for OnnxFeaturesConfig {
     fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
         let size = input.image_size;
         if let (Some(base), Some([h, w])) = (self.base(), size) {
-            base.check_size(h, w).map_err(|e| vec![FieldError::new("model", e)])?;
+            base.check_size(h, w).map_err(|e| {
+                let by = input.image_size_by.as_deref().map(|id| format!(" (stage `{id}`)")).unwrap_or_default();
+                vec![FieldError::new("model", format!("{e}{by}"))]
+            })?;
         }
         let readable = env && self.model.path.is_file();
         let shape = match (self.base().and_then(|b| size.and_then(|[h, w]| b.features_shape(h, w))), size) {
