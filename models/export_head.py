@@ -60,7 +60,7 @@ def head_graph(head_dir):
 
 
 def preprocess_graph(mode):
-    """Raw pixels -> what the conv base was fed in training (rescale | caffe | none)."""
+    """Raw pixels -> what the conv base was fed in training (rescale | caffe | tf | none)."""
     nodes, inits = [], []
     if mode == "rescale":
         inits.append(numpy_helper.from_array(np.array(1.0 / 255.0, dtype=np.float32), "scale"))
@@ -71,8 +71,18 @@ def preprocess_graph(mode):
         inits.append(numpy_helper.from_array(np.array(CAFFE_MEAN_BGR, dtype=np.float32), "mean"))
         nodes.append(helper.make_node("Gather", ["pixels", "bgr"], ["bgr_pixels"], axis=3))
         nodes.append(helper.make_node("Sub", ["bgr_pixels", "mean"], ["pre"]))
-    else:
+    elif mode == "tf":
+        # Keras's `tf` mode (Xception, Inception V3, MobileNet): x / 127.5 - 1.
+        inits.append(numpy_helper.from_array(np.array(1.0 / 127.5, dtype=np.float32), "scale"))
+        inits.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"))
+        nodes.append(helper.make_node("Mul", ["pixels", "scale"], ["scaled"]))
+        nodes.append(helper.make_node("Sub", ["scaled", "one"], ["pre"]))
+    elif mode == "none":
         nodes.append(helper.make_node("Identity", ["pixels"], ["pre"]))
+    else:
+        # A mode this graph does not reproduce must not pass as raw pixels.
+        raise SystemExit(f"export_head: classifier.onnx cannot reproduce preprocess `{mode}` "
+                         "(rescale, caffe, tf, none); head.onnx was written and works on the features")
     graph = helper.make_graph(
         nodes,
         "preprocess",
@@ -102,7 +112,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("head_dir")
     ap.add_argument("--conv-base", help="the conv base the features came from (e.g. models/vgg16_notop.onnx)")
-    ap.add_argument("--preprocess", choices=["rescale", "caffe", "none"], default=None,
+    ap.add_argument("--preprocess", choices=["rescale", "caffe", "tf", "none"], default=None,
                     help="default: what head.json records (features_from)")
     args = ap.parse_args()
 

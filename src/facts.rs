@@ -25,6 +25,8 @@ pub struct Facts {
     pub kind: Option<ItemKind>,
     /// The images' `[height, width]`, when a stage upstream fixes it (`resize`).
     pub image_size: Option<[u32; 2]>,
+    /// The id of the stage that fixed it, for messages.
+    pub image_size_by: Option<String>,
     /// 3 (RGB) or 1 (grey), when a stage upstream fixes it (`decode`).
     pub channels: Option<u32>,
     /// The resampling filter of the `resize` that made the images.

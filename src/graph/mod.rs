@@ -213,6 +213,9 @@ impl Graph {
                 match configs[i].facts(&input, environment) {
                     Ok(mut out) => {
                         out.kind = info.emits;
+                        if out.image_size != input.image_size {
+                            out.image_size_by = Some(s.id.clone());
+                        }
                         out.made_by.push(StageRecord {
                             id: s.id.clone(),
                             kind: info.kind.to_string(),

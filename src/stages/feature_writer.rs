@@ -43,9 +43,10 @@ impl StageConfig for FeatureWriterConfig {
             Some(data) if crate::publish::is_inside(&self.dir, data) => Err(vec![FieldError::new(
                 "dir",
                 format!(
-                    "`{}` is inside `{}`, the folder the source reads: choose an output folder outside the data",
+                    "`{}` is inside `{}`, the folder stage `{}` reads: choose an output folder outside the data",
                     self.dir.display(),
-                    data.display()
+                    data.display(),
+                    input.made_by.first().map_or("", |r| r.id.as_str())
                 ),
             )]),
             _ => Ok(input.clone()),

@@ -128,6 +128,18 @@ impl HeadFrom {
         }
         let description = dir.join("head.json");
         let trained_on = description.is_file().then(|| TrainedOn::read(&description)).transpose()?;
+        let base = trained_on
+            .as_ref()
+            .and_then(|t| t.features.as_ref())
+            .and_then(|f| crate::ml::bases::Base::of_file(Path::new(&f.model)));
+        if let Some(base) = base.filter(|b| b.name != "vgg16") {
+            return Err(err(format!(
+                "this head was trained on {} features; Grad-CAM, activations and fine-tuning need the base's \
+                 layers in convflow's own backend, which has VGG16's only: use a head trained on vgg16 features \
+                 for them (prediction and export work with any base)",
+                base.name
+            )));
+        }
         Ok(HeadFrom { file, input_dim, layers, denses, blake3: blake3::hash(&bytes).to_hex().to_string(), trained_on })
     }
 

@@ -71,7 +71,10 @@ impl<'de> Deserialize<'de> for ModelRef {
         match Base::named(&path) {
             Some(base) if base.setup.is_none() => Err(serde::de::Error::custom(base.resolve().unwrap_err())),
             Some(base) => Ok(ModelRef { path: base.path(), base: Some(base) }),
-            None => Ok(ModelRef { path, base: None }),
+            None => match Base::unknown(&path) {
+                Some(e) => Err(serde::de::Error::custom(e)),
+                None => Ok(ModelRef { path, base: None }),
+            },
         }
     }
 }
@@ -139,7 +142,7 @@ impl StageConfig for OnnxFeaturesConfig {
             name: "model",
             ty: "path | base name",
             default: "(required)",
-            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19 (`convflow models`)",
+            help: "ONNX model, float image input [N,H,W,3] or [N,3,H,W]; or a conv base: vgg16, vgg19, xception, inception_v3, resnet50, mobilenet (`convflow models`)",
         },
         OptionDoc {
             name: "preprocess",
@@ -200,6 +203,8 @@ impl StageConfig for OnnxFeaturesConfig {
                 None => "models/setup.sh produces the models".into(),
             };
             errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.path.display())));
+        } else if let Some(Err(e)) = Base::of_file(&self.model.path).map(|b| b.check_file(&self.model.path)) {
+            errors.push(FieldError::new("model", e));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = crate::cache::check_dir(dir)
@@ -257,7 +262,10 @@ impl StageConfig for OnnxFeaturesConfig {
     fn facts(&self, input: &Facts, env: bool) -> Result<Facts, Vec<FieldError>> {
         let size = input.image_size;
         if let (Some(base), Some([h, w])) = (self.base(), size) {
-            base.check_size(h, w).map_err(|e| vec![FieldError::new("model", e)])?;
+            base.check_size(h, w).map_err(|e| {
+                let by = input.image_size_by.as_deref().map(|id| format!(" (stage `{id}`)")).unwrap_or_default();
+                vec![FieldError::new("model", format!("{e}{by}"))]
+            })?;
         }
         let readable = env && self.model.path.is_file();
         let shape = match (self.base().and_then(|b| size.and_then(|[h, w]| b.features_shape(h, w))), size) {
