@@ -34,7 +34,7 @@ use super::trainer::checkpoint::ModelState;
 use super::trainer::{
     Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
 };
-use crate::facts::{Facts, Wants};
+use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
 use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
@@ -458,13 +458,11 @@ impl StageConfig for ConvnetConfig {
     /// Fine-tuning from a head: its preprocessing and image size, for
     /// `auto` options upstream.
     fn wants(&self, env: bool) -> Wants {
-        let head = self.head_from.as_deref().filter(|_| env).and_then(|d| HeadFrom::read(d).ok());
-        match head.and_then(|h| h.trained_on) {
-            Some(t) => t.wants(format!(
-                "the head in {}",
-                self.head_from.as_deref().unwrap_or(std::path::Path::new("")).display()
-            )),
-            None => Wants::default(),
+        // head.json alone: the weights are read (and checked) by `facts`.
+        let Some(dir) = self.head_from.as_deref().filter(|_| env) else { return Wants::default() };
+        match TrainedOn::read(&dir.join("head.json")) {
+            Ok(t) => t.wants(format!("the head in {}", dir.display())),
+            Err(_) => Wants::default(),
         }
     }
 
