@@ -127,31 +127,41 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_and_decodes_no_skipped_fi
 
 
 def test_the_gil_is_released_while_next_waits(loader_pipeline, small_data):
-    l = loader(loader_pipeline, small_data, batch_size=62)
-    it = iter(l)
-    ticks = []
-    stop = threading.Event()
+    def one_call():
+        l = loader(loader_pipeline, small_data, batch_size=62)
+        it = iter(l)
+        ticks = []
+        stop = threading.Event()
 
-    def count():
-        while not stop.is_set():
-            ticks.append(time.monotonic())
-            time.sleep(0.001)
+        def count():
+            while not stop.is_set():
+                ticks.append(time.monotonic())
+                time.sleep(0.001)
 
-    t = threading.Thread(target=count)
-    t.start()
-    try:
-        start = time.monotonic()
-        b = it.run.next_batch(30.0)  # one native call, up to 30 s
-        took = time.monotonic() - start
-    finally:
-        stop.set()
-        t.join()
-    assert b is not None
-    during = [x for x in ticks if start < x < start + took]
-    # The thread ran during the call: holding the GIL, the call would have
-    # let it tick not once (it ticks every ~1 ms when free; a loaded machine
-    # stretches that, hence the low bar).
-    assert took > 0.05 and len(during) >= 10, (took, len(during))
+        t = threading.Thread(target=count)
+        t.start()
+        try:
+            start = time.monotonic()
+            b = it.run.next_batch(30.0)  # one native call, up to 30 s
+            took = time.monotonic() - start
+        finally:
+            stop.set()
+            t.join()
+        assert b is not None
+        return took, len([x for x in ticks if start < x < start + took])
+
+    # Holding the GIL, the call would let the other thread tick at most once
+    # or twice (a thread switch between reading the clock and the call). It
+    # ticks every ~1 ms when free; a loaded machine stretches that, hence
+    # the low bar. The first batch of a fresh run includes its start-up, so
+    # it normally waits for tens of milliseconds; a call too quick to judge
+    # (under 20 ms, seen on a fast CI machine at 41 ms) is made again.
+    for _ in range(5):
+        took, during = one_call()
+        if took >= 0.02:
+            break
+    assert took >= 0.02, f"the first batch always came within {took:.3f} s; nothing to judge"
+    assert during >= 5, (took, during)
 
 
 def test_a_second_iterator_replaces_the_first(loader_pipeline, small_data):
