@@ -1,10 +1,12 @@
 """`Loader`: training batches from a pipeline stage, with PyTorch
 DistributedSampler's contract (docs/python.md#the-loader).
 
-Each iteration is one run of the pipeline cut after `stage`, whose
-`file_reader` is told exactly which files to read in which order: the
-epoch's order (a function of seed and epoch), this rank's share, minus what
-a resumed state has already seen. Skipped files are never read or decoded.
+One run of the pipeline cut after `stage` serves the Loader's life (its
+threads and memory are made once, not every epoch). Each iteration sends
+its `file_reader` one pass: exactly which files to read in which order,
+the epoch's order (a function of seed and epoch), this rank's share, minus
+what a resumed state has already seen. Skipped files are never read or
+decoded.
 """
 
 import os
@@ -50,6 +52,7 @@ class Loader:
         self._position = 0  # batches of this epoch handed out (or resumed past)
         self._resume = 0  # batches the next iteration skips (load_state_dict)
         self._current = None
+        self._run = None  # the run every iteration's pass goes to, made at the first
         self._pid = os.getpid()
 
     def __len__(self):
@@ -113,7 +116,7 @@ class Loader:
         return self._start(full=True)
 
     def _start(self, full):
-        if os.getpid() != self._pid and self._current is not None:
+        if os.getpid() != self._pid and self._run is not None:
             raise RuntimeError(
                 f"convflow.Loader: started in process {self._pid}, used in process {os.getpid()} (a fork): its "
                 "threads did not come along. Create the Loader in this process (e.g. in a DataLoader "
@@ -129,6 +132,27 @@ class Loader:
         self._current = it
         return it
 
+    def _fed_run(self):
+        """The run the passes go to: made once, again only after one ended (failed)."""
+        if self._run is None or self._run.ended:
+            p = self.pipeline
+            self._run = _native.Run(p.path, p._set(), tap=self.stage, group=self.batch_size, fed=True,
+                                    capacity=2 * self.batch_size)
+        return self._run
+
+    def close(self):
+        """Stops the run behind the loader (also done when it is collected)."""
+        if self._current is not None:
+            self._current._supersede()
+        if self._run is not None:
+            self._run.interrupt()
+            self._run = None
+
+    def __del__(self):
+        run = getattr(self, "_run", None)
+        if run is not None and os.getpid() == self._pid:
+            run.interrupt()
+
 
 class _Iteration:
     def __init__(self, loader, positions, full):
@@ -139,9 +163,8 @@ class _Iteration:
         self.superseded = False
         self.run = None
         if positions:
-            p = loader.pipeline
-            self.run = _native.Run(p.path, p._set(), tap=loader.stage, group=loader.batch_size,
-                                   order=(loader.epoch, positions), capacity=2 * loader.batch_size)
+            self.run = loader._fed_run()
+            self.run.start_pass(loader.epoch, positions)
 
     def __iter__(self):
         return self
@@ -151,9 +174,8 @@ class _Iteration:
         self._stop()
 
     def _stop(self):
-        if self.run is not None:
-            self.run.interrupt()
-            self.run = None
+        # The run goes on for the next iteration, whose pass cuts this one short.
+        self.run = None
 
     def __next__(self):
         import numpy as np
@@ -170,13 +192,16 @@ class _Iteration:
                 if self.full:
                     return Batch(b)
                 return np.asarray(b.x), None if b.y is None else np.asarray(b.y)
+            if self.run.pass_ended:
+                self.run = None
+                raise StopIteration
             if self.run.ended:
+                # The run stopped mid-pass: a stage failed (raised here) or it was interrupted.
                 run, self.run = self.run, None
+                if self.loader._run is run:
+                    self.loader._run = None
                 _finish(run)
                 raise StopIteration
 
     def close(self):
-        self._stop()
-
-    def __del__(self):
         self._stop()

@@ -3,11 +3,10 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 
 use convflow::config::{self, ConfigErrors, PipelineConfig};
 use convflow::graph::Graph;
-use convflow::stages::file_reader::{ExplicitOrder, FileReaderConfig};
+use convflow::stages::file_reader::FileReaderConfig;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -84,12 +83,4 @@ pub fn file_source(graph: &Graph) -> Result<(usize, FileReaderConfig), String> {
     let cfg = serde_json::from_str(&s.config.canonical_json())
         .map_err(|e| format!("internal: stage `{}`'s options do not read back: {e}", s.id()))?;
     Ok((i, cfg))
-}
-
-/// Gives the graph's `file_reader` this one pass instead of its own epochs.
-pub fn set_order(graph: &mut Graph, order: ExplicitOrder) -> Result<(), String> {
-    let (i, mut cfg) = file_source(graph)?;
-    cfg.order = Some(order);
-    graph.stages[i].config = Arc::new(cfg);
-    Ok(())
 }

@@ -4,15 +4,14 @@
 
 use std::mem::ManuallyDrop;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use convflow::item::Item;
 use convflow::runtime::{self, Envelope, RunError, RunHooks, RunOptions, Tracked};
-use convflow::stage::RunSignals;
-use convflow::stages::file_reader::ExplicitOrder;
-use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
+use convflow::stage::{ExplicitOrder, PassFeed, RunSignals};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
@@ -38,6 +37,31 @@ struct Inner {
     group: Option<usize>,
     tap_ended: bool,
     watched: Arc<Mutex<Vec<Tracked>>>,
+    /// A run fed its passes (the Loader's epochs): where they go, and how
+    /// far the tap has got through them.
+    fed: Option<Fed>,
+}
+
+/// The Loader's side of a [`PassFeed`]: one run serves every epoch.
+struct Fed {
+    passes: Sender<ExplicitOrder>,
+    cut: Arc<AtomicU64>,
+    /// Passes sent; the last one sent is the one being read.
+    sent: u64,
+    /// Passes whose end-of-epoch marker the tap has seen.
+    ended: u64,
+}
+
+impl Fed {
+    /// Items of a pass before the one being read (cut short: what was in
+    /// flight when it was) are dropped, unseen.
+    fn stale(&self) -> bool {
+        self.ended + 1 < self.sent
+    }
+
+    fn reading_ended(&self) -> bool {
+        self.ended >= self.sent
+    }
 }
 
 #[pyclass(module = "convflow._native")]
@@ -80,17 +104,18 @@ fn write_reports(
 #[pymethods]
 impl Run {
     /// Starts `path` with `params`. `tap`: stream that stage (the graph cut
-    /// after it, no reports); `order`: (epoch, listing positions) for its
-    /// `file_reader`; `group`: batch size to regroup the tapped items into.
+    /// after it, no reports); `fed`: its `file_reader` makes the passes
+    /// [`Run::start_pass`] sends, one run for them all; `group`: batch size
+    /// to regroup the tapped items into.
     #[new]
-    #[pyo3(signature = (path, params, tap=None, group=None, order=None, capacity=64))]
+    #[pyo3(signature = (path, params, tap=None, group=None, fed=false, capacity=64))]
     fn new(
         py: Python<'_>,
         path: &str,
         params: Vec<(String, String)>,
         tap: Option<String>,
         group: Option<usize>,
-        order: Option<(u32, Vec<usize>)>,
+        fed: bool,
         capacity: usize,
     ) -> PyResult<Run> {
         let mut cfg = pipeline::load(py, path, &params)?;
@@ -99,11 +124,15 @@ impl Run {
             crate::check_emits(&cfg, stage)?;
             pipeline::cut_at(&mut cfg, stage).map_err(pyo3::exceptions::PyValueError::new_err)?;
         }
-        let mut graph = pipeline::build(py, cfg, true)?;
-        if let Some((epoch, positions)) = order {
-            pipeline::set_order(&mut graph, ExplicitOrder { epoch, positions })
-                .map_err(pyo3::exceptions::PyValueError::new_err)?;
-        }
+        let graph = pipeline::build(py, cfg, true)?;
+        let (feed, fed) = if fed {
+            pipeline::file_source(&graph).map_err(pyo3::exceptions::PyValueError::new_err)?;
+            let (passes, rx) = unbounded();
+            let cut = Arc::new(AtomicU64::new(0));
+            (Some(PassFeed { passes: rx, cut: cut.clone() }), Some(Fed { passes, cut, sent: 0, ended: 0 }))
+        } else {
+            (None, None)
+        };
         let report_paths: Vec<PathBuf> = graph.report.iter().cloned().collect();
         // As the CLI: metrics are recorded when someone reads them.
         let exporter = match (metrics_cfg.listen, report_paths.is_empty()) {
@@ -117,6 +146,7 @@ impl Run {
             signals: signals.clone(),
             drain_deadline: Duration::from_secs(30),
             metrics: exporter.is_some(),
+            passes: feed,
             ..RunOptions::default()
         };
         let watched = Arc::new(Mutex::new(Vec::new()));
@@ -168,6 +198,7 @@ impl Run {
                 group,
                 tap_ended: false,
                 watched,
+                fed,
             }),
             stage: tap.unwrap_or_default(),
             pid: std::process::id(),
@@ -203,8 +234,29 @@ impl Run {
         self.inner.signals.interrupted.store(true, Ordering::Relaxed);
     }
 
+    /// Sends a fed run's next pass: `positions` of the listing, as epoch
+    /// `epoch`. What is left of the pass before goes unread: it is cut
+    /// short, and its items in flight are dropped.
+    fn start_pass(&mut self, epoch: u32, positions: Vec<usize>) -> PyResult<()> {
+        self.check_pid()?;
+        let inner = &mut *self.inner;
+        let Some(fed) = inner.fed.as_mut() else {
+            return Err(PyRuntimeError::new_err("this run was not started with fed=True"));
+        };
+        if !fed.reading_ended() {
+            fed.cut.fetch_add(1, Ordering::AcqRel);
+        }
+        inner.pending.clear();
+        // The source ends once the run does; a send to it then is no error
+        // here: the tap has ended too, which `ended` reports.
+        let _ = fed.passes.send(ExplicitOrder { epoch, positions });
+        fed.sent += 1;
+        Ok(())
+    }
+
     /// The next batch of the tapped stage, waiting up to `timeout` seconds
-    /// (GIL released): None on a timeout or at the end (see `ended`).
+    /// (GIL released): None on a timeout or at the end (see `ended`, and
+    /// for a fed run `pass_ended`).
     fn next_batch(&mut self, py: Python<'_>, timeout: f64) -> PyResult<Option<Batch>> {
         self.check_pid()?;
         let inner = &mut *self.inner;
@@ -212,7 +264,7 @@ impl Run {
             return Err(PyRuntimeError::new_err("this run has no tapped stage"));
         };
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
-        let (pending, group, ended) = (&mut inner.pending, inner.group, &mut inner.tap_ended);
+        let (pending, group, ended, fed) = (&mut inner.pending, inner.group, &mut inner.tap_ended, &mut inner.fed);
         // Ok(Some(items)): a batch is ready; Ok(None): timeout or end.
         let ready: Option<Vec<Item>> = py.detach(|| {
             loop {
@@ -221,10 +273,11 @@ impl Run {
                 {
                     return Some(pending.drain(..n).collect());
                 }
-                if *ended {
+                if *ended || fed.as_ref().is_some_and(Fed::reading_ended) {
                     return (!pending.is_empty()).then(|| std::mem::take(pending));
                 }
                 match rx.recv_deadline(deadline) {
+                    Ok(Envelope::Item(_)) if fed.as_ref().is_some_and(Fed::stale) => {}
                     Ok(Envelope::Item(item)) => match group {
                         Some(_) => members(item, pending),
                         None => {
@@ -235,6 +288,9 @@ impl Run {
                     },
                     // A batch never spans two epochs, as the `batch` stage's.
                     Ok(Envelope::EpochEnd(_)) => {
+                        if let Some(f) = fed.as_mut() {
+                            f.ended += 1;
+                        }
                         if !pending.is_empty() {
                             return Some(std::mem::take(pending));
                         }
@@ -245,6 +301,13 @@ impl Run {
             }
         });
         ready.map(|items| assemble(py, &self.stage, items)).transpose()
+    }
+
+    /// A fed run: true once the pass being read has ended and every item
+    /// of it was handed out (the run goes on, waiting for the next).
+    #[getter]
+    fn pass_ended(&self) -> bool {
+        self.inner.fed.as_ref().is_some_and(Fed::reading_ended) && self.inner.pending.is_empty()
     }
 
     /// True once the tapped stage has ended and every item was handed out.

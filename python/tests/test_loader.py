@@ -210,3 +210,36 @@ def test_bad_arguments_are_named(loader_pipeline, small_data):
         convflow.Loader(p, split="validation")
     with pytest.raises(ValueError, match="a sink|no stage"):
         convflow.Loader(p, stage="nope")
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_one_run_and_its_threads_serve_every_epoch(loader_pipeline, small_data):
+    l = loader(loader_pipeline, small_data)
+    runs, threads = [], []
+    for e in range(4):
+        l.set_epoch(e)
+        assert sum(1 for _ in l) == 7
+        runs.append(l._run)
+        threads.append(_threads())
+    assert all(r is runs[0] for r in runs), "a new run was started for an epoch"
+    assert max(threads) == min(threads), f"threads per epoch: {threads}"
+    l.close()
+
+
+def test_an_epoch_left_midway_does_not_leak_into_the_next(loader_pipeline, small_data):
+    l = loader(loader_pipeline, small_data, seed=9)
+    it = iter(l)
+    next(it)
+    next(it)
+    l.set_epoch(1)
+    got = [(x.copy(), y.copy()) for x, y in l]
+    fresh = loader(loader_pipeline, small_data, seed=9)
+    fresh.set_epoch(1)
+    want = list(fresh)
+    assert len(got) == len(want) == 7
+    for (a, b), (c, d) in zip(got, want):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)

@@ -20,7 +20,7 @@ SPLITS = ("train", "validation", "test")
 
 
 def extract(small_data, tiny_model, tmp, name):
-    params = dict(data_dir=small_data, model=tiny_model, out_dir=tmp / name / "out", cache_dir=tmp / name / "cache")
+    params = dict(data_dir=small_data, base=tiny_model, out_dir=tmp / name / "out", cache_dir=tmp / name / "cache")
     return convflow.Pipeline(ROOT / "pipelines/extract_features.yaml", **params), params
 
 
@@ -81,7 +81,7 @@ def test_stream_equals_the_written_features(small_data, tiny_model, tmp_path):
 
 def test_stream_writes_nothing_and_needs_only_what_feeds_the_stage(small_data, tmp_path):
     # The model does not exist: streaming `resize` never builds `vgg16`.
-    p = convflow.Pipeline(ROOT / "pipelines/extract_features.yaml", data_dir=small_data, model=tmp_path / "none.onnx",
+    p = convflow.Pipeline(ROOT / "pipelines/extract_features.yaml", data_dir=small_data, base=tmp_path / "none.onnx",
                           out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", image_size=32)
     batches = list(p.stream("resize", batch_size=7))
     assert sum(len(b) for b in batches) == 78

@@ -441,6 +441,7 @@ fn run_graph(
         metrics: exporter.is_some(),
         progress: crate::telemetry::ProgressMode::auto(quiet),
         shard,
+        passes: None,
     };
     let result = runtime::run(graph, &options);
     let (report, code) = match result {

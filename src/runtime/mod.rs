@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub progress: ProgressMode,
     /// One shard of a sharded run: the source's items and the sink's folder.
     pub shard: Option<crate::stage::ShardRun>,
+    /// Passes chosen from outside for the source (the Python Loader's).
+    pub passes: Option<crate::stage::PassFeed>,
 }
 
 impl Default for RunOptions {
@@ -60,6 +62,7 @@ impl Default for RunOptions {
             metrics: true,
             progress: ProgressMode::Off,
             shard: None,
+            passes: None,
         }
     }
 }
@@ -379,6 +382,7 @@ fn build_actors(graph: &Graph, options: &RunOptions, caches: &CachePlan) -> Resu
                 cache_probed_upstream: caches.probed.contains(&i),
                 signals: options.signals.clone(),
                 shard: options.shard.as_ref(),
+                passes: options.passes.as_ref(),
             };
             let b = stage
                 .config

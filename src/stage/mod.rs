@@ -189,6 +189,31 @@ pub struct BuildContext<'a> {
     /// In a sharded run (`convflow run --shard`): what the source emits and
     /// where the sink writes, in place of what the file says.
     pub shard: Option<&'a ShardRun>,
+    /// In a run whose passes are chosen from outside (the Python Loader's):
+    /// what the source emits, pass after pass, in place of its own epochs.
+    pub passes: Option<&'a PassFeed>,
+}
+
+/// One pass over a source's listing chosen from outside: listing positions
+/// (repeats allowed, as a sampler's padding needs) emitted as epoch
+/// `epoch`, so per-item random draws (augmentation) are that epoch's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitOrder {
+    pub epoch: u32,
+    pub positions: Vec<usize>,
+}
+
+/// Passes chosen from outside, sent one at a time as the consumer asks for
+/// them (the Python Loader: one per epoch), so that one run, its threads
+/// and its memory serve every epoch. The source makes each in turn and
+/// ends it with its epoch-end marker, and ends when the sender is dropped.
+/// A typed run input, never written in a pipeline file.
+#[derive(Debug, Clone)]
+pub struct PassFeed {
+    pub passes: crossbeam_channel::Receiver<ExplicitOrder>,
+    /// Raised by the consumer to cut short the pass being made (it stopped
+    /// reading it): the source stops at its next item and ends the pass.
+    pub cut: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What one shard of a sharded run gives its stages: a typed run input,

@@ -7,6 +7,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -15,8 +16,11 @@ use serde::{Deserialize, Serialize};
 use crate::cache::CacheHandle;
 use crate::facts::{Facts, LabelFacts};
 use crate::item::{ClassMode, Item, ItemKind, Label, Listed, Meta, Payload};
+use crossbeam_channel::RecvTimeoutError;
+
 use crate::stage::{
-    BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, Source, SourceContext, StageConfig, StageError,
+    BuildContext, Built, Emit, EpochEnd, FieldError, OptionDoc, PassFeed, Source, SourceContext, StageConfig,
+    StageError,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,22 +55,6 @@ pub struct FileReaderConfig {
     /// a run's memory is bounded by its options, not by what lies in the folder.
     #[serde(default = "default_max_file_mb", skip_serializing_if = "is_default_max_file_mb")]
     pub max_file_mb: u64,
-    /// Set by a program that embeds convflow (the Python `Loader`), never
-    /// by a pipeline file: one pass over exactly these positions of the
-    /// listing, in this order, instead of `epochs` passes. It samples
-    /// (shuffles, shards by rank, resumes) without the files it leaves out
-    /// ever being read.
-    #[serde(skip)]
-    pub order: Option<ExplicitOrder>,
-}
-
-/// One pass chosen from outside: listing positions (repeats allowed, as a
-/// sampler's padding needs) emitted as epoch `epoch`, so per-item random
-/// draws (augmentation) are those of that epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExplicitOrder {
-    pub epoch: u32,
-    pub positions: Vec<usize>,
 }
 
 fn default_epochs() -> u32 {
@@ -228,9 +216,6 @@ impl StageConfig for FileReaderConfig {
                 .collect(),
             None => list(self).map_err(StageError::fatal)?,
         };
-        if let Some(bad) = self.order.as_ref().and_then(|o| o.positions.iter().find(|&&p| p >= listing.len())) {
-            return Err(StageError::fatal(format!("position {bad} is past the {} files listed", listing.len())));
-        }
         Ok(Built::Source(Box::new(FileReader {
             listing,
             probe: ctx.cache_probe.clone(),
@@ -240,7 +225,7 @@ impl StageConfig for FileReaderConfig {
             seed: self.seed,
             splits: self.splits.clone().into(),
             max_file_mb: self.max_file_mb,
-            explicit: self.order.clone(),
+            fed: ctx.passes.cloned(),
         })))
     }
 }
@@ -422,18 +407,11 @@ struct FileReader {
     seed: u64,
     splits: Arc<[String]>,
     max_file_mb: u64,
-    explicit: Option<ExplicitOrder>,
+    /// Passes chosen from outside (the Python Loader's), instead of `epochs`.
+    fed: Option<PassFeed>,
 }
 
 impl FileReader {
-    /// The passes to make: (epoch, listing positions in order, last pass?).
-    fn passes_to_make(&self) -> Vec<(u32, Vec<usize>, bool)> {
-        match &self.explicit {
-            Some(o) => vec![(o.epoch, o.positions.clone(), true)],
-            None => (0..self.epochs).map(|e| (e, self.order(e), e + 1 == self.epochs)).collect(),
-        }
-    }
-
     /// The listing's order in `epoch`: sorted, or shuffled from (seed,
     /// epoch); epoch 0 uses the seed's own stream.
     fn order(&self, epoch: u32) -> Vec<usize> {
@@ -461,61 +439,108 @@ impl FileReader {
 
 impl Source for FileReader {
     fn total(&self) -> Option<u64> {
-        match &self.explicit {
-            Some(o) => Some(o.positions.len() as u64),
+        match &self.fed {
+            Some(_) => None,
             None => Some(self.listing.len() as u64 * self.epochs as u64),
         }
     }
 
     fn passes(&self) -> u64 {
-        if self.explicit.is_some() { 1 } else { self.epochs as u64 }
+        if self.fed.is_some() { 1 } else { self.epochs as u64 }
     }
 
     fn run(&mut self, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
-        let n = self.listing.len() as u64;
-        for (pass, (epoch, positions, last)) in self.passes_to_make().into_iter().enumerate() {
-            if pass > 0 && ctx.signals.epochs_done.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Some(feed) = self.fed.clone() {
+            return self.run_fed(&feed, out, ctx);
+        }
+        for epoch in 0..self.epochs {
+            if epoch > 0 && ctx.signals.epochs_done.load(Ordering::Relaxed) {
                 break;
             }
-            for (i, index) in positions.into_iter().enumerate() {
-                if ctx.signals.should_stop() {
-                    return Ok(());
-                }
-                let entry = &self.listing[index];
-                if let Some(problem) = entry.problem {
-                    (ctx.skip)(StageError::item(&entry.path, problem));
-                    continue;
-                }
-                let bytes = match read_bounded(&entry.path, self.max_file_mb) {
-                    Ok(b) => b,
-                    Err(why) => {
-                        (ctx.skip)(StageError::item(&entry.path, why));
-                        continue;
-                    }
-                };
-                let content_hash = *blake3::hash(&bytes).as_bytes();
-                let meta = Meta {
-                    path: Arc::from(entry.path.as_path()),
-                    content_hash,
-                    label: entry.label.clone(),
-                    split: entry.split.clone(),
-                    epoch,
-                    variant: self.variant(epoch, &content_hash),
-                    view: 0,
-                    seq: epoch as u64 * n + i as u64,
-                };
-                let cached = match &self.probe {
-                    Some(probe) => probe.get_counted(&meta).map_err(StageError::fatal)?,
-                    None => None,
-                };
-                let payload = match cached {
-                    Some(features) => Payload::Features(features),
-                    None => Payload::Bytes(bytes.into()),
-                };
-                out.emit(Item { meta, payload })?;
+            let order = self.order(epoch);
+            if !self.pass(epoch, &order, out, ctx, &|| false)? {
+                return Ok(());
             }
-            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last })?;
+            out.end_epoch(EpochEnd { epoch, splits: self.splits.clone(), last: epoch + 1 == self.epochs })?;
         }
         Ok(())
+    }
+}
+
+impl FileReader {
+    /// Makes the passes `feed` sends, each as it comes, until its sender is
+    /// dropped; one cut short by the consumer ends at the next item.
+    fn run_fed(&mut self, feed: &PassFeed, out: &mut dyn Emit, ctx: &SourceContext<'_>) -> Result<(), StageError> {
+        loop {
+            let order = match feed.passes.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(order) => order,
+                Err(RecvTimeoutError::Timeout) if ctx.signals.should_stop() => return Ok(()),
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            if let Some(bad) = order.positions.iter().find(|&&p| p >= self.listing.len()) {
+                return Err(StageError::fatal(format!("position {bad} is past the {} files listed", self.listing.len())));
+            }
+            let cut = feed.cut.load(Ordering::Acquire);
+            let cut_short = || feed.cut.load(Ordering::Acquire) != cut;
+            if !self.pass(order.epoch, &order.positions, out, ctx, &cut_short)? {
+                return Ok(());
+            }
+            out.end_epoch(EpochEnd { epoch: order.epoch, splits: self.splits.clone(), last: false })?;
+        }
+    }
+
+    /// Emits the items at `positions` as epoch `epoch`, until `cut_short`
+    /// says so; false when the run is stopping.
+    fn pass(
+        &self,
+        epoch: u32,
+        positions: &[usize],
+        out: &mut dyn Emit,
+        ctx: &SourceContext<'_>,
+        cut_short: &dyn Fn() -> bool,
+    ) -> Result<bool, StageError> {
+        let n = self.listing.len() as u64;
+        for (i, &index) in positions.iter().enumerate() {
+            if ctx.signals.should_stop() {
+                return Ok(false);
+            }
+            if cut_short() {
+                break;
+            }
+            let entry = &self.listing[index];
+            if let Some(problem) = entry.problem {
+                (ctx.skip)(StageError::item(&entry.path, problem));
+                continue;
+            }
+            let bytes = match read_bounded(&entry.path, self.max_file_mb) {
+                Ok(b) => b,
+                Err(why) => {
+                    (ctx.skip)(StageError::item(&entry.path, why));
+                    continue;
+                }
+            };
+            let content_hash = *blake3::hash(&bytes).as_bytes();
+            let meta = Meta {
+                path: Arc::from(entry.path.as_path()),
+                content_hash,
+                label: entry.label.clone(),
+                split: entry.split.clone(),
+                epoch,
+                variant: self.variant(epoch, &content_hash),
+                view: 0,
+                seq: epoch as u64 * n + i as u64,
+            };
+            let cached = match &self.probe {
+                Some(probe) => probe.get_counted(&meta).map_err(StageError::fatal)?,
+                None => None,
+            };
+            let payload = match cached {
+                Some(features) => Payload::Features(features),
+                None => Payload::Bytes(bytes.into()),
+            };
+            out.emit(Item { meta, payload })?;
+        }
+        Ok(true)
     }
 }
