@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A Keras VGG notop weight file (.h5) -> the ONNX conv base convflow runs.
 
-Usage: make_keras_vgg.py vgg16|vgg19 WEIGHTS_notop.h5 OUT.onnx
+Usage: make_keras_vgg.py vgg16|vgg19 WEIGHTS_notop.h5 OUT.onnx [CONVS.safetensors]
 
 WEIGHTS is Keras's own `vggNN_weights_tf_dim_ordering_tf_kernels_notop.h5`
 (keras.applications' ImageNet weights; models/bases.sh fetches VGG19's from
@@ -13,6 +13,13 @@ convs with ReLU, a 2x2 max pool after each block, taking NHWC float32
 are Keras's layer names. Keras's kernels are [kh, kw, in, out]; ONNX's Conv
 takes [out, in, kh, kw]. Needs h5py (models/bases.sh installs it).
 Written only after onnx.checker and a shape check on a 64x64 batch pass.
+
+CONVS, when given, holds the same weights for convflow's own layers (what
+`convflow visualize --model vgg19` runs, to take gradients):
+`blockB_convC/kernel` [3, 3, in, out] (Keras's layout, as in the .h5) and
+`blockB_convC/bias`, metadata `format` = keras-ARCH-convs, the one
+src/ml/convnet/vgg16.rs checks. Its test runs them in Rust against ONNX
+Runtime on OUT.
 """
 import os
 import sys
@@ -43,7 +50,9 @@ def layer_weights(f, name):
     return (np.asarray(g[n], dtype=np.float32) for n in names)
 
 
-def build(arch, weights):
+def build(arch, weights, keras_layout=None):
+    """The ONNX graph and its parameter count; each conv's Keras-layout
+    kernel and bias also go into `keras_layout` when it is a dict."""
     nodes = [helper.make_node("Transpose", ["input"], ["x0"], perm=[0, 3, 1, 2], name="to_nchw")]
     inits = []
     x, channels, params = "x0", 3, 0
@@ -58,6 +67,9 @@ def build(arch, weights):
                 kernel, bias = layer_weights(f, name)
                 if kernel.shape != (3, 3, channels, FILTERS[b]) or bias.shape != (FILTERS[b],):
                     fail(f"{name}: kernel {kernel.shape}, bias {bias.shape}; expected (3, 3, {channels}, {FILTERS[b]})")
+                if keras_layout is not None:
+                    keras_layout[f"{name}/kernel"] = np.ascontiguousarray(kernel)
+                    keras_layout[f"{name}/bias"] = np.ascontiguousarray(bias)
                 inits += [numpy_helper.from_array(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)), f"{name}/W"),
                           numpy_helper.from_array(bias, f"{name}/b")]
                 nodes += [helper.make_node("Conv", [x, f"{name}/W", f"{name}/b"], [f"{name}_c"], name=name,
@@ -80,10 +92,12 @@ def build(arch, weights):
 
 
 def main():
-    if len(sys.argv) != 4 or sys.argv[1] not in BLOCKS:
+    if len(sys.argv) not in (4, 5) or sys.argv[1] not in BLOCKS:
         sys.exit(__doc__)
-    arch, weights, out = sys.argv[1:]
-    model, params = build(arch, weights)
+    arch, weights, out = sys.argv[1:4]
+    convs_out = sys.argv[4] if len(sys.argv) == 5 else None
+    convs = {} if convs_out else None
+    model, params = build(arch, weights, convs)
     onnx.checker.check_model(model)
     tmp = out + ".tmp"
     onnx.save(model, tmp)
@@ -94,6 +108,18 @@ def main():
     if y.shape != (1, 2, 2, 512):
         os.remove(tmp)
         fail(f"a 64x64 image gives {y.shape}, expected (1, 2, 2, 512)")
+    if convs_out:
+        from safetensors_f32 import read_safetensors, write_safetensors
+
+        ctmp = convs_out + ".tmp"
+        write_safetensors(ctmp, convs, {"format": f"keras-{arch}-convs", "source": os.path.basename(weights),
+                                        "layout": "kernel [kh, kw, in, out], Keras's"})
+        back, _ = read_safetensors(ctmp)  # the file reads back as what was meant
+        if sorted(back) != sorted(convs) or any(not np.array_equal(back[k], convs[k]) for k in convs):
+            os.remove(ctmp)
+            fail(f"{ctmp} does not read back as written")
+        os.replace(ctmp, convs_out)
+        print(f"make_keras_vgg: {arch}: wrote {convs_out}")
     os.replace(tmp, out)
     print(f"make_keras_vgg: {arch}: {params:,} params; wrote {out}")
 

@@ -18,7 +18,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use convflow::ml::convnet::vgg16;
+use convflow::ml::convnet::vgg16::{VGG16, VGG19};
 use convflow::visualize::filters::{self, Ascent};
 
 fn weights() -> PathBuf {
@@ -91,11 +91,55 @@ fn vgg16_activations_equal_onnx_runtimes_intermediate_outputs() {
     assert_eq!(shape, [1, 150, 150, 3]);
     let layers = against_onnx_runtime(&out, &common::vgg16(), &out.join("input.npy"));
     let names: Vec<&str> = layers.iter().map(|(n, _)| n.split_once('_').unwrap().1).collect();
-    assert_eq!(names, vgg16::CONV_BASE_LAYERS, "one picture per layer, in order");
+    assert_eq!(names, VGG16.layers(), "one picture per layer, in order");
     for (name, rel) in &layers {
         eprintln!("{name}: max|diff| / max|ort| = {rel:e}");
         assert!(*rel <= 1e-5, "{name}: {rel:e}");
     }
+}
+
+/// VGG19 (`models/bases.sh vgg19` writes its ONNX base and the same weights
+/// for convflow's own layers from Keras's file): every layer's maps equal
+/// ONNX Runtime's, and its filters are drawn from its own convs.
+#[test]
+fn vgg19_activations_equal_onnx_runtimes_and_its_filters_are_drawn() {
+    let Some(data) = common::shared_data() else { return };
+    let onnx = common::root().join("models/vgg19_notop.onnx");
+    if !onnx.exists() || !common::root().join(VGG19.weights).exists() {
+        assert!(std::env::var_os("CI").is_none(), "tests/setup.sh runs models/bases.sh vgg19");
+        eprintln!("skipping: models/bases.sh vgg19 has not run");
+        return;
+    }
+    let photo = data.join("test/dogs/dog.1600.jpg");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("act");
+    activations(&photo, Some(Path::new("vgg19")), &out);
+    let layers = against_onnx_runtime(&out, &onnx, &out.join("input.npy"));
+    let names: Vec<&str> = layers.iter().map(|(n, _)| n.split_once('_').unwrap().1).collect();
+    assert_eq!(names, VGG19.layers(), "one picture per layer, in order");
+    assert_eq!(names.len(), 21);
+    assert!(names.contains(&"block5_conv4"));
+    for (name, rel) in &layers {
+        eprintln!("{name}: max|diff| / max|ort| = {rel:e}");
+        assert!(*rel <= 1e-5, "{name}: {rel:e}");
+    }
+    let png = tmp.path().join("f/block4_conv4.png");
+    let o = common::bin()
+        .args(["visualize", "filters", "--model", "vgg19", "--layer", "block4_conv4", "--filters", "2"])
+        .args(["--size", "32", "--steps", "3", "--threads", "2", "--out"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(png.is_file() && png.with_extension("csv").is_file());
+    // VGG16 has no block4_conv4: named, with the layers it has.
+    let o = common::bin()
+        .args(["visualize", "filters", "--layer", "block4_conv4", "--filters", "2", "--out"])
+        .arg(tmp.path().join("g.png"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not one of vgg16's convs") && err.contains("block5_conv3"), "{err}");
 }
 
 #[test]
@@ -158,8 +202,8 @@ fn a_trained_convnets_activations_equal_those_of_its_onnx_export() {
 fn a_filters_input_gradient_agrees_with_finite_differences() {
     // block2_conv1 of VGG16 on a 24x24 image: the gradient crosses two
     // convs, a pool and their ReLUs.
-    let layer = vgg16::CONV_BASE_LAYERS.iter().position(|&l| l == "block2_conv1").unwrap();
-    let mut net = vgg16::conv_base([24, 24], "block2_conv1", &weights(), 2).unwrap();
+    let layer = VGG16.layers().iter().position(|l| l == "block2_conv1").unwrap();
+    let mut net = VGG16.conv_base([24, 24], "block2_conv1", &weights(), 2).unwrap();
     let start = filters::patterns(&mut net, layer, &[5], &Ascent { size: 24, steps: 0, ..Default::default() }).unwrap();
     let x = start[0].image.clone();
     let (g, means) = filters::gradients(&mut net, layer, &[5], &x).unwrap();
@@ -183,8 +227,8 @@ fn a_filters_input_gradient_agrees_with_finite_differences() {
 
 #[test]
 fn every_filters_mean_activation_rises_and_the_patterns_differ() {
-    let layer = vgg16::CONV_BASE_LAYERS.iter().position(|&l| l == "block3_conv1").unwrap();
-    let mut net = vgg16::conv_base([32, 32], "block3_conv1", &weights(), 2).unwrap();
+    let layer = VGG16.layers().iter().position(|l| l == "block3_conv1").unwrap();
+    let mut net = VGG16.conv_base([32, 32], "block3_conv1", &weights(), 2).unwrap();
     let which: Vec<usize> = (0..8).collect();
     let start =
         filters::patterns(&mut net, layer, &which, &Ascent { size: 32, steps: 0, ..Default::default() }).unwrap();
@@ -224,8 +268,8 @@ fn filters_writes_the_grid_and_the_trace_and_refuses_what_is_not_a_conv() {
     assert_eq!(csv.lines().count(), 1 + 3 * 5, "{csv}");
     assert_eq!(npy(&png.with_extension("npy")).0, [3, 20, 20, 3]);
     for (layer, filters, want) in [
-        ("block1_pool", "3", "not one of VGG16's convs"),
-        ("block9_conv1", "3", "not one of VGG16's convs"),
+        ("block1_pool", "3", "not one of vgg16's convs"),
+        ("block9_conv1", "3", "not one of vgg16's convs"),
         ("block1_conv1", "65", "block1_conv1 has 64 filters"),
     ] {
         let o = common::bin()

@@ -7,14 +7,12 @@ use anyhow::{Context, bail};
 use image::RgbImage;
 
 use crate::imaging::resize::{Filter, Resize};
-use crate::ml::convnet::vgg16::{self, CONV_BASE_LAYERS};
+use crate::ml::convnet::vgg16::{VGG16, Vgg};
 use crate::ml::convnet::{Convnet, Shape};
 use crate::ml::preprocess::Preprocess;
 use crate::npy::NpyWriter;
 use crate::stages::classifier::Classifier;
 use crate::visualize::{activations, filters, picture};
-
-pub const DEFAULT_WEIGHTS: &str = "models/vgg16_convs.safetensors";
 
 #[derive(clap::Subcommand)]
 pub enum Visualize {
@@ -23,7 +21,7 @@ pub enum Visualize {
     Activations {
         /// The image (any format `decode` reads).
         image: PathBuf,
-        /// `vgg16` (its conv base with ImageNet weights, caffe
+        /// `vgg16` or `vgg19` (its conv base with ImageNet weights, caffe
         /// preprocessing) or the out_dir of a `convnet` stage (its own input
         /// size, channels and rescale).
         #[arg(long, default_value = "vgg16")]
@@ -31,7 +29,7 @@ pub enum Visualize {
         /// Folder for LAYER.png (and LAYER.npy).
         #[arg(long, default_value = "out/activations")]
         out: PathBuf,
-        /// Image side for VGG16 (a convnet takes its own).
+        /// Image side for a VGG (a convnet takes its own).
         #[arg(long, default_value_t = 150)]
         size: usize,
         /// Only the first N layers (the book shows 8).
@@ -44,12 +42,15 @@ pub enum Visualize {
         #[command(flatten)]
         model_args: ModelArgs,
     },
-    /// The input pattern each filter of a VGG16 layer responds to most
-    /// (section 5.4.2): gradient ascent from gray noise; an 8-per-row grid PNG.
+    /// The input pattern each filter of a VGG16 or VGG19 layer responds to
+    /// most (section 5.4.2): gradient ascent from gray noise; an 8-per-row grid PNG.
     Filters {
-        /// The layer: block1_conv1 .. block5_conv3.
+        /// The layer: block1_conv1 .. block5_conv3 (VGG19: .. block5_conv4).
         #[arg(long)]
         layer: String,
+        /// `vgg16` or `vgg19`.
+        #[arg(long, default_value = "vgg16")]
+        model: String,
         /// The first N filters (the book: 64).
         #[arg(long, default_value_t = 64)]
         filters: usize,
@@ -77,12 +78,13 @@ pub enum Visualize {
     },
 }
 
-/// What both commands run VGG16 with.
+/// What both commands run a VGG with.
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// VGG16's conv weights (models/setup.sh writes them).
-    #[arg(long, default_value = DEFAULT_WEIGHTS)]
-    weights: PathBuf,
+    /// The VGG's conv weights (default: models/vgg16_convs.safetensors, which
+    /// models/setup.sh writes; models/vgg19_convs.safetensors, models/bases.sh vgg19).
+    #[arg(long)]
+    weights: Option<PathBuf>,
     /// Math threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -92,6 +94,15 @@ impl ModelArgs {
     fn threads(&self) -> usize {
         crate::config::threads(self.threads, 1)
     }
+
+    fn weights(&self, vgg: &Vgg) -> PathBuf {
+        self.weights.clone().unwrap_or_else(|| vgg.weights.into())
+    }
+}
+
+/// The VGG `--model` names, or an error naming the choices.
+fn vgg(model: &str) -> anyhow::Result<Vgg> {
+    Vgg::named(model).with_context(|| format!("--model {model}: `vgg16` or `vgg19`"))
 }
 
 /// Runs one `visualize` command; prints what it wrote unless `quiet`.
@@ -123,12 +134,14 @@ pub fn run(what: Visualize, quiet: bool) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Visualize::Filters { layer, filters: n, size, steps, step, seed, out, npy, model_args } => {
-            let index = CONV_BASE_LAYERS
-                .iter()
-                .position(|&l| l == layer && l.contains("_conv"))
-                .with_context(|| format!("--layer {layer}: not one of VGG16's convs (block1_conv1 .. block5_conv3)"))?;
-            let mut net = vgg16::conv_base([size, size], &layer, &model_args.weights, model_args.threads())?;
+        Visualize::Filters { layer, model, filters: n, size, steps, step, seed, out, npy, model_args } => {
+            let vgg = vgg(&model)?;
+            let layers = vgg.layers();
+            let index = layers.iter().position(|l| *l == layer && l.contains("_conv")).with_context(|| {
+                let convs: Vec<&str> = layers.iter().filter(|l| l.contains("_conv")).map(String::as_str).collect();
+                format!("--layer {layer}: not one of {}'s convs ({})", vgg.name, convs.join(", "))
+            })?;
+            let mut net = vgg.conv_base([size, size], &layer, &model_args.weights(&vgg), model_args.threads())?;
             let Shape::Map([_, _, channels]) = net.layers()[index].output else { bail!("{layer} has no map") };
             if n == 0 || n > channels {
                 bail!("--filters {n}: {layer} has {channels} filters");
@@ -173,19 +186,19 @@ fn activation_input(image: &Path, model: &str, size: usize, args: &ModelArgs) ->
     let bytes = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
     let img = crate::imaging::decode::decode_image(&bytes, u64::MAX)
         .map_err(|e| anyhow::anyhow!("{}: {e}", image.display()))?;
-    if model == "vgg16" {
-        let net = vgg16::conv_base([size, size], "block5_pool", &args.weights, args.threads())?;
+    if let Some(vgg) = Vgg::named(model) {
+        let net = vgg.conv_base([size, size], "block5_pool", &args.weights(&vgg), args.threads())?;
         let img = resized(img, size, size, Filter::default())?;
         let mut x = Vec::new();
         Preprocess::Caffe.extend(&img, &mut x);
         return Ok((net, x));
     }
     let trained = Classifier::describe(Path::new(model))
-        .map_err(|e| anyhow::anyhow!("--model {model}: not `vgg16`, nor a trained classifier's folder: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("--model {model}: not `vgg16` or `vgg19`, nor a trained classifier's folder: {e}"))?;
     let (Some(input), None) = (trained.input, trained.base) else {
         bail!("--model {model}: it takes VGG16's block4 maps or features, not images; use --model vgg16");
     };
-    let net = trained.build(input, &args.weights, args.threads()).map_err(anyhow::Error::msg)?;
+    let net = trained.build(input, &args.weights(&VGG16), args.threads()).map_err(anyhow::Error::msg)?;
     let [h, w, c] = input;
     let img = resized(img, h, w, trained.resize_filter)?;
     let rescale = trained.rescale;

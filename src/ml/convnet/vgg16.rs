@@ -1,6 +1,7 @@
 //! VGG16's block5 as trainable layers: the part the book's 5.3.3 fine-tunes;
-//! and its whole conv base, frozen, whose gradients the visualisations of
-//! 5.4 take ([`conv_base`], weights from `models/vgg16_convs.safetensors`).
+//! and the whole conv base of VGG16 or VGG19, frozen, whose gradients the
+//! visualisations of 5.4 take ([`Vgg::conv_base`], weights from
+//! `models/vgg16_convs.safetensors` or `models/vgg19_convs.safetensors`).
 //!
 //! Blocks 1-4 stay frozen in ONNX Runtime (`models/vgg16_block4.onnx`, whose
 //! output is Keras's `block4_pool`); block5 (three `same` 3x3 convs of 512
@@ -76,72 +77,107 @@ pub fn load_block5(model: &mut Convnet, path: &Path) -> Result<(), ConvnetError>
         return Err(ConvnetError::Spec(format!("block5 needs 3 conv2d layers, the model has {}", convs.len())));
     }
     let pairs: Vec<(&str, &str)> = BLOCK5_CONVS.iter().copied().zip(convs.iter().map(String::as_str)).collect();
-    load_convs(model, path, BLOCK5_FORMAT, "models/make_vgg16_block4.py", &pairs)
+    load_convs(model, path, BLOCK5_FORMAT, "models/setup.sh (models/make_vgg16_block4.py)", &pairs)
 }
 
-/// The `format` metadata `make_vgg16_convs.py` writes.
-pub const CONVS_FORMAT: &str = "keras-vgg16-convs";
+/// A VGG conv base in this crate's own layers, frozen, with Keras's
+/// ImageNet weights: what the visualisations of 5.4 take gradients of.
+/// VGG16 and VGG19 differ only in how many convs each block has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vgg {
+    /// The base's name (`convflow visualize --model vgg19`).
+    pub name: &'static str,
+    /// Convs in blocks 1..5.
+    convs: [usize; 5],
+    /// The weights file's `format` metadata.
+    format: &'static str,
+    /// Where set-up writes the weights.
+    pub weights: &'static str,
+    /// What writes them.
+    maker: &'static str,
+}
 
-/// Keras's names of the layers of VGG16's conv base (`include_top=False`), in order.
-pub const CONV_BASE_LAYERS: [&str; 18] = [
-    "block1_conv1",
-    "block1_conv2",
-    "block1_pool",
-    "block2_conv1",
-    "block2_conv2",
-    "block2_pool",
-    "block3_conv1",
-    "block3_conv2",
-    "block3_conv3",
-    "block3_pool",
-    "block4_conv1",
-    "block4_conv2",
-    "block4_conv3",
-    "block4_pool",
-    "block5_conv1",
-    "block5_conv2",
-    "block5_conv3",
-    "block5_pool",
-];
+/// VGG16: `models/vgg16_convs.safetensors`, from `make_vgg16_convs.py`.
+pub const VGG16: Vgg = Vgg {
+    name: "vgg16",
+    convs: [2, 2, 3, 3, 3],
+    format: "keras-vgg16-convs",
+    weights: "models/vgg16_convs.safetensors",
+    maker: "models/setup.sh (models/make_vgg16_convs.py)",
+};
 
-/// The conv base's layers, as [`CONV_BASE_LAYERS`] names them: 3x3 `same`
-/// ReLU convs of 64, 128, 256, 512, 512 filters by block, each block ending
-/// in a 2x2 max pool.
-pub fn conv_base_specs() -> Vec<LayerSpec> {
-    CONV_BASE_LAYERS
-        .iter()
-        .map(|name| {
-            if name.ends_with("_pool") {
-                return LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None };
-            }
-            let block = name.as_bytes()[5] - b'0';
-            LayerSpec::Conv2d {
-                filters: [64, 128, 256, 512, 512][usize::from(block - 1)],
+/// VGG19: `models/vgg19_convs.safetensors`, from Keras's own weight file
+/// (`make_keras_vgg.py`, the same run that writes `vgg19_notop.onnx`).
+pub const VGG19: Vgg = Vgg {
+    name: "vgg19",
+    convs: [2, 2, 4, 4, 4],
+    format: "keras-vgg19-convs",
+    weights: "models/vgg19_convs.safetensors",
+    maker: "models/bases.sh vgg19",
+};
+
+/// Filters of each block's convs.
+const BLOCK_FILTERS: [usize; 5] = [64, 128, 256, 512, 512];
+
+impl Vgg {
+    pub fn named(name: &str) -> Option<Vgg> {
+        [VGG16, VGG19].into_iter().find(|v| v.name == name)
+    }
+
+    /// Keras's names of its conv base's layers (`include_top=False`), in
+    /// order: `blockB_convC`, each block ending in `blockB_pool`.
+    pub fn layers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (b, &n) in self.convs.iter().enumerate() {
+            out.extend((1..=n).map(|c| format!("block{}_conv{c}", b + 1)));
+            out.push(format!("block{}_pool", b + 1));
+        }
+        out
+    }
+
+    /// Its layers, as [`Vgg::layers`] names them: 3x3 `same` ReLU convs of
+    /// 64, 128, 256, 512, 512 filters by block, each block ending in a 2x2
+    /// max pool.
+    pub fn specs(&self) -> Vec<LayerSpec> {
+        let mut out = Vec::new();
+        for (b, &n) in self.convs.iter().enumerate() {
+            let conv = LayerSpec::Conv2d {
+                filters: BLOCK_FILTERS[b],
                 kernel_size: Pair::One(3),
                 strides: Pair::One(1),
                 padding: Padding::Same,
                 activation: Activation::Relu,
-            }
-        })
-        .collect()
-}
+            };
+            out.extend(std::iter::repeat_n(conv, n));
+            out.push(LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None });
+        }
+        out
+    }
 
-/// VGG16's conv base from its input (preprocessed as Keras's VGG16 wants:
-/// `caffe`) up to and including the layer named `last`, on images of
-/// `[height, width]`, with Keras's ImageNet weights from `weights`
-/// (`models/vgg16_convs.safetensors`). Frozen: a [`Convnet::conv_base`],
-/// whose layers carry Keras's names.
-pub fn conv_base(image_hw: [usize; 2], last: &str, weights: &Path, threads: usize) -> Result<Convnet, ConvnetError> {
-    let upto = CONV_BASE_LAYERS.iter().position(|&n| n == last).ok_or_else(|| {
-        ConvnetError::Spec(format!("VGG16 has no layer {last:?}; its layers are {}", CONV_BASE_LAYERS.join(", ")))
-    })?;
-    let specs = conv_base_specs();
-    let mut model = Convnet::conv_base([image_hw[0], image_hw[1], 3], &specs[..=upto], threads)?;
-    model.set_layer_names(&CONV_BASE_LAYERS[..=upto])?;
-    let convs: Vec<(&str, &str)> =
-        CONV_BASE_LAYERS[..=upto].iter().filter(|n| n.contains("_conv")).map(|&n| (n, n)).collect();
-    load_convs(&mut model, weights, CONVS_FORMAT, "models/make_vgg16_convs.py", &convs)?;
-    Ok(model)
+    /// The conv base from its input (preprocessed as Keras's VGGs want:
+    /// `caffe`) up to and including the layer named `last`, on images of
+    /// `[height, width]`, with Keras's ImageNet weights from `weights`
+    /// ([`Vgg::weights`] unless given). Frozen: a [`Convnet::conv_base`],
+    /// whose layers carry Keras's names.
+    pub fn conv_base(
+        &self,
+        image_hw: [usize; 2],
+        last: &str,
+        weights: &Path,
+        threads: usize,
+    ) -> Result<Convnet, ConvnetError> {
+        let names = self.layers();
+        let upto = names.iter().position(|n| n == last).ok_or_else(|| {
+            ConvnetError::Spec(format!("{} has no layer {last:?}; its layers are {}", self.name, names.join(", ")))
+        })?;
+        let specs = self.specs();
+        let mut model = Convnet::conv_base([image_hw[0], image_hw[1], 3], &specs[..=upto], threads)?;
+        let names: Vec<&str> = names[..=upto].iter().map(String::as_str).collect();
+        model.set_layer_names(&names)?;
+        let convs: Vec<(&str, &str)> = names.iter().filter(|n| n.contains("_conv")).map(|&n| (n, n)).collect();
+        load_convs(&mut model, weights, self.format, self.maker, &convs)?;
+        Ok(model)
+    }
 }
 
 /// Sets each `(file name, model name)` pair's kernel and bias from the
@@ -154,7 +190,7 @@ fn load_convs(
     pairs: &[(&str, &str)],
 ) -> Result<(), ConvnetError> {
     let file_err = |m: String| ConvnetError::File { path: path.display().to_string(), message: m };
-    let bytes = std::fs::read(path).map_err(|e| file_err(format!("{e} (models/setup.sh writes it with {maker})")))?;
+    let bytes = std::fs::read(path).map_err(|e| file_err(format!("{e} ({maker} writes it)")))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(e.to_string()))?;
     let found = meta.metadata().as_ref().and_then(|m| m.get("format"));
     if found.map(String::as_str) != Some(format) {
