@@ -50,7 +50,7 @@ fn set_overrides_params_and_rejects_unknown_ones() {
             "--set",
             "data_dir=tests/fixtures/images",
             "--set",
-            "model=models/tiny_vgg.onnx",
+            "base=models/tiny_vgg.onnx",
         ])
         .output()
         .unwrap();

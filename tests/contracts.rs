@@ -38,7 +38,7 @@ fn predict(command: &str, head: &Path, data: &Path, out: &Path, sets: &[&str]) -
         format!("head={}", head.display()),
         format!("input_dir={}", data.join("test").display()),
         format!("out={}", out.display()),
-        format!("model={}", common::tiny_model().display()),
+        format!("base={}", common::tiny_model().display()),
         format!("cache_dir={}", out.with_extension("cache").display()),
     ]
     .iter()
@@ -125,7 +125,7 @@ fn a_head_of_another_model_file_is_refused_by_its_content_hash() {
     for set in [
         format!("head={}", head.display()),
         format!("input_dir={}", data.join("test").display()),
-        format!("model={}", copy.display()),
+        format!("base={}", copy.display()),
         format!("out={}", out.display()),
     ] {
         c.args(["--set", &set]);
@@ -185,6 +185,48 @@ fn graph_shows_what_flows_on_each_edge_as_text_and_dot() {
     let o = common::bin().args(["graph", "--dot", "pipelines/extract_features.yaml", "--set", &data]).output().unwrap();
     let dot = String::from_utf8_lossy(&o.stdout);
     assert!(dot.starts_with("digraph") && dot.contains("rescale features of vgg16_notop.onnx at [4, 4, 512]"), "{dot}");
+}
+
+/// `--set base=NAME` on the pipelines that extract features: the image size
+/// and the preprocessing follow the base unless given (VGG16 keeps the
+/// book's x/255 at 150x150); the augmented pipeline's training branch, whose
+/// resize is three stages before the base, gets the size too.
+#[test]
+fn the_base_param_sets_the_size_and_preprocessing_unless_given() {
+    let model = common::root().join("models/mobilenet_notop.onnx");
+    if !model.exists() {
+        assert!(std::env::var_os("CI").is_none(), "tests/setup.sh runs models/bases.sh mobilenet");
+        eprintln!("skipping: {} not present (models/bases.sh mobilenet)", model.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    convflow::demo::generate(tmp.path(), 1).unwrap();
+    let data = format!("data_dir={}", tmp.path().display());
+    let graph = |pipeline: &str, sets: &[&str]| {
+        let mut c = common::bin();
+        c.args(["graph", pipeline, "--set", &data]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&[], "images 150x150x3", "rescale features of vgg16_notop.onnx at [4, 4, 512]"),
+        (&["base=mobilenet"], "images 224x224x3", "tf features of mobilenet_notop.onnx at [7, 7, 1024]"),
+        (&["base=models/mobilenet_notop.onnx"], "images 224x224x3", "tf features of mobilenet_notop.onnx"),
+        (&["base=mobilenet", "image_size=160"], "images 160x160x3", "tf features of mobilenet_notop.onnx at [5, 5, 1024]"),
+        (&["base=mobilenet", "preprocess=caffe"], "images 224x224x3", "caffe features of mobilenet_notop.onnx"),
+        (&["base=vgg16", "preprocess=caffe", "image_size=224"], "images 224x224x3", "caffe features of vgg16_notop.onnx at [7, 7, 512]"),
+    ];
+    for (sets, size, features) in cases {
+        for pipeline in ["pipelines/extract_features.yaml", "pipelines/augmented_end_to_end.yaml"] {
+            let text = graph(pipeline, sets);
+            assert!(text.contains(size) && text.contains(features), "{pipeline} {sets:?}: {size}, {features} in\n{text}");
+            assert!(!text.contains("150x150x3") || size.contains("150"), "{pipeline} {sets:?}: an edge kept 150\n{text}");
+        }
+    }
 }
 
 #[test]

@@ -42,8 +42,8 @@ fn validate(file: &Path, inputs: &Inputs) -> (bool, String) {
     if text.contains("${head}") {
         // What the head was trained on (its facts are checked against the edge's).
         cmd.arg("--set").arg(format!("head={}", inputs.head().display()));
-        if text.contains("${model}") {
-            cmd.arg("--set").arg(format!("model={}", common::tiny_model().display()));
+        if text.contains("${base}") {
+            cmd.arg("--set").arg(format!("base={}", common::tiny_model().display()));
         }
         if text.contains("${image_size}") {
             cmd.args(["--set", "image_size=64"]);
@@ -84,7 +84,7 @@ impl Inputs {
                 .arg("--set")
                 .arg(format!("cache_dir={}", self.dir.join("cache").display()))
                 .arg("--set")
-                .arg(format!("model={}", common::tiny_model().display()))
+                .arg(format!("base={}", common::tiny_model().display()))
                 .args(["--set", "image_size=64", "--set", "epochs=1", "--set", "preprocess=caffe"])
                 .current_dir(common::root())
                 .output()

@@ -201,7 +201,7 @@ fn cli_serves_per_stage_metrics_during_a_run_and_the_snapshot_matches_the_report
         .arg("--set")
         .arg(format!("out_dir={}", out.display()))
         .args(["--set", "cache_dir=", "--set"])
-        .arg(format!("model={}", common::tiny_model().display()))
+        .arg(format!("base={}", common::tiny_model().display()))
         .args(["--metrics-listen", &addr.to_string()])
         .stdout(Stdio::null())
         .stderr(log)
@@ -483,7 +483,7 @@ fn the_demo_ends_with_a_readable_verdict_and_the_next_steps_and_no_gpu_is_no_war
         .current_dir(clone.path())
         .env_remove("RUST_LOG")
         .args(["demo", "--set", "image_size=64", "--set"])
-        .arg(format!("model={}", common::tiny_model().display()))
+        .arg(format!("base={}", common::tiny_model().display()))
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));

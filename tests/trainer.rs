@@ -86,7 +86,7 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         .args(["--set", &format!("input_dir={}", data.join("test").display())])
         .args(["--set", &format!("out={}", csv.display())])
         .args(["--set", &format!("cache_dir={}", tmp.path().join("cache2").display())])
-        .args(["--set", &format!("model={}", common::tiny_model().display())])
+        .args(["--set", &format!("base={}", common::tiny_model().display())])
         .args(["--set", "image_size=150"])
         .output()
         .unwrap();
@@ -105,7 +105,7 @@ fn trains_writes_its_outputs_repeats_exactly_and_predicts_what_it_measured() {
         .args(["--set", &format!("input_dir={}", data.join("test").display())])
         .args(["--set", &format!("out={}", csv.display())])
         .args(["--set", &format!("cache_dir={}", cache.display())])
-        .args(["--set", &format!("model={}", common::tiny_model().display())])
+        .args(["--set", &format!("base={}", common::tiny_model().display())])
         .status()
         .unwrap();
     assert!(status.success());
@@ -190,7 +190,7 @@ fn summary_prints_the_books_dense_head_on_the_features_upstream() {
         .unwrap()
         .replace("class_mode: binary", "class_mode: categorical");
     let p = common::write_pipeline(dir.path(), "categorical.yaml", &text);
-    let (ok, text, err) = summary(p.to_str().unwrap(), &[data_set, format!("model={}", common::vgg16().display())]);
+    let (ok, text, err) = summary(p.to_str().unwrap(), &[data_set, format!("base={}", common::vgg16().display())]);
     assert!(ok, "{err}");
     assert!(text.contains("dense_1 (Dense)                   (None, 3)") && text.contains("771"), "{text}");
     // No resize upstream of the conv base: the shape cannot be known, and the error says why.

@@ -58,7 +58,7 @@ run() {  # name, --set args...
   local name=$1; shift
   say "extract_features $name"
   timeout 120 $CF/bin/convflow run pipelines/extract_features.yaml --set data_dir=$D --set preprocess=caffe \
-    --set model=$CF/vgg16_notop.onnx --set cache_dir= --set out_dir=/tmp/o/$name "$@" > /tmp/extract-$name.log 2>&1
+    --set base=$CF/vgg16_notop.onnx --set cache_dir= --set out_dir=/tmp/o/$name "$@" > /tmp/extract-$name.log 2>&1
   echo "$name exit $?" >> "$OUT/check.txt"
   { echo "=== $name: $*"; cat /tmp/extract-$name.log; } >> "$OUT/extract.log"
 }
@@ -77,7 +77,7 @@ if ! grep -q "^cuda exit 0" "$OUT/check.txt"; then
 fi
 run tf32 --set device=cuda --set tf32=true
 run cuda64x2 --set device=cuda --set batch_size=64 --set inference_workers=2
-run fp16 --set device=cuda --set model=$CF/vgg16_notop.fp16.onnx --set batch_size=128 --set inference_workers=2
+run fp16 --set device=cuda --set base=$CF/vgg16_notop.fp16.onnx --set batch_size=128 --set inference_workers=2
 python3 - "$OUT/check.txt" <<'PY'
 import json, sys, numpy as np
 out = open(sys.argv[1], "a")

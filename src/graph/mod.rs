@@ -345,13 +345,15 @@ fn field_pos(s: &StageSpec, field: &str) -> Pos {
     .unwrap_or(s.pos)
 }
 
-/// What the stages after each stage want of its output: each stage's own
-/// wants of its input, with what is wanted of its output passed up where
-/// it says nothing (a head's image size reaches the `resize` before the base).
+/// What the stages after each stage want of its output: what is wanted of
+/// a stage's output passed up, with the stage's own wants of its input where
+/// that says nothing (a head's image size reaches the `resize` before the
+/// base, and outranks the named base's own default size: a trained model
+/// requires, a base only prefers).
 fn wants_of_outputs(configs: &[SharedConfig], inputs: &[Vec<usize>], order: &[usize], env: bool) -> Vec<Wants> {
     let mut wanted = vec![Wants::default(); configs.len()];
     for &i in order.iter().rev() {
-        let own = configs[i].wants(env).or(&wanted[i]);
+        let own = wanted[i].clone().or(&configs[i].wants(env));
         for &j in &inputs[i] {
             wanted[j] = std::mem::take(&mut wanted[j]).or(&own);
         }

@@ -19,6 +19,9 @@ pub struct Base {
     pub preprocess: Preprocess,
     /// Keras's own input size (height = width).
     pub native_size: u32,
+    /// What a pipeline that names this base gets where it leaves the
+    /// preprocessing and the image size `auto`.
+    pub defaults: Defaults,
     /// The smallest height and width Keras accepts.
     pub min_size: u32,
     /// Channels of its last feature map.
@@ -30,12 +33,31 @@ pub struct Base {
     pub weights: &'static str,
 }
 
+/// A base's preprocessing and image size where a pipeline leaves them
+/// `auto` (and no trained model after it says otherwise). VGG16 keeps the
+/// book's own use of it, x/255 at 150x150 (section 5.3.1 as written, so the
+/// book's figures hold); every other base gets what Keras gives it,
+/// `preprocess_input`'s mode at Keras's default input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Defaults {
+    pub preprocess: Preprocess,
+    pub image_size: u32,
+}
+
+impl Base {
+    /// Keras's own use: its `preprocess_input` mode at its default size.
+    const fn keras(preprocess: Preprocess, native_size: u32) -> Defaults {
+        Defaults { preprocess, image_size: native_size }
+    }
+}
+
 pub const BASES: &[Base] = &[
     Base {
         name: "vgg16",
         file: "vgg16_notop.onnx",
         preprocess: Preprocess::Caffe,
         native_size: 224,
+        defaults: Defaults { preprocess: Preprocess::Rescale, image_size: 150 },
         min_size: 32,
         channels: 512,
         params: 14_714_688,
@@ -47,6 +69,7 @@ pub const BASES: &[Base] = &[
         file: "vgg19_notop.onnx",
         preprocess: Preprocess::Caffe,
         native_size: 224,
+        defaults: Base::keras(Preprocess::Caffe, 224),
         min_size: 32,
         channels: 512,
         params: 20_024_384,
@@ -58,6 +81,7 @@ pub const BASES: &[Base] = &[
         file: "xception_notop.onnx",
         preprocess: Preprocess::Tf,
         native_size: 299,
+        defaults: Base::keras(Preprocess::Tf, 299),
         min_size: 71,
         channels: 2048,
         params: 20_861_480,
@@ -69,6 +93,7 @@ pub const BASES: &[Base] = &[
         file: "inception_v3_notop.onnx",
         preprocess: Preprocess::Tf,
         native_size: 299,
+        defaults: Base::keras(Preprocess::Tf, 299),
         min_size: 75,
         channels: 2048,
         params: 21_802_784,
@@ -80,6 +105,7 @@ pub const BASES: &[Base] = &[
         file: "resnet50_notop.onnx",
         preprocess: Preprocess::Caffe,
         native_size: 224,
+        defaults: Base::keras(Preprocess::Caffe, 224),
         min_size: 32,
         channels: 2048,
         params: 23_587_712,
@@ -91,6 +117,7 @@ pub const BASES: &[Base] = &[
         file: "mobilenet_notop.onnx",
         preprocess: Preprocess::Tf,
         native_size: 224,
+        defaults: Base::keras(Preprocess::Tf, 224),
         min_size: 32,
         channels: 1024,
         params: 3_228_864,
@@ -267,11 +294,12 @@ fn onnx_graph_name(path: &Path) -> std::io::Result<Option<String>> {
 /// `convflow models`: one row per base, the output shape at `size` x `size`.
 pub fn table(size: u32) -> String {
     let mut out = format!(
-        "{:<13} {:<9} {:<10} {:<9} {:<16} {:>11}  {:<50} {}\n",
+        "{:<13} {:<9} {:<10} {:<9} {:<16} {:<16} {:>11}  {:<50} {}\n",
         "base",
         "native",
         "min size",
         "preproc",
+        "auto gives",
         format!("out at {size}"),
         "params",
         "here",
@@ -289,11 +317,12 @@ pub fn table(size: u32) -> String {
             Err(_) => "not available yet".to_string(),
         };
         out.push_str(&format!(
-            "{:<13} {:<9} {:<10} {:<9} {:<16} {:>11}  {:<50} {}\n",
+            "{:<13} {:<9} {:<10} {:<9} {:<16} {:<16} {:>11}  {:<50} {}\n",
             b.name,
             format!("{0}x{0}", b.native_size),
             format!("{0}x{0}", b.min_size),
             format!("{:?}", b.preprocess).to_lowercase(),
+            format!("{} {1}x{1}", b.defaults.preprocess.name(), b.defaults.image_size),
             shape,
             b.params,
             here,

@@ -21,7 +21,7 @@ pub struct OnnxFeaturesConfig {
     /// A path, or a conv base's name (`vgg19`), read as that base's file.
     pub model: ModelRef,
     /// `auto` (`None`): what the stages after it were trained on, else
-    /// the named base's own mode, else `rescale` (the book's).
+    /// the named base's default (its `defaults`), else `rescale` (the book's).
     #[serde(default, with = "auto_preprocess")]
     pub preprocess: Option<Preprocess>,
     #[serde(default)]
@@ -108,10 +108,13 @@ mod auto_preprocess {
     }
 }
 
+/// The book's image size (section 5.3.1), for a model that is no named base.
+const BOOK_IMAGE_SIZE: u32 = 150;
+
 impl OnnxFeaturesConfig {
     /// The mode the model's input is made with, once resolved.
     fn preprocess(&self) -> Preprocess {
-        self.preprocess.or(self.model.base.map(|b| b.preprocess)).unwrap_or_default()
+        self.preprocess.or(self.base().map(|b| b.defaults.preprocess)).unwrap_or_default()
     }
 
     /// The base this model is, by name or by its file's path.
@@ -148,7 +151,7 @@ impl StageConfig for OnnxFeaturesConfig {
             name: "preprocess",
             ty: "rescale|caffe|tf|torch|none|auto",
             default: "auto",
-            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255; auto: what the trained model after it was trained on, else a named base's mode, else rescale",
+            help: "x/255 (the book); Keras's preprocess_input modes: caffe (VGG, ResNet), tf (Xception, Inception, MobileNet), torch (torchvision); none: 0..255; auto: what the trained model after it was trained on, else a named base's default (`convflow models`: rescale for vgg16, the book's; Keras's mode for the others), else rescale",
         },
         OptionDoc {
             name: "device",
@@ -237,17 +240,17 @@ impl StageConfig for OnnxFeaturesConfig {
         Ok(Some(CacheSpec { dir, key, shared }))
     }
 
-    /// A named base sets the size of the images before it (`resize: {size: auto}`),
-    /// unless a trained model after it says otherwise.
+    /// A conv base sets the size of the images before it (`resize: {size: auto}`)
+    /// to its default, and a model of the user's own to the book's 150x150
+    /// (a model whose input is fixed at another size is then refused by
+    /// [`StageConfig::facts`], naming its size), unless a trained model
+    /// after it says otherwise.
     fn wants(&self, _env: bool) -> Wants {
-        match self.model.base {
-            Some(b) => Wants {
-                image_size: Some([b.native_size, b.native_size]),
-                by: format!("the conv base `{}`", b.name),
-                ..Wants::default()
-            },
-            None => Wants::default(),
-        }
+        let (size, by) = match self.base() {
+            Some(b) => (b.defaults.image_size, format!("the conv base `{}`", b.name)),
+            None => (BOOK_IMAGE_SIZE, format!("the book's size for the model {}", self.model.path.display())),
+        };
+        Wants { image_size: Some([size, size]), by, ..Wants::default() }
     }
 
     fn resolve(&self, wants: &Wants) -> Option<Self> {

@@ -100,8 +100,8 @@ impl StageConfig for ResizeConfig {
         match (self.size, env) {
             (None, true) => Err(vec![FieldError::new(
                 "size",
-                "is `auto`, but no stage after it needs a size (a conv base named by name, such as `model: \
-                 vgg19`, or a trained model): give [height, width]",
+                "is `auto`, but no stage after it needs a size (a conv base, or a trained model): give \
+                 [height, width]",
             )]),
             // Without the environment, the trained model that would say is not read.
             (size, _) => Ok(Facts { image_size: size, resize_filter: Some(self.filter), ..input.clone() }),
