@@ -118,6 +118,9 @@ def test_run_errors_are_the_clis_words(small_data, tmp_path, convflow_bin):
 
 SIGINT_SCRIPT = """
 import os, signal, sys, threading, time
+# Python leaves SIGINT ignored when it starts ignored (a test run launched in
+# the background of a non-interactive shell): Ctrl-C's handler, as a terminal has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import convflow
 p = convflow.Pipeline(sys.argv[1], data_dir=sys.argv[2], epochs=1000)
 sent = []

@@ -187,10 +187,17 @@ pub fn history_without_seconds(out: &Path) -> Vec<String> {
 }
 
 /// The epoch recorded in a checkpoint's safetensors header, if one is there.
+/// Reads the header alone: a fine-tuned VGG16's checkpoint is tens of MB, and
+/// [`kill_at_checkpoint`] polls it every few milliseconds (reading it whole
+/// took long enough under load for the run to finish between two polls).
 pub fn checkpoint_epoch(out: &Path) -> Option<u64> {
-    let bytes = std::fs::read(out.join("checkpoint.safetensors")).ok()?;
-    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-    let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + n)?).ok()?;
+    use std::io::Read;
+    let mut f = std::fs::File::open(out.join("checkpoint.safetensors")).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let mut header = vec![0u8; usize::try_from(u64::from_le_bytes(len)).ok()?.min(100 << 20)];
+    f.read_exact(&mut header).ok()?;
+    let header: serde_json::Value = serde_json::from_slice(&header).ok()?;
     header["__metadata__"]["epoch"].as_str()?.parse().ok()
 }
 
