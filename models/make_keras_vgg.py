@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A Keras VGG notop weight file (.h5) -> the ONNX conv base convflow runs.
 
-Usage: make_keras_vgg.py vgg16|vgg19 WEIGHTS_notop.h5 OUT.onnx [CONVS.safetensors]
+Usage: make_keras_vgg.py vgg16|vgg19 WEIGHTS_notop.h5 OUT.onnx [CONVS.safetensors [BLOCK4.onnx]]
 
 WEIGHTS is Keras's own `vggNN_weights_tf_dim_ordering_tf_kernels_notop.h5`
 (keras.applications' ImageNet weights; models/bases.sh fetches VGG19's from
@@ -19,7 +19,9 @@ CONVS, when given, holds the same weights for convflow's own layers (what
 `blockB_convC/kernel` [3, 3, in, out] (Keras's layout, as in the .h5) and
 `blockB_convC/bias`, metadata `format` = keras-ARCH-convs, the one
 src/ml/convnet/vgg16.rs checks. Its test runs them in Rust against ONNX
-Runtime on OUT.
+Runtime on OUT. BLOCK4, when given, is the same graph cut at `block4_pool`
+(NHWC `features` [N, H/16, W/16, 512]): what fine-tuning and Grad-CAM run
+before block5, which they run in Rust from CONVS.
 """
 import os
 import sys
@@ -50,9 +52,10 @@ def layer_weights(f, name):
     return (np.asarray(g[n], dtype=np.float32) for n in names)
 
 
-def build(arch, weights, keras_layout=None):
-    """The ONNX graph and its parameter count; each conv's Keras-layout
-    kernel and bias also go into `keras_layout` when it is a dict."""
+def build(arch, weights, keras_layout=None, blocks=5):
+    """The ONNX graph of the first `blocks` blocks and its parameter count;
+    each conv's Keras-layout kernel and bias also go into `keras_layout`
+    when it is a dict."""
     nodes = [helper.make_node("Transpose", ["input"], ["x0"], perm=[0, 3, 1, 2], name="to_nchw")]
     inits = []
     x, channels, params = "x0", 3, 0
@@ -61,7 +64,7 @@ def build(arch, weights, keras_layout=None):
         present = {k for k in f.keys() if "_conv" in k}
         if present != expected:
             fail(f"the weight file's conv layers {sorted(present)} are not {arch}'s {sorted(expected)}")
-        for b, convs in enumerate(BLOCKS[arch]):
+        for b, convs in enumerate(BLOCKS[arch][:blocks]):
             for c in range(convs):
                 name = f"block{b + 1}_conv{c + 1}"
                 kernel, bias = layer_weights(f, name)
@@ -82,7 +85,7 @@ def build(arch, weights, keras_layout=None):
             x = pool
     nodes.append(helper.make_node("Transpose", [x], ["features"], perm=[0, 2, 3, 1], name="to_nhwc"))
     graph = helper.make_graph(
-        nodes, f"{arch}_notop",
+        nodes, f"{arch}_notop" if blocks == 5 else f"{arch}_block{blocks}",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", "H", "W", 3])],
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", "OH", "OW", 512])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
@@ -91,13 +94,8 @@ def build(arch, weights, keras_layout=None):
     return model, params
 
 
-def main():
-    if len(sys.argv) not in (4, 5) or sys.argv[1] not in BLOCKS:
-        sys.exit(__doc__)
-    arch, weights, out = sys.argv[1:4]
-    convs_out = sys.argv[4] if len(sys.argv) == 5 else None
-    convs = {} if convs_out else None
-    model, params = build(arch, weights, convs)
+def checked(model, out, side):
+    """Saves `model` as out.tmp once a 64x64 image gives [1, side, side, 512]."""
     onnx.checker.check_model(model)
     tmp = out + ".tmp"
     onnx.save(model, tmp)
@@ -105,9 +103,24 @@ def main():
     so.log_severity_level = 3
     y = ort.InferenceSession(tmp, so, providers=["CPUExecutionProvider"]).run(
         None, {"input": np.zeros((1, 64, 64, 3), np.float32)})[0]
-    if y.shape != (1, 2, 2, 512):
+    if y.shape != (1, side, side, 512):
         os.remove(tmp)
-        fail(f"a 64x64 image gives {y.shape}, expected (1, 2, 2, 512)")
+        fail(f"{out}: a 64x64 image gives {y.shape}, expected (1, {side}, {side}, 512)")
+    return tmp
+
+
+def main():
+    if len(sys.argv) not in (4, 5, 6) or sys.argv[1] not in BLOCKS:
+        sys.exit(__doc__)
+    arch, weights, out = sys.argv[1:4]
+    convs_out = sys.argv[4] if len(sys.argv) >= 5 else None
+    block4_out = sys.argv[5] if len(sys.argv) == 6 else None
+    convs = {} if convs_out else None
+    model, params = build(arch, weights, convs)
+    tmp = checked(model, out, 2)
+    if block4_out:
+        os.replace(checked(build(arch, weights, blocks=4)[0], block4_out, 4), block4_out)
+        print(f"make_keras_vgg: {arch}: wrote {block4_out}")
     if convs_out:
         from safetensors_f32 import read_safetensors, write_safetensors
 

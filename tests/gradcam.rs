@@ -537,3 +537,90 @@ fn a_fine_tuned_vgg16_before_any_step_has_the_heads_heatmaps() {
     assert_eq!(ha, hb);
     assert!(ha.1.iter().any(|&v| v > 0.0 && v < 1.0), "heatmaps with some shape");
 }
+
+/// A head trained on VGG19's features (`models/bases.sh vgg19`): Grad-CAM
+/// runs VGG19's blocks 1-4 in ONNX Runtime and its four-conv block5 in
+/// convflow's own layers, and gives the head's own probabilities (those of
+/// `predict.yaml` on `vgg19_notop.onnx`'s features); `block5_conv4` is a
+/// layer; VGG16's block4 maps, of the same shape, are refused by `validate`.
+#[test]
+fn a_head_on_vgg19_features_gets_vgg19_heatmaps_with_the_heads_probabilities() {
+    let vgg19 = ["vgg19_notop.onnx", "vgg19_block4.onnx", "vgg19_convs.safetensors"];
+    if vgg19.iter().any(|f| !common::root().join("models").join(f).exists()) {
+        assert!(std::env::var_os("CI").is_none(), "tests/setup.sh runs models/bases.sh vgg19");
+        eprintln!("skipping: models/bases.sh vgg19 has not run");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(data) = small_data(tmp.path()) else { return };
+    let (head, cache) = (tmp.path().join("head"), tmp.path().join("cache"));
+    let o = run(
+        &["run", "-q", "pipelines/feature_extraction.yaml"],
+        &[
+            ("data_dir", data.display().to_string()),
+            ("out_dir", head.display().to_string()),
+            ("cache_dir", cache.display().to_string()),
+            ("base", "vgg19".into()),
+            ("image_size", "150".into()),
+            ("epochs", "2".into()),
+        ],
+    );
+    ok(&o, "training a head on VGG19's features");
+    let test = data.join("test");
+    let predictions = tmp.path().join("predictions.csv");
+    let o = run(
+        &["run", "-q", "pipelines/predict.yaml"],
+        &[
+            ("head", head.display().to_string()),
+            ("input_dir", test.display().to_string()),
+            ("out", predictions.display().to_string()),
+            ("cache_dir", cache.display().to_string()),
+            ("base", "vgg19".into()),
+        ],
+    );
+    ok(&o, "predict.yaml on VGG19's features");
+    let t = Trained { dir: tmp.path().to_path_buf(), data: data.clone(), head: head.clone(), cache: cache.clone() };
+    let out = tmp.path().join("heatmaps");
+    let block4 = common::root().join("models/vgg19_block4.onnx").display().to_string();
+    ok(&heatmaps(&t, &out, &test, &cache, &[("block4", &block4)]), "heatmaps.yaml on VGG19's block4 maps");
+
+    let predicted: std::collections::HashMap<String, f64> = std::fs::read_to_string(&predictions)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let (cats, dogs): (f64, f64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+            (f[0].to_string(), cats.max(dogs))
+        })
+        .collect();
+    let rows = table(&out);
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let ours: f64 = r["probability"].parse().unwrap();
+        let want = predicted[&r["path"]];
+        assert!((ours - want).abs() < 1e-5, "{}: Grad-CAM's p = {ours}, the head's on vgg19_notop = {want}", r["path"]);
+    }
+    let (shape, maps) = convflow::npy::read_f32(&out.join("heatmaps.npy")).unwrap();
+    assert_eq!(shape, [4, 9, 9]);
+    for h in maps.chunks(81) {
+        assert_eq!(h.iter().copied().fold(0f32, f32::max), 1.0);
+    }
+
+    // VGG19's last conv by name; a fifth is no layer, and the message lists block5_conv4.
+    let named = tmp.path().join("conv4");
+    let sets = [("block4", block4.as_str()), ("layer", "block5_conv4")];
+    ok(&heatmaps(&t, &named, &test, &cache, &sets), "layer block5_conv4");
+    assert_eq!(std::fs::read(named.join("heatmaps.npy")).unwrap(), std::fs::read(out.join("heatmaps.npy")).unwrap());
+    let o = heatmaps(&t, &tmp.path().join("conv5"), &test, &cache, &[("block4", &block4), ("layer", "block5_conv5")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("block5_conv4") && err.contains("field `layer`"), "{err}");
+
+    // VGG16's blocks 1-4 give maps of the same shape: refused before any work.
+    let o = heatmaps(&t, &tmp.path().join("mixed"), &test, &cache, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("vgg19_block5") && err.contains("vgg16_block4.onnx") && err.contains("vgg19_block4.onnx"), "{err}");
+    assert!(!tmp.path().join("mixed").join("heatmaps.csv").exists());
+}

@@ -106,7 +106,7 @@ fn block5_in_the_backend_gives_onnx_runtimes_block5_pool_on_real_photos() {
         assert!(rel4 <= 1e-6, "block4 cut differs from the whole model's block4_pool by {rel4:.2e} of its scale");
 
         // block5 in the backend, from the safetensors weights, on that output.
-        let mut model = vgg16::with_block5([b4, b4], &head(), &model_file("vgg16_block5.safetensors"), 0, 2).unwrap();
+        let mut model = vgg16::VGG16.with_block5([b4, b4], &head(), &model_file("vgg16_block5.safetensors"), 0, 2).unwrap();
         let ours = model.layer_output(&f4, 4, 4).unwrap();
         let (s5, reference) = notop.run(x, 4, size, size).unwrap();
         assert_eq!(s5, [4, b5, b5, 512], "vgg16_notop.onnx at {size}x{size}");
@@ -132,7 +132,7 @@ fn block5_weights_of_another_kind_are_refused_naming_the_file() {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![512], &bias).unwrap();
     let meta = std::collections::HashMap::from([("format".to_string(), "convflow-convnet".to_string())]);
     safetensors::serialize_to_file([("block5_conv1/bias", view)], Some(meta), &bad).unwrap();
-    let err = vgg16::with_block5([9, 9], &head(), &bad, 0, 1).unwrap_err();
+    let err = vgg16::VGG16.with_block5([9, 9], &head(), &bad, 0, 1).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, ConvnetError::File { .. }), "{text}");
     assert!(text.contains("not_block5.safetensors") && text.contains("keras-vgg16-block5"), "{text}");
@@ -141,6 +141,6 @@ fn block5_weights_of_another_kind_are_refused_naming_the_file() {
     let meta = std::collections::HashMap::from([("format".to_string(), vgg16::BLOCK5_FORMAT.to_string())]);
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![512], &bias).unwrap();
     safetensors::serialize_to_file([("block5_conv1/bias", view)], Some(meta), &bad).unwrap();
-    let text = vgg16::with_block5([9, 9], &head(), &bad, 0, 1).unwrap_err().to_string();
+    let text = vgg16::VGG16.with_block5([9, 9], &head(), &bad, 0, 1).unwrap_err().to_string();
     assert!(text.contains("not_block5.safetensors") && text.contains("block5_conv1/kernel"), "{text}");
 }

@@ -22,15 +22,18 @@ use super::predictions::read_description;
 use crate::facts::{Facts, TrainedOn};
 use crate::imaging::resize::Filter;
 use crate::ml::convnet::spec::{Resolved, resolve};
-use crate::ml::convnet::vgg16::BLOCK5_CONVS;
 use crate::ml::convnet::{Convnet, LayerSpec};
+
+/// The layer name that means the last conv layer, whatever the model
+/// (VGG16's `block5_conv3`, VGG19's `block5_conv4`, a convnet's own).
+pub const LAST_CONV: &str = "last";
 
 /// The file a `convnet` writes its weights to.
 pub const MODEL_FILE: &str = "model.safetensors";
 
 #[derive(Debug, Clone)]
 enum Trained {
-    /// A dense_head's head, on VGG16's block5.
+    /// A dense_head's head, on VGG16's or VGG19's block5.
     Head(Box<HeadFrom>),
     /// A convnet's whole stack, as saved.
     Convnet,
@@ -40,8 +43,8 @@ enum Trained {
 pub struct Classifier {
     pub dir: PathBuf,
     trained: Trained,
-    /// VGG16's block5 comes first: the items are block4 maps, and its three
-    /// convolutions may be named as Keras does (`block5_conv1..3`).
+    /// VGG16's or VGG19's block5 comes first: the items are block4 maps, and
+    /// its convolutions may be named as Keras does (`block5_conv1..3`, `..4`).
     pub base: Option<Base>,
     /// Every layer, the base's first.
     pub specs: Vec<LayerSpec>,
@@ -89,13 +92,14 @@ impl Classifier {
             let classes = head.trained_on.as_ref().map(|t| t.classes.clone()).ok_or_else(|| {
                 format!("{}: lists no classes (written by dense_head)", dir.join("head.json").display())
             })?;
-            let mut specs = Base::Vgg16Block5.specs();
+            let base = head.base;
+            let mut specs = base.specs();
             specs.extend_from_slice(&head.layers);
             return Ok(Classifier {
                 dir: dir.to_path_buf(),
                 trained_on: head.trained_on.clone(),
                 trained: Trained::Head(Box::new(head)),
-                base: Some(Base::Vgg16Block5),
+                base: Some(base),
                 specs,
                 input: None,
                 classes,
@@ -125,6 +129,7 @@ impl Classifier {
         let base = match info["base"].as_str() {
             None => None,
             Some("vgg16_block5") => Some(Base::Vgg16Block5),
+            Some("vgg19_block5") => Some(Base::Vgg19Block5),
             Some(other) => return Err(format!("{}: unknown base `{other}`", dir.join("model.json").display())),
         };
         // Without the training rescale the pixels would not be what the model learnt on.
@@ -153,18 +158,20 @@ impl Classifier {
     }
 
     /// The index of the conv layer `name` (the model's own name, or for a
-    /// VGG16-based one `block5_conv1..3`); `None`: the last conv layer.
+    /// VGG-based one `block5_conv1..3` (VGG19: `..4`)); `None` or
+    /// [`LAST_CONV`]: the last conv layer.
     pub fn conv_layer(&self, name: Option<&str>) -> Result<usize, String> {
         let layers = self.layers()?;
         let convs: Vec<usize> =
             (0..layers.len()).filter(|&i| matches!(layers[i].spec, LayerSpec::Conv2d { .. })).collect();
-        let Some(name) = name else {
+        let Some(name) = name.filter(|&n| n != LAST_CONV) else {
             return convs
                 .last()
                 .copied()
                 .ok_or_else(|| format!("the model in {} has no conv layer", self.dir.display()));
         };
-        let alias = self.base.and_then(|_| BLOCK5_CONVS.iter().position(|&b| b == name)).and_then(|k| convs.get(k));
+        let block5 = self.base.map(|b| b.vgg().block5_convs()).unwrap_or_default();
+        let alias = block5.iter().position(|b| b == name).and_then(|k| convs.get(k));
         if let Some(&i) = alias {
             return Ok(i);
         }
@@ -172,9 +179,7 @@ impl Classifier {
             Some(i) if convs.contains(&i) => Ok(i),
             found => {
                 let mut names: Vec<String> = convs.iter().map(|&i| layers[i].name.clone()).collect();
-                if self.base.is_some() {
-                    names.extend(BLOCK5_CONVS.iter().map(|s| s.to_string()));
-                }
+                names.extend(block5);
                 let what = match found {
                     Some(i) => format!("`{name}` is a {} layer, not a conv layer", layers[i].spec.keras_name()),
                     None => format!("the model has no layer `{name}`"),
@@ -193,7 +198,7 @@ impl Classifier {
             Trained::Head(head) => {
                 // The features block5 makes of these maps must be the ones the head was trained on.
                 let (layers, _) = resolve(input, &self.specs).map_err(|e| fail(e.to_string()))?;
-                let skip = Base::Vgg16Block5.specs().len();
+                let skip = head.base.specs().len();
                 let got = layers[skip].input.len();
                 if got != head.input_dim {
                     return Err(fail(format!(
@@ -203,7 +208,7 @@ impl Classifier {
                         layers[skip].input.keras()
                     )));
                 }
-                let mut model = Base::Vgg16Block5.model(input, &head.layers, base_weights, 0, threads)?;
+                let mut model = head.base.model(input, &head.layers, base_weights, 0, threads)?;
                 head.load_into(&mut model, skip)?;
                 Ok(model)
             }
@@ -231,8 +236,11 @@ impl Classifier {
     pub fn check_input(&self, input: &Facts) -> Result<(), String> {
         let Some(t) = &self.trained_on else { return Ok(()) };
         let differs = if self.base.is_some() { t.pixels_mismatch(input) } else { t.mismatch(input) };
-        match differs {
-            Some(m) => Err(format!("the classifier in {} was {m}", self.dir.display())),
+        if let Some(m) = differs {
+            return Err(format!("the classifier in {} was {m}", self.dir.display()));
+        }
+        match self.base {
+            Some(base) => base.check_maps(input).map_err(|e| format!("the classifier in {} sits on {e}", self.dir.display())),
             None => Ok(()),
         }
     }

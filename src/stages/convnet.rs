@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::fine_tune::{Base, DEFAULT_BLOCK5_WEIGHTS, HEAD_FILE, HeadFrom};
+use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
 use super::trainer::checkpoint::ModelState;
 use super::trainer::{
     Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
@@ -50,11 +50,12 @@ pub struct ConvnetConfig {
     /// `base` when there is one). Left out with `head_from`, whose head they are.
     #[serde(default)]
     pub layers: Vec<LayerSpec>,
-    /// Pretrained layers before `layers`: `vgg16_block5` (fine-tuning; the
-    /// items are VGG16 block4 maps `[h, w, 512]`).
+    /// Pretrained layers before `layers`: `vgg16_block5` or `vgg19_block5`
+    /// (fine-tuning; the items are that VGG's block4 maps `[h, w, 512]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<Base>,
-    /// The base's weights (default `models/vgg16_block5.safetensors`).
+    /// The base's weights (default the set-up's: `models/vgg16_block5.safetensors`,
+    /// `models/vgg19_convs.safetensors`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_weights: Option<PathBuf>,
     /// A `dense_head`'s out_dir: its trained head (layers and weights) is the
@@ -164,8 +165,9 @@ impl ConvnetConfig {
         {
             return Err(format!(
                 "`base` takes block4 maps of {} channels but the items arriving are {input:?}: put an \
-                 `onnx_features` stage with models/vgg16_block4.onnx before it",
-                b.channels()
+                 `onnx_features` stage with {} before it",
+                b.channels(),
+                b.block4_model()
             ));
         }
         let (layers, _) = resolve(input, &self.specs(&self.head_layers()?)).map_err(|e| e.to_string())?;
@@ -200,7 +202,7 @@ impl ConvnetConfig {
     }
 
     fn base_weights(&self) -> PathBuf {
-        self.base_weights.clone().unwrap_or_else(|| DEFAULT_BLOCK5_WEIGHTS.into())
+        self.base_weights.clone().or_else(|| self.base.map(Base::default_weights)).unwrap_or_default()
     }
 
     /// Layers the base puts before `layers`.
@@ -335,14 +337,14 @@ impl StageConfig for ConvnetConfig {
         },
         OptionDoc {
             name: "base",
-            ty: "vgg16_block5",
+            ty: "vgg16_block5 | vgg19_block5",
             default: "(none)",
-            help: "pretrained layers before `layers`; items are block4 maps",
+            help: "pretrained layers before `layers`; items are that VGG's block4 maps",
         },
         OptionDoc {
             name: "base_weights",
             ty: "path",
-            default: "models/vgg16_block5.safetensors",
+            default: "the base's (models/vgg16_block5.safetensors, models/vgg19_convs.safetensors)",
             help: "the base's pretrained weights",
         },
         OptionDoc {
@@ -442,13 +444,16 @@ impl StageConfig for ConvnetConfig {
         if let Err(e) = self.arriving(input) {
             errors.push(FieldError::new("input_shape", e));
         }
+        if let Some(Err(e)) = self.base.map(|b| b.check_maps(input)) {
+            errors.push(FieldError::new("base", e));
+        }
         if let (Some(f), true) = (&self.frozen_base, self.streaming)
             && let Err(e) = self.check_source_epochs(f, input)
         {
             errors.push(FieldError::new("frozen_base", e));
         }
         if let Some(head) = self.head_from.as_deref().filter(|d| env && d.join(HEAD_FILE).is_file())
-            && let Err(e) = HeadFrom::read(head).and_then(|h| h.check_input(input))
+            && let Err(e) = HeadFrom::read(head).and_then(|h| h.check_input(input).and(h.check_base(self.base)))
         {
             errors.push(FieldError::new("head_from", e));
         }
@@ -477,6 +482,7 @@ impl StageConfig for ConvnetConfig {
         let expect = if self.base.is_some() { arriving } else { None };
         if let Some(h) = &head {
             h.check_input(ctx.input).map_err(fatal)?;
+            h.check_base(self.base).map_err(fatal)?;
             if let Some(input) = self.input_shape.or(expect) {
                 h.check_fits(stage, self.base, input).map_err(StageError::fatal)?;
             }
@@ -622,18 +628,20 @@ impl TrainerKind for Kind {
             && input[2] != b.channels()
         {
             return Err(StageError::fatal(format!(
-                "convnet `{}`: base {b} takes VGG16 block4 maps [h, w, {}] (onnx_features with \
-                 models/vgg16_block4.onnx), but the items have shape {input:?}",
+                "convnet `{}`: base {b} takes block4 maps [h, w, {}] (onnx_features with {}), but the items \
+                 have shape {input:?}",
                 self.stage,
-                b.channels()
+                b.channels(),
+                b.block4_model()
             )));
         }
         if let Some(want) = self.expect
             && want != input
         {
+            let block4 = self.cfg.base.map_or("", Base::block4_model);
             return Err(StageError::fatal(format!(
-                "convnet `{}`: maps of shape {input:?} arrive, but VGG16's block4 gives {want:?} on the images \
-                 resized upstream: is the onnx_features model models/vgg16_block4.onnx (not vgg16_notop.onnx)?",
+                "convnet `{}`: maps of shape {input:?} arrive, but block4 gives {want:?} on the images resized \
+                 upstream: is the onnx_features model {block4} (not the whole base's)?",
                 self.stage
             )));
         }

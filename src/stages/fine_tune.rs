@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::facts::{Facts, TrainedOn};
 use crate::ml::convnet::spec::resolve;
-use crate::ml::convnet::vgg16::{self, BLOCK4_CHANNELS};
+use crate::ml::convnet::vgg16::{BLOCK4_CHANNELS, VGG16, VGG19, Vgg};
 use crate::ml::convnet::{Convnet, LayerSpec, Shape};
 
 /// A pretrained base a convnet can be built on.
@@ -28,10 +28,9 @@ use crate::ml::convnet::{Convnet, LayerSpec, Shape};
 pub enum Base {
     /// VGG16's block5 (three 3x3 `same` convs of 512, a 2x2 max pool) on block4 maps.
     Vgg16Block5,
+    /// VGG19's block5 (four such convs, the pool) on its block4 maps.
+    Vgg19Block5,
 }
-
-/// Where `models/setup.sh` writes block5's weights.
-pub const DEFAULT_BLOCK5_WEIGHTS: &str = "models/vgg16_block5.safetensors";
 
 /// The file a `dense_head` writes its weights to.
 pub const HEAD_FILE: &str = "head.safetensors";
@@ -41,29 +40,61 @@ impl std::fmt::Display for Base {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Base::Vgg16Block5 => "vgg16_block5",
+            Base::Vgg19Block5 => "vgg19_block5",
         })
     }
 }
 
 impl Base {
-    pub fn specs(self) -> Vec<LayerSpec> {
+    /// The VGG whose block5 it is.
+    pub fn vgg(self) -> Vgg {
         match self {
-            Base::Vgg16Block5 => vgg16::block5_specs(),
+            Base::Vgg16Block5 => VGG16,
+            Base::Vgg19Block5 => VGG19,
         }
+    }
+
+    /// The base whose block5 a head trained on the features of `conv_base`
+    /// (a conv base of [`crate::ml::bases`]) sits on, if convflow's own
+    /// layers have it.
+    pub fn under(conv_base: &str) -> Option<Base> {
+        [Base::Vgg16Block5, Base::Vgg19Block5].into_iter().find(|b| b.vgg().name == conv_base)
+    }
+
+    pub fn specs(self) -> Vec<LayerSpec> {
+        self.vgg().block5_specs()
     }
 
     /// Channels of the maps the base takes.
     pub fn channels(self) -> usize {
-        match self {
-            Base::Vgg16Block5 => BLOCK4_CHANNELS,
-        }
+        BLOCK4_CHANNELS
     }
 
     /// The map blocks 1-4 make of an image of `[height, width]`: four 2x2
     /// pools, each flooring (150 -> 9, 224 -> 14).
     pub fn input_for_image(self, hw: [usize; 2]) -> [usize; 3] {
-        match self {
-            Base::Vgg16Block5 => [hw[0] / 16, hw[1] / 16, BLOCK4_CHANNELS],
+        [hw[0] / 16, hw[1] / 16, BLOCK4_CHANNELS]
+    }
+
+    /// Where set-up writes block5's weights (`base_weights` unless given).
+    pub fn default_weights(self) -> PathBuf {
+        self.vgg().block5_weights.into()
+    }
+
+    /// The ONNX model of blocks 1-4 whose maps the base takes.
+    pub fn block4_model(self) -> &'static str {
+        self.vgg().block4_model
+    }
+
+    /// VGG16's and VGG19's block4 maps have the same shape: only the model
+    /// that made the maps on the edge says whose they are.
+    pub fn check_maps(self, input: &Facts) -> Result<(), String> {
+        let block4 = Path::new(self.block4_model()).file_name().and_then(|f| f.to_str()).unwrap_or_default();
+        match input.features.as_ref().map(|f| f.model.as_str()) {
+            Some(model) if model.ends_with("_block4.onnx") && model != block4 => {
+                Err(format!("{self}: it takes the maps of {block4}; this edge carries {model}'s"))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -77,11 +108,7 @@ impl Base {
         seed: u64,
         threads: usize,
     ) -> Result<Convnet, String> {
-        match self {
-            Base::Vgg16Block5 => {
-                vgg16::with_block5([input[0], input[1]], layers, weights, seed, threads).map_err(|e| e.to_string())
-            }
-        }
+        self.vgg().with_block5([input[0], input[1]], layers, weights, seed, threads).map_err(|e| e.to_string())
     }
 }
 
@@ -100,6 +127,9 @@ pub struct HeadFrom {
     /// What `head.json` beside it records (absent: not checked): the
     /// classes in order, the features it was trained on.
     pub trained_on: Option<TrainedOn>,
+    /// The block5 it sits on: that of the base it was trained on the
+    /// features of (VGG16's where no record says).
+    pub base: Base,
 }
 
 impl HeadFrom {
@@ -128,31 +158,47 @@ impl HeadFrom {
         }
         let description = dir.join("head.json");
         let trained_on = description.is_file().then(|| TrainedOn::read(&description)).transpose()?;
-        let base = trained_on
+        let conv_base = trained_on
             .as_ref()
             .and_then(|t| t.features.as_ref())
             .and_then(|f| crate::ml::bases::Base::of_file(Path::new(&f.model)));
-        if let Some(base) = base.filter(|b| b.name != "vgg16") {
-            return Err(err(format!(
-                "this head was trained on {} features; Grad-CAM, activations and fine-tuning need the base's \
-                 layers in convflow's own backend, which has VGG16's only: use a head trained on vgg16 features \
-                 for them (prediction and export work with any base)",
-                base.name
-            )));
-        }
-        Ok(HeadFrom { file, input_dim, layers, denses, blake3: blake3::hash(&bytes).to_hex().to_string(), trained_on })
+        let base = match conv_base {
+            None => Base::Vgg16Block5,
+            Some(b) => Base::under(b.name).ok_or_else(|| {
+                err(format!(
+                    "this head was trained on {} features; Grad-CAM and fine-tuning need the base's layers in \
+                     convflow's own backend, which has VGG16's and VGG19's only: use a head trained on vgg16 or \
+                     vgg19 features for them (prediction and export work with any base)",
+                    b.name
+                ))
+            })?,
+        };
+        let blake3 = blake3::hash(&bytes).to_hex().to_string();
+        Ok(HeadFrom { file, input_dim, layers, denses, blake3, trained_on, base })
     }
 
     /// The head's features and these maps must start from the same pixels:
     /// a head trained on `rescale` features fine-tuned on `caffe` maps would
     /// start from weights that mean nothing there.
     pub fn check_input(&self, input: &Facts) -> Result<(), String> {
-        match self.trained_on.as_ref().and_then(|t| t.pixels_mismatch(input)) {
-            Some(m) => Err(format!(
+        if let Some(m) = self.trained_on.as_ref().and_then(|t| t.pixels_mismatch(input)) {
+            return Err(format!(
                 "the head in {} was {m}: train the head with the same preprocessing and image size",
                 self.file.display()
+            ));
+        }
+        self.base.check_maps(input).map_err(|e| format!("the head in {} sits on {e}", self.file.display()))
+    }
+
+    /// A convnet's `base` must be the block5 the head sits on.
+    pub fn check_base(&self, base: Option<Base>) -> Result<(), String> {
+        match base {
+            Some(b) if b != self.base => Err(format!(
+                "the head in {} sits on {} (it was trained on that base's features); `base` is {b}",
+                self.file.display(),
+                self.base
             )),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

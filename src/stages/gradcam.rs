@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 
 use super::classifier::Classifier;
 use super::convnet::input_row;
-use super::fine_tune::DEFAULT_BLOCK5_WEIGHTS;
 use crate::facts::{Facts, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;
@@ -73,8 +72,9 @@ fn default_intensity() -> f32 {
 }
 
 impl GradcamConfig {
-    fn base_weights(&self) -> PathBuf {
-        self.base_weights.clone().unwrap_or_else(|| DEFAULT_BLOCK5_WEIGHTS.into())
+    /// block5's weights for a head: given, or the set-up's file of the base it sits on.
+    fn base_weights(&self, c: &Classifier) -> PathBuf {
+        self.base_weights.clone().or_else(|| c.base.map(|b| b.default_weights())).unwrap_or_default()
     }
 
     fn choice(&self, c: &Classifier) -> Result<ClassChoice, String> {
@@ -93,11 +93,12 @@ impl GradcamConfig {
     /// the classifier cannot take them.
     fn arriving(&self, classifier: &Classifier, input: &Facts) -> Result<Option<[usize; 3]>, String> {
         let maps = input.features.is_some();
-        if classifier.base.is_some() && !maps {
+        if let (Some(base), false) = (classifier.base, maps) {
             return Err(format!(
-                "the classifier in {} sits on VGG16's block5 and takes block4 maps: put an onnx_features stage \
-                 with models/vgg16_block4.onnx before it",
-                self.model.display()
+                "the classifier in {} sits on {base} and takes block4 maps: put an onnx_features stage with {} \
+                 before it",
+                self.model.display(),
+                base.block4_model()
             ));
         }
         classifier.check_input(input)?;
@@ -145,14 +146,14 @@ impl StageConfig for GradcamConfig {
             name: "layer",
             ty: "string",
             default: "the last conv layer",
-            help: "conv layer: the model's name, or block5_conv1..3 on VGG16",
+            help: "conv layer: the model's name, block5_conv1..3 on VGG16 (..4 on VGG19), or `last`",
         },
         OptionDoc { name: "class", ty: "predicted|CLASS", default: "predicted", help: "the class the heatmaps are of" },
         OptionDoc { name: "intensity", ty: "float", default: "0.4", help: "photo + intensity x jet(heatmap)" },
         OptionDoc {
             name: "base_weights",
             ty: "path",
-            default: "models/vgg16_block5.safetensors",
+            default: "the base's (models/vgg16_block5.safetensors, models/vgg19_convs.safetensors)",
             help: "block5's weights under a dense_head's head",
         },
         OptionDoc { name: "threads", ty: "int", default: "0 (cores / workers)", help: "math threads per copy" },
@@ -183,11 +184,12 @@ impl StageConfig for GradcamConfig {
         if let Err(e) = self.choice(&c) {
             errors.push(FieldError::new("class", e));
         }
-        let weights = self.base_weights();
-        if c.needs_base_weights() && !weights.is_file() {
+        let weights = self.base_weights(&c);
+        if let (Some(base), true) = (c.base, c.needs_base_weights() && !weights.is_file()) {
+            let setup = base.vgg().maker;
             errors.push(FieldError::new(
                 if self.base_weights.is_some() { "base_weights" } else { "model" },
-                format!("{} not found: the head sits on VGG16's block5 (models/setup.sh makes it)", weights.display()),
+                format!("{} not found: the head sits on {base} ({setup} makes it)", weights.display()),
             ));
         }
         errors
@@ -224,13 +226,14 @@ impl StageConfig for GradcamConfig {
         let arriving = self.arriving(&classifier, ctx.input).map_err(fatal)?;
         let threads = crate::config::threads(self.threads, ctx.workers);
         let input = classifier.input.or(arriving);
-        let model = input.map(|i| classifier.build(i, &self.base_weights(), threads)).transpose().map_err(fatal)?;
+        let base_weights = self.base_weights(&classifier);
+        let model = input.map(|i| classifier.build(i, &base_weights, threads)).transpose().map_err(fatal)?;
         let table = ctx.shared.get_or_try_init(|| Ok(table::Table::new(&self.out_dir, ctx.workers)))?;
         Ok(Built::Stage(Box::new(Gradcam {
             stage: stage.to_string(),
             model,
             threads,
-            base_weights: self.base_weights(),
+            base_weights,
             layer,
             choice,
             intensity: self.intensity,
@@ -276,10 +279,10 @@ impl Gradcam {
                 && shape[2] != base.channels()
             {
                 return Err(fatal(format!(
-                    "{}: items of shape {shape:?}, not VGG16 block4 maps [h, w, {}] (onnx_features with \
-                     models/vgg16_block4.onnx)",
+                    "{}: items of shape {shape:?}, not block4 maps [h, w, {}] (onnx_features with {})",
                     path.display(),
-                    base.channels()
+                    base.channels(),
+                    base.block4_model()
                 )));
             }
             let model = self.classifier.build(shape, &self.base_weights, self.threads).map_err(fatal)?;
@@ -290,10 +293,8 @@ impl Gradcam {
         if shape != want {
             // Fatal, not skipped: every other image of this size would fail too.
             let hint = match self.classifier.base {
-                Some(_) => {
-                    "VGG16 block4 maps: is the onnx_features model models/vgg16_block4.onnx, not vgg16_notop.onnx?"
-                }
-                None => "resize every image to the model's input",
+                Some(b) => format!("block4 maps: is the onnx_features model {}, not the whole base?", b.block4_model()),
+                None => "resize every image to the model's input".to_string(),
             };
             return Err(fatal(format!(
                 "{} reaches the model as {shape:?} but it takes {want:?} ({hint})",

@@ -1,14 +1,16 @@
-//! VGG16's block5 as trainable layers: the part the book's 5.3.3 fine-tunes;
-//! and the whole conv base of VGG16 or VGG19, frozen, whose gradients the
-//! visualisations of 5.4 take ([`Vgg::conv_base`], weights from
-//! `models/vgg16_convs.safetensors` or `models/vgg19_convs.safetensors`).
+//! VGG16's and VGG19's block5 as trainable layers: the part the book's
+//! 5.3.3 fine-tunes, and what Grad-CAM takes gradients through; and their
+//! whole conv base, frozen, whose gradients the visualisations of 5.4 take
+//! ([`Vgg::conv_base`], weights from `models/vgg16_convs.safetensors` or
+//! `models/vgg19_convs.safetensors`).
 //!
 //! Blocks 1-4 stay frozen in ONNX Runtime (`models/vgg16_block4.onnx`, whose
-//! output is Keras's `block4_pool`); block5 (three `same` 3x3 convs of 512
-//! filters with ReLU, then a 2x2 max pool) is built here from this crate's
-//! own layers, so it can learn, with Keras's ImageNet weights read from
-//! `models/vgg16_block5.safetensors` (both made by
-//! `models/make_vgg16_block4.py` from the same ONNX export).
+//! output is Keras's `block4_pool`; `vgg19_block4.onnx`); block5 (three
+//! `same` 3x3 convs of 512 filters with ReLU, VGG19's four, then a 2x2 max
+//! pool) is built here from this crate's own layers, so it can learn, with
+//! Keras's ImageNet weights read from `models/vgg16_block5.safetensors`
+//! (both made by `models/make_vgg16_block4.py` from the same ONNX export;
+//! VGG19's by `models/bases.sh vgg19`).
 //!
 //! The weights file names its tensors as Keras does (`block5_conv1/kernel`
 //! `[3, 3, 512, 512]`, `block5_conv1/bias` `[512]`) and holds no input
@@ -24,61 +26,8 @@ use crate::ml::activation::Activation;
 /// The `format` metadata `make_vgg16_block4.py` writes.
 pub const BLOCK5_FORMAT: &str = "keras-vgg16-block5";
 
-/// Channels of block4's output, block5's input.
+/// Channels of block4's output, block5's input (VGG16's and VGG19's).
 pub const BLOCK4_CHANNELS: usize = 512;
-
-/// Keras's names of block5's convolutions, in order.
-pub const BLOCK5_CONVS: [&str; 3] = ["block5_conv1", "block5_conv2", "block5_conv3"];
-
-/// block5's layers: conv2d 512 3x3 `same` relu three times, max_pooling2d 2.
-pub fn block5_specs() -> Vec<LayerSpec> {
-    let conv = LayerSpec::Conv2d {
-        filters: 512,
-        kernel_size: Pair::One(3),
-        strides: Pair::One(1),
-        padding: Padding::Same,
-        activation: Activation::Relu,
-    };
-    vec![conv, conv, conv, LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None }]
-}
-
-/// A convnet of block5 then `head` (the trainer's layers: flatten, dense, ...;
-/// a convnet must end in a sigmoid or softmax dense) on block4 maps of
-/// `[height, width]`, block5 holding the pretrained weights of `weights`
-/// and the head Keras's initialisation from `seed`.
-///
-/// Block5's layers are layers 0..4 of the result; their outputs are
-/// [`Convnet::layer_output`]`(x, rows, 4)`.
-pub fn with_block5(
-    block4_hw: [usize; 2],
-    head: &[LayerSpec],
-    weights: &Path,
-    seed: u64,
-    threads: usize,
-) -> Result<Convnet, ConvnetError> {
-    let mut specs = block5_specs();
-    specs.extend_from_slice(head);
-    let mut model = Convnet::new([block4_hw[0], block4_hw[1], BLOCK4_CHANNELS], &specs, seed, threads)?;
-    load_block5(&mut model, weights)?;
-    Ok(model)
-}
-
-/// Sets the first three conv layers of `model` (named `conv2d`, `conv2d_1`,
-/// ... by their position, whatever follows) from `block5_conv1..3` of `path`.
-pub fn load_block5(model: &mut Convnet, path: &Path) -> Result<(), ConvnetError> {
-    let convs: Vec<String> = model
-        .layers()
-        .iter()
-        .filter(|l| matches!(l.spec, LayerSpec::Conv2d { .. }))
-        .take(BLOCK5_CONVS.len())
-        .map(|l| l.name.clone())
-        .collect();
-    if convs.len() < BLOCK5_CONVS.len() {
-        return Err(ConvnetError::Spec(format!("block5 needs 3 conv2d layers, the model has {}", convs.len())));
-    }
-    let pairs: Vec<(&str, &str)> = BLOCK5_CONVS.iter().copied().zip(convs.iter().map(String::as_str)).collect();
-    load_convs(model, path, BLOCK5_FORMAT, "models/setup.sh (models/make_vgg16_block4.py)", &pairs)
-}
 
 /// A VGG conv base in this crate's own layers, frozen, with Keras's
 /// ImageNet weights: what the visualisations of 5.4 take gradients of.
@@ -93,8 +42,15 @@ pub struct Vgg {
     format: &'static str,
     /// Where set-up writes the weights.
     pub weights: &'static str,
-    /// What writes them.
-    maker: &'static str,
+    /// The set-up command that writes them.
+    pub maker: &'static str,
+    /// Blocks 1-4 in ONNX Runtime, whose output (`block4_pool`) block5 takes
+    /// when it is fine-tuned or gives Grad-CAM its gradients.
+    pub block4_model: &'static str,
+    /// Block5's weights alone (VGG16's are a file of their own; VGG19's are
+    /// read from its whole base's file) and that file's `format`.
+    pub block5_weights: &'static str,
+    block5_format: &'static str,
 }
 
 /// VGG16: `models/vgg16_convs.safetensors`, from `make_vgg16_convs.py`.
@@ -103,7 +59,10 @@ pub const VGG16: Vgg = Vgg {
     convs: [2, 2, 3, 3, 3],
     format: "keras-vgg16-convs",
     weights: "models/vgg16_convs.safetensors",
-    maker: "models/setup.sh (models/make_vgg16_convs.py)",
+    maker: "models/setup.sh",
+    block4_model: "models/vgg16_block4.onnx",
+    block5_weights: "models/vgg16_block5.safetensors",
+    block5_format: BLOCK5_FORMAT,
 };
 
 /// VGG19: `models/vgg19_convs.safetensors`, from Keras's own weight file
@@ -114,6 +73,9 @@ pub const VGG19: Vgg = Vgg {
     format: "keras-vgg19-convs",
     weights: "models/vgg19_convs.safetensors",
     maker: "models/bases.sh vgg19",
+    block4_model: "models/vgg19_block4.onnx",
+    block5_weights: "models/vgg19_convs.safetensors",
+    block5_format: "keras-vgg19-convs",
 };
 
 /// Filters of each block's convs.
@@ -152,6 +114,48 @@ impl Vgg {
             out.push(LayerSpec::MaxPooling2d { pool_size: Pair::One(2), strides: None });
         }
         out
+    }
+
+    /// Keras's names of block5's convs, in order (`block5_conv1` ..).
+    pub fn block5_convs(&self) -> Vec<String> {
+        (1..=self.convs[4]).map(|c| format!("block5_conv{c}")).collect()
+    }
+
+    /// block5's layers: its 3x3 `same` ReLU convs of 512, then a 2x2 max pool.
+    pub fn block5_specs(&self) -> Vec<LayerSpec> {
+        let specs = self.specs();
+        specs[specs.len() - self.convs[4] - 1..].to_vec()
+    }
+
+    /// A convnet of block5 then `head` (the trainer's layers: flatten,
+    /// dense, ...; a convnet must end in a sigmoid or softmax dense) on
+    /// block4 maps of `[height, width]`, block5 holding the pretrained
+    /// weights of `weights` ([`Vgg::block5_weights`]) and the head Keras's
+    /// initialisation from `seed`. Block5's layers come first; their
+    /// outputs are [`Convnet::layer_output`]`(x, rows, k)`.
+    pub fn with_block5(
+        &self,
+        block4_hw: [usize; 2],
+        head: &[LayerSpec],
+        weights: &Path,
+        seed: u64,
+        threads: usize,
+    ) -> Result<Convnet, ConvnetError> {
+        let mut specs = self.block5_specs();
+        specs.extend_from_slice(head);
+        let mut model = Convnet::new([block4_hw[0], block4_hw[1], BLOCK4_CHANNELS], &specs, seed, threads)?;
+        // Block5's convs are the model's first (named `conv2d`, `conv2d_1`, ... by position).
+        let convs: Vec<String> = model
+            .layers()
+            .iter()
+            .filter(|l| matches!(l.spec, LayerSpec::Conv2d { .. }))
+            .take(self.convs[4])
+            .map(|l| l.name.clone())
+            .collect();
+        let keras = self.block5_convs();
+        let pairs: Vec<(&str, &str)> = keras.iter().map(String::as_str).zip(convs.iter().map(String::as_str)).collect();
+        load_convs(&mut model, weights, self.block5_format, self.maker, &pairs)?;
+        Ok(model)
     }
 
     /// The conv base from its input (preprocessed as Keras's VGGs want:
