@@ -22,6 +22,7 @@ one JSON line.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -74,8 +75,13 @@ def memory_over_epochs(data, workers, epochs):
     rss = []
     for e in range(epochs):
         loader.set_epoch(e)
-        for x, y in loader:
+        batch = None
+        for batch in loader:
             pass
+        # The loader's memory, not the caller's: the last batch is the
+        # caller's array until it lets go of it.
+        batch = None
+        gc.collect()
         rss.append(rss_mb())
     return rss
 
