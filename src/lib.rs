@@ -17,6 +17,10 @@
 //! - [`stage`]: the stage API (what a built-in or user stage implements)
 //!   and the registry of kinds, below the graph.
 //! - [`stages`]: one file per built-in stage, and `builtin_registry`.
+//! - [`training`]: the training loop both trainers (`dense_head`,
+//!   `convnet`) share, and their checkpoints.
+//! - [`trained`]: a trained model's folder read back typed: a classifier
+//!   whichever trainer made it, the VGG block5 and head fine-tuning starts from.
 //! - [`item`]: the items that flow along edges.
 //! - [`augment`]: Keras `ImageDataGenerator` augmentation as one affine
 //!   warp (pure; the `augment` stage and `augment-preview` use it).
@@ -26,7 +30,7 @@
 //!   ONNX Runtime (`ml::onnx`), the conv bases of the book (`ml::bases`),
 //!   what every trainer shares (`ml::activation`, `ml::loss`,
 //!   `ml::optimizer`), the dense head (`ml::head`), the convnet layers and
-//!   VGG16's base in them (`ml::convnet`) and the CUDA checks (`ml::cuda`).
+//!   VGG16's and VGG19's bases in them (`ml::convnet`) and the CUDA checks (`ml::cuda`).
 //! - [`cache`]: the content-addressed, crash-safe feature store.
 //! - [`telemetry`]: metric names, per-stage counters, logging.
 //! - [`npy`]: streaming `.npy` output.
@@ -60,4 +64,6 @@ pub mod shard;
 pub mod stage;
 pub mod stages;
 pub mod telemetry;
+pub mod trained;
+pub mod training;
 pub mod visualize;

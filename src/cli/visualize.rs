@@ -11,7 +11,7 @@ use crate::ml::convnet::vgg16::{VGG16, Vgg};
 use crate::ml::convnet::{Convnet, Shape};
 use crate::ml::preprocess::Preprocess;
 use crate::npy::NpyWriter;
-use crate::stages::classifier::Classifier;
+use crate::trained::classifier::Classifier;
 use crate::visualize::{activations, filters, picture};
 
 #[derive(clap::Subcommand)]

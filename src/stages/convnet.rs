@@ -29,9 +29,9 @@ use std::sync::{Arc, Mutex};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
-use super::trainer::checkpoint::ModelState;
-use super::trainer::{
+use crate::trained::fine_tune::{Base, HEAD_FILE, HeadFrom};
+use crate::training::checkpoint::ModelState;
+use crate::training::{
     Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
 };
 use crate::facts::{Facts, TrainedOn, Wants};

@@ -14,9 +14,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::classifier::Classifier;
+use crate::trained::classifier::Classifier;
 use super::convnet::input_row;
-use super::predictions::{PredictionsCsv, missing_files, read_description};
+use super::predictions::{PredictionsCsv, missing_files};
+use crate::trained::read_description;
 use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;

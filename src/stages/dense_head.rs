@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::trainer::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
+use crate::training::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
 use crate::facts::Facts;
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::LayerSpec as ConvLayerSpec;
@@ -23,7 +23,7 @@ use crate::ml::loss::LossKind;
 use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
 
 /// The early-stopping options live with the shared trainer; named here too, where they were first.
-pub use super::trainer::{EarlyStopping, Monitor};
+pub use crate::training::{EarlyStopping, Monitor};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::classifier::Classifier;
+use crate::trained::classifier::Classifier;
 use super::convnet::input_row;
 use crate::facts::{Facts, Wants};
 use crate::item::{Item, ItemKind};

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::predictions::{PredictionsCsv, missing_files, read_description};
+use super::predictions::{PredictionsCsv, missing_files};
+use crate::trained::read_description;
 use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind, Payload};
 use crate::ml::head::Head;

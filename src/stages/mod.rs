@@ -2,7 +2,6 @@
 
 pub mod augment;
 pub mod batch;
-pub mod classifier;
 pub mod convnet;
 pub mod convnet_predict;
 pub mod decode;
@@ -10,14 +9,12 @@ pub mod dense_head;
 pub mod exec;
 pub mod feature_writer;
 pub mod file_reader;
-pub mod fine_tune;
 pub mod gradcam;
 pub mod head_predict;
 pub mod idx_reader;
 pub mod onnx_features;
 pub mod predictions;
 pub mod resize;
-pub mod trainer;
 pub mod views;
 
 use crate::stage::Registry;

@@ -24,21 +24,6 @@ pub fn missing_files(field: &str, dir: &Path, files: &[&str], hint: &str) -> Vec
         .collect()
 }
 
-/// The description a trainer writes beside its weights (`head.json`,
-/// `model.json`) and the class names it lists, in label order.
-pub fn read_description(path: &Path) -> Result<(serde_json::Value, Vec<String>), StageError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| StageError::fatal(format!("{}: unreadable: {e}", path.display())))?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| StageError::fatal(format!("{}: not JSON: {e}", path.display())))?;
-    let classes: Vec<String> =
-        meta["classes"].as_array().into_iter().flatten().filter_map(|c| c.as_str().map(str::to_string)).collect();
-    if classes.is_empty() {
-        return Err(StageError::fatal(format!("{} lists no classes", path.display())));
-    }
-    Ok((meta, classes))
-}
-
 pub struct PredictionsCsv {
     out: PathBuf,
     classes: Vec<String>,

@@ -18,7 +18,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::fine_tune::{Base, HEAD_FILE, HeadFrom};
-use super::predictions::read_description;
+use super::read_description;
 use crate::facts::{Facts, TrainedOn};
 use crate::imaging::resize::Filter;
 use crate::ml::convnet::spec::{Resolved, resolve};
