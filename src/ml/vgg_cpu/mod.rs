@@ -95,6 +95,9 @@ pub struct VggCpu {
     convs: Vec<Conv>,
     isa: Isa,
     threads: usize,
+    pool: rayon::ThreadPool,
+    /// Layer outputs of earlier batches, reused.
+    spare: std::sync::Mutex<Vec<Vec<f32>>>,
 }
 
 /// Fewest input channels for Winograd: below, the transforms cost more
@@ -119,13 +122,18 @@ impl VggCpu {
         if !isa.available() {
             return Err(err(format!("this CPU has no {}", isa.name())));
         }
-        Ok(VggCpu::from_layers(&layers, threads, isa))
+        VggCpu::from_layers(&layers, threads, isa)
     }
 
     /// The engine for these layers (`isa` must be available).
-    pub(crate) fn from_layers(layers: &[PlainLayer], threads: usize, isa: Isa) -> VggCpu {
+    pub(crate) fn from_layers(layers: &[PlainLayer], threads: usize, isa: Isa) -> Result<VggCpu, VggCpuError> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
-        VggCpu { convs: build(layers, isa.nr()), isa, threads }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("winograd4-{i}"))
+            .build()
+            .map_err(|e| VggCpuError::Run(format!("cannot start the engine's {threads} threads: {e}")))?;
+        Ok(VggCpu { convs: build(layers, isa.nr()), isa, threads, pool, spare: Default::default() })
     }
 
     /// The instruction set the products run with.
@@ -152,7 +160,13 @@ impl VggCpu {
             let (out, oh, ow) = match &conv.kind {
                 Kind::Im2col(wp) => {
                     let full = self.im2col(conv, wp, x, n, h, w);
-                    if conv.pool { (max_pool(&full, n, h, w, conv.filters), h / 2, w / 2) } else { (full, h, w) }
+                    if conv.pool {
+                        let pooled = max_pool(&full, n, h, w, conv.filters);
+                        self.give(full);
+                        (pooled, h / 2, w / 2)
+                    } else {
+                        (full, h, w)
+                    }
                 }
                 Kind::Winograd(u) => self.winograd(conv, u, x, n, h, w),
             };
@@ -169,36 +183,66 @@ impl VggCpu {
                     ph[2]
                 );
             }
-            cur = Some(out);
+            if let Some(old) = cur.replace(out) {
+                self.give(old);
+            }
             (h, w) = (oh, ow);
         }
         if h == 0 || w == 0 {
             return Err(VggCpuError::Run(format!("the images are too small: a feature map is {h}x{w}")));
         }
         let filters = self.convs.last().map_or(3, |c| c.filters);
-        Ok((vec![n, h, w, filters], cur.unwrap_or_else(|| input.to_vec())))
+        let out = match cur {
+            Some(v) => {
+                let out = v.clone();
+                self.give(v);
+                out
+            }
+            None => input.to_vec(),
+        };
+        Ok((vec![n, h, w, filters], out))
     }
 
     /// Runs `work(chunk, scratch)` for each of `chunks` on the engine's threads.
+    /// The engine's threads are its own and live as long as it does, each
+    /// with its scratch: fresh memory costs a page fault per 4 KB, which
+    /// came to a tenth of a batch's time.
     fn parallel(&self, chunks: usize, scratch_len: usize, work: impl Fn(usize, &mut [f32]) + Sync) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let next = AtomicUsize::new(0);
-        let worker = || {
-            let mut scratch = vec![0f32; scratch_len];
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= chunks {
-                    break;
+        self.pool.broadcast(|_| {
+            SCRATCH.with(|s| {
+                let mut scratch = s.borrow_mut();
+                if scratch.len() < scratch_len {
+                    scratch.resize(scratch_len, 0.0);
                 }
-                work(i, &mut scratch);
-            }
-        };
-        let threads = self.threads.min(chunks).max(1);
-        std::thread::scope(|s| {
-            for _ in 1..threads {
-                s.spawn(worker);
-            }
-            worker();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chunks {
+                        break;
+                    }
+                    work(i, &mut scratch[..scratch_len]);
+                }
+            })
         });
+    }
+
+    /// A buffer of `len` values from the spares (contents undefined: every
+    /// layer writes all of its output).
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = match spare.iter().position(|b| b.capacity() >= len) {
+            Some(i) => spare.swap_remove(i),
+            None => spare.pop().unwrap_or_default(),
+        };
+        v.resize(len, 0.0);
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).push(v);
     }
 
     /// Chunks of `units` (tiles or pixels) of at most `max` each, a multiple
@@ -218,7 +262,7 @@ impl VggCpu {
         let depth = 9 * c;
         let pixels = n * h * w;
         let (chunks, len) = self.chunks(pixels, *CHUNK_BYTES / 4 / (depth + kp));
-        let mut out = vec![0f32; pixels * k];
+        let mut out = self.take(pixels * k);
         let dst = SendPtr(out.as_mut_ptr());
         let geo = Geometry { c, k, kp, h, w, th: 0, tw: 0, len, pool: false };
         self.parallel(chunks, len * (depth + kp), |i, scratch| {
@@ -239,7 +283,7 @@ impl VggCpu {
         // streaming it once per chunk costs no more than the chunk's own traffic.
         let max = (*CHUNK_BYTES / 4 / (P * (c + kp))).max(c * kp / (c + kp));
         let (chunks, len) = self.chunks(tiles, max);
-        let mut out = vec![0f32; n * oh * ow * k];
+        let mut out = self.take(n * oh * ow * k);
         let dst = SendPtr(out.as_mut_ptr());
         let geo = Geometry { c, k, kp, h, w, th, tw, len, pool: conv.pool };
         let isa = self.isa;
@@ -553,8 +597,10 @@ unsafe fn im2col_body(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32
                 let dst = &mut row[(ky * 3 + kx) * c..(ky * 3 + kx + 1) * c];
                 if sy >= 1 && sy <= h && sx >= 1 && sx <= w {
                     let src = ((img * h + sy - 1) * w + sx - 1) * c;
-                    for (d, v) in dst.iter_mut().zip(&x[src..src + c]) {
+                    if let (Ok(d), Ok(v)) = (<&mut [f32; 3]>::try_from(&mut *dst), <&[f32; 3]>::try_from(&x[src..src + c])) {
                         *d = *v;
+                    } else {
+                        dst.copy_from_slice(&x[src..src + c]);
                     }
                 } else {
                     dst.iter_mut().for_each(|d| *d = 0.0);
@@ -595,37 +641,30 @@ unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], 
             *c = std::time::Instant::now();
         }
     };
-    // Input transform: V[p][tile][c].
+    // Input transform: V[p][tile][c]. Rows first into a small stack
+    // buffer, then columns: each step holds six vectors, which stay in
+    // registers (whole 6x6 tiles of vectors did not, and were copied by
+    // library calls).
+    let mut tmp = [[0f32; 8]; 36];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
         for cb in (0..c).step_by(8) {
             let lanes = (c - cb).min(8);
-            let mut d = [[L::ZERO; 6]; 6];
-            for (r, row) in d.iter_mut().enumerate() {
-                let y = (4 * ty + r).wrapping_sub(1);
-                if y >= h {
-                    continue;
-                }
-                for (col, px) in row.iter_mut().enumerate() {
-                    let xx = (4 * tx + col).wrapping_sub(1);
-                    if xx < w {
-                        let at = ((img * h + y) * w + xx) * c + cb;
-                        *px = L::load_n(&x[at..], lanes);
-                    }
-                }
-            }
-            let mut t = [[L::ZERO; 6]; 6];
-            for col in 0..6 {
-                let y = bt(std::array::from_fn(|r| d[r][col]));
-                for r in 0..6 {
-                    t[r][col] = y[r];
-                }
-            }
             for r in 0..6 {
-                let y = bt(t[r]);
-                for (col, val) in y.iter().enumerate() {
-                    let at = (r * 6 + col) * len * c + i * c + cb;
-                    val.store_n(&mut v[at..], lanes);
+                let y = (4 * ty + r).wrapping_sub(1);
+                let row: [L; 6] = std::array::from_fn(|col| {
+                    let xx = (4 * tx + col).wrapping_sub(1);
+                    if y < h && xx < w { L::load_n(&x[((img * h + y) * w + xx) * c + cb..], lanes) } else { L::ZERO }
+                });
+                let row = bt(row);
+                for col in 0..6 {
+                    tmp[r * 6 + col] = row[col].0;
+                }
+            }
+            for col in 0..6 {
+                let y = bt(std::array::from_fn(|r| L(tmp[r * 6 + col])));
+                for (r, val) in y.iter().enumerate() {
+                    val.store_n(&mut v[(r * 6 + col) * len * c + i * c + cb..], lanes);
                 }
             }
         }
@@ -646,30 +685,35 @@ unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], 
         }
     }
     lap(1);
-    // Output transform, bias, ReLU, pool.
+    // Output transform, bias, ReLU, pool: columns first into the stack
+    // buffer, then rows, as the input transform.
     let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
+    let mut tmp = [[0f32; 8]; 24];
+    let mut ys = [[0f32; 8]; 16];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
         for kb in (0..k).step_by(8) {
             let lanes = (k - kb).min(8);
-            let mut s4 = [[L::ZERO; 6]; 4];
             for col in 0..6 {
-                let y = at(std::array::from_fn(|r| {
-                    let o = (r * 6 + col) * len * kp + i * kp + kb;
-                    L::load8(&m[o..])
-                }));
+                let y = at(std::array::from_fn(|r| L::load8(&m[(r * 6 + col) * len * kp + i * kp + kb..])));
                 for r in 0..4 {
-                    s4[r][col] = y[r];
+                    tmp[r * 6 + col] = y[r].0;
                 }
             }
             let b = L::load8(&bias[kb..]);
-            let y: [[L; 4]; 4] = std::array::from_fn(|r| at(s4[r]).map(|v| (v + b).max(L::ZERO)));
+            for r in 0..4 {
+                let y = at(std::array::from_fn(|col| L(tmp[r * 6 + col])));
+                for col in 0..4 {
+                    ys[r * 4 + col] = (y[col] + b).max(L::ZERO).0;
+                }
+            }
+            let y = |r: usize, col: usize| L(ys[r * 4 + col]);
             if pool {
                 for a in 0..2 {
                     for bb in 0..2 {
                         let (py, px) = (2 * ty + a, 2 * tx + bb);
                         if py < oh && px < ow {
-                            let v = y[2 * a][2 * bb].max(y[2 * a][2 * bb + 1]).max(y[2 * a + 1][2 * bb]).max(y[2 * a + 1][2 * bb + 1]);
+                            let v = y(2 * a, 2 * bb).max(y(2 * a, 2 * bb + 1)).max(y(2 * a + 1, 2 * bb)).max(y(2 * a + 1, 2 * bb + 1));
                             let o = ((img * oh + py) * ow + px) * k + kb;
                             // SAFETY: this tile's outputs are this chunk's alone.
                             unsafe { v.store_ptr(out.add(o), lanes) };
@@ -677,17 +721,17 @@ unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], 
                     }
                 }
             } else {
-                for (r, row) in y.iter().enumerate() {
+                for r in 0..4 {
                     let oy = 4 * ty + r;
                     if oy >= oh {
                         break;
                     }
-                    for (col, val) in row.iter().enumerate() {
+                    for col in 0..4 {
                         let ox = 4 * tx + col;
                         if ox < ow {
                             let o = ((img * oh + oy) * ow + ox) * k + kb;
                             // SAFETY: as above.
-                            unsafe { val.store_ptr(out.add(o), lanes) };
+                            unsafe { y(r, col).store_ptr(out.add(o), lanes) };
                         }
                     }
                 }

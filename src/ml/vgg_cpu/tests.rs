@@ -103,7 +103,7 @@ fn winograd_and_im2col_layers_match_a_float64_convolution_at_odd_sizes() {
         let top = want.iter().fold(0f64, |a, &b| a.max(b.abs()));
         for isa in isas() {
             for threads in [1, 3] {
-                let engine = VggCpu::from_layers(&layers, threads, isa);
+                let engine = VggCpu::from_layers(&layers, threads, isa).unwrap();
                 let (got_shape, got) = engine.run(&x, n, h, w).unwrap();
                 assert_eq!(got_shape, shape, "{isa:?} {n}x{h}x{w}");
                 let worst = got.iter().zip(&want).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0f64, f64::max);
@@ -118,8 +118,8 @@ fn thread_count_does_not_change_a_bit() {
     let layers = vec![conv(3, 16, 7), conv(16, 32, 8), PlainLayer::MaxPool2x2, conv(32, 32, 9)];
     let x = values(2 * 41 * 29 * 3, 5);
     for isa in isas() {
-        let one = VggCpu::from_layers(&layers, 1, isa).run(&x, 2, 41, 29).unwrap();
-        let four = VggCpu::from_layers(&layers, 4, isa).run(&x, 2, 41, 29).unwrap();
+        let one = VggCpu::from_layers(&layers, 1, isa).unwrap().run(&x, 2, 41, 29).unwrap();
+        let four = VggCpu::from_layers(&layers, 4, isa).unwrap().run(&x, 2, 41, 29).unwrap();
         assert!(one == four, "{isa:?}");
     }
 }
@@ -127,7 +127,7 @@ fn thread_count_does_not_change_a_bit() {
 #[test]
 fn too_small_an_image_is_an_error_not_an_empty_tensor() {
     let layers = vec![conv(3, 16, 1), PlainLayer::MaxPool2x2, conv(16, 16, 2), PlainLayer::MaxPool2x2];
-    let engine = VggCpu::from_layers(&layers, 1, Isa::Portable);
+    let engine = VggCpu::from_layers(&layers, 1, Isa::Portable).unwrap();
     let e = engine.run(&values(3 * 3 * 3, 1), 1, 3, 3).unwrap_err();
     assert!(e.to_string().contains("too small"), "{e}");
 }
