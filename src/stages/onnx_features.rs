@@ -317,7 +317,7 @@ impl StageConfig for OnnxFeaturesConfig {
         } else if let Some(Err(e)) = Base::of_file(&self.model.path).map(|b| b.check_file(&self.model.path)) {
             errors.push(FieldError::new("model", e));
         } else if self.engine == Engine::Winograd4
-            && let Err(e) = VggCpu::load(&self.model.path, 1, None)
+            && let Err(e) = VggCpu::covers(&self.model.path)
         {
             errors.push(FieldError::new("engine", format!("winograd4 cannot serve this model: {e}")));
         }
@@ -620,6 +620,29 @@ mod tests {
         assert_eq!(key(Device::Cpu, true), plain);
         assert_eq!(key(Device::Cuda, false), plain);
         assert!(plain.ends_with("input NHWC float32"), "{plain}");
+    }
+
+    /// `engine: winograd4` is refused before any work where it cannot run:
+    /// with `device: cuda`, and for a file that is not a plain VGG.
+    #[test]
+    fn winograd4_is_refused_for_cuda_and_for_a_model_it_does_not_cover() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().join("m.onnx");
+        std::fs::write(&model, b"not a VGG").unwrap();
+        let mut c = config(&model, Device::Cuda, false);
+        c.engine = Engine::Winograd4;
+        assert!(c.check().iter().any(|e| e.field == "engine" && e.message.contains("device: cuda")));
+        c.device = Device::Cpu;
+        assert!(c.check().is_empty());
+        let errors = c.check_environment();
+        assert!(
+            errors.iter().any(|e| e.field == "engine" && e.message.contains("winograd4 cannot serve")),
+            "{:?}",
+            errors.iter().map(|e| &e.message).collect::<Vec<_>>()
+        );
+        // auto and onnx never refuse a model for the engine's sake.
+        c.engine = Engine::Auto;
+        assert!(c.check_environment().iter().all(|e| e.field != "engine"));
     }
 
     /// The S3 tier is a cargo feature: a build without it says how to get it.

@@ -125,6 +125,13 @@ impl VggCpu {
         VggCpu::from_layers(&layers, threads, isa)
     }
 
+    /// Whether the engine covers the ONNX file `path` (reads it, transforms nothing).
+    pub fn covers(path: &Path) -> Result<(), VggCpuError> {
+        let err = |message: String| VggCpuError::Model { path: path.display().to_string(), message };
+        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        onnx_read::read(&bytes).map(drop).map_err(|e| err(format!("not a plain VGG conv base for {NAME}: {e}")))
+    }
+
     /// The engine for these layers (`isa` must be available).
     pub(crate) fn from_layers(layers: &[PlainLayer], threads: usize, isa: Isa) -> Result<VggCpu, VggCpuError> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
