@@ -168,7 +168,17 @@ impl OnnxFeaturesConfig {
                 Ok((None, Some("an NVIDIA GPU is present (device: auto)".into())))
             }
             Engine::Auto => match VggCpu::load(&self.model.path, self.threads(), None) {
-                Ok(e) => Ok((Some(e), None)),
+                Ok(e) => {
+                    // What ONNX Runtime's session says in its place (onnx.rs).
+                    if self.device == Device::Auto {
+                        tracing::info!(
+                            "device: auto runs on the CPU (no NVIDIA GPU on this machine), in the {} engine ({})",
+                            vgg_cpu::NAME,
+                            e.isa().name()
+                        );
+                    }
+                    Ok((Some(e), None))
+                }
                 Err(e) => {
                     tracing::info!("engine auto: ONNX Runtime runs {} ({e})", self.model.path.display());
                     Ok((None, Some(e.to_string())))
