@@ -70,7 +70,8 @@ fn main() {
     // Per size: the bare models (ONNX Runtime and convflow's winograd4
     // engine, tensors prepared up front, batches of 20) and the whole
     // pipeline with each engine, interleaved in every repeat.
-    let sizes: Vec<u32> = env_or("CONVFLOW_BENCH_SIZES", "150,224").split(',').map(|s| s.trim().parse().unwrap()).collect();
+    let sizes: Vec<u32> =
+        env_or("CONVFLOW_BENCH_SIZES", "150,224").split(',').map(|s| s.trim().parse().unwrap()).collect();
     let spinning = env_or("CONVFLOW_BENCH_SPINNING", "false") == "true";
     let mut model = OnnxModel::load(&model_path, Device::Cpu, threads, spinning).unwrap();
     // None where the file is not a plain VGG (CONVFLOW_BENCH_MODEL): its rows say so.
@@ -146,16 +147,27 @@ stages:
         }
         let ort_bare = median(bare[0].clone());
         let mut rows = serde_json::Map::new();
-        println!("VGG16 feature extraction, {n} images, {size}x{size}, batch 20, {threads} threads, median of {repeats}:");
+        println!(
+            "VGG16 feature extraction, {n} images, {size}x{size}, batch 20, {threads} threads, median of {repeats}:"
+        );
         for (i, name) in engines.iter().enumerate() {
             let (b, e) = (median(bare[i].clone()), median(e2e[i].clone()));
-            println!("  {name:9} bare model (tensors in memory)  {b:8.2} images/s   ({:.2}x bare ONNX Runtime)", b / ort_bare);
-            println!("  {name:9} convflow end to end             {e:8.2} images/s   ({:.2}x bare ONNX Runtime)", e / ort_bare);
-            rows.insert(name.to_string(), serde_json::json!({
-                "bare_images_per_second": bare[i], "convflow_images_per_second": e2e[i],
-                "convflow_with_setup_images_per_second": e2e_setup[i],
-                "bare_median": b, "convflow_median": e, "convflow_vs_bare_onnx": e / ort_bare,
-            }));
+            println!(
+                "  {name:9} bare model (tensors in memory)  {b:8.2} images/s   ({:.2}x bare ONNX Runtime)",
+                b / ort_bare
+            );
+            println!(
+                "  {name:9} convflow end to end             {e:8.2} images/s   ({:.2}x bare ONNX Runtime)",
+                e / ort_bare
+            );
+            rows.insert(
+                name.to_string(),
+                serde_json::json!({
+                    "bare_images_per_second": bare[i], "convflow_images_per_second": e2e[i],
+                    "convflow_with_setup_images_per_second": e2e_setup[i],
+                    "bare_median": b, "convflow_median": e, "convflow_vs_bare_onnx": e / ort_bare,
+                }),
+            );
         }
         if size == 150 {
             // The default engine (auto: the last, winograd4 where it covers the model).
@@ -179,7 +191,8 @@ stages:
             s.lines().last().and_then(|l| l.strip_prefix("images_per_second=")).and_then(|v| v.parse::<f64>().ok())
         });
 
-    let (bare_m, e2e_m) = if bare.is_empty() { (f64::NAN, f64::NAN) } else { (median(bare.clone()), median(e2e.clone())) };
+    let (bare_m, e2e_m) =
+        if bare.is_empty() { (f64::NAN, f64::NAN) } else { (median(bare.clone()), median(e2e.clone())) };
     match python {
         Some(p) => println!("python loop (PIL + onnxruntime, 150x150) {p:8.2} images/s   (convflow {:.2}x)", e2e_m / p),
         None => println!("python loop: did not run (models/setup.sh makes .venv)"),

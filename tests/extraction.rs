@@ -138,7 +138,9 @@ fn vgg16_features_of_real_photos_match_python_onnxruntime() {
             if engine == "onnx" {
                 common::assert_close(&features, &reference, 1e-4, &what);
             } else {
-                common::assert_close_per_image(&features, &reference, 4 * 4 * 512, 1e-4, |i| format!("{what}: photo {i}"));
+                common::assert_close_per_image(&features, &reference, 4 * 4 * 512, 1e-4, |i| {
+                    format!("{what}: photo {i}")
+                });
             }
             assert!(features.iter().any(|&x| x > 1.0), "real activations, not zeros");
         }

@@ -129,7 +129,9 @@ variant("stride", stride); variant("sigmoid", sigmoid); variant("pad", pad); var
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for (name, says) in [("stride", "3x3 conv"), ("sigmoid", "Sigmoid"), ("pad", "3x3 conv"), ("ceil", "MaxPool")] {
-        let e = VggCpu::load(&tmp.path().join(format!("{name}.onnx")), 1, None).err().unwrap_or_else(|| panic!("{name} was accepted"));
+        let e = VggCpu::load(&tmp.path().join(format!("{name}.onnx")), 1, None)
+            .err()
+            .unwrap_or_else(|| panic!("{name} was accepted"));
         let msg = e.to_string();
         assert!(msg.contains(says) && msg.contains("not a plain VGG"), "{name}: {msg}");
     }

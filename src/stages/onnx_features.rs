@@ -192,7 +192,10 @@ impl OnnxFeaturesConfig {
 enum Model {
     Onnx(OnnxModel),
     /// `input`: the batch's tensor, kept between batches.
-    Vgg { engine: VggCpu, input: Vec<f32> },
+    Vgg {
+        engine: VggCpu,
+        input: Vec<f32>,
+    },
 }
 
 impl Model {
@@ -436,7 +439,9 @@ impl StageConfig for OnnxFeaturesConfig {
             (Some(engine), note) => {
                 if let Some([h, w]) = ctx.input.image_size {
                     let (h, w) = (h as usize, w as usize);
-                    engine.run(&vec![0.0; h * w * 3], 1, h, w).map_err(|e| probe_err(h as u32, w as u32, e.to_string()))?;
+                    engine
+                        .run(&vec![0.0; h * w * 3], 1, h, w)
+                        .map_err(|e| probe_err(h as u32, w as u32, e.to_string()))?;
                 }
                 (Model::Vgg { engine, input: Vec::new() }, note)
             }

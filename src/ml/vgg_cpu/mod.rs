@@ -50,7 +50,8 @@ pub const ISA_ENV: &str = "CONVFLOW_VGG_ISA";
 
 /// `CONVFLOW_VGG_PROFILE=1`: each layer's wall time and the Winograd
 /// phases' CPU time go to stderr (for tuning; off costs one branch a chunk).
-static PROFILE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var_os("CONVFLOW_VGG_PROFILE").is_some());
+static PROFILE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("CONVFLOW_VGG_PROFILE").is_some());
 /// Nanoseconds in the input transform, the products and the output transform.
 static PHASES: [std::sync::atomic::AtomicU64; 3] = [const { std::sync::atomic::AtomicU64::new(0) }; 3];
 
@@ -525,7 +526,17 @@ fn at(x: [L; 6]) -> [L; 4] {
 /// # Safety
 /// `isa` is available; no other chunk writes the outputs of these tiles.
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_chunk(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut [f32], t0: usize, t1: usize, out: *mut f32) {
+unsafe fn wino_chunk(
+    isa: Isa,
+    g: &Geometry,
+    x: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    t0: usize,
+    t1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe {
         match isa {
@@ -541,7 +552,16 @@ unsafe fn wino_chunk(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32],
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_avx512(g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut [f32], t0: usize, t1: usize, out: *mut f32) {
+unsafe fn wino_avx512(
+    g: &Geometry,
+    x: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    t0: usize,
+    t1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe { wino_body(Isa::Avx512, g, x, u, bias, s, t0, t1, out) }
 }
@@ -549,7 +569,16 @@ unsafe fn wino_avx512(g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_avx2(g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut [f32], t0: usize, t1: usize, out: *mut f32) {
+unsafe fn wino_avx2(
+    g: &Geometry,
+    x: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    t0: usize,
+    t1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe { wino_body(Isa::Avx2, g, x, u, bias, s, t0, t1, out) }
 }
@@ -560,7 +589,17 @@ unsafe fn wino_avx2(g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut [f
 /// # Safety
 /// `isa` is available; no other chunk writes these pixels.
 #[allow(clippy::too_many_arguments)]
-unsafe fn im2col_chunk(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32], s: &mut [f32], p0: usize, p1: usize, out: *mut f32) {
+unsafe fn im2col_chunk(
+    isa: Isa,
+    g: &Geometry,
+    x: &[f32],
+    wp: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    p0: usize,
+    p1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe {
         match isa {
@@ -576,7 +615,16 @@ unsafe fn im2col_chunk(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f3
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn im2col_avx512(g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32], s: &mut [f32], p0: usize, p1: usize, out: *mut f32) {
+unsafe fn im2col_avx512(
+    g: &Geometry,
+    x: &[f32],
+    wp: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    p0: usize,
+    p1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe { im2col_body(Isa::Avx512, g, x, wp, bias, s, p0, p1, out) }
 }
@@ -584,14 +632,33 @@ unsafe fn im2col_avx512(g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32], s: &m
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn im2col_avx2(g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32], s: &mut [f32], p0: usize, p1: usize, out: *mut f32) {
+unsafe fn im2col_avx2(
+    g: &Geometry,
+    x: &[f32],
+    wp: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    p0: usize,
+    p1: usize,
+    out: *mut f32,
+) {
     // SAFETY: forwarded.
     unsafe { im2col_body(Isa::Avx2, g, x, wp, bias, s, p0, p1, out) }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn im2col_body(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32], s: &mut [f32], p0: usize, p1: usize, out: *mut f32) {
+unsafe fn im2col_body(
+    isa: Isa,
+    g: &Geometry,
+    x: &[f32],
+    wp: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    p0: usize,
+    p1: usize,
+    out: *mut f32,
+) {
     let Geometry { c, k, kp, h, w, len, .. } = *g;
     let (depth, nr) = (9 * c, isa.nr());
     let (a, m) = s.split_at_mut(len * depth);
@@ -604,7 +671,9 @@ unsafe fn im2col_body(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32
                 let dst = &mut row[(ky * 3 + kx) * c..(ky * 3 + kx + 1) * c];
                 if sy >= 1 && sy <= h && sx >= 1 && sx <= w {
                     let src = ((img * h + sy - 1) * w + sx - 1) * c;
-                    if let (Ok(d), Ok(v)) = (<&mut [f32; 3]>::try_from(&mut *dst), <&[f32; 3]>::try_from(&x[src..src + c])) {
+                    if let (Ok(d), Ok(v)) =
+                        (<&mut [f32; 3]>::try_from(&mut *dst), <&[f32; 3]>::try_from(&x[src..src + c]))
+                    {
                         *d = *v;
                     } else {
                         dst.copy_from_slice(&x[src..src + c]);
@@ -621,7 +690,15 @@ unsafe fn im2col_body(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32
             // SAFETY: `a` holds `len` rows of `depth` (a multiple of ROWS), `wp`
             // a panel of `depth * nr` per `kb`, `m` `len` rows of `kp`.
             unsafe {
-                panel(isa, depth, a[gr * ROWS * depth..].as_ptr(), depth, wp[kb * depth * nr..].as_ptr(), m[gr * ROWS * kp + kb * nr..].as_mut_ptr(), kp)
+                panel(
+                    isa,
+                    depth,
+                    a[gr * ROWS * depth..].as_ptr(),
+                    depth,
+                    wp[kb * depth * nr..].as_ptr(),
+                    m[gr * ROWS * kp + kb * nr..].as_mut_ptr(),
+                    kp,
+                )
             };
         }
     }
@@ -636,7 +713,17 @@ unsafe fn im2col_body(isa: Isa, g: &Geometry, x: &[f32], wp: &[f32], bias: &[f32
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], s: &mut [f32], t0: usize, t1: usize, out: *mut f32) {
+unsafe fn wino_body(
+    isa: Isa,
+    g: &Geometry,
+    x: &[f32],
+    u: &[f32],
+    bias: &[f32],
+    s: &mut [f32],
+    t0: usize,
+    t1: usize,
+    out: *mut f32,
+) {
     let Geometry { c, k, kp, h, w, th, tw, len, pool } = *g;
     let nr = isa.nr();
     let (v, m) = s.split_at_mut(P * len * c);
@@ -686,7 +773,15 @@ unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], 
                 // SAFETY: `vp` holds `len` rows of `c`, `up` `kp / nr` panels
                 // of `c * nr`, `mp` `len` rows of `kp`; `len` is a multiple of ROWS.
                 unsafe {
-                    panel(isa, c, vp[gr * ROWS * c..].as_ptr(), c, up[kb * c * nr..].as_ptr(), mp[gr * ROWS * kp + kb * nr..].as_mut_ptr(), kp)
+                    panel(
+                        isa,
+                        c,
+                        vp[gr * ROWS * c..].as_ptr(),
+                        c,
+                        up[kb * c * nr..].as_ptr(),
+                        mp[gr * ROWS * kp + kb * nr..].as_mut_ptr(),
+                        kp,
+                    )
                 };
             }
         }
@@ -720,7 +815,10 @@ unsafe fn wino_body(isa: Isa, g: &Geometry, x: &[f32], u: &[f32], bias: &[f32], 
                     for bb in 0..2 {
                         let (py, px) = (2 * ty + a, 2 * tx + bb);
                         if py < oh && px < ow {
-                            let v = y(2 * a, 2 * bb).max(y(2 * a, 2 * bb + 1)).max(y(2 * a + 1, 2 * bb)).max(y(2 * a + 1, 2 * bb + 1));
+                            let v = y(2 * a, 2 * bb)
+                                .max(y(2 * a, 2 * bb + 1))
+                                .max(y(2 * a + 1, 2 * bb))
+                                .max(y(2 * a + 1, 2 * bb + 1));
                             let o = ((img * oh + py) * ow + px) * k + kb;
                             // SAFETY: this tile's outputs are this chunk's alone.
                             unsafe { v.store_ptr(out.add(o), lanes) };

@@ -21,7 +21,12 @@ use std::collections::HashMap;
 #[derive(Debug, Clone)]
 pub enum PlainLayer {
     /// `weight` is ONNX's `[filters, channels, 3, 3]`.
-    Conv3x3Relu { channels: usize, filters: usize, weight: Vec<f32>, bias: Vec<f32> },
+    Conv3x3Relu {
+        channels: usize,
+        filters: usize,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    },
     MaxPool2x2,
 }
 
@@ -228,7 +233,9 @@ pub fn read(bytes: &[u8]) -> Result<Vec<PlainLayer>, NotCovered> {
     let mut it = nodes.iter().peekable();
     let mut current = input.clone();
     let first = it.next().ok_or("an empty graph")?;
-    if first.op != "Transpose" || first.inputs != [current.clone()] || !matches!(first.attrs.get("perm"), Some(Some(p)) if p == &[0, 3, 1, 2])
+    if first.op != "Transpose"
+        || first.inputs != [current.clone()]
+        || !matches!(first.attrs.get("perm"), Some(Some(p)) if p == &[0, 3, 1, 2])
     {
         return Err(format!("first node {} ({}) is not the NHWC -> NCHW Transpose of the input", first.name, first.op));
     }
@@ -250,7 +257,9 @@ pub fn read(bytes: &[u8]) -> Result<Vec<PlainLayer>, NotCovered> {
                     && attr_is(n, "dilations", &[1, 1])
                     && attr_is(n, "group", &[1])
                     && !n.attrs.contains_key("auto_pad")
-                    && n.attrs.keys().all(|k| ["kernel_shape", "pads", "strides", "dilations", "group"].contains(&k.as_str()));
+                    && n.attrs
+                        .keys()
+                        .all(|k| ["kernel_shape", "pads", "strides", "dilations", "group"].contains(&k.as_str()));
                 if !ok || n.inputs.len() != 3 {
                     return Err(format!("Conv {}: not a 3x3 conv with pads 1, stride 1, one group and a bias", n.name));
                 }
@@ -277,7 +286,12 @@ pub fn read(bytes: &[u8]) -> Result<Vec<PlainLayer>, NotCovered> {
                     return Err(format!("Conv {} is followed by {} ({}), not Relu", n.name, relu.name, relu.op));
                 }
                 used += 2;
-                layers.push(PlainLayer::Conv3x3Relu { channels, filters, weight: w.data.clone(), bias: b.data.clone() });
+                layers.push(PlainLayer::Conv3x3Relu {
+                    channels,
+                    filters,
+                    weight: w.data.clone(),
+                    bias: b.data.clone(),
+                });
                 channels = filters;
                 current = relu.outputs[0].clone();
             }

@@ -68,7 +68,8 @@ fn reference(layers: &[PlainLayer], x: &[f32], n: usize, h: usize, w: usize) -> 
                         for xx in 0..ow {
                             for ci in 0..c {
                                 let at = |dy: usize, dx: usize| x[((img * h + 2 * y + dy) * w + 2 * xx + dx) * c + ci];
-                                out[((img * oh + y) * ow + xx) * c + ci] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
+                                out[((img * oh + y) * ow + xx) * c + ci] =
+                                    at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
                             }
                         }
                     }
