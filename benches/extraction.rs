@@ -1,13 +1,17 @@
-//! Extraction throughput, side by side in one run:
-//!   bare model  - the same ONNX session settings on tensors already in memory;
-//!   convflow    - the whole pipeline (read, decode, resize, batch, VGG16, write), no cache;
-//!   python loop - PIL + onnxruntime, batch 20 (benches/python_loop.py).
+//! Extraction throughput, side by side in one run, at each size:
+//!   bare model  - ONNX Runtime, and convflow's winograd4 engine, on tensors already in memory;
+//!   convflow    - the whole pipeline (read, decode, resize, batch, VGG16, write), no cache,
+//!                 with `engine: onnx` and with `engine: winograd4`;
+//!   python loop - PIL + onnxruntime, batch 20 (benches/python_loop.py), 150x150.
 //!
 //!   cargo bench --bench extraction
 //!
 //! Env: CONVFLOW_BENCH_DATA (a folder of class folders; default the book's
 //! train split beside the checkout), CONVFLOW_BENCH_IMAGES (default 200),
-//! CONVFLOW_BENCH_REPEATS (default 3), CONVFLOW_BENCH_MODEL.
+//! CONVFLOW_BENCH_REPEATS (default 3), CONVFLOW_BENCH_MODEL, CONVFLOW_BENCH_SIZES
+//! (default 150,224). The top-level figures (`bare_*`, `convflow_*`) are
+//! 150x150's ONNX Runtime bare model and the default engine end to end;
+//! `sizes` holds every row.
 //! Prints medians and the ratio and writes target/bench/extraction.json.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +19,7 @@ use std::time::Instant;
 
 use convflow::imaging::decode::decode_image;
 use convflow::imaging::resize::{Filter, Resize};
+use convflow::ml::vgg_cpu::VggCpu;
 use convflow::ml::{Device, OnnxModel, Preprocess};
 
 fn env_or(name: &str, default: &str) -> String {
@@ -62,60 +67,117 @@ fn main() {
     let files = sample(&data, n, &tmp.path().join("data"));
     let n = files.len();
 
-    // Bare model: tensors prepared up front, batches of 20.
-    let mut resize = Resize::new(150, 150, Filter::Nearest);
-    let batches: Vec<Vec<f32>> = files
-        .chunks(20)
-        .map(|chunk| {
-            let mut t = Vec::new();
-            for f in chunk {
-                let img = decode_image(&std::fs::read(f).unwrap(), u64::MAX).unwrap();
-                Preprocess::Rescale.extend(&resize.apply(img).unwrap(), &mut t);
-            }
-            t
-        })
-        .collect();
+    // Per size: the bare models (ONNX Runtime and convflow's winograd4
+    // engine, tensors prepared up front, batches of 20) and the whole
+    // pipeline with each engine, interleaved in every repeat.
+    let sizes: Vec<u32> =
+        env_or("CONVFLOW_BENCH_SIZES", "150,224").split(',').map(|s| s.trim().parse().unwrap()).collect();
     let spinning = env_or("CONVFLOW_BENCH_SPINNING", "false") == "true";
     let mut model = OnnxModel::load(&model_path, Device::Cpu, threads, spinning).unwrap();
-
-    let yaml = format!(
-        "name: bench
+    // None where the file is not a plain VGG (CONVFLOW_BENCH_MODEL): its rows say so.
+    let engine = VggCpu::load(&model_path, threads, None).map_err(|e| eprintln!("winograd4: {e}")).ok();
+    let isa = engine.as_ref().map(|e| e.isa().name());
+    let mut per_size = serde_json::Map::new();
+    let (mut bare150, mut e2e150, mut setup150) = (Vec::new(), Vec::new(), Vec::new());
+    for &size in &sizes {
+        let sz = size as usize;
+        let mut resize = Resize::new(size, size, Filter::Nearest);
+        let batches: Vec<Vec<f32>> = files
+            .chunks(20)
+            .map(|chunk| {
+                let mut t = Vec::new();
+                for f in chunk {
+                    let img = decode_image(&std::fs::read(f).unwrap(), u64::MAX).unwrap();
+                    Preprocess::Rescale.extend(&resize.apply(img).unwrap(), &mut t);
+                }
+                t
+            })
+            .collect();
+        let graph = |engine: &str| {
+            let yaml = format!(
+                "name: bench
 stages:
   - {{id: files, kind: file_reader, dir: {data}}}
   - {{id: decode, kind: decode, input: files}}
-  - {{id: resize, kind: resize, input: decode, size: [150, 150]}}
+  - {{id: resize, kind: resize, input: decode, size: [{size}, {size}]}}
   - {{id: batch, kind: batch, input: resize, size: 20}}
-  - {{id: vgg16, kind: onnx_features, input: batch, model: {model}, device: cpu, preprocess: rescale, spinning: {spinning}}}
+  - {{id: vgg16, kind: onnx_features, input: batch, model: {model}, device: cpu, preprocess: rescale, spinning: {spinning}, engine: {engine}}}
   - {{id: write, kind: feature_writer, input: vgg16, dir: {out}}}
 ",
-        data = tmp.path().join("data").display(),
-        model = model_path.display(),
-        out = tmp.path().join("out").display(),
-    );
-    let yaml_path = tmp.path().join("bench.yaml");
-    std::fs::write(&yaml_path, yaml).unwrap();
-    let cfg = convflow::config::load(&yaml_path, &[]).unwrap();
-    let graph = convflow::graph::Graph::build(cfg, &convflow::stages::builtin_registry()).unwrap();
-
-    // convflow's figure is steady-state streaming: the wall time minus the
-    // set-up (model load), which the bare loop does not pay either; the
-    // figure with set-up is printed beside it.
-    let (mut bare, mut e2e, mut e2e_setup) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..repeats {
-        let t = Instant::now();
-        for b in &batches {
-            let rows = b.len() / (150 * 150 * 3);
-            model.run(b.clone(), rows, 150, 150).unwrap();
+                data = tmp.path().join("data").display(),
+                model = model_path.display(),
+                out = tmp.path().join("out").display(),
+            );
+            let yaml_path = tmp.path().join(format!("bench_{engine}.yaml"));
+            std::fs::write(&yaml_path, yaml).unwrap();
+            let cfg = convflow::config::load(&yaml_path, &[]).unwrap();
+            convflow::graph::Graph::build(cfg, &convflow::stages::builtin_registry()).unwrap()
+        };
+        let engines: Vec<&str> = if engine.is_some() { vec!["onnx", "winograd4"] } else { vec!["onnx"] };
+        let graphs: Vec<_> = engines.iter().map(|e| graph(e)).collect();
+        let mut bare: Vec<Vec<f64>> = vec![Vec::new(); engines.len()];
+        let mut e2e: Vec<Vec<f64>> = vec![Vec::new(); engines.len()];
+        let mut e2e_setup: Vec<Vec<f64>> = vec![Vec::new(); engines.len()];
+        // convflow's figure is steady-state streaming: the wall time minus
+        // the set-up (model load), which the bare loops do not pay either;
+        // the figure with set-up is kept beside it.
+        for r in 0..repeats {
+            for (i, name) in engines.iter().enumerate() {
+                let t = Instant::now();
+                for b in &batches {
+                    let rows = b.len() / (sz * sz * 3);
+                    match (*name, &engine) {
+                        ("winograd4", Some(e)) => drop(e.run(b, rows, sz, sz).unwrap()),
+                        _ => drop(model.run(b.clone(), rows, sz, sz).unwrap()),
+                    }
+                }
+                bare[i].push(n as f64 / t.elapsed().as_secs_f64());
+                let t = Instant::now();
+                let report = convflow::runtime::run(&graphs[i], &Default::default()).unwrap();
+                let wall = t.elapsed().as_secs_f64();
+                e2e[i].push(n as f64 / (wall - report.setup_seconds));
+                e2e_setup[i].push(n as f64 / wall);
+                eprintln!(
+                    "{size}x{size} repeat {}: {name}: bare {:.2} img/s, convflow end to end {:.2} img/s",
+                    r + 1,
+                    bare[i][r],
+                    e2e[i][r]
+                );
+            }
         }
-        bare.push(n as f64 / t.elapsed().as_secs_f64());
-
-        let t = Instant::now();
-        let report = convflow::runtime::run(&graph, &Default::default()).unwrap();
-        let wall = t.elapsed().as_secs_f64();
-        e2e.push(n as f64 / (wall - report.setup_seconds));
-        e2e_setup.push(n as f64 / wall);
-        eprintln!("repeat {}: bare {:.2} img/s, convflow {:.2} img/s", r + 1, bare[r], e2e[r]);
+        let ort_bare = median(bare[0].clone());
+        let mut rows = serde_json::Map::new();
+        println!(
+            "VGG16 feature extraction, {n} images, {size}x{size}, batch 20, {threads} threads, median of {repeats}:"
+        );
+        for (i, name) in engines.iter().enumerate() {
+            let (b, e) = (median(bare[i].clone()), median(e2e[i].clone()));
+            println!(
+                "  {name:9} bare model (tensors in memory)  {b:8.2} images/s   ({:.2}x bare ONNX Runtime)",
+                b / ort_bare
+            );
+            println!(
+                "  {name:9} convflow end to end             {e:8.2} images/s   ({:.2}x bare ONNX Runtime)",
+                e / ort_bare
+            );
+            rows.insert(
+                name.to_string(),
+                serde_json::json!({
+                    "bare_images_per_second": bare[i], "convflow_images_per_second": e2e[i],
+                    "convflow_with_setup_images_per_second": e2e_setup[i],
+                    "bare_median": b, "convflow_median": e, "convflow_vs_bare_onnx": e / ort_bare,
+                }),
+            );
+        }
+        if size == 150 {
+            // The default engine (auto: the last, winograd4 where it covers the model).
+            bare150 = bare[0].clone();
+            e2e150 = e2e[engines.len() - 1].clone();
+            setup150 = e2e_setup[engines.len() - 1].clone();
+        }
+        per_size.insert(size.to_string(), serde_json::Value::Object(rows));
     }
+    let (bare, e2e, e2e_setup) = (bare150, e2e150, setup150);
 
     let python = std::process::Command::new(root.join(".venv/bin/python"))
         .arg(root.join("benches/python_loop.py"))
@@ -129,14 +191,11 @@ stages:
             s.lines().last().and_then(|l| l.strip_prefix("images_per_second=")).and_then(|v| v.parse::<f64>().ok())
         });
 
-    let (bare_m, e2e_m) = (median(bare.clone()), median(e2e.clone()));
-    println!("VGG16 feature extraction, {n} images, 150x150, batch 20, {threads} threads, median of {repeats}:");
-    println!("  bare model (tensors in memory)  {bare_m:8.2} images/s");
-    println!("  convflow end to end             {e2e_m:8.2} images/s   ({:.1}% of bare)", 100.0 * e2e_m / bare_m);
-    println!("  convflow incl. model load       {:8.2} images/s", median(e2e_setup.clone()));
+    let (bare_m, e2e_m) =
+        if bare.is_empty() { (f64::NAN, f64::NAN) } else { (median(bare.clone()), median(e2e.clone())) };
     match python {
-        Some(p) => println!("  python loop (PIL + onnxruntime) {p:8.2} images/s   (convflow {:.2}x)", e2e_m / p),
-        None => println!("  python loop: did not run (models/setup.sh makes .venv)"),
+        Some(p) => println!("python loop (PIL + onnxruntime, 150x150) {p:8.2} images/s   (convflow {:.2}x)", e2e_m / p),
+        None => println!("python loop: did not run (models/setup.sh makes .venv)"),
     }
     let json = serde_json::json!({
         "images": n, "threads": threads, "repeats": repeats,
@@ -144,6 +203,7 @@ stages:
         "convflow_with_setup_images_per_second": e2e_setup, "spinning": spinning,
         "bare_median": bare_m, "convflow_median": e2e_m, "ratio": e2e_m / bare_m,
         "python_loop_images_per_second": python,
+        "engine_isa": isa, "sizes": per_size,
     });
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
