@@ -216,15 +216,29 @@ fn the_base_param_sets_the_size_and_preprocessing_unless_given() {
         (&[], "images 150x150x3", "rescale features of vgg16_notop.onnx at [4, 4, 512]"),
         (&["base=mobilenet"], "images 224x224x3", "tf features of mobilenet_notop.onnx at [7, 7, 1024]"),
         (&["base=models/mobilenet_notop.onnx"], "images 224x224x3", "tf features of mobilenet_notop.onnx"),
-        (&["base=mobilenet", "image_size=160"], "images 160x160x3", "tf features of mobilenet_notop.onnx at [5, 5, 1024]"),
+        (
+            &["base=mobilenet", "image_size=160"],
+            "images 160x160x3",
+            "tf features of mobilenet_notop.onnx at [5, 5, 1024]",
+        ),
         (&["base=mobilenet", "preprocess=caffe"], "images 224x224x3", "caffe features of mobilenet_notop.onnx"),
-        (&["base=vgg16", "preprocess=caffe", "image_size=224"], "images 224x224x3", "caffe features of vgg16_notop.onnx at [7, 7, 512]"),
+        (
+            &["base=vgg16", "preprocess=caffe", "image_size=224"],
+            "images 224x224x3",
+            "caffe features of vgg16_notop.onnx at [7, 7, 512]",
+        ),
     ];
     for (sets, size, features) in cases {
         for pipeline in ["pipelines/extract_features.yaml", "pipelines/augmented_end_to_end.yaml"] {
             let text = graph(pipeline, sets);
-            assert!(text.contains(size) && text.contains(features), "{pipeline} {sets:?}: {size}, {features} in\n{text}");
-            assert!(!text.contains("150x150x3") || size.contains("150"), "{pipeline} {sets:?}: an edge kept 150\n{text}");
+            assert!(
+                text.contains(size) && text.contains(features),
+                "{pipeline} {sets:?}: {size}, {features} in\n{text}"
+            );
+            assert!(
+                !text.contains("150x150x3") || size.contains("150"),
+                "{pipeline} {sets:?}: an edge kept 150\n{text}"
+            );
         }
     }
 }

@@ -621,6 +621,9 @@ fn a_head_on_vgg19_features_gets_vgg19_heatmaps_with_the_heads_probabilities() {
     let o = heatmaps(&t, &tmp.path().join("mixed"), &test, &cache, &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("vgg19_block5") && err.contains("vgg16_block4.onnx") && err.contains("vgg19_block4.onnx"), "{err}");
+    assert!(
+        err.contains("vgg19_block5") && err.contains("vgg16_block4.onnx") && err.contains("vgg19_block4.onnx"),
+        "{err}"
+    );
     assert!(!tmp.path().join("mixed").join("heatmaps.csv").exists());
 }

@@ -106,7 +106,8 @@ fn block5_in_the_backend_gives_onnx_runtimes_block5_pool_on_real_photos() {
         assert!(rel4 <= 1e-6, "block4 cut differs from the whole model's block4_pool by {rel4:.2e} of its scale");
 
         // block5 in the backend, from the safetensors weights, on that output.
-        let mut model = vgg16::VGG16.with_block5([b4, b4], &head(), &model_file("vgg16_block5.safetensors"), 0, 2).unwrap();
+        let mut model =
+            vgg16::VGG16.with_block5([b4, b4], &head(), &model_file("vgg16_block5.safetensors"), 0, 2).unwrap();
         let ours = model.layer_output(&f4, 4, 4).unwrap();
         let (s5, reference) = notop.run(x, 4, size, size).unwrap();
         assert_eq!(s5, [4, b5, b5, 512], "vgg16_notop.onnx at {size}x{size}");

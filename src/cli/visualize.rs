@@ -193,8 +193,9 @@ fn activation_input(image: &Path, model: &str, size: usize, args: &ModelArgs) ->
         Preprocess::Caffe.extend(&img, &mut x);
         return Ok((net, x));
     }
-    let trained = Classifier::describe(Path::new(model))
-        .map_err(|e| anyhow::anyhow!("--model {model}: not `vgg16` or `vgg19`, nor a trained classifier's folder: {e}"))?;
+    let trained = Classifier::describe(Path::new(model)).map_err(|e| {
+        anyhow::anyhow!("--model {model}: not `vgg16` or `vgg19`, nor a trained classifier's folder: {e}")
+    })?;
     let (Some(input), None) = (trained.input, trained.base) else {
         bail!("--model {model}: it takes VGG16's block4 maps or features, not images; use --model vgg16");
     };

@@ -29,11 +29,6 @@ use std::sync::{Arc, Mutex};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::trained::fine_tune::{Base, HEAD_FILE, HeadFrom};
-use crate::training::checkpoint::ModelState;
-use crate::training::{
-    Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
-};
 use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::spec::{self, resolve};
@@ -41,6 +36,11 @@ use crate::ml::convnet::{ConvOptimizer, Convnet, ConvnetError, LayerSpec};
 use crate::ml::loss::LossKind;
 use crate::ml::optimizer::OptimizerSpec;
 use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
+use crate::trained::fine_tune::{Base, HEAD_FILE, HeadFrom};
+use crate::training::checkpoint::ModelState;
+use crate::training::{
+    Common, Data, EarlyStopping, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options,
+};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

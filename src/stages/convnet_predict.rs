@@ -14,14 +14,14 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::trained::classifier::Classifier;
 use super::convnet::input_row;
 use super::predictions::{PredictionsCsv, missing_files};
-use crate::trained::read_description;
 use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::trained::classifier::Classifier;
+use crate::trained::read_description;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

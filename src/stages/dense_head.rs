@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::training::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
 use crate::facts::Facts;
 use crate::item::{ClassMode, Item, ItemKind, Payload};
 use crate::ml::convnet::LayerSpec as ConvLayerSpec;
@@ -21,6 +20,7 @@ use crate::ml::convnet::spec::{self, Shape};
 use crate::ml::head::{Head, LayerSpec, Optimizer, OptimizerSpec};
 use crate::ml::loss::LossKind;
 use crate::stage::{BuildContext, Built, FieldError, OptionDoc, StageConfig, StageError};
+use crate::training::{Common, Data, Model, NewModel, TrainerKind, TrainerStage, check_training, trainer_options};
 
 /// The early-stopping options live with the shared trainer; named here too, where they were first.
 pub use crate::training::{EarlyStopping, Monitor};

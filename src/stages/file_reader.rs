@@ -479,7 +479,10 @@ impl FileReader {
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
             if let Some(bad) = order.positions.iter().find(|&&p| p >= self.listing.len()) {
-                return Err(StageError::fatal(format!("position {bad} is past the {} files listed", self.listing.len())));
+                return Err(StageError::fatal(format!(
+                    "position {bad} is past the {} files listed",
+                    self.listing.len()
+                )));
             }
             let cut = feed.cut.load(Ordering::Acquire);
             let cut_short = || feed.cut.load(Ordering::Acquire) != cut;

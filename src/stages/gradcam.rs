@@ -26,12 +26,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::trained::classifier::Classifier;
 use super::convnet::input_row;
 use crate::facts::{Facts, Wants};
 use crate::item::{Item, ItemKind};
 use crate::ml::convnet::Convnet;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::trained::classifier::Classifier;
 use crate::visualize::heatmap::{self, ClassChoice};
 pub use table::{CSV, HEADER, NPY};
 

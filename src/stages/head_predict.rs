@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::predictions::{PredictionsCsv, missing_files};
-use crate::trained::read_description;
 use crate::facts::{Facts, TrainedOn, Wants};
 use crate::item::{Item, ItemKind, Payload};
 use crate::ml::head::Head;
 use crate::stage::{BuildContext, Built, Emit, FieldError, OptionDoc, RunSignals, Stage, StageConfig, StageError};
+use crate::trained::read_description;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -240,7 +240,9 @@ impl Classifier {
             return Err(format!("the classifier in {} was {m}", self.dir.display()));
         }
         match self.base {
-            Some(base) => base.check_maps(input).map_err(|e| format!("the classifier in {} sits on {e}", self.dir.display())),
+            Some(base) => {
+                base.check_maps(input).map_err(|e| format!("the classifier in {} sits on {e}", self.dir.display()))
+            }
             None => Ok(()),
         }
     }
