@@ -185,7 +185,7 @@ impl StageConfig for GradcamConfig {
             errors.push(FieldError::new("class", e));
         }
         let weights = self.base_weights(&c);
-        if let (Some(base), true) = (c.base, c.needs_base_weights() && !weights.is_file()) {
+        if let Some(base) = c.base.filter(|_| c.needs_base_weights() && !weights.is_file()) {
             let setup = base.vgg().maker;
             errors.push(FieldError::new(
                 if self.base_weights.is_some() { "base_weights" } else { "model" },

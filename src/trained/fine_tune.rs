@@ -89,13 +89,18 @@ impl Base {
     /// VGG16's and VGG19's block4 maps have the same shape: only the model
     /// that made the maps on the edge says whose they are.
     pub fn check_maps(self, input: &Facts) -> Result<(), String> {
-        let block4 = Path::new(self.block4_model()).file_name().and_then(|f| f.to_str()).unwrap_or_default();
-        match input.features.as_ref().map(|f| f.model.as_str()) {
-            Some(model) if model.ends_with("_block4.onnx") && model != block4 => {
-                Err(format!("{self}: it takes the maps of {block4}; this edge carries {model}'s"))
+        let Some(model) = input.features.as_ref().map(|f| f.model.as_str()) else { return Ok(()) };
+        match [Base::Vgg16Block5, Base::Vgg19Block5].into_iter().find(|b| b.block4_file() == model) {
+            Some(other) if other != self => {
+                Err(format!("{self}: it takes the maps of {}; this edge carries {model}'s", self.block4_file()))
             }
             _ => Ok(()),
         }
+    }
+
+    /// The file name of [`Base::block4_model`], as the features' facts name the model.
+    fn block4_file(self) -> &'static str {
+        Path::new(self.block4_model()).file_name().and_then(|f| f.to_str()).unwrap_or_default()
     }
 
     /// A model of the base then `layers` on maps of `input`, the base's
