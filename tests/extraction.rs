@@ -394,3 +394,42 @@ fn imported_resnet50_and_inception_v3_equal_keras() {
         assert!(!tmp.path().join("x.onnx").exists());
     }
 }
+
+/// The exact engines share one cache: features ONNX Runtime wrote are hits
+/// for a winograd4 run of the same model and pixels (and come back as
+/// written), and the reverse; each engine's own features are within its
+/// contract, 1e-4 of the image's largest value, of the other's.
+#[test]
+fn the_exact_engines_share_the_feature_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    copy_tree(&common::root().join("tests/fixtures/images"), &data);
+    let model = common::tiny_model();
+    let run = |engine: &str, cache: &Path, name: &str| {
+        let out = tmp.path().join(name);
+        let yaml = common::extraction_yaml(&data, &model, &out, Some(cache), "", 64, "rescale")
+            .replace("kind: onnx_features\n", &format!("kind: onnx_features\n    engine: {engine}\n"));
+        assert!(yaml.contains("engine: "), "the engine is set");
+        let report = common::run_yaml(&common::write_pipeline(tmp.path(), &format!("{name}.yaml"), &yaml)).unwrap();
+        let (_, features) = read_f32(&out.join("features.npy")).unwrap();
+        (report, features)
+    };
+    for (first, second) in [("onnx", "winograd4"), ("winograd4", "onnx")] {
+        let cache = tmp.path().join(format!("cache-{first}"));
+        let (a, fa) = run(first, &cache, &format!("{first}-fills"));
+        assert_eq!(a.cache.as_ref().unwrap().writes, 9);
+        let (b, fb) = run(second, &cache, &format!("{second}-reads-{first}"));
+        let c = b.cache.as_ref().unwrap();
+        assert_eq!((c.hits, c.misses), (9, 0), "{second} reads what {first} wrote");
+        assert_eq!(fa, fb, "served as written");
+        // Its own, computed afresh, are within the engines' contract of the other's.
+        let (_, own) =
+            run(second, &tmp.path().join(format!("cache-{second}-own-{first}")), &format!("{second}-own-{first}"));
+        let per_image = fa.len() / 9;
+        for (x, y) in fa.chunks(per_image).zip(own.chunks(per_image)) {
+            let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(worst <= 1e-4 * scale, "{first} vs {second}: {worst:e} of {scale}");
+        }
+    }
+}
