@@ -12,7 +12,7 @@ Rows (medians of alternating repeats; every ratio from the same run):
                                shear 0.2, zoom 0.2, horizontal flip, fill nearest
   VGG16 features               cargo bench --bench extraction: convflow end to
                                end vs bare model vs the plain Python loop; at
-                               150x150 and 224x224, each engine (winograd4,
+                               150x150 and 224x224, each engine (winograd,
                                onnx) end to end and bare, against bare ORT
   warm-cache rerun             pipelines/extract_features.yaml twice on a
                                hard-linked subset; the second run is timed
@@ -267,12 +267,12 @@ def extraction(t, args):
     isa = j.get("engine_isa")
     for size, rows in (j.get("sizes") or {}).items():
         bs = f"VGG16 engines ({args.vgg_images} images, {size}x{size}, batch 20)"
-        w4 = rows.get("winograd4")
-        t.add(bs, f"convflow end to end, engine winograd4 ({isa})", "images/s",
+        w4 = rows.get("winograd")
+        t.add(bs, f"convflow end to end, engine winograd ({isa})", "images/s",
               w4["convflow_images_per_second"] if w4 else [], baseline=True,
               note="" if w4 else "the model is not a plain VGG")
         if w4:
-            t.add(bs, f"bare winograd4 engine ({isa}), tensors already in memory", "images/s",
+            t.add(bs, f"bare winograd engine ({isa}), tensors already in memory", "images/s",
                   w4["bare_images_per_second"])
         t.add(bs, "convflow end to end, engine onnx", "images/s", rows["onnx"]["convflow_images_per_second"])
         t.add(bs, "bare ONNX Runtime model, tensors already in memory", "images/s",

@@ -1,7 +1,7 @@
 //! Extraction throughput, side by side in one run, at each size:
-//!   bare model  - ONNX Runtime, and convflow's winograd4 engine, on tensors already in memory;
+//!   bare model  - ONNX Runtime, and convflow's winograd engine, on tensors already in memory;
 //!   convflow    - the whole pipeline (read, decode, resize, batch, VGG16, write), no cache,
-//!                 with `engine: onnx` and with `engine: winograd4`;
+//!                 with `engine: onnx` and with `engine: winograd`;
 //!   python loop - PIL + onnxruntime, batch 20 (benches/python_loop.py), 150x150.
 //!
 //!   cargo bench --bench extraction
@@ -67,7 +67,7 @@ fn main() {
     let files = sample(&data, n, &tmp.path().join("data"));
     let n = files.len();
 
-    // Per size: the bare models (ONNX Runtime and convflow's winograd4
+    // Per size: the bare models (ONNX Runtime and convflow's winograd
     // engine, tensors prepared up front, batches of 20) and the whole
     // pipeline with each engine, interleaved in every repeat.
     let sizes: Vec<u32> =
@@ -75,7 +75,7 @@ fn main() {
     let spinning = env_or("CONVFLOW_BENCH_SPINNING", "false") == "true";
     let mut model = OnnxModel::load(&model_path, Device::Cpu, threads, spinning).unwrap();
     // None where the file is not a plain VGG (CONVFLOW_BENCH_MODEL): its rows say so.
-    let engine = VggCpu::load(&model_path, threads, None).map_err(|e| eprintln!("winograd4: {e}")).ok();
+    let engine = VggCpu::load(&model_path, threads, None).map_err(|e| eprintln!("winograd: {e}")).ok();
     let isa = engine.as_ref().map(|e| e.isa().name());
     let mut per_size = serde_json::Map::new();
     let (mut bare150, mut e2e150, mut setup150) = (Vec::new(), Vec::new(), Vec::new());
@@ -113,7 +113,7 @@ stages:
             let cfg = convflow::config::load(&yaml_path, &[]).unwrap();
             convflow::graph::Graph::build(cfg, &convflow::stages::builtin_registry()).unwrap()
         };
-        let engines: Vec<&str> = if engine.is_some() { vec!["onnx", "winograd4"] } else { vec!["onnx"] };
+        let engines: Vec<&str> = if engine.is_some() { vec!["onnx", "winograd"] } else { vec!["onnx"] };
         let graphs: Vec<_> = engines.iter().map(|e| graph(e)).collect();
         let mut bare: Vec<Vec<f64>> = vec![Vec::new(); engines.len()];
         let mut e2e: Vec<Vec<f64>> = vec![Vec::new(); engines.len()];
@@ -127,7 +127,7 @@ stages:
                 for b in &batches {
                     let rows = b.len() / (sz * sz * 3);
                     match (*name, &engine) {
-                        ("winograd4", Some(e)) => drop(e.run(b, rows, sz, sz).unwrap()),
+                        ("winograd", Some(e)) => drop(e.run(b, rows, sz, sz).unwrap()),
                         _ => drop(model.run(b.clone(), rows, sz, sz).unwrap()),
                     }
                 }
@@ -170,7 +170,7 @@ stages:
             );
         }
         if size == 150 {
-            // The default engine (auto: the last, winograd4 where it covers the model).
+            // The default engine (auto: the last, winograd where it covers the model).
             bare150 = bare[0].clone();
             e2e150 = e2e[engines.len() - 1].clone();
             setup150 = e2e_setup[engines.len() - 1].clone();

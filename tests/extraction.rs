@@ -118,17 +118,17 @@ fn vgg16_features_of_real_photos_match_python_onnxruntime() {
         }
     }
     // ONNX Runtime gives Python's features to 1e-4 of each value (floored at
-    // 1e-3 of the largest); convflow's winograd4 engine (the default on the
+    // 1e-3 of the largest); convflow's winograd engine (the default on the
     // CPU) to 1e-4 of each image's largest value, the engine's contract
     // (tests/vgg_cpu.rs): its rounding differs from a direct convolution's.
-    for engine in ["onnx", "winograd4"] {
+    for engine in ["onnx", "winograd"] {
         for (mode, name) in [(Preprocess::Rescale, "rescale"), (Preprocess::Caffe, "caffe")] {
             let out = tmp.path().join(format!("{engine}-{name}"));
             let yaml = common::extraction_yaml(&data, &common::vgg16(), &out, None, "", 150, name)
                 .replace("kind: onnx_features\n", &format!("kind: onnx_features\n    engine: {engine}\n"));
             assert!(yaml.contains("engine: "), "the engine is set");
             let report = common::run_yaml(&common::write_pipeline(tmp.path(), "p.yaml", &yaml)).unwrap();
-            let ran = if engine == "onnx" { "onnxruntime" } else { "winograd4" };
+            let ran = if engine == "onnx" { "onnxruntime" } else { "winograd" };
             assert_eq!(common::detail(&report, "features", "engine"), ran, "the report names the engine");
             let (shape, features) = read_f32(&out.join("features.npy")).unwrap();
             assert_eq!(shape, vec![4, 4, 4, 512]);
@@ -279,7 +279,7 @@ fn nchw_models_run_as_nchw_with_tf_and_torch_preprocessing() {
         for (layout, model) in [("nhwc", common::tiny_model()), ("nchw", nchw.clone())] {
             let out = tmp.path().join(format!("{name}-{layout}"));
             // Both in ONNX Runtime: its two layouts are what is compared
-            // (on the CPU the NHWC file would otherwise run in winograd4).
+            // (on the CPU the NHWC file would otherwise run in winograd).
             let yaml = common::extraction_yaml(&data, &model, &out, None, "", 64, name)
                 .replace("kind: onnx_features\n", "kind: onnx_features\n    engine: onnx\n");
             assert!(yaml.contains("engine: onnx"));
@@ -396,7 +396,7 @@ fn imported_resnet50_and_inception_v3_equal_keras() {
 }
 
 /// The exact engines share one cache: features ONNX Runtime wrote are hits
-/// for a winograd4 run of the same model and pixels (and come back as
+/// for a winograd run of the same model and pixels (and come back as
 /// written), and the reverse; each engine's own features are within its
 /// contract, 1e-4 of the image's largest value, of the other's.
 #[test]
@@ -414,7 +414,7 @@ fn the_exact_engines_share_the_feature_cache() {
         let (_, features) = read_f32(&out.join("features.npy")).unwrap();
         (report, features)
     };
-    for (first, second) in [("onnx", "winograd4"), ("winograd4", "onnx")] {
+    for (first, second) in [("onnx", "winograd"), ("winograd", "onnx")] {
         let cache = tmp.path().join(format!("cache-{first}"));
         let (a, fa) = run(first, &cache, &format!("{first}-fills"));
         assert_eq!(a.cache.as_ref().unwrap().writes, 9);

@@ -1,6 +1,6 @@
-//! The `winograd4` engine (`convflow::ml::vgg_cpu`) against ONNX Runtime's
+//! The `winograd` engine (`convflow::ml::vgg_cpu`) against ONNX Runtime's
 //! float32 on the book's photos: within 1e-4 of each image's largest
-//! feature, at the sizes where Winograd's 4x4 tiles overhang the maps, on
+//! feature, at the sizes where Winograd's 6x6 tiles overhang the maps, on
 //! the AVX2 path (forced, also on an AVX-512 machine) and on the best path
 //! this CPU has. And what it must refuse: any file that is not a plain VGG.
 

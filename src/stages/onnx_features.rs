@@ -4,7 +4,7 @@
 //!
 //! On the CPU a plain VGG conv base (VGG16, VGG19: recognised in the very
 //! file, weights read from it) runs by default in convflow's own engine
-//! ([`crate::ml::vgg_cpu`], `engine: winograd4`), about twice ONNX
+//! ([`crate::ml::vgg_cpu`], `engine: winograd`), about twice ONNX
 //! Runtime's speed with features within 1e-4 of its float32 ones; any
 //! other model, or a GPU, runs in ONNX Runtime (`engine: auto`).
 
@@ -63,15 +63,17 @@ pub struct OnnxFeaturesConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
-    /// The fastest exact engine that covers the model: `winograd4` for a
+    /// The fastest exact engine that covers the model: `winograd` for a
     /// plain VGG conv base on the CPU, else ONNX Runtime.
     #[default]
     Auto,
     /// ONNX Runtime, whatever the model.
     Onnx,
-    /// convflow's Winograd F(4x4, 3x3) CPU engine; refused for a model it
-    /// does not cover, and with `device: cuda`.
-    Winograd4,
+    /// convflow's Winograd F(6x6, 3x3) CPU engine; refused for a model it
+    /// does not cover, and with `device: cuda`. (`winograd4`, its name while
+    /// it ran F(4x4, 3x3), is still read.)
+    #[serde(alias = "winograd4")]
+    Winograd,
 }
 
 /// `model:` as written: a path, or a base of [`crate::ml::bases`] by name
@@ -162,9 +164,9 @@ impl OnnxFeaturesConfig {
     fn cpu_engine(&self) -> Result<(Option<VggCpu>, Option<String>), StageError> {
         match self.engine {
             Engine::Onnx => Ok((None, None)),
-            Engine::Winograd4 => VggCpu::load(&self.model.path, self.threads(), None)
+            Engine::Winograd => VggCpu::load(&self.model.path, self.threads(), None)
                 .map(|e| (Some(e), None))
-                .map_err(|e| StageError::fatal(format!("engine: winograd4 cannot serve this model: {e}"))),
+                .map_err(|e| StageError::fatal(format!("engine: winograd cannot serve this model: {e}"))),
             // A GPU, where there is one, is faster than either CPU engine.
             Engine::Auto if self.device == Device::Cuda => Ok((None, Some("device: cuda".into()))),
             Engine::Auto if self.device == Device::Auto && crate::ml::cuda::nvidia_driver_present() => {
@@ -202,7 +204,7 @@ enum Model {
 }
 
 impl Model {
-    /// The engine's name for the report: `onnxruntime` or `winograd4`.
+    /// The engine's name for the report: `onnxruntime` or `winograd`.
     fn engine(&self) -> &'static str {
         match self {
             Model::Onnx(_) => "onnxruntime",
@@ -292,9 +294,9 @@ impl StageConfig for OnnxFeaturesConfig {
         },
         OptionDoc {
             name: "engine",
-            ty: "auto|onnx|winograd4",
+            ty: "auto|onnx|winograd",
             default: "auto",
-            help: "what computes the features: winograd4, convflow's CPU engine for plain VGG conv bases (VGG16, VGG19; weights read from the model file), ~2x ONNX Runtime, within 1e-4 of its float32; onnx: ONNX Runtime; auto: winograd4 where it covers the model and the device is the CPU, else onnx",
+            help: "what computes the features: winograd, convflow's CPU engine for plain VGG conv bases (VGG16, VGG19; weights read from the model file), ~2x ONNX Runtime, within 1e-4 of its float32; onnx: ONNX Runtime; auto: winograd where it covers the model and the device is the CPU, else onnx",
         },
         OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
         OptionDoc {
@@ -313,10 +315,10 @@ impl StageConfig for OnnxFeaturesConfig {
         if s3 && !cfg!(feature = "s3") {
             errors.push(FieldError::new("shared_cache", crate::cache::shared::S3_NOT_BUILT));
         }
-        if self.engine == Engine::Winograd4 && self.device == Device::Cuda {
+        if self.engine == Engine::Winograd && self.device == Device::Cuda {
             errors.push(FieldError::new(
                 "engine",
-                "winograd4 runs on the CPU; with `device: cuda` use `engine: onnx` (or auto)",
+                "winograd runs on the CPU; with `device: cuda` use `engine: onnx` (or auto)",
             ));
         }
         errors
@@ -332,10 +334,10 @@ impl StageConfig for OnnxFeaturesConfig {
             errors.push(FieldError::new("model", format!("{} not found ({how})", self.model.path.display())));
         } else if let Some(Err(e)) = Base::of_file(&self.model.path).map(|b| b.check_file(&self.model.path)) {
             errors.push(FieldError::new("model", e));
-        } else if self.engine == Engine::Winograd4
+        } else if self.engine == Engine::Winograd
             && let Err(e) = VggCpu::covers(&self.model.path)
         {
-            errors.push(FieldError::new("engine", format!("winograd4 cannot serve this model: {e}")));
+            errors.push(FieldError::new("engine", format!("winograd cannot serve this model: {e}")));
         }
         if let Some(dir) = self.cache.as_deref().filter(|d| !d.as_os_str().is_empty())
             && let Err(e) = crate::cache::check_dir(dir)
@@ -640,21 +642,21 @@ mod tests {
         assert!(plain.ends_with("input NHWC float32"), "{plain}");
     }
 
-    /// `engine: winograd4` is refused before any work where it cannot run:
+    /// `engine: winograd` is refused before any work where it cannot run:
     /// with `device: cuda`, and for a file that is not a plain VGG.
     #[test]
-    fn winograd4_is_refused_for_cuda_and_for_a_model_it_does_not_cover() {
+    fn winograd_is_refused_for_cuda_and_for_a_model_it_does_not_cover() {
         let tmp = tempfile::tempdir().unwrap();
         let model = tmp.path().join("m.onnx");
         std::fs::write(&model, b"not a VGG").unwrap();
         let mut c = config(&model, Device::Cuda, false);
-        c.engine = Engine::Winograd4;
+        c.engine = Engine::Winograd;
         assert!(c.check().iter().any(|e| e.field == "engine" && e.message.contains("device: cuda")));
         c.device = Device::Cpu;
         assert!(c.check().is_empty());
         let errors = c.check_environment();
         assert!(
-            errors.iter().any(|e| e.field == "engine" && e.message.contains("winograd4 cannot serve")),
+            errors.iter().any(|e| e.field == "engine" && e.message.contains("winograd cannot serve")),
             "{:?}",
             errors.iter().map(|e| &e.message).collect::<Vec<_>>()
         );

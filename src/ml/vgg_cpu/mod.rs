@@ -1,29 +1,36 @@
-//! `winograd4`: a CPU engine for plain VGG conv bases (VGG16, VGG19: 3x3
+//! `winograd`: a CPU engine for plain VGG conv bases (VGG16, VGG19: 3x3
 //! stride-1 `same` convs with ReLU, 2x2 max pools), float32, forward only,
 //! at about twice ONNX Runtime's speed on the same CPU
-//! (docs/benchmarks.md#vgg16-on-the-cpu-the-winograd4-engine).
+//! (docs/benchmarks.md#vgg16-on-the-cpu-the-winograd-engine).
 //!
 //! ONNX Runtime runs VGG's convolutions as direct products at the
 //! machine's sgemm rate; nothing around them can go faster. This engine
-//! does fewer multiplications: Winograd's minimal filtering F(4x4, 3x3)
-//! (Lavin and Gray, 2015) computes each 4x4 block of outputs from a 6x6
-//! block of inputs with 36 multiplications per (channel, filter) pair where
-//! the direct convolution does 144, so every conv with many channels becomes
-//! 36 independent products `M[p] = V[p] (tiles x channels) * U[p]
+//! does fewer multiplications: Winograd's minimal filtering F(6x6, 3x3)
+//! (Lavin and Gray, 2015) computes each 6x6 block of outputs from an 8x8
+//! block of inputs with 64 multiplications per (channel, filter) pair where
+//! the direct convolution does 324, so every conv with many channels becomes
+//! 64 independent products `M[p] = V[p] (tiles x channels) * U[p]
 //! (channels x filters)` and three small linear maps around them:
 //!
-//! - input:  `V = Bt d B` of each 6x6 input tile `d` (zeros in the padding),
+//! - input:  `V = Bt d B` of each 8x8 input tile `d` (zeros in the padding),
 //! - kernel: `U = G g Gt` of each 3x3 kernel `g`, once at load, in float64,
-//! - output: `Y = At M A`, the 4x4 outputs, fused with bias, ReLU and,
-//!   where a pool follows, the 2x2 max pool (a tile's 4x4 outputs hold
-//!   whole pooling windows, since tiles start at multiples of 4).
+//! - output: `Y = At M A`, the 6x6 outputs, fused with bias, ReLU and,
+//!   where a pool follows, the 2x2 max pool (a tile's outputs hold whole
+//!   pooling windows, since tiles start at even offsets).
+//!
+//! F(4x4, 3x3) is there too ([`Tile`], [`TILE_ENV`]): F(6x6) was faster on
+//! every layer of VGG16 at 150x150 and 224x224 and its features are still
+//! within 4x of the contract below (docs/benchmarks.md), but it holds the
+//! transformed weights in 64 / 9 of their size (418 MB for VGG16, where
+//! F(4x4) holds 235 MB).
 //!
 //! The first conv (3 channels) would gain nothing: it is an im2col product.
-//! The products run on [`kernel::panel`], picked for AVX-512 or AVX2 at run
-//! time. The tiles are cut into chunks sized so that a chunk's transformed
-//! input and products stay in the caches, and the chunks are shared among
-//! threads; each output is computed the same way whichever thread takes its
-//! chunk, so the features do not depend on the thread count.
+//! The products run on [`kernel::panel`], the transforms on [`lanes`], both
+//! picked for AVX-512 or AVX2 at run time. The tiles are cut into chunks
+//! sized so that a chunk's transformed input and products stay in the
+//! caches, and the chunks are shared among threads; each output is computed
+//! the same way whichever thread takes its chunk, so the features do not
+//! depend on the thread count.
 //!
 //! Only a file that [`onnx_read::read`] recognises is served: the weights
 //! are read out of that very ONNX file, so the engine can only compute what
@@ -32,6 +39,7 @@
 //! figures in docs/benchmarks.md).
 
 pub mod kernel;
+mod lanes;
 pub mod onnx_read;
 
 use std::path::Path;
@@ -39,10 +47,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use kernel::Isa;
 use kernel::{ROWS, pack, panel};
+#[cfg(target_arch = "x86_64")]
+use lanes::Ymm;
+use lanes::{Lanes, Portable};
 use onnx_read::PlainLayer;
 
-/// The engine's name, as a pipeline writes it (`engine: winograd4`).
-pub const NAME: &str = "winograd4";
+/// The engine's name, as a pipeline writes it (`engine: winograd`).
+pub const NAME: &str = "winograd";
 
 /// Env var that forces an instruction set (`avx2`, `avx512`, `portable`):
 /// for the tests of the AVX2 path on an AVX-512 machine.
@@ -55,8 +66,55 @@ static PROFILE: std::sync::LazyLock<bool> =
 /// Nanoseconds in the input transform, the products and the output transform.
 static PHASES: [std::sync::atomic::AtomicU64; 3] = [const { std::sync::atomic::AtomicU64::new(0) }; 3];
 
-/// Positions of a transformed 6x6 tile.
-const P: usize = 36;
+/// Env var that forces one Winograd tile on every layer (`4`: F(4x4,3x3),
+/// `6`: F(6x6,3x3)), for measuring one against the other.
+pub const TILE_ENV: &str = "CONVFLOW_VGG_TILE";
+
+/// Which Winograd tiling a conv runs: F(m x m, 3x3) computes each m x m
+/// block of outputs from an (m + 2) x (m + 2) block of inputs, with
+/// (m + 2)^2 multiplications per (channel, filter) pair where the direct
+/// convolution does 9 m^2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// F(4x4, 3x3): 36 products for 16 outputs (4x fewer).
+    F4,
+    /// F(6x6, 3x3): 64 products for 36 outputs (5.1x fewer), and cheaper
+    /// transforms per output; its rounding error is larger, but still
+    /// well within the engine's 1e-4 contract on VGG16 and VGG19 (measured
+    /// in docs/benchmarks.md).
+    F6,
+}
+
+impl Tile {
+    /// Outputs per tile side.
+    fn m(self) -> usize {
+        match self {
+            Tile::F4 => 4,
+            Tile::F6 => 6,
+        }
+    }
+    /// Inputs per tile side, `m + 2`.
+    fn a(self) -> usize {
+        self.m() + 2
+    }
+    /// Products per tile, one per position of the transformed tile.
+    fn points(self) -> usize {
+        self.a() * self.a()
+    }
+    fn g(self) -> &'static [[f64; 3]] {
+        match self {
+            Tile::F4 => &G4,
+            Tile::F6 => &G6,
+        }
+    }
+    fn parse(s: &str) -> Option<Tile> {
+        match s {
+            "4" => Some(Tile::F4),
+            "6" => Some(Tile::F6),
+            _ => None,
+        }
+    }
+}
 
 /// Bytes of a chunk's transformed input plus products, about what a core's
 /// L2 holds; `CONVFLOW_VGG_CHUNK_KB` overrides it, for tuning.
@@ -87,8 +145,8 @@ struct Conv {
 enum Kind {
     /// `[padded / nr][9 * channels][nr]`, rows `(ky * 3 + kx) * channels + c`.
     Im2col(Vec<f32>),
-    /// `[36][padded / nr][channels][nr]`.
-    Winograd(Vec<f32>),
+    /// `[points][padded / nr][channels][nr]`.
+    Winograd(Tile, Vec<f32>),
 }
 
 /// A loaded conv base, ready to run.
@@ -123,7 +181,11 @@ impl VggCpu {
         if !isa.available() {
             return Err(err(format!("this CPU has no {}", isa.name())));
         }
-        VggCpu::from_layers(&layers, threads, isa)
+        let tile = match std::env::var(TILE_ENV) {
+            Ok(s) => Some(Tile::parse(&s).ok_or_else(|| err(format!("{TILE_ENV}={s}: 4 or 6")))?),
+            Err(_) => None,
+        };
+        VggCpu::from_layers(&layers, threads, isa, tile)
     }
 
     /// Whether the engine covers the ONNX file `path` (reads it, transforms nothing).
@@ -133,15 +195,27 @@ impl VggCpu {
         onnx_read::read(&bytes).map(drop).map_err(|e| err(format!("not a plain VGG conv base for {NAME}: {e}")))
     }
 
-    /// The engine for these layers (`isa` must be available).
-    pub(crate) fn from_layers(layers: &[PlainLayer], threads: usize, isa: Isa) -> Result<VggCpu, VggCpuError> {
+    /// The engine for these layers (`isa` must be available), every
+    /// Winograd layer on `tile`, or on [`DEFAULT_TILE`] when `None`.
+    pub(crate) fn from_layers(
+        layers: &[PlainLayer],
+        threads: usize,
+        isa: Isa,
+        tile: Option<Tile>,
+    ) -> Result<VggCpu, VggCpuError> {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
-            .thread_name(|i| format!("winograd4-{i}"))
+            .thread_name(|i| format!("winograd-{i}"))
             .build()
             .map_err(|e| VggCpuError::Run(format!("cannot start the engine's {threads} threads: {e}")))?;
-        Ok(VggCpu { convs: build(layers, isa.nr()), isa, threads, pool, spare: Default::default() })
+        Ok(VggCpu {
+            convs: build(layers, isa.nr(), tile.unwrap_or(DEFAULT_TILE)),
+            isa,
+            threads,
+            pool,
+            spare: Default::default(),
+        })
     }
 
     /// The instruction set the products run with.
@@ -176,7 +250,7 @@ impl VggCpu {
                         (full, h, w)
                     }
                 }
-                Kind::Winograd(u) => self.winograd(conv, u, x, n, h, w),
+                Kind::Winograd(tile, u) => self.winograd(conv, *tile, u, x, n, h, w),
             };
             if *PROFILE {
                 let ph: Vec<f64> = PHASES.iter().map(|a| a.swap(0, Ordering::Relaxed) as f64 / 1e6).collect();
@@ -281,25 +355,40 @@ impl VggCpu {
         out
     }
 
-    fn winograd(&self, conv: &Conv, u: &[f32], x: &[f32], n: usize, h: usize, w: usize) -> (Vec<f32>, usize, usize) {
-        let (c, k, kp) = (conv.channels, conv.filters, conv.padded);
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    #[allow(clippy::too_many_arguments)]
+    fn winograd(
+        &self,
+        conv: &Conv,
+        tile: Tile,
+        u: &[f32],
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> (Vec<f32>, usize, usize) {
+        let (c, k, kp, points) = (conv.channels, conv.filters, conv.padded, tile.points());
+        let (th, tw) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
         let tiles = n * th * tw;
         let (oh, ow) = if conv.pool { (h / 2, w / 2) } else { (h, w) };
         // Cache-sized chunks; but where the transformed kernel (36 c kp
-        // values, 37 MB for 512 x 512) outweighs them, chunks long enough that
+        // values, 37 MB for 512 x 512 in F4) outweighs them, chunks long enough that
         // streaming it once per chunk costs no more than the chunk's own traffic.
-        let max = (*CHUNK_BYTES / 4 / (P * (c + kp))).max(c * kp / (c + kp));
+        let max = (*CHUNK_BYTES / 4 / (points * (c + kp))).max(c * kp / (c + kp));
         let (chunks, len) = self.chunks(tiles, max);
         let mut out = self.take(n * oh * ow * k);
         let dst = SendPtr(out.as_mut_ptr());
         let geo = Geometry { c, k, kp, h, w, th, tw, len, pool: conv.pool };
         let isa = self.isa;
-        self.parallel(chunks, P * len * (c + kp), |i, scratch| {
+        self.parallel(chunks, points * len * (c + kp), |i, scratch| {
             let (t0, t1) = (i * len, ((i + 1) * len).min(tiles));
             // SAFETY: the chunk's tiles write disjoint outputs of `out`;
             // `isa` is available (checked at load).
-            unsafe { wino_chunk(isa, &geo, x, u, &conv.bias, scratch, t0, t1, dst.get()) };
+            unsafe {
+                match tile {
+                    Tile::F4 => wino_chunk::<6, 4, F4>(isa, &geo, x, u, &conv.bias, scratch, t0, t1, dst.get()),
+                    Tile::F6 => wino_chunk::<8, 6, F6>(isa, &geo, x, u, &conv.bias, scratch, t0, t1, dst.get()),
+                }
+            };
         });
         (out, oh, ow)
     }
@@ -347,8 +436,11 @@ fn max_pool(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
     out
 }
 
-/// The engine's layers from the file's, weights transformed and packed for panels of `nr`.
-fn build(layers: &[PlainLayer], nr: usize) -> Vec<Conv> {
+/// The tiling of every Winograd layer unless [`TILE_ENV`] says otherwise.
+pub const DEFAULT_TILE: Tile = Tile::F6;
+
+/// The engine's layers from the file's, weights transformed for `tile` and packed for panels of `nr`.
+fn build(layers: &[PlainLayer], nr: usize, tile: Tile) -> Vec<Conv> {
     let mut convs: Vec<Conv> = Vec::new();
     for layer in layers {
         match layer {
@@ -374,7 +466,7 @@ fn build(layers: &[PlainLayer], nr: usize) -> Vec<Conv> {
                     }
                     Kind::Im2col(pack(&m, 9 * c, k, nr))
                 } else {
-                    Kind::Winograd(transform_kernel(weight, c, k, nr))
+                    Kind::Winograd(tile, transform_kernel(tile, weight, c, k, nr))
                 };
                 convs.push(Conv { channels: c, filters: k, padded, bias: b, pool: false, kind });
             }
@@ -384,7 +476,7 @@ fn build(layers: &[PlainLayer], nr: usize) -> Vec<Conv> {
 }
 
 /// `G` of F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2 (and infinity).
-const G: [[f64; 3]; 6] = [
+const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -393,26 +485,38 @@ const G: [[f64; 3]; 6] = [
     [0.0, 0.0, 1.0],
 ];
 
+/// `G` of F(6x6, 3x3), interpolation points 0, 1, -1, 1/2, -1/2, 2, -2
+/// (and infinity), as NNPACK and wincnn have them.
+const G6: [[f64; 3]; 8] = [
+    [1.0, 0.0, 0.0],
+    [-2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0],
+    [-2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0],
+    [1.0 / 90.0, 1.0 / 45.0, 2.0 / 45.0],
+    [1.0 / 90.0, -1.0 / 45.0, 2.0 / 45.0],
+    [32.0 / 45.0, 16.0 / 45.0, 8.0 / 45.0],
+    [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0],
+    [0.0, 0.0, 1.0],
+];
+
 /// `U = G g Gt` of every (filter, channel) kernel of ONNX's `[k][c][3][3]`,
-/// in float64 and rounded once, packed `[36][padded / nr][c][nr]`.
-fn transform_kernel(weight: &[f32], c: usize, k: usize, nr: usize) -> Vec<f32> {
+/// in float64 and rounded once, packed `[points][padded / nr][c][nr]`.
+fn transform_kernel(tile: Tile, weight: &[f32], c: usize, k: usize, nr: usize) -> Vec<f32> {
+    let (gm, a) = (tile.g(), tile.a());
     let padded = k.div_ceil(nr) * nr;
-    let mut u = vec![0f32; P * padded * c];
+    let mut u = vec![0f32; tile.points() * padded * c];
     for f in 0..k {
         for ci in 0..c {
             let g = &weight[(f * c + ci) * 9..][..9];
-            // Gg: 6x3, then (Gg) Gt: 6x6.
-            let mut gg = [[0f64; 3]; 6];
-            for (i, row) in gg.iter_mut().enumerate() {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = (0..3).map(|t| G[i][t] * f64::from(g[t * 3 + j])).sum();
-                }
-            }
-            for i in 0..6 {
-                for j in 0..6 {
-                    let v: f64 = (0..3).map(|t| gg[i][t] * G[j][t]).sum();
+            // Gg: a x 3, then (Gg) Gt: a x a.
+            let gg: Vec<[f64; 3]> = gm
+                .iter()
+                .map(|row| std::array::from_fn(|j| (0..3).map(|t| row[t] * f64::from(g[t * 3 + j])).sum()))
+                .collect();
+            for i in 0..a {
+                for j in 0..a {
+                    let v: f64 = (0..3).map(|t| gg[i][t] * gm[j][t]).sum();
                     let (kb, lane) = (f / nr, f % nr);
-                    u[(i * 6 + j) * padded * c + kb * c * nr + ci * nr + lane] = v as f32;
+                    u[(i * a + j) * padded * c + kb * c * nr + ci * nr + lane] = v as f32;
                 }
             }
         }
@@ -420,113 +524,83 @@ fn transform_kernel(weight: &[f32], c: usize, k: usize, nr: usize) -> Vec<f32> {
     u
 }
 
-/// Eight channels at once: the transforms are written on these so that each
-/// line is one vector operation.
-#[derive(Clone, Copy)]
-struct L([f32; 8]);
+/// The two 1-D transforms of a tiling F(M x M, 3x3) with `A = M + 2`,
+/// written out so that each line is a few vector operations: `Bt x` of
+/// `A` inputs and `At x` of `A` products. (The kernel's `G` is applied
+/// once at load, in float64: [`Tile::g`].)
+trait Tiling<const A: usize, const M: usize> {
+    fn bt<V: Lanes>(x: [V; A]) -> [V; A];
+    fn at<V: Lanes>(x: [V; A]) -> [V; M];
+}
 
-impl L {
-    const ZERO: L = L([0.0; 8]);
+struct F4;
+struct F6;
+
+impl Tiling<6, 4> for F4 {
+    /// Bt = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+    /// [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
     #[inline(always)]
-    fn load(s: &[f32]) -> L {
-        match <[f32; 8]>::try_from(&s[..s.len().min(8)]) {
-            Ok(a) => L(a),
-            Err(_) => {
-                let mut a = [0f32; 8];
-                a[..s.len()].copy_from_slice(s);
-                L(a)
-            }
-        }
+    fn bt<V: Lanes>(x: [V; 6]) -> [V; 6] {
+        let (a, b) = (x[4] - x[2] * 4.0, x[3] - x[1] * 4.0);
+        let (c, d) = (x[4] - x[2], (x[3] - x[1]) * 2.0);
+        [x[0] * 4.0 - x[2] * 5.0 + x[4], a + b, a - b, c + d, c - d, x[1] * 4.0 - x[3] * 5.0 + x[5]]
     }
+
+    /// At = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
     #[inline(always)]
-    fn store(self, d: &mut [f32]) {
-        let n = d.len().min(8);
-        d[..n].copy_from_slice(&self.0[..n]);
-    }
-    /// `load` and `store` of exactly 8: one vector move each (the general
-    /// ones copy a run-time length, a library call per vector).
-    #[inline(always)]
-    fn load8(s: &[f32]) -> L {
-        L(*<&[f32; 8]>::try_from(&s[..8]).unwrap_or(&[0.0; 8]))
-    }
-    #[inline(always)]
-    fn store8(self, d: &mut [f32]) {
-        if let Ok(d) = <&mut [f32; 8]>::try_from(&mut d[..8]) {
-            *d = self.0;
-        }
-    }
-    /// 8 values (`lanes == 8`) or the first `lanes`.
-    #[inline(always)]
-    fn load_n(s: &[f32], lanes: usize) -> L {
-        if lanes == 8 { L::load8(s) } else { L::load(&s[..lanes]) }
-    }
-    #[inline(always)]
-    fn store_n(self, d: &mut [f32], lanes: usize) {
-        if lanes == 8 { self.store8(d) } else { self.store(&mut d[..lanes]) }
-    }
-    /// # Safety
-    /// `d` is valid for `lanes` writes.
-    #[inline(always)]
-    unsafe fn store_ptr(self, d: *mut f32, lanes: usize) {
-        // SAFETY: as the caller promised.
-        unsafe {
-            if lanes == 8 {
-                (d as *mut [f32; 8]).write_unaligned(self.0)
-            } else {
-                std::ptr::copy_nonoverlapping(self.0.as_ptr(), d, lanes)
-            }
-        }
-    }
-    #[inline(always)]
-    fn max(self, o: L) -> L {
-        L(std::array::from_fn(|i| self.0[i].max(o.0[i])))
-    }
-}
-impl std::ops::Add for L {
-    type Output = L;
-    #[inline(always)]
-    fn add(self, o: L) -> L {
-        L(std::array::from_fn(|i| self.0[i] + o.0[i]))
-    }
-}
-impl std::ops::Sub for L {
-    type Output = L;
-    #[inline(always)]
-    fn sub(self, o: L) -> L {
-        L(std::array::from_fn(|i| self.0[i] - o.0[i]))
-    }
-}
-impl std::ops::Mul<f32> for L {
-    type Output = L;
-    #[inline(always)]
-    fn mul(self, k: f32) -> L {
-        L(self.0.map(|a| a * k))
+    fn at<V: Lanes>(x: [V; 6]) -> [V; 4] {
+        let (s1, d1, s2, d2) = (x[1] + x[2], x[1] - x[2], x[3] + x[4], x[3] - x[4]);
+        [x[0] + s1 + s2, d1 + d2 * 2.0, s1 + s2 * 4.0, d1 + d2 * 8.0 + x[5]]
     }
 }
 
-/// `Bt x`: Bt = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-/// [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]].
-#[inline(always)]
-fn bt(x: [L; 6]) -> [L; 6] {
-    let (a, b) = (x[4] - x[2] * 4.0, x[3] - x[1] * 4.0);
-    let (c, d) = (x[4] - x[2], (x[3] - x[1]) * 2.0);
-    [x[0] * 4.0 - x[2] * 5.0 + x[4], a + b, a - b, c + d, c - d, x[1] * 4.0 - x[3] * 5.0 + x[5]]
+impl Tiling<8, 6> for F6 {
+    /// Bt = [[1, 0, -21/4, 0, 21/4, 0, -1, 0], [0, 1, 1, -17/4, -17/4, 1, 1, 0],
+    /// [0, -1, 1, 17/4, -17/4, -1, 1, 0], [0, 1/2, 1/4, -5/2, -5/4, 2, 1, 0],
+    /// [0, -1/2, 1/4, 5/2, -5/4, -2, 1, 0], [0, 2, 4, -5/2, -5, 1/2, 1, 0],
+    /// [0, -2, 4, 5/2, -5, -1/2, 1, 0], [0, -1, 0, 21/4, 0, -21/4, 0, 1]].
+    #[inline(always)]
+    fn bt<V: Lanes>(x: [V; 8]) -> [V; 8] {
+        let (a1, a2) = (x[2] + x[6] - x[4] * 4.25, x[1] + x[5] - x[3] * 4.25);
+        let (b1, b2) = (x[6] + x[2] * 0.25 - x[4] * 1.25, x[1] * 0.5 - x[3] * 2.5 + x[5] * 2.0);
+        let (c1, c2) = (x[6] + (x[2] - x[4] * 1.25) * 4.0, x[1] * 2.0 - x[3] * 2.5 + x[5] * 0.5);
+        [
+            x[0] - x[6] + (x[4] - x[2]) * 5.25,
+            a1 + a2,
+            a1 - a2,
+            b1 + b2,
+            b1 - b2,
+            c1 + c2,
+            c1 - c2,
+            x[7] - x[1] + (x[3] - x[5]) * 5.25,
+        ]
+    }
+
+    /// At = [[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1/2, -1/2, 0],
+    /// [0, 1, 1, 4, 4, 1/4, 1/4, 0], [0, 1, -1, 8, -8, 1/8, -1/8, 0],
+    /// [0, 1, 1, 16, 16, 1/16, 1/16, 0], [0, 1, -1, 32, -32, 1/32, -1/32, 1]].
+    #[inline(always)]
+    fn at<V: Lanes>(x: [V; 8]) -> [V; 6] {
+        let (s1, d1, s2, d2) = (x[1] + x[2], x[1] - x[2], x[3] + x[4], x[3] - x[4]);
+        let (s3, d3) = (x[5] + x[6], x[5] - x[6]);
+        [
+            x[0] + s1 + s2 + s3,
+            d1 + d2 * 2.0 + d3 * 0.5,
+            s1 + s2 * 4.0 + s3 * 0.25,
+            d1 + d2 * 8.0 + d3 * 0.125,
+            s1 + s2 * 16.0 + s3 * 0.0625,
+            d1 + d2 * 32.0 + d3 * 0.03125 + x[7],
+        ]
+    }
 }
 
-/// `At x`: At = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]].
-#[inline(always)]
-fn at(x: [L; 6]) -> [L; 4] {
-    let (s1, d1, s2, d2) = (x[1] + x[2], x[1] - x[2], x[3] + x[4], x[3] - x[4]);
-    [x[0] + s1 + s2, d1 + d2 * 2.0, s1 + s2 * 4.0, d1 + d2 * 8.0 + x[5]]
-}
-
-/// One chunk of tiles `t0..t1`: input transform, the 36 products, output
+/// One chunk of tiles `t0..t1`: input transform, the `A * A` products, output
 /// transform with bias, ReLU and the fused pool, written to `out`.
 ///
 /// # Safety
 /// `isa` is available; no other chunk writes the outputs of these tiles.
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_chunk(
+unsafe fn wino_chunk<const A: usize, const M: usize, T: Tiling<A, M>>(
     isa: Isa,
     g: &Geometry,
     x: &[f32],
@@ -541,10 +615,10 @@ unsafe fn wino_chunk(
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => wino_avx512(g, x, u, bias, s, t0, t1, out),
+            Isa::Avx512 => wino_avx512::<A, M, T>(g, x, u, bias, s, t0, t1, out),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => wino_avx2(g, x, u, bias, s, t0, t1, out),
-            _ => wino_body(Isa::Portable, g, x, u, bias, s, t0, t1, out),
+            Isa::Avx2 => wino_avx2::<A, M, T>(g, x, u, bias, s, t0, t1, out),
+            _ => wino_body::<A, M, T, Portable>(Isa::Portable, g, x, u, bias, s, t0, t1, out),
         }
     }
 }
@@ -552,7 +626,7 @@ unsafe fn wino_chunk(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_avx512(
+unsafe fn wino_avx512<const A: usize, const M: usize, T: Tiling<A, M>>(
     g: &Geometry,
     x: &[f32],
     u: &[f32],
@@ -563,13 +637,13 @@ unsafe fn wino_avx512(
     out: *mut f32,
 ) {
     // SAFETY: forwarded.
-    unsafe { wino_body(Isa::Avx512, g, x, u, bias, s, t0, t1, out) }
+    unsafe { wino_body::<A, M, T, Ymm>(Isa::Avx512, g, x, u, bias, s, t0, t1, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_avx2(
+unsafe fn wino_avx2<const A: usize, const M: usize, T: Tiling<A, M>>(
     g: &Geometry,
     x: &[f32],
     u: &[f32],
@@ -580,7 +654,7 @@ unsafe fn wino_avx2(
     out: *mut f32,
 ) {
     // SAFETY: forwarded.
-    unsafe { wino_body(Isa::Avx2, g, x, u, bias, s, t0, t1, out) }
+    unsafe { wino_body::<A, M, T, Ymm>(Isa::Avx2, g, x, u, bias, s, t0, t1, out) }
 }
 
 /// One chunk of pixels `p0..p1` of the im2col conv: gather, product,
@@ -713,7 +787,7 @@ unsafe fn im2col_body(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn wino_body(
+unsafe fn wino_body<const A: usize, const M: usize, T: Tiling<A, M>, V: Lanes>(
     isa: Isa,
     g: &Geometry,
     x: &[f32],
@@ -726,7 +800,7 @@ unsafe fn wino_body(
 ) {
     let Geometry { c, k, kp, h, w, th, tw, len, pool } = *g;
     let nr = isa.nr();
-    let (v, m) = s.split_at_mut(P * len * c);
+    let (v, m) = s.split_at_mut(A * A * len * c);
     let tile_of = |t: usize| (t / (th * tw), t / tw % th, t % tw);
     let mut clock = PROFILE.then(std::time::Instant::now);
     let mut lap = |phase: usize| {
@@ -735,52 +809,55 @@ unsafe fn wino_body(
             *c = std::time::Instant::now();
         }
     };
-    // Input transform: V[p][tile][c]. Rows first into a small stack
-    // buffer, then columns: each step holds six vectors, which stay in
-    // registers (whole 6x6 tiles of vectors did not, and were copied by
+    // Input transform: V[tile][p][c], each tile's values together, so the
+    // transforms write and read one run of memory per tile (position-major
+    // V[p][tile][c] scattered them over A * A streams, and the transforms
+    // took longer than the products). Rows first into a small stack
+    // buffer, then columns: each step holds A vectors, which stay in
+    // registers (whole tiles of vectors did not, and were copied by
     // library calls).
-    let mut tmp = [[0f32; 8]; 36];
+    let mut tmp = [[V::zero(); A]; A];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
         for cb in (0..c).step_by(8) {
             let lanes = (c - cb).min(8);
-            for r in 0..6 {
-                let y = (4 * ty + r).wrapping_sub(1);
-                let row: [L; 6] = std::array::from_fn(|col| {
-                    let xx = (4 * tx + col).wrapping_sub(1);
-                    if y < h && xx < w { L::load_n(&x[((img * h + y) * w + xx) * c + cb..], lanes) } else { L::ZERO }
+            for (r, tmp_row) in tmp.iter_mut().enumerate() {
+                let y = (M * ty + r).wrapping_sub(1);
+                let row: [V; A] = std::array::from_fn(|col| {
+                    let xx = (M * tx + col).wrapping_sub(1);
+                    if y < h && xx < w { V::load_n(&x[((img * h + y) * w + xx) * c + cb..], lanes) } else { V::zero() }
                 });
-                let row = bt(row);
-                for col in 0..6 {
-                    tmp[r * 6 + col] = row[col].0;
-                }
+                *tmp_row = T::bt(row);
             }
-            for col in 0..6 {
-                let y = bt(std::array::from_fn(|r| L(tmp[r * 6 + col])));
+            for col in 0..A {
+                let y = T::bt(std::array::from_fn(|r| tmp[r][col]));
                 for (r, val) in y.iter().enumerate() {
-                    val.store_n(&mut v[(r * 6 + col) * len * c + i * c + cb..], lanes);
+                    val.store_n(&mut v[(i * A * A + r * A + col) * c + cb..], lanes);
                 }
             }
         }
     }
     lap(0);
-    // The 36 products, in panels of `nr` filters and `ROWS` tiles.
+    // The A * A products, in panels of `nr` filters and `ROWS` tiles:
+    // M[tile][p][kp] = V[tile][p][..] U[p].
     let groups = (t1 - t0).div_ceil(ROWS);
-    for p in 0..P {
-        let (vp, up, mp) = (&v[p * len * c..], &u[p * kp * c..], &mut m[p * len * kp..]);
+    let (lda, ldo) = (A * A * c, A * A * kp);
+    for p in 0..A * A {
+        let (vp, up, mp) = (&v[p * c..], &u[p * kp * c..], &mut m[p * kp..]);
         for kb in 0..kp / nr {
             for gr in 0..groups {
-                // SAFETY: `vp` holds `len` rows of `c`, `up` `kp / nr` panels
-                // of `c * nr`, `mp` `len` rows of `kp`; `len` is a multiple of ROWS.
+                // SAFETY: `vp` holds `len` rows of `c`, `lda` apart, `up`
+                // `kp / nr` panels of `c * nr`, `mp` `len` rows of `kp`,
+                // `ldo` apart; `len` is a multiple of ROWS.
                 unsafe {
                     panel(
                         isa,
                         c,
-                        vp[gr * ROWS * c..].as_ptr(),
-                        c,
+                        vp[gr * ROWS * lda..].as_ptr(),
+                        lda,
                         up[kb * c * nr..].as_ptr(),
-                        mp[gr * ROWS * kp + kb * nr..].as_mut_ptr(),
-                        kp,
+                        mp[gr * ROWS * ldo + kb * nr..].as_mut_ptr(),
+                        ldo,
                     )
                 };
             }
@@ -790,30 +867,31 @@ unsafe fn wino_body(
     // Output transform, bias, ReLU, pool: columns first into the stack
     // buffer, then rows, as the input transform.
     let (oh, ow) = if pool { (h / 2, w / 2) } else { (h, w) };
-    let mut tmp = [[0f32; 8]; 24];
-    let mut ys = [[0f32; 8]; 16];
+    let mut tmp = [[V::zero(); A]; M];
+    let mut ys = [[V::zero(); M]; M];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
         for kb in (0..k).step_by(8) {
             let lanes = (k - kb).min(8);
-            for col in 0..6 {
-                let y = at(std::array::from_fn(|r| L::load8(&m[(r * 6 + col) * len * kp + i * kp + kb..])));
-                for r in 0..4 {
-                    tmp[r * 6 + col] = y[r].0;
+            for col in 0..A {
+                let y = T::at(std::array::from_fn(|r| V::load8(&m[(i * A * A + r * A + col) * kp + kb..])));
+                for r in 0..M {
+                    tmp[r][col] = y[r];
                 }
             }
-            let b = L::load8(&bias[kb..]);
-            for r in 0..4 {
-                let y = at(std::array::from_fn(|col| L(tmp[r * 6 + col])));
-                for col in 0..4 {
-                    ys[r * 4 + col] = (y[col] + b).max(L::ZERO).0;
+            let b = V::load8(&bias[kb..]);
+            for r in 0..M {
+                let y = T::at(tmp[r]);
+                for col in 0..M {
+                    ys[r][col] = (y[col] + b).max(V::zero());
                 }
             }
-            let y = |r: usize, col: usize| L(ys[r * 4 + col]);
+            let y = |r: usize, col: usize| ys[r][col];
             if pool {
-                for a in 0..2 {
-                    for bb in 0..2 {
-                        let (py, px) = (2 * ty + a, 2 * tx + bb);
+                // M is even: a tile's outputs hold whole pooling windows.
+                for a in 0..M / 2 {
+                    for bb in 0..M / 2 {
+                        let (py, px) = (M / 2 * ty + a, M / 2 * tx + bb);
                         if py < oh && px < ow {
                             let v = y(2 * a, 2 * bb)
                                 .max(y(2 * a, 2 * bb + 1))
@@ -826,13 +904,13 @@ unsafe fn wino_body(
                     }
                 }
             } else {
-                for r in 0..4 {
-                    let oy = 4 * ty + r;
+                for r in 0..M {
+                    let oy = M * ty + r;
                     if oy >= oh {
                         break;
                     }
-                    for col in 0..4 {
-                        let ox = 4 * tx + col;
+                    for col in 0..M {
+                        let ox = M * tx + col;
                         if ox < ow {
                             let o = ((img * oh + oy) * ow + ox) * k + kb;
                             // SAFETY: as above.

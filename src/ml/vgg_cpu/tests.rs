@@ -1,5 +1,5 @@
 //! The engine against a plain float64 convolution on random weights, at the
-//! sizes where Winograd's tiles overhang the image, on every instruction set
+//! sizes where Winograd's tiles (4 and 6) overhang the image or fit it, on every instruction set
 //! this CPU has. (tests/vgg_cpu.rs compares it with ONNX Runtime on photos.)
 
 use super::onnx_read::PlainLayer;
@@ -98,17 +98,22 @@ fn winograd_and_im2col_layers_match_a_float64_convolution_at_odd_sizes() {
         PlainLayer::MaxPool2x2,
         conv(40, 32, 4),
     ];
-    for (n, h, w) in [(2, 37, 91), (1, 33, 33), (3, 14, 10), (1, 9, 22)] {
+    for (n, h, w) in [(2, 37, 91), (1, 33, 33), (3, 14, 10), (1, 9, 22), (1, 24, 18), (2, 7, 13)] {
         let x = values(n * h * w * 3, (h * w) as u64);
         let (shape, want) = reference(&layers, &x, n, h, w);
         let top = want.iter().fold(0f64, |a, &b| a.max(b.abs()));
         for isa in isas() {
-            for threads in [1, 3] {
-                let engine = VggCpu::from_layers(&layers, threads, isa).unwrap();
-                let (got_shape, got) = engine.run(&x, n, h, w).unwrap();
-                assert_eq!(got_shape, shape, "{isa:?} {n}x{h}x{w}");
-                let worst = got.iter().zip(&want).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0f64, f64::max);
-                assert!(worst / top < 1e-5, "{isa:?} threads {threads} {n}x{h}x{w}: max diff {worst} of {top}");
+            for tile in [Tile::F4, Tile::F6] {
+                for threads in [1, 3] {
+                    let engine = VggCpu::from_layers(&layers, threads, isa, Some(tile)).unwrap();
+                    let (got_shape, got) = engine.run(&x, n, h, w).unwrap();
+                    assert_eq!(got_shape, shape, "{isa:?} {tile:?} {n}x{h}x{w}");
+                    let worst = got.iter().zip(&want).map(|(&a, &b)| (f64::from(a) - b).abs()).fold(0f64, f64::max);
+                    assert!(
+                        worst / top < 1e-5,
+                        "{isa:?} {tile:?} threads {threads} {n}x{h}x{w}: max diff {worst} of {top}"
+                    );
+                }
             }
         }
     }
@@ -119,16 +124,18 @@ fn thread_count_does_not_change_a_bit() {
     let layers = vec![conv(3, 16, 7), conv(16, 32, 8), PlainLayer::MaxPool2x2, conv(32, 32, 9)];
     let x = values(2 * 41 * 29 * 3, 5);
     for isa in isas() {
-        let one = VggCpu::from_layers(&layers, 1, isa).unwrap().run(&x, 2, 41, 29).unwrap();
-        let four = VggCpu::from_layers(&layers, 4, isa).unwrap().run(&x, 2, 41, 29).unwrap();
-        assert!(one == four, "{isa:?}");
+        for tile in [Tile::F4, Tile::F6] {
+            let one = VggCpu::from_layers(&layers, 1, isa, Some(tile)).unwrap().run(&x, 2, 41, 29).unwrap();
+            let four = VggCpu::from_layers(&layers, 4, isa, Some(tile)).unwrap().run(&x, 2, 41, 29).unwrap();
+            assert!(one == four, "{isa:?} {tile:?}");
+        }
     }
 }
 
 #[test]
 fn too_small_an_image_is_an_error_not_an_empty_tensor() {
     let layers = vec![conv(3, 16, 1), PlainLayer::MaxPool2x2, conv(16, 16, 2), PlainLayer::MaxPool2x2];
-    let engine = VggCpu::from_layers(&layers, 1, Isa::Portable).unwrap();
+    let engine = VggCpu::from_layers(&layers, 1, Isa::Portable, None).unwrap();
     let e = engine.run(&values(3 * 3 * 3, 1), 1, 3, 3).unwrap_err();
     assert!(e.to_string().contains("too small"), "{e}");
 }

@@ -1,15 +1,15 @@
-//! convflow's winograd4 engine against ONNX Runtime on the same tensors
+//! convflow's winograd engine against ONNX Runtime on the same tensors
 //! (random images, batch 20), interleaved, medians: a quick check of the
 //! engine alone. The whole-pipeline rows are `cargo bench --bench extraction`.
 //!
-//!   cargo bench --bench winograd4 [-- SIZE...]        (default 150)
-//!   cargo bench --bench winograd4 -- photos DIR MODE SIZE
+//!   cargo bench --bench winograd [-- SIZE...]        (default 150)
+//!   cargo bench --bench winograd -- photos DIR MODE SIZE
 //!
 //! `photos`: every image under DIR (class folders: the book's test split),
 //! decoded and resized as the pipelines do (nearest) and preprocessed with
 //! MODE (rescale, caffe), in batches of 20 through both: prints the largest
 //! and the median over images of max |diff| / max |ORT| (the engine's
-//! contract: at most 1e-4), and writes each image's to target/bench/winograd4_photos.json.
+//! contract: at most 1e-4), and writes each image's to target/bench/winograd_photos.json.
 //!
 //! Env: CONVFLOW_BENCH_MODEL (default models/vgg16_notop.onnx),
 //! CONVFLOW_BENCH_REPEATS (default 5), CONVFLOW_VGG_ISA (avx2, avx512, portable).
@@ -68,7 +68,7 @@ fn main() {
         }
         let (a, b) = (median(a), median(b));
         println!(
-            "{size}x{size}, batch {n}, {threads} threads, median of {repeats}: onnxruntime {a:.2} images/s, winograd4 ({}) {b:.2} images/s: {:.2}x; max rel diff {worst:.2e}",
+            "{size}x{size}, batch {n}, {threads} threads, median of {repeats}: onnxruntime {a:.2} images/s, winograd ({}) {b:.2} images/s: {:.2}x; max rel diff {worst:.2e}",
             engine.isa().name(),
             b / a
         );
@@ -111,7 +111,7 @@ fn photos(root: &std::path::Path, model_path: &std::path::Path, args: &[String])
     let mut r: Vec<f32> = worst.iter().map(|w| w.1).collect();
     r.sort_by(f32::total_cmp);
     println!(
-        "{} photos of {}, {size}x{size}, {mode:?}, winograd4 ({}) vs ONNX Runtime: max |diff| / max |ORT| per image: largest {:.2e}, median {:.2e}",
+        "{} photos of {}, {size}x{size}, {mode:?}, winograd ({}) vs ONNX Runtime: max |diff| / max |ORT| per image: largest {:.2e}, median {:.2e}",
         r.len(),
         dir.display(),
         engine.isa().name(),
@@ -122,5 +122,5 @@ fn photos(root: &std::path::Path, model_path: &std::path::Path, args: &[String])
     std::fs::create_dir_all(&out).unwrap();
     let json = serde_json::json!({"dir": dir, "mode": format!("{mode:?}"), "size": size, "isa": engine.isa().name(),
         "largest": r[r.len() - 1], "median": r[r.len() / 2], "per_image": worst});
-    std::fs::write(out.join("winograd4_photos.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    std::fs::write(out.join("winograd_photos.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
 }
