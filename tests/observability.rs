@@ -209,7 +209,7 @@ fn cli_serves_per_stage_metrics_during_a_run_and_the_snapshot_matches_the_report
         .unwrap();
 
     // Scrape while the process runs; keep the last full scrape.
-    let stages = ["files", "decode", "resize", "batch", "vgg16", "write"];
+    let stages = ["files", "decode", "resize", "batch", "conv_base", "write"];
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut during: Option<String> = None;
     let status = loop {
@@ -242,14 +242,14 @@ fn cli_serves_per_stage_metrics_during_a_run_and_the_snapshot_matches_the_report
         "convflow_channel_capacity_items",
     ] {
         assert!(
-            during.contains(&format!("{name}{{pipeline=\"extract_features\",stage=\"vgg16\"}}")),
+            during.contains(&format!("{name}{{pipeline=\"extract_features\",stage=\"conv_base\"}}")),
             "{name} missing:\n{during}"
         );
     }
     // On the CPU a plain VGG runs in convflow's own engine (`engine: auto`).
     assert!(
         during.contains(
-            "convflow_execution_provider_info{pipeline=\"extract_features\",stage=\"vgg16\",provider=\"winograd4 ("
+            "convflow_execution_provider_info{pipeline=\"extract_features\",stage=\"conv_base\",provider=\"winograd ("
         ),
         "{during}"
     );
@@ -500,7 +500,7 @@ fn the_demo_ends_with_a_readable_verdict_and_the_next_steps_and_no_gpu_is_no_war
     for l in &lines[header..next] {
         assert!(!l.contains('{') && !l.contains('"'), "raw JSON after the table: {l}\n{stdout}");
     }
-    assert!(stdout.contains("vgg16: ") && stdout.contains("images inferred 160"), "{stdout}");
+    assert!(stdout.contains("conv_base: ") && stdout.contains("images inferred 160"), "{stdout}");
     assert!(lines[next - 1] == "report: out/features/report.json", "{stdout}");
     assert!(lines[next - 2].contains("is the bottleneck"), "{stdout}");
     assert!(lines[next + 1].contains("pipelines/feature_extraction.yaml"), "{stdout}");

@@ -86,7 +86,7 @@ def load(run, split):
 for run in ["cpu", "cuda", "tf32", "cuda64x2", "fp16"]:
     try:
         rep = json.load(open(f"/tmp/o/{run}/report.json"))
-        vgg = [s for s in rep["stages"] if s["id"] == "vgg16"][0]["details"]
+        vgg = [s for s in rep["stages"] if s["id"] == "conv_base"][0]["details"]
         print(run, "provider", vgg.get("provider"), "tf32", vgg.get("tf32"), "pinned", vgg.get("pinned_memory"),
               "bottleneck:", rep.get("bottleneck"), file=out)
     except Exception as e:

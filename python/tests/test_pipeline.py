@@ -67,7 +67,7 @@ def test_run_writes_what_the_cli_writes(small_data, tiny_model, convflow_bin, tm
 def test_stream_equals_the_written_features(small_data, tiny_model, tmp_path):
     p, _ = extract(small_data, tiny_model, tmp_path, "s")
     p.run(progress=False)
-    batches = list(p.stream("vgg16", batch_size=5))
+    batches = list(p.stream("conv_base", batch_size=5))
     assert all(len(b) <= 5 for b in batches)
     for split in SPLITS:
         out = tmp_path / "s/out" / split
@@ -80,7 +80,7 @@ def test_stream_equals_the_written_features(small_data, tiny_model, tmp_path):
 
 
 def test_stream_writes_nothing_and_needs_only_what_feeds_the_stage(small_data, tmp_path):
-    # The model does not exist: streaming `resize` never builds `vgg16`.
+    # The model does not exist: streaming `resize` never builds `conv_base`.
     p = convflow.Pipeline(ROOT / "pipelines/extract_features.yaml", data_dir=small_data, base=tmp_path / "none.onnx",
                           out_dir=tmp_path / "out", cache_dir=tmp_path / "cache", image_size=32)
     batches = list(p.stream("resize", batch_size=7))
@@ -93,7 +93,7 @@ def test_stream_refuses_a_sink_and_an_unknown_stage(small_data):
     p = convflow.Pipeline(ROOT / "pipelines/extract_features.yaml", data_dir=small_data)
     with pytest.raises(ValueError, match=r"stage `write` is a `feature_writer`, a sink: it emits nothing"):
         p.stream("write")
-    with pytest.raises(ValueError, match=r"no stage `vgg61`; stages that emit items: files, decode, resize, batch, vgg16"):
+    with pytest.raises(ValueError, match=r"no stage `vgg61`; stages that emit items: files, decode, resize, batch, conv_base"):
         p.stream("vgg61")
 
 
