@@ -47,9 +47,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use kernel::Isa;
 use kernel::{ROWS, pack, panel};
-#[cfg(target_arch = "x86_64")]
-use lanes::Ymm;
 use lanes::{Lanes, Portable};
+#[cfg(target_arch = "x86_64")]
+use lanes::{Ymm, Zmm};
 use onnx_read::PlainLayer;
 
 /// The engine's name, as a pipeline writes it (`engine: winograd`).
@@ -637,7 +637,7 @@ unsafe fn wino_avx512<const A: usize, const M: usize, T: Tiling<A, M>>(
     out: *mut f32,
 ) {
     // SAFETY: forwarded.
-    unsafe { wino_body::<A, M, T, Ymm>(Isa::Avx512, g, x, u, bias, s, t0, t1, out) }
+    unsafe { wino_body::<A, M, T, Zmm>(Isa::Avx512, g, x, u, bias, s, t0, t1, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -819,8 +819,8 @@ unsafe fn wino_body<const A: usize, const M: usize, T: Tiling<A, M>, V: Lanes>(
     let mut tmp = [[V::zero(); A]; A];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
-        for cb in (0..c).step_by(8) {
-            let lanes = (c - cb).min(8);
+        for cb in (0..c).step_by(V::N) {
+            let lanes = (c - cb).min(V::N);
             for (r, tmp_row) in tmp.iter_mut().enumerate() {
                 let y = (M * ty + r).wrapping_sub(1);
                 let row: [V; A] = std::array::from_fn(|col| {
@@ -871,15 +871,17 @@ unsafe fn wino_body<const A: usize, const M: usize, T: Tiling<A, M>, V: Lanes>(
     let mut ys = [[V::zero(); M]; M];
     for (i, t) in (t0..t1).enumerate() {
         let (img, ty, tx) = tile_of(t);
-        for kb in (0..k).step_by(8) {
-            let lanes = (k - kb).min(8);
+        for kb in (0..k).step_by(V::N) {
+            let lanes = (k - kb).min(V::N);
             for col in 0..A {
-                let y = T::at(std::array::from_fn(|r| V::load8(&m[(i * A * A + r * A + col) * kp + kb..])));
+                let y = T::at(std::array::from_fn(|r| V::load_full(&m[(i * A * A + r * A + col) * kp + kb..])));
                 for r in 0..M {
                     tmp[r][col] = y[r];
                 }
             }
-            let b = V::load8(&bias[kb..]);
+            // Whole vectors: rows of M and the bias are `kp` long, a
+            // multiple of the panel width, itself a multiple of `V::N`.
+            let b = V::load_full(&bias[kb..]);
             for r in 0..M {
                 let y = T::at(tmp[r]);
                 for col in 0..M {
