@@ -665,6 +665,17 @@ mod tests {
         assert!(c.check_environment().iter().all(|e| e.field != "engine"));
     }
 
+    /// A pipeline written while the engine was `winograd4` (F(4x4) tiles)
+    /// still runs it under its new name.
+    #[test]
+    fn the_engines_earlier_name_is_still_read() {
+        for name in ["winograd", "winograd4"] {
+            let c: OnnxFeaturesConfig = serde_json::from_value(serde_json::json!({"model": "m.onnx", "engine": name}))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(c.engine, Engine::Winograd, "{name}");
+        }
+    }
+
     /// The S3 tier is a cargo feature: a build without it says how to get it.
     #[test]
     fn an_s3_tier_without_the_s3_feature_says_how_to_build_it() {
