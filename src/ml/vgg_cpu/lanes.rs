@@ -100,9 +100,14 @@ mod avx {
     #[derive(Clone, Copy)]
     pub(in super::super) struct Ymm(__m256);
 
-    /// The first `lanes` lanes set (`lanes` 0..=8).
+    /// One AVX-512 register; as [`Ymm`], only inside the engine's AVX-512
+    /// functions.
+    #[derive(Clone, Copy)]
+    pub(in super::super) struct Zmm(__m512);
+
+    /// The first `lanes` of 8 lanes set (`lanes` 0..=8).
     #[inline(always)]
-    fn mask(lanes: usize) -> __m256i {
+    fn mask8(lanes: usize) -> __m256i {
         const IDX: [i32; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
         // SAFETY: AVX is there (see `Ymm`).
         unsafe {
@@ -110,148 +115,97 @@ mod avx {
         }
     }
 
-    impl Lanes for Ymm {
-        const N: usize = 8;
-        #[inline(always)]
-        fn zero() -> Self {
-            // SAFETY: AVX is there (see `Ymm`).
-            Ymm(unsafe { _mm256_setzero_ps() })
-        }
-        #[inline(always)]
-        fn load_full(s: &[f32]) -> Self {
-            let s = &s[..8];
-            // SAFETY: 8 values; AVX is there.
-            Ymm(unsafe { _mm256_loadu_ps(s.as_ptr()) })
-        }
-        #[inline(always)]
-        fn load_n(s: &[f32], lanes: usize) -> Self {
-            if lanes == 8 {
-                return Self::load_full(s);
-            }
-            let s = &s[..lanes];
-            // SAFETY: the mask reads `lanes` values only; AVX is there.
-            Ymm(unsafe { _mm256_maskload_ps(s.as_ptr(), mask(lanes)) })
-        }
-        #[inline(always)]
-        fn store_n(self, d: &mut [f32], lanes: usize) {
-            let d = &mut d[..lanes];
-            // SAFETY: `lanes` values are writable; AVX is there.
-            unsafe { self.store_ptr(d.as_mut_ptr(), lanes) }
-        }
-        #[inline(always)]
-        unsafe fn store_ptr(self, d: *mut f32, lanes: usize) {
-            // SAFETY: as the caller promised; AVX is there.
-            unsafe {
-                if lanes == 8 { _mm256_storeu_ps(d, self.0) } else { _mm256_maskstore_ps(d, mask(lanes), self.0) }
-            }
-        }
-        #[inline(always)]
-        fn max(self, o: Self) -> Self {
-            // SAFETY: AVX is there. (Neither operand is NaN: finite sums of finite products.)
-            Ymm(unsafe { _mm256_max_ps(self.0, o.0) })
-        }
-    }
-
-    impl Add for Ymm {
-        type Output = Ymm;
-        #[inline(always)]
-        fn add(self, o: Ymm) -> Ymm {
-            // SAFETY: AVX is there.
-            Ymm(unsafe { _mm256_add_ps(self.0, o.0) })
-        }
-    }
-    impl Sub for Ymm {
-        type Output = Ymm;
-        #[inline(always)]
-        fn sub(self, o: Ymm) -> Ymm {
-            // SAFETY: AVX is there.
-            Ymm(unsafe { _mm256_sub_ps(self.0, o.0) })
-        }
-    }
-    impl Mul<f32> for Ymm {
-        type Output = Ymm;
-        #[inline(always)]
-        fn mul(self, k: f32) -> Ymm {
-            // SAFETY: AVX is there.
-            Ymm(unsafe { _mm256_mul_ps(self.0, _mm256_set1_ps(k)) })
-        }
-    }
-
-    /// One AVX-512 register; as [`Ymm`], only inside the engine's AVX-512
-    /// functions.
-    #[derive(Clone, Copy)]
-    pub(in super::super) struct Zmm(__m512);
-
-    /// The first `lanes` lanes set (`lanes` 0..=16).
+    /// The first `lanes` of 16 lanes set (`lanes` 0..=16).
     #[inline(always)]
     fn mask16(lanes: usize) -> __mmask16 {
         ((1u32 << lanes) - 1) as __mmask16
     }
 
-    impl Lanes for Zmm {
-        const N: usize = 16;
-        #[inline(always)]
-        fn zero() -> Self {
-            // SAFETY: AVX-512F is there (see `Zmm`).
-            Zmm(unsafe { _mm512_setzero_ps() })
-        }
-        #[inline(always)]
-        fn load_full(s: &[f32]) -> Self {
-            let s = &s[..16];
-            // SAFETY: 16 values; AVX-512F is there.
-            Zmm(unsafe { _mm512_loadu_ps(s.as_ptr()) })
-        }
-        #[inline(always)]
-        fn load_n(s: &[f32], lanes: usize) -> Self {
-            if lanes == 16 {
-                return Self::load_full(s);
+    /// [`Lanes`] and its operators for a register type, from its
+    /// intrinsics: the two types differ in nothing else. Each intrinsic
+    /// needs the register's instruction set, which every caller has (see
+    /// `Ymm`); neither operand of `max` is ever NaN (finite sums of finite
+    /// products), where the intrinsics and `f32::max` would differ.
+    macro_rules! register_lanes {
+        ($ty:ident, $n:literal, zero: $zero:ident, load: $load:ident, store: $store:ident, max: $max:ident,
+         add: $add:ident, sub: $sub:ident, mul: $mul:ident, splat: $splat:ident,
+         masked_load: |$lp:ident, $ll:ident| $mload:expr,
+         masked_store: |$sp:ident, $sl:ident, $sv:ident| $mstore:expr) => {
+            impl Lanes for $ty {
+                const N: usize = $n;
+                #[inline(always)]
+                fn zero() -> Self {
+                    // SAFETY: the instruction set is there (see `Ymm`).
+                    $ty(unsafe { $zero() })
+                }
+                #[inline(always)]
+                fn load_full(s: &[f32]) -> Self {
+                    let s = &s[..$n];
+                    // SAFETY: `N` values; the instruction set is there.
+                    $ty(unsafe { $load(s.as_ptr()) })
+                }
+                #[inline(always)]
+                fn load_n(s: &[f32], lanes: usize) -> Self {
+                    if lanes == $n {
+                        return Self::load_full(s);
+                    }
+                    let ($lp, $ll) = (s[..lanes].as_ptr(), lanes);
+                    // SAFETY: the mask reads `lanes` values only; the instruction set is there.
+                    $ty(unsafe { $mload })
+                }
+                #[inline(always)]
+                fn store_n(self, d: &mut [f32], lanes: usize) {
+                    let d = &mut d[..lanes];
+                    // SAFETY: `lanes` values are writable.
+                    unsafe { self.store_ptr(d.as_mut_ptr(), lanes) }
+                }
+                #[inline(always)]
+                unsafe fn store_ptr(self, d: *mut f32, lanes: usize) {
+                    let ($sp, $sl, $sv) = (d, lanes, self.0);
+                    // SAFETY: as the caller promised; the instruction set is there.
+                    unsafe { if lanes == $n { $store(d, self.0) } else { $mstore } }
+                }
+                #[inline(always)]
+                fn max(self, o: Self) -> Self {
+                    // SAFETY: the instruction set is there.
+                    $ty(unsafe { $max(self.0, o.0) })
+                }
             }
-            let s = &s[..lanes];
-            // SAFETY: the mask reads `lanes` values only; AVX-512F is there.
-            Zmm(unsafe { _mm512_maskz_loadu_ps(mask16(lanes), s.as_ptr()) })
-        }
-        #[inline(always)]
-        fn store_n(self, d: &mut [f32], lanes: usize) {
-            let d = &mut d[..lanes];
-            // SAFETY: `lanes` values are writable; AVX-512F is there.
-            unsafe { self.store_ptr(d.as_mut_ptr(), lanes) }
-        }
-        #[inline(always)]
-        unsafe fn store_ptr(self, d: *mut f32, lanes: usize) {
-            // SAFETY: as the caller promised; AVX-512F is there.
-            unsafe {
-                if lanes == 16 { _mm512_storeu_ps(d, self.0) } else { _mm512_mask_storeu_ps(d, mask16(lanes), self.0) }
+
+            impl Add for $ty {
+                type Output = $ty;
+                #[inline(always)]
+                fn add(self, o: $ty) -> $ty {
+                    // SAFETY: the instruction set is there.
+                    $ty(unsafe { $add(self.0, o.0) })
+                }
             }
-        }
-        #[inline(always)]
-        fn max(self, o: Self) -> Self {
-            // SAFETY: AVX-512F is there.
-            Zmm(unsafe { _mm512_max_ps(self.0, o.0) })
-        }
+            impl Sub for $ty {
+                type Output = $ty;
+                #[inline(always)]
+                fn sub(self, o: $ty) -> $ty {
+                    // SAFETY: the instruction set is there.
+                    $ty(unsafe { $sub(self.0, o.0) })
+                }
+            }
+            impl Mul<f32> for $ty {
+                type Output = $ty;
+                #[inline(always)]
+                fn mul(self, k: f32) -> $ty {
+                    // SAFETY: the instruction set is there.
+                    $ty(unsafe { $mul(self.0, $splat(k)) })
+                }
+            }
+        };
     }
 
-    impl Add for Zmm {
-        type Output = Zmm;
-        #[inline(always)]
-        fn add(self, o: Zmm) -> Zmm {
-            // SAFETY: AVX-512F is there.
-            Zmm(unsafe { _mm512_add_ps(self.0, o.0) })
-        }
-    }
-    impl Sub for Zmm {
-        type Output = Zmm;
-        #[inline(always)]
-        fn sub(self, o: Zmm) -> Zmm {
-            // SAFETY: AVX-512F is there.
-            Zmm(unsafe { _mm512_sub_ps(self.0, o.0) })
-        }
-    }
-    impl Mul<f32> for Zmm {
-        type Output = Zmm;
-        #[inline(always)]
-        fn mul(self, k: f32) -> Zmm {
-            // SAFETY: AVX-512F is there.
-            Zmm(unsafe { _mm512_mul_ps(self.0, _mm512_set1_ps(k)) })
-        }
-    }
+    register_lanes!(Ymm, 8, zero: _mm256_setzero_ps, load: _mm256_loadu_ps, store: _mm256_storeu_ps,
+        max: _mm256_max_ps, add: _mm256_add_ps, sub: _mm256_sub_ps, mul: _mm256_mul_ps, splat: _mm256_set1_ps,
+        masked_load: |p, lanes| _mm256_maskload_ps(p, mask8(lanes)),
+        masked_store: |p, lanes, v| _mm256_maskstore_ps(p, mask8(lanes), v));
+
+    register_lanes!(Zmm, 16, zero: _mm512_setzero_ps, load: _mm512_loadu_ps, store: _mm512_storeu_ps,
+        max: _mm512_max_ps, add: _mm512_add_ps, sub: _mm512_sub_ps, mul: _mm512_mul_ps, splat: _mm512_set1_ps,
+        masked_load: |p, lanes| _mm512_maskz_loadu_ps(mask16(lanes), p),
+        masked_store: |p, lanes, v| _mm512_mask_storeu_ps(p, mask16(lanes), v));
 }
