@@ -296,7 +296,7 @@ impl StageConfig for OnnxFeaturesConfig {
             name: "engine",
             ty: "auto|onnx|winograd",
             default: "auto",
-            help: "what computes the features: winograd, convflow's CPU engine for plain VGG conv bases (VGG16, VGG19; weights read from the model file), ~2x ONNX Runtime, within 1e-4 of its float32; onnx: ONNX Runtime; auto: winograd where it covers the model and the device is the CPU, else onnx",
+            help: "what computes the features: winograd, convflow's CPU engine for plain VGG conv bases (VGG16, VGG19; weights read from the model file), ~2x ONNX Runtime, within 1e-4 of its float32; onnx: ONNX Runtime; auto: winograd where it covers the model and the device is the CPU, else onnx (`winograd4`, its earlier name, is still read)",
         },
         OptionDoc { name: "cache", ty: "path", default: "(none)", help: "feature cache folder, shared by all runs" },
         OptionDoc {
