@@ -49,13 +49,20 @@ fn ok(o: &std::process::Output, what: &str) {
 
 /// The book's head trained on the frozen conv base's features (caffe, 3 epochs).
 fn train_head(data: &Path, cache: &Path, out: &Path) {
+    train_head_on(data, cache, out, "vgg16");
+}
+
+/// The same on `base`'s features, at 150x150.
+fn train_head_on(data: &Path, cache: &Path, out: &Path, base: &str) {
     let o = run(
         &["pipelines/feature_extraction.yaml"],
         &[
             ("data_dir", data.display().to_string()),
             ("out_dir", out.display().to_string()),
             ("cache_dir", cache.display().to_string()),
+            ("base", base.into()),
             ("preprocess", "caffe".into()),
+            ("image_size", "150".into()),
             ("epochs", "3".into()),
         ],
     );
@@ -65,19 +72,31 @@ fn train_head(data: &Path, cache: &Path, out: &Path) {
 /// `pipelines/fine_tune_from_head.yaml` on `data`, `epochs` epochs, one augmented
 /// variant, two math threads.
 fn fine_tune(data: &Path, cache: &Path, head: &Path, out: &Path, epochs: u32, lr: &str) -> std::process::Output {
-    run(
-        &["pipelines/fine_tune_from_head.yaml"],
-        &[
-            ("data_dir", data.display().to_string()),
-            ("out_dir", out.display().to_string()),
-            ("cache_dir", cache.display().to_string()),
-            ("head", head.display().to_string()),
-            ("epochs", epochs.to_string()),
-            ("variants", "1".into()),
-            ("threads", "2".into()),
-            ("learning_rate", lr.into()),
-        ],
-    )
+    fine_tune_with(data, cache, head, out, epochs, lr, &[])
+}
+
+/// The same, with more `--set`s.
+fn fine_tune_with(
+    data: &Path,
+    cache: &Path,
+    head: &Path,
+    out: &Path,
+    epochs: u32,
+    lr: &str,
+    more: &[(&str, String)],
+) -> std::process::Output {
+    let mut sets = vec![
+        ("data_dir", data.display().to_string()),
+        ("out_dir", out.display().to_string()),
+        ("cache_dir", cache.display().to_string()),
+        ("head", head.display().to_string()),
+        ("epochs", epochs.to_string()),
+        ("variants", "1".into()),
+        ("threads", "2".into()),
+        ("learning_rate", lr.into()),
+    ];
+    sets.extend(more.iter().cloned());
+    run(&["pipelines/fine_tune_from_head.yaml"], &sets)
 }
 
 fn tensors(path: &Path) -> HashMap<String, Vec<f32>> {
@@ -93,10 +112,15 @@ fn tensors(path: &Path) -> HashMap<String, Vec<f32>> {
 }
 
 fn block5_moved(out: &Path) -> Vec<bool> {
-    let pre = tensors(&common::root().join("models/vgg16_block5.safetensors"));
+    block5_moved_from(out, "models/vgg16_block5.safetensors", &["block5_conv1", "block5_conv2", "block5_conv3"])
+}
+
+/// Which of block5's kernels and biases differ from Keras's in `weights`.
+fn block5_moved_from(out: &Path, weights: &str, convs: &[&str]) -> Vec<bool> {
+    let pre = tensors(&common::root().join(weights));
     let ours = tensors(&out.join("model.safetensors"));
     let mut moved = Vec::new();
-    for (i, keras) in ["block5_conv1", "block5_conv2", "block5_conv3"].iter().enumerate() {
+    for (i, keras) in convs.iter().enumerate() {
         let ours_name = if i == 0 { "conv2d".to_string() } else { format!("conv2d_{i}") };
         for part in ["kernel", "bias"] {
             let (a, b) = (&ours[&format!("{ours_name}/{part}")], &pre[&format!("{keras}/{part}")]);
@@ -569,4 +593,60 @@ fn a_frozen_phase_that_leaves_no_epoch_to_fine_tune_is_refused_before_any_work()
     assert!(!out.join("history.csv").exists());
     let cache = dir.path().join("cache");
     assert!(!cache.exists() || cache_entries(&cache) == 0, "stopped before any block4 map");
+}
+
+/// A head trained on VGG19's features fine-tunes VGG19's four-conv block5
+/// (`fine_tune_from_head.yaml --set block5_base=vgg19_block5`): before any
+/// step the model is the head on VGG19's frozen base, and a step moves
+/// every one of block5's eight tensors.
+#[test]
+fn a_head_on_vgg19_features_fine_tunes_vgg19s_block5() {
+    let root = common::root();
+    if !root.join("models/vgg19_block4.onnx").exists() {
+        assert!(std::env::var_os("CI").is_none(), "tests/setup.sh runs models/bases.sh vgg19");
+        eprintln!("skipping: models/bases.sh vgg19 has not run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(data) = small_data(dir.path()) else { return };
+    let cache = dir.path().join("cache");
+    let head = dir.path().join("head");
+    train_head_on(&data, &cache, &head, "vgg19");
+    let vgg19 = [
+        ("block5_base", "vgg19_block5".to_string()),
+        ("block4", root.join("models/vgg19_block4.onnx").display().to_string()),
+        ("block5", root.join("models/vgg19_convs.safetensors").display().to_string()),
+    ];
+    let convs = ["block5_conv1", "block5_conv2", "block5_conv3", "block5_conv4"];
+
+    let still = dir.path().join("still");
+    ok(&fine_tune_with(&data, &cache, &head, &still, 1, "0.0", &vgg19), "fine-tuning VGG19 with lr 0");
+    assert_eq!(block5_moved_from(&still, "models/vgg19_convs.safetensors", &convs), vec![false; 8]);
+    // In process: the saved model on VGG19's blocks 1-4 maps against the
+    // head on VGG19's whole base, the same test photos.
+    let mut x = Vec::new();
+    for class in ["cats", "dogs"] {
+        for e in std::fs::read_dir(data.join("test").join(class)).unwrap() {
+            let img = image::open(e.unwrap().path()).unwrap().to_rgb8();
+            let img = image::imageops::resize(&img, 150, 150, image::imageops::FilterType::Triangle);
+            convflow::ml::Preprocess::Caffe.extend(&img, &mut x);
+        }
+    }
+    let cpu = convflow::ml::Device::Cpu;
+    let load = |f: &str| convflow::ml::OnnxModel::load(&root.join(f), cpu, 2, false).unwrap();
+    let (_, maps) = load("models/vgg19_block4.onnx").run(x.clone(), 6, 150, 150).unwrap();
+    let (_, features) = load("models/vgg19_notop.onnx").run(x, 6, 150, 150).unwrap();
+    let mut fine = convflow::ml::convnet::Convnet::load_safetensors(&still.join("model.safetensors"), 2).unwrap();
+    let mut dense = convflow::ml::head::Head::load_safetensors(&head.join("head.safetensors")).unwrap();
+    let (p1, p2) = (fine.predict(&maps, 6).unwrap(), dense.predict(&features, 6).unwrap());
+    let worst = p1.iter().zip(&p2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    eprintln!("VGG19: block4 -> block5 -> head against the head on the whole base: max |dp| = {worst:.2e} ({p2:?})");
+    assert!(worst <= 1e-5, "probabilities differ by {worst:.2e}: {p1:?} vs {p2:?}");
+    assert!(p2.iter().any(|p| (0.01..0.99).contains(p)), "not all 0 or 1: {p2:?}");
+
+    let moved = dir.path().join("moved");
+    ok(&fine_tune_with(&data, &cache, &head, &moved, 1, "1e-4", &vgg19), "fine-tuning VGG19");
+    assert_eq!(block5_moved_from(&moved, "models/vgg19_convs.safetensors", &convs), vec![true; 8]);
+    let m = metrics(&moved);
+    assert!(m["val_acc"].as_f64().is_some() && m["test_acc"].as_f64().is_some(), "{m}");
 }
