@@ -209,13 +209,10 @@ impl VggCpu {
             .thread_name(|i| format!("winograd-{i}"))
             .build()
             .map_err(|e| VggCpuError::Run(format!("cannot start the engine's {threads} threads: {e}")))?;
-        Ok(VggCpu {
-            convs: build(layers, isa.nr(), tile.unwrap_or(DEFAULT_TILE)),
-            isa,
-            threads,
-            pool,
-            spare: Default::default(),
-        })
+        // The weight transform's tasks run on the engine's own threads, as
+        // many as it was given, not on rayon's global pool.
+        let convs = pool.install(|| build(layers, isa.nr(), tile.unwrap_or(DEFAULT_TILE)));
+        Ok(VggCpu { convs, isa, threads, pool, spare: Default::default() })
     }
 
     /// The instruction set the products run with.
@@ -505,7 +502,7 @@ fn transform_kernel(tile: Tile, weight: &[f32], c: usize, k: usize, nr: usize) -
     let (gm, a) = (tile.g(), tile.a());
     let padded = k.div_ceil(nr) * nr;
     let mut u = vec![0f32; tile.points() * padded * c];
-    // One panel of `nr` filters a task, on every core, and each (panel,
+    // One panel of `nr` filters a task, on the engine's threads, and each (panel,
     // channel) written as `points` runs of `nr` values: written value by
     // value, filter by filter, every store went to another cache line, and
     // the load was most of a run's set-up (1.2 s for VGG16 in F(6x6)).
